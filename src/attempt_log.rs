@@ -1,0 +1,739 @@
+//! The record of every attempt and local decision of one logical request.
+//!
+//! One [`AttemptLog`] is put into the request extensions by the first crate layer that sees the
+//! request; every layer below shares it, it is copied into the response extensions and carried
+//! by every crate [`Error`](crate::Error). The layer nearest the transport records each attempt;
+//! the layers above annotate it with their decisions. Metadata only: statuses, classes, timings,
+//! route names, provider request ids — never bodies, never credentials.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::classify::{Classification, FailureClass};
+use crate::context::RouteName;
+use crate::error::StreamCause;
+
+/// Where a wait before the next attempt came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
+pub enum WaitSource {
+    /// The policy's backoff curve.
+    Backoff,
+    /// The server's hint (Retry-After and friends), with jitter on top.
+    Server,
+}
+
+/// Why a layer did not go on after an attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
+pub enum StopReason {
+    /// The class's action forbids it.
+    NotRetryable,
+    /// The server said `x-should-retry: false`.
+    ServerSaidNo,
+    /// The request body cannot be replayed.
+    NotReplayable,
+    /// The request may have been accepted and the idempotency rule forbids replaying it.
+    NotIdempotent,
+    /// `max_attempts` reached.
+    AttemptsExhausted,
+    /// The shared retry budget had nothing left.
+    RetryBudgetDenied,
+    /// Waiting would pass the deadline.
+    DeadlineExceeded,
+    /// The server asked for a longer wait than the policy's cap.
+    ServerWaitAboveCap,
+    /// No approved route is left for the class.
+    NoApprovedRoute,
+    /// The hop limit or the total-attempts cap of the chain.
+    ChainLimit,
+    /// The answer was already committed to the caller.
+    Committed,
+}
+
+impl StopReason {
+    /// Stable snake_case name.
+    pub const fn as_str(&self) -> &'static str {
+        match self {
+            StopReason::NotRetryable => "not_retryable",
+            StopReason::ServerSaidNo => "server_said_no",
+            StopReason::NotReplayable => "not_replayable",
+            StopReason::NotIdempotent => "not_idempotent",
+            StopReason::AttemptsExhausted => "attempts_exhausted",
+            StopReason::RetryBudgetDenied => "retry_budget_denied",
+            StopReason::DeadlineExceeded => "deadline_exceeded",
+            StopReason::ServerWaitAboveCap => "server_wait_above_cap",
+            StopReason::NoApprovedRoute => "no_approved_route",
+            StopReason::ChainLimit => "chain_limit",
+            StopReason::Committed => "committed",
+        }
+    }
+}
+
+/// A decision a layer took after an attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
+pub enum Decision {
+    /// The attempt's answer is handed to the caller.
+    Accept,
+    /// Retry the same route after `wait`.
+    Retry {
+        /// The wait before the next attempt.
+        #[cfg_attr(feature = "serde", serde(with = "millis"))]
+        wait: Duration,
+        /// Where the wait came from.
+        source: WaitSource,
+    },
+    /// Switch to another route.
+    Fallback {
+        /// The next route.
+        to: RouteName,
+    },
+    /// Go no further on this rung.
+    Stop(StopReason),
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Decision::Accept => f.write_str("accept"),
+            Decision::Retry { wait, source } => {
+                let src = match source {
+                    WaitSource::Backoff => "backoff",
+                    WaitSource::Server => "server",
+                };
+                write!(f, "retry in {}ms ({src})", wait.as_millis())
+            }
+            Decision::Fallback { to } => write!(f, "fallback to {to}"),
+            Decision::Stop(r) => write!(f, "stop: {}", r.as_str()),
+        }
+    }
+}
+
+/// Token usage reported by the provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct Usage {
+    /// Prompt (input) tokens.
+    pub input_tokens: u64,
+    /// Completion (output) tokens.
+    pub output_tokens: u64,
+}
+
+impl Usage {
+    /// A usage record.
+    pub const fn new(input_tokens: u64, output_tokens: u64) -> Self {
+        Self {
+            input_tokens,
+            output_tokens,
+        }
+    }
+}
+
+/// How a streamed (or guarded) body ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
+pub enum StreamEnd {
+    /// Ended with its terminal marker or after a finish reason.
+    Complete,
+    /// Failed before the commit point (retryable; the caller saw nothing).
+    FailedBeforeCommit(
+        #[cfg_attr(feature = "serde", serde(serialize_with = "display"))] StreamCause,
+    ),
+    /// Failed after the commit point (the caller saw part of it).
+    Interrupted(#[cfg_attr(feature = "serde", serde(serialize_with = "display"))] StreamCause),
+    /// The caller dropped the body before its end.
+    Abandoned,
+}
+
+/// What the stream guard saw of one attempt's body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct StreamRecord {
+    /// From sending the request to the first content-bearing event.
+    #[cfg_attr(feature = "serde", serde(with = "millis_opt"))]
+    pub time_to_first_token: Option<Duration>,
+    /// Bytes handed to the caller.
+    pub bytes: u64,
+    /// Events seen.
+    pub events: u64,
+    /// From sending the request to the end of the stream.
+    #[cfg_attr(feature = "serde", serde(with = "millis"))]
+    pub duration: Duration,
+    /// How it ended.
+    pub end: StreamEnd,
+    /// Usage from the final events, if reported.
+    pub usage: Option<Usage>,
+}
+
+/// One transport attempt.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct Attempt {
+    /// 0-based position in the log.
+    pub index: u32,
+    /// 0-based position among the attempts on the same route (the resend count).
+    pub route_attempt: u32,
+    /// The route it went to.
+    #[cfg_attr(feature = "serde", serde(serialize_with = "display_opt"))]
+    pub route: Option<RouteName>,
+    /// When it was sent, from the start of the log.
+    #[cfg_attr(feature = "serde", serde(with = "millis"))]
+    pub offset: Duration,
+    /// Time to the response head or the error.
+    #[cfg_attr(feature = "serde", serde(with = "millis"))]
+    pub latency: Duration,
+    /// HTTP status, if a response came.
+    pub status: Option<u16>,
+    /// Short description of a transport error (never a body).
+    pub error: Option<String>,
+    /// Failure class; `None` for a success.
+    pub class: Option<FailureClass>,
+    /// Provider request id.
+    pub request_id: Option<String>,
+    /// The server's wait hint.
+    #[cfg_attr(feature = "serde", serde(with = "millis_opt"))]
+    pub retry_after: Option<Duration>,
+    /// The decisions the layers took after it, innermost first.
+    pub decisions: Vec<Decision>,
+    /// What the stream guard saw of the body.
+    pub stream: Option<StreamRecord>,
+}
+
+impl Attempt {
+    /// An attempt sent at `offset` on `route`, seen `latency` later, with what its
+    /// classification says.
+    pub fn new(
+        route: Option<RouteName>,
+        offset: Duration,
+        latency: Duration,
+        c: &Classification,
+    ) -> Self {
+        Self {
+            index: 0,
+            route_attempt: 0,
+            route,
+            offset,
+            latency,
+            status: c.status.map(|s| s.as_u16()),
+            error: None,
+            class: c.class,
+            request_id: c.request_id.clone(),
+            retry_after: c.wait_hint.map(|h| h.wait),
+            decisions: Vec::new(),
+            stream: None,
+        }
+    }
+
+    /// The wait before the next attempt, if a retry followed.
+    pub fn wait(&self) -> Option<(Duration, WaitSource)> {
+        self.decisions.iter().find_map(|d| match d {
+            Decision::Retry { wait, source } => Some((*wait, *source)),
+            _ => None,
+        })
+    }
+}
+
+/// A decision that made no transport call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case", tag = "kind"))]
+#[non_exhaustive]
+pub enum LocalEventKind {
+    /// The route's circuit was open.
+    CircuitOpen {
+        /// Time until a probe is admitted.
+        #[cfg_attr(feature = "serde", serde(with = "millis"))]
+        retry_in: Duration,
+    },
+    /// The spend cap denied the request.
+    BudgetDenied,
+    /// The retry budget denied a retry or a hop.
+    RetryBudgetDenied,
+    /// A client-side rate limit rejected the request.
+    RateLimited {
+        /// Time until capacity.
+        #[cfg_attr(feature = "serde", serde(with = "millis"))]
+        retry_in: Duration,
+    },
+    /// The request waited for capacity (rate limit or a paced route).
+    Queued {
+        /// How long it waited.
+        #[cfg_attr(feature = "serde", serde(with = "millis"))]
+        waited: Duration,
+    },
+    /// The deadline passed before the next step.
+    DeadlineExceeded,
+    /// The fallback chain served its static last-resort answer.
+    LastResort,
+}
+
+/// A local decision, with when and for which route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct LocalEvent {
+    /// From the start of the log.
+    #[cfg_attr(feature = "serde", serde(with = "millis"))]
+    pub offset: Duration,
+    /// The route concerned.
+    #[cfg_attr(feature = "serde", serde(serialize_with = "display_opt"))]
+    pub route: Option<RouteName>,
+    /// What happened.
+    pub kind: LocalEventKind,
+}
+
+/// How the logical request ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
+pub enum Outcome {
+    /// A successful response was returned.
+    Success {
+        /// Its status.
+        status: u16,
+    },
+    /// A provider failure response was returned (failed closed or out of options).
+    ProviderFailure {
+        /// Its status.
+        status: u16,
+        /// Its class.
+        class: Option<FailureClass>,
+    },
+    /// A crate error was returned.
+    Error {
+        /// Display of the error kind.
+        error: String,
+        /// Its class.
+        class: Option<FailureClass>,
+    },
+}
+
+/// A snapshot of the log, for reading at leisure.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct LogSnapshot {
+    /// The route the caller asked for.
+    #[cfg_attr(feature = "serde", serde(serialize_with = "display_opt"))]
+    pub requested_route: Option<RouteName>,
+    /// The route that served the answer.
+    #[cfg_attr(feature = "serde", serde(serialize_with = "display_opt"))]
+    pub selected_route: Option<RouteName>,
+    /// Every transport attempt.
+    pub attempts: Vec<Attempt>,
+    /// Every local decision.
+    pub events: Vec<LocalEvent>,
+    /// How it ended, once it has.
+    pub outcome: Option<Outcome>,
+}
+
+#[derive(Debug)]
+struct State {
+    started: Instant,
+    tracing: bool,
+    snapshot: LogSnapshot,
+}
+
+/// The shared, cheap-to-clone record of one logical request.
+#[derive(Clone)]
+pub struct AttemptLog {
+    state: Arc<Mutex<State>>,
+}
+
+impl Default for AttemptLog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AttemptLog {
+    /// A new, empty log starting now.
+    pub fn new() -> Self {
+        Self {
+            state: Arc::new(Mutex::new(State {
+                started: Instant::now(),
+                tracing: true,
+                snapshot: LogSnapshot {
+                    requested_route: None,
+                    selected_route: None,
+                    attempts: Vec::new(),
+                    events: Vec::new(),
+                    outcome: None,
+                },
+            })),
+        }
+    }
+
+    /// The log of `req`, inserting a new one if it has none. The `bool` is `true` when this call
+    /// created it: that layer owns the log and sets its outcome.
+    pub fn get_or_insert<B>(req: &mut http::Request<B>) -> (Self, bool) {
+        match req.extensions().get::<AttemptLog>() {
+            Some(log) => (log.clone(), false),
+            None => {
+                let log = AttemptLog::new();
+                req.extensions_mut().insert(log.clone());
+                (log, true)
+            }
+        }
+    }
+
+    /// Turns the per-attempt `tracing` events off (or on).
+    pub fn set_tracing(&self, on: bool) {
+        self.lock().tracing = on;
+    }
+
+    // A poisoned lock only means another thread panicked mid-update; the log is still the best
+    // record there is, so keep using it.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Time since the log started.
+    pub fn elapsed(&self) -> Duration {
+        self.lock().started.elapsed()
+    }
+
+    /// The offset of `at` from the start of the log.
+    pub fn offset_of(&self, at: Instant) -> Duration {
+        at.saturating_duration_since(self.lock().started)
+    }
+
+    /// Number of attempts recorded so far; a layer notes it before calling inward, to see after
+    /// whether a layer nearer the transport already recorded the attempt.
+    pub fn attempt_count(&self) -> usize {
+        self.lock().snapshot.attempts.len()
+    }
+
+    /// Records an attempt and returns its index. Its `index` and `route_attempt` are set here.
+    pub fn record(&self, mut attempt: Attempt) -> usize {
+        let mut s = self.lock();
+        let index = s.snapshot.attempts.len();
+        attempt.index = index as u32;
+        attempt.route_attempt = s
+            .snapshot
+            .attempts
+            .iter()
+            .filter(|a| a.route == attempt.route)
+            .count() as u32;
+        if s.tracing {
+            trace_attempt(&attempt);
+        }
+        s.snapshot.attempts.push(attempt);
+        index
+    }
+
+    /// Records the attempt unless a layer nearer the transport recorded one since `mark` (the
+    /// [`attempt_count`](Self::attempt_count) before the call); returns the attempt's index.
+    pub fn record_since(&self, mark: usize, attempt: impl FnOnce() -> Attempt) -> usize {
+        let count = self.attempt_count();
+        if count > mark {
+            count - 1
+        } else {
+            self.record(attempt())
+        }
+    }
+
+    /// Appends a decision to attempt `index`.
+    pub fn decide(&self, index: usize, decision: Decision) {
+        let mut s = self.lock();
+        let tracing = s.tracing;
+        if let Some(a) = s.snapshot.attempts.get_mut(index) {
+            if tracing {
+                tracing::debug!(
+                    target: "tower_llm_resilience::attempt",
+                    attempt = a.index,
+                    route = a.route.as_ref().map(RouteName::as_str),
+                    decision = %decision,
+                    "decision"
+                );
+            }
+            a.decisions.push(decision);
+        }
+    }
+
+    /// Sets what the stream guard saw of attempt `index`.
+    pub fn set_stream(&self, index: usize, record: StreamRecord) {
+        let mut s = self.lock();
+        let tracing = s.tracing;
+        if let Some(a) = s.snapshot.attempts.get_mut(index) {
+            if tracing {
+                tracing::info!(
+                    target: "tower_llm_resilience::stream",
+                    attempt = a.index,
+                    route = a.route.as_ref().map(RouteName::as_str),
+                    ttft_ms = record.time_to_first_token.map(|d| d.as_millis() as u64),
+                    bytes = record.bytes,
+                    events = record.events,
+                    duration_ms = record.duration.as_millis() as u64,
+                    end = ?record.end,
+                    "stream ended"
+                );
+            }
+            a.stream = Some(record);
+        }
+    }
+
+    /// Records a local decision that made no transport call.
+    pub fn event(&self, route: Option<RouteName>, kind: LocalEventKind) {
+        let mut s = self.lock();
+        let offset = s.started.elapsed();
+        if s.tracing {
+            tracing::info!(
+                target: "tower_llm_resilience::event",
+                route = route.as_ref().map(RouteName::as_str),
+                offset_ms = offset.as_millis() as u64,
+                event = ?kind,
+                "local decision"
+            );
+        }
+        s.snapshot.events.push(LocalEvent {
+            offset,
+            route,
+            kind,
+        });
+    }
+
+    /// Sets the route the caller asked for (kept if already set).
+    pub fn set_requested_route(&self, route: RouteName) {
+        let mut s = self.lock();
+        if s.snapshot.requested_route.is_none() {
+            s.snapshot.requested_route = Some(route);
+        }
+    }
+
+    /// Sets the route that served the answer.
+    pub fn set_selected_route(&self, route: RouteName) {
+        self.lock().snapshot.selected_route = Some(route);
+    }
+
+    /// Sets how the request ended.
+    pub fn set_outcome(&self, outcome: Outcome) {
+        self.lock().snapshot.outcome = Some(outcome);
+    }
+
+    /// A copy of everything recorded so far.
+    pub fn snapshot(&self) -> LogSnapshot {
+        self.lock().snapshot.clone()
+    }
+
+    /// A copy of the attempts recorded so far.
+    pub fn attempts(&self) -> Vec<Attempt> {
+        self.lock().snapshot.attempts.clone()
+    }
+
+    /// A copy of the local events recorded so far.
+    pub fn events(&self) -> Vec<LocalEvent> {
+        self.lock().snapshot.events.clone()
+    }
+
+    /// Whether two handles share one log.
+    pub fn ptr_eq(&self, other: &AttemptLog) -> bool {
+        Arc::ptr_eq(&self.state, &other.state)
+    }
+}
+
+fn trace_attempt(a: &Attempt) {
+    tracing::info!(
+        target: "tower_llm_resilience::attempt",
+        attempt = a.index,
+        http.request.resend_count = a.route_attempt,
+        route = a.route.as_ref().map(RouteName::as_str),
+        offset_ms = a.offset.as_millis() as u64,
+        latency_ms = a.latency.as_millis() as u64,
+        status = a.status,
+        class = a.class.map(FailureClass::as_str),
+        error = a.error.as_deref(),
+        request_id = a.request_id.as_deref(),
+        retry_after_ms = a.retry_after.map(|d| d.as_millis() as u64),
+        "attempt"
+    );
+}
+
+impl fmt::Debug for AttemptLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AttemptLog")
+            .field("snapshot", &self.lock().snapshot)
+            .finish()
+    }
+}
+
+/// A compact table: one line per attempt, then the local decisions and the outcome.
+impl fmt::Display for AttemptLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.snapshot(), f)
+    }
+}
+
+impl fmt::Display for LogSnapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let route = |r: &Option<RouteName>| r.as_ref().map_or("-".to_owned(), |r| r.to_string());
+        writeln!(
+            f,
+            "requested {} -> selected {}",
+            route(&self.requested_route),
+            route(&self.selected_route)
+        )?;
+        writeln!(
+            f,
+            "{:>3} {:<14} {:>8} {:>8} {:>6} {:<18} {:<24} decisions",
+            "#", "route", "at_ms", "took_ms", "status", "class", "request_id"
+        )?;
+        for a in &self.attempts {
+            let decisions: Vec<String> = a.decisions.iter().map(|d| d.to_string()).collect();
+            let mut decisions = decisions.join("; ");
+            if let Some(s) = &a.stream {
+                decisions.push_str(&format!(
+                    "{}stream {:?} after {} bytes",
+                    if decisions.is_empty() { "" } else { "; " },
+                    s.end,
+                    s.bytes
+                ));
+            }
+            writeln!(
+                f,
+                "{:>3} {:<14} {:>8} {:>8} {:>6} {:<18} {:<24} {}",
+                a.index,
+                route(&a.route),
+                a.offset.as_millis(),
+                a.latency.as_millis(),
+                a.status.map_or("-".to_owned(), |s| s.to_string()),
+                a.class
+                    .map_or(if a.error.is_some() { "error" } else { "ok" }, |c| c
+                        .as_str()),
+                a.request_id.as_deref().unwrap_or("-"),
+                decisions
+            )?;
+        }
+        for e in &self.events {
+            writeln!(
+                f,
+                "  @{}ms {}: {:?}",
+                e.offset.as_millis(),
+                route(&e.route),
+                e.kind
+            )?;
+        }
+        match &self.outcome {
+            Some(o) => write!(f, "outcome: {o:?}"),
+            None => write!(f, "outcome: pending"),
+        }
+    }
+}
+
+#[cfg(feature = "serde")]
+fn display<T: fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+#[cfg(feature = "serde")]
+fn display_opt<T: fmt::Display, S: serde::Serializer>(
+    v: &Option<T>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.collect_str(v),
+        None => s.serialize_none(),
+    }
+}
+
+#[cfg(feature = "serde")]
+mod millis {
+    pub(super) fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+}
+
+#[cfg(feature = "serde")]
+mod millis_opt {
+    pub(super) fn serialize<S: serde::Serializer>(
+        d: &Option<std::time::Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&(d.as_millis() as u64)),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::StatusCode;
+
+    #[test]
+    fn inner_layer_records_outer_annotates() {
+        let log = AttemptLog::new();
+        let mark = log.attempt_count();
+        // The inner layer records...
+        let mut c = Classification::failure(FailureClass::Overloaded);
+        c.status = Some(StatusCode::SERVICE_UNAVAILABLE);
+        let i = log.record(Attempt::new(
+            Some("primary".into()),
+            Duration::ZERO,
+            Duration::from_millis(5),
+            &c,
+        ));
+        // ...so the outer one does not record again.
+        let j = log.record_since(mark, || unreachable!("already recorded"));
+        assert_eq!(i, j);
+        log.decide(j, Decision::Stop(StopReason::AttemptsExhausted));
+        log.decide(
+            j,
+            Decision::Fallback {
+                to: "backup".into(),
+            },
+        );
+        let a = &log.attempts()[0];
+        assert_eq!(a.status, Some(503));
+        assert_eq!(a.decisions.len(), 2);
+        let table = log.to_string();
+        assert!(
+            table.contains("stop: attempts_exhausted; fallback to backup"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn route_attempt_counts_per_route() {
+        let log = AttemptLog::new();
+        let ok = Classification::success(StatusCode::OK);
+        for r in ["a", "a", "b", "a"] {
+            log.record(Attempt::new(
+                Some(r.into()),
+                Duration::ZERO,
+                Duration::ZERO,
+                &ok,
+            ));
+        }
+        let counts: Vec<u32> = log.attempts().iter().map(|a| a.route_attempt).collect();
+        assert_eq!(counts, [0, 1, 0, 2]);
+    }
+
+    #[test]
+    fn get_or_insert_shares_one_log() {
+        let mut req = http::Request::new(());
+        let (a, created) = AttemptLog::get_or_insert(&mut req);
+        let (b, again) = AttemptLog::get_or_insert(&mut req);
+        assert!(created && !again && a.ptr_eq(&b));
+    }
+}

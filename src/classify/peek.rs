@@ -1,0 +1,112 @@
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+use http_body::Body as _;
+
+use super::{Classification, Classifier};
+use crate::{Body, Error};
+
+/// Future of [`SharedClassifier::classify_response`](super::SharedClassifier::classify_response):
+/// the response with its body intact, and its classification.
+pub struct ClassifyResponse {
+    classifier: Arc<dyn Classifier>,
+    limit: usize,
+    response: Option<http::Response<Body>>,
+    buf: BytesMut,
+}
+
+impl std::fmt::Debug for ClassifyResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClassifyResponse")
+            .field("read", &self.buf.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClassifyResponse {
+    pub(super) fn new(
+        classifier: Arc<dyn Classifier>,
+        limit: usize,
+        response: http::Response<Body>,
+    ) -> Self {
+        Self {
+            classifier,
+            limit,
+            response: Some(response),
+            buf: BytesMut::new(),
+        }
+    }
+
+    fn finish(
+        &mut self,
+        mut response: http::Response<Body>,
+        trailers: Option<HeaderMap>,
+        error: Option<Error>,
+        ended: bool,
+    ) -> (http::Response<Body>, Classification) {
+        let prefix: Bytes = self.buf.split().freeze();
+        let seen = &prefix[..prefix.len().min(self.limit)];
+        let c = self
+            .classifier
+            .classify_response(response.status(), response.headers(), seen);
+        response.extensions_mut().insert(c.clone());
+        let response = response.map(|rest| {
+            let rest = (!ended && trailers.is_none() && error.is_none()).then_some(rest);
+            if prefix.is_empty() && trailers.is_none() && error.is_none() {
+                match rest {
+                    Some(rest) => rest,
+                    None => Body::empty(),
+                }
+            } else {
+                Body::replay(prefix, trailers, error, rest)
+            }
+        });
+        (response, c)
+    }
+}
+
+impl Future for ClassifyResponse {
+    type Output = (http::Response<Body>, Classification);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let Some(mut response) = this.response.take() else {
+            panic!("ClassifyResponse polled after completion");
+        };
+        if let Some(c) = response.extensions().get::<Classification>() {
+            let c = c.clone();
+            return Poll::Ready((response, c));
+        }
+        if !this
+            .classifier
+            .wants_body(response.status(), response.headers())
+        {
+            return Poll::Ready(this.finish(response, None, None, false));
+        }
+        while this.buf.len() < this.limit && !response.body().is_end_stream() {
+            match Pin::new(response.body_mut()).poll_frame(cx) {
+                Poll::Pending => {
+                    this.response = Some(response);
+                    return Poll::Pending;
+                }
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => this.buf.extend_from_slice(&data),
+                    Err(frame) => {
+                        let trailers = frame.into_trailers().ok();
+                        return Poll::Ready(this.finish(response, trailers, None, true));
+                    }
+                },
+                Poll::Ready(Some(Err(e))) => {
+                    return Poll::Ready(this.finish(response, None, Some(e), true));
+                }
+                Poll::Ready(None) => return Poll::Ready(this.finish(response, None, None, true)),
+            }
+        }
+        let ended = response.body().is_end_stream();
+        Poll::Ready(this.finish(response, None, None, ended))
+    }
+}

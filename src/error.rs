@@ -1,0 +1,325 @@
+//! The crate's one error type.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::attempt_log::AttemptLog;
+use crate::classify::{Classification, FailureClass};
+use crate::context::RouteName;
+
+/// A boxed error, as tower uses.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a stream failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StreamCause {
+    /// No content-bearing event (or, for non-SSE bodies, no byte) within the first-token timeout.
+    FirstTokenTimeout(Duration),
+    /// Silence between events longer than the idle timeout.
+    IdleTimeout(Duration),
+    /// The whole response took longer than the total timeout.
+    TotalTimeout(Duration),
+    /// The connection broke or the body reported an error.
+    Disconnected,
+    /// The provider sent an error event in the stream.
+    InBandError {
+        /// Its class, as if it had been an HTTP error response.
+        class: FailureClass,
+        /// The provider's error type, if any (`overloaded_error`, `server_error`, …).
+        error_type: Option<String>,
+    },
+    /// The stream ended without its terminal marker and without a finish reason.
+    Truncated,
+    /// More bytes than the policy's `max_buffer` had to be held back before the commit point.
+    BufferExceeded(u64),
+}
+
+impl StreamCause {
+    /// The failure class the cause counts as, before the commit point.
+    pub fn class(&self) -> FailureClass {
+        match self {
+            StreamCause::FirstTokenTimeout(_)
+            | StreamCause::IdleTimeout(_)
+            | StreamCause::TotalTimeout(_) => FailureClass::Timeout,
+            StreamCause::Disconnected | StreamCause::Truncated | StreamCause::BufferExceeded(_) => {
+                FailureClass::Transport
+            }
+            StreamCause::InBandError { class, .. } => *class,
+        }
+    }
+}
+
+impl fmt::Display for StreamCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StreamCause::FirstTokenTimeout(d) => write!(f, "no first token within {d:?}"),
+            StreamCause::IdleTimeout(d) => write!(f, "no event for {d:?}"),
+            StreamCause::TotalTimeout(d) => write!(f, "stream exceeded its total bound of {d:?}"),
+            StreamCause::Disconnected => f.write_str("connection lost"),
+            StreamCause::InBandError { class, error_type } => match error_type {
+                Some(t) => write!(f, "in-band error event `{t}` ({class})"),
+                None => write!(f, "in-band error event ({class})"),
+            },
+            StreamCause::Truncated => f.write_str("ended without terminal marker or finish reason"),
+            StreamCause::BufferExceeded(n) => {
+                write!(f, "more than {n} bytes before the commit point")
+            }
+        }
+    }
+}
+
+/// What went wrong, for matching. New kinds may be added.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The inner service (the transport) failed without a response: connect, timeout, protocol.
+    /// The failure class is in [`Error::class`].
+    Transport,
+    /// The route's circuit is open; no call was made.
+    CircuitOpen {
+        /// The route.
+        route: RouteName,
+        /// When the breaker will admit a probe.
+        retry_in: Duration,
+    },
+    /// A spend cap would be exceeded; the request was not sent (fail closed).
+    BudgetExhausted {
+        /// The budget owner whose cap was reached, if known.
+        owner: Option<String>,
+    },
+    /// A client-side rate limit rejected the request.
+    RateLimited {
+        /// When capacity is expected.
+        retry_in: Duration,
+    },
+    /// The request's deadline passed.
+    DeadlineExceeded,
+    /// A layer stopped on a fail-closed rule and there is no provider response to hand back
+    /// (for example an in-band safety block in a stream before its commit point).
+    FailedClosed {
+        /// The class that was not routed around.
+        class: FailureClass,
+    },
+    /// A stream failed before its commit point: nothing reached the caller, and the layers above
+    /// may retry or fall back.
+    StreamFailed {
+        /// Why.
+        cause: StreamCause,
+    },
+    /// A stream failed after its commit point: bytes reached the caller, nothing is retried.
+    StreamInterrupted {
+        /// Bytes handed to the caller before the failure.
+        delivered_bytes: u64,
+        /// Why.
+        cause: StreamCause,
+    },
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ErrorKind::Transport => f.write_str("transport failed"),
+            ErrorKind::CircuitOpen { route, retry_in } => {
+                write!(
+                    f,
+                    "circuit open for route `{route}`, next probe in {retry_in:?}"
+                )
+            }
+            ErrorKind::BudgetExhausted { owner: Some(o) } => {
+                write!(f, "spend cap of budget owner `{o}` reached")
+            }
+            ErrorKind::BudgetExhausted { owner: None } => f.write_str("spend cap reached"),
+            ErrorKind::RateLimited { retry_in } => {
+                write!(f, "rate limited locally, capacity in {retry_in:?}")
+            }
+            ErrorKind::DeadlineExceeded => f.write_str("deadline exceeded"),
+            ErrorKind::FailedClosed { class } => write!(f, "failed closed on {class}"),
+            ErrorKind::StreamFailed { cause } => {
+                write!(f, "stream failed before its commit point: {cause}")
+            }
+            ErrorKind::StreamInterrupted {
+                delivered_bytes,
+                cause,
+            } => write!(
+                f,
+                "stream interrupted after {delivered_bytes} bytes reached the caller: {cause}"
+            ),
+        }
+    }
+}
+
+/// The error of every layer in the crate.
+///
+/// Carries its [`ErrorKind`], the failure class, the source chain, and the request's
+/// [`AttemptLog`]. A layer that receives an `Error` from an inner layer passes it on as it is.
+pub struct Error {
+    inner: Box<Inner>,
+}
+
+struct Inner {
+    kind: ErrorKind,
+    class: Option<FailureClass>,
+    classification: Option<Classification>,
+    source: Option<BoxError>,
+    log: Option<AttemptLog>,
+}
+
+impl Error {
+    /// A new error of `kind`.
+    pub fn new(kind: ErrorKind) -> Self {
+        let class = match &kind {
+            ErrorKind::FailedClosed { class } => Some(*class),
+            ErrorKind::StreamFailed { cause } => Some(cause.class()),
+            ErrorKind::StreamInterrupted { .. } => Some(FailureClass::StreamInterrupted),
+            _ => None,
+        };
+        Self {
+            inner: Box::new(Inner {
+                kind,
+                class,
+                classification: None,
+                source: None,
+                log: None,
+            }),
+        }
+    }
+
+    /// A transport failure of `class` caused by `source`.
+    pub fn transport(class: FailureClass, source: impl Into<BoxError>) -> Self {
+        Self::new(ErrorKind::Transport)
+            .with_class(class)
+            .with_source(source)
+    }
+
+    /// Turns an inner service's error into an `Error`: a crate `Error` passes through unchanged;
+    /// anything else is classified from its source chain by `classify`.
+    pub fn from_service_error(
+        error: impl Into<BoxError>,
+        classify: impl FnOnce(&(dyn std::error::Error + 'static)) -> Classification,
+    ) -> Self {
+        let error: BoxError = error.into();
+        match error.downcast::<Error>() {
+            Ok(e) => *e,
+            Err(other) => {
+                let c = classify(&*other);
+                let class = c.class.unwrap_or(FailureClass::Transport);
+                Self::transport(class, other).with_classification(c)
+            }
+        }
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> &ErrorKind {
+        &self.inner.kind
+    }
+
+    /// The failure class, when the error stands for one.
+    pub fn class(&self) -> Option<FailureClass> {
+        self.inner.class
+    }
+
+    /// The classification of the failure, when a classifier saw it.
+    pub fn classification(&self) -> Option<&Classification> {
+        self.inner.classification.as_ref()
+    }
+
+    /// The attempt log of the request that failed.
+    pub fn attempt_log(&self) -> Option<&AttemptLog> {
+        self.inner.log.as_ref()
+    }
+
+    /// Sets the failure class.
+    pub fn with_class(mut self, class: FailureClass) -> Self {
+        self.inner.class = Some(class);
+        self
+    }
+
+    /// Attaches a classification (and takes its class).
+    pub fn with_classification(mut self, c: Classification) -> Self {
+        if let Some(class) = c.class {
+            self.inner.class = Some(class);
+        }
+        self.inner.classification = Some(c);
+        self
+    }
+
+    /// Sets the source error.
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.inner.source = Some(source.into());
+        self
+    }
+
+    /// Attaches the attempt log (keeps one already attached).
+    pub fn with_log(mut self, log: &AttemptLog) -> Self {
+        if self.inner.log.is_none() {
+            self.inner.log = Some(log.clone());
+        }
+        self
+    }
+
+    /// Whether this error is a crate error of the given class.
+    pub fn is_class(&self, class: FailureClass) -> bool {
+        self.inner.class == Some(class)
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Error");
+        d.field("kind", &self.inner.kind);
+        if let Some(c) = self.inner.class {
+            d.field("class", &c);
+        }
+        if let Some(s) = &self.inner.source {
+            d.field("source", &format_args!("{s}"));
+        }
+        if let Some(log) = &self.inner.log {
+            d.field("attempts", &log.attempt_count());
+        }
+        d.finish()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.inner.kind, f)?;
+        if let (ErrorKind::Transport, Some(c)) = (&self.inner.kind, self.inner.class) {
+            write!(f, " ({c})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.inner
+            .source
+            .as_ref()
+            .map(|s| &**s as &(dyn std::error::Error + 'static))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crate_errors_pass_through_unwrapped() {
+        let e = Error::new(ErrorKind::DeadlineExceeded);
+        let boxed: BoxError = Box::new(e);
+        let again = Error::from_service_error(boxed, |_| unreachable!("not reclassified"));
+        assert_eq!(again.kind(), &ErrorKind::DeadlineExceeded);
+        assert!(std::error::Error::source(&again).is_none());
+    }
+
+    #[test]
+    fn foreign_errors_keep_their_source_and_class() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = Error::from_service_error(io, |_| Classification::failure(FailureClass::Connect));
+        assert_eq!(e.kind(), &ErrorKind::Transport);
+        assert_eq!(e.class(), Some(FailureClass::Connect));
+        assert_eq!(e.to_string(), "transport failed (connect)");
+        assert!(std::error::Error::source(&e).is_some());
+    }
+}

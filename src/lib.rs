@@ -1,0 +1,26 @@
+//! Tower middleware that makes calls to AI model APIs recover from failures the way the best
+//! production teams do — without hiding real incidents.
+//!
+//! (Crate docs are completed with the layers.)
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod attempt_log;
+pub mod backoff;
+mod body;
+pub mod classify;
+pub mod context;
+mod duration;
+mod error;
+pub mod policy;
+pub mod retry_budget;
+
+pub use attempt_log::AttemptLog;
+pub use body::Body;
+pub use classify::{Classification, FailureClass};
+pub use context::{Deadline, RouteName};
+pub use error::{BoxError, Error, ErrorKind, StreamCause};
+pub use policy::{Policy, PolicyError};
+pub use retry_budget::RetryBudget;

@@ -1,0 +1,278 @@
+use std::collections::BTreeMap;
+use std::fmt;
+
+use super::error::{PolicyError, check};
+
+/// Headers that carry credentials; a route that sets or removes one must be approved.
+pub const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "x-api-key", "api-key"];
+
+/// One backup route: a name and how the request is rewritten for it.
+#[derive(Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
+#[non_exhaustive]
+pub struct RouteConfig {
+    /// Name in logs, in the breaker's state and in the `x-llm-route` of served responses.
+    pub name: String,
+    /// New scheme, authority and path prefix, e.g. `https://backup.example/v1`; the request's
+    /// path after the primary's prefix is kept. Unchanged when `None`.
+    pub base_url: Option<String>,
+    /// New value of the `model` field of a JSON request body. Unchanged when `None`.
+    pub model: Option<String>,
+    /// Headers set on the request (replacing any value it had).
+    pub set_headers: BTreeMap<String, String>,
+    /// Headers removed from the request.
+    pub remove_headers: Vec<String>,
+    /// The route serves a larger context window: context overflows may switch to it.
+    pub larger_context: bool,
+    /// Whose budget the route spends; exhausted quota may only switch to a route whose owner is
+    /// listed in [`FallbackPolicy::approved_budget_owners`].
+    pub budget_owner: Option<String>,
+    /// The route changes credentials (sets or removes `authorization`, `x-api-key`, `api-key`)
+    /// and the policy approves it. Without this, such a route is rejected.
+    pub credentials_approved: bool,
+}
+
+impl RouteConfig {
+    /// A route that rewrites nothing yet.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Builder: the new base URL.
+    pub fn base_url(mut self, url: impl Into<String>) -> Self {
+        self.base_url = Some(url.into());
+        self
+    }
+
+    /// Builder: the new `model`.
+    pub fn model(mut self, model: impl Into<String>) -> Self {
+        self.model = Some(model.into());
+        self
+    }
+
+    /// Builder: set a header.
+    pub fn set_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.set_headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Builder: remove a header.
+    pub fn remove_header(mut self, name: impl Into<String>) -> Self {
+        self.remove_headers.push(name.into());
+        self
+    }
+
+    /// Builder: mark as larger-context.
+    pub fn larger_context(mut self) -> Self {
+        self.larger_context = true;
+        self
+    }
+
+    /// Builder: the budget owner.
+    pub fn budget_owner(mut self, owner: impl Into<String>) -> Self {
+        self.budget_owner = Some(owner.into());
+        self
+    }
+
+    /// Builder: approve the route's credential change.
+    pub fn approve_credentials(mut self) -> Self {
+        self.credentials_approved = true;
+        self
+    }
+
+    /// Whether the route sets or removes a credential header.
+    pub fn changes_credentials(&self) -> bool {
+        let is_cred = |h: &str| CREDENTIAL_HEADERS.iter().any(|c| c.eq_ignore_ascii_case(h));
+        self.set_headers.keys().any(|h| is_cred(h))
+            || self.remove_headers.iter().any(|h| is_cred(h))
+    }
+}
+
+// Header values may be keys: never print them.
+impl fmt::Debug for RouteConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let set: Vec<(&str, &str)> = self
+            .set_headers
+            .keys()
+            .map(|k| (k.as_str(), "<redacted>"))
+            .collect();
+        f.debug_struct("RouteConfig")
+            .field("name", &self.name)
+            .field("base_url", &self.base_url)
+            .field("model", &self.model)
+            .field("set_headers", &set)
+            .field("remove_headers", &self.remove_headers)
+            .field("larger_context", &self.larger_context)
+            .field("budget_owner", &self.budget_owner)
+            .field("credentials_approved", &self.credentials_approved)
+            .finish()
+    }
+}
+
+/// A fixed answer served when every route has failed, clearly marked as such.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+#[non_exhaustive]
+pub struct StaticResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// `content-type` of the body.
+    #[cfg_attr(feature = "serde", serde(default = "default_content_type"))]
+    pub content_type: String,
+    /// Body.
+    pub body: String,
+}
+
+#[cfg(feature = "serde")]
+fn default_content_type() -> String {
+    "application/json".to_owned()
+}
+
+impl StaticResponse {
+    /// A JSON answer.
+    pub fn json(status: u16, body: impl Into<String>) -> Self {
+        Self {
+            status,
+            content_type: "application/json".to_owned(),
+            body: body.into(),
+        }
+    }
+}
+
+/// The route chain: the second rung of the ladder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
+#[non_exhaustive]
+pub struct FallbackPolicy {
+    /// Name of the primary route (the request as the caller built it).
+    pub primary: String,
+    /// Budget owner of the primary route.
+    pub primary_budget_owner: Option<String>,
+    /// Backup routes, in the order they are tried.
+    pub routes: Vec<RouteConfig>,
+    /// Most route switches per request.
+    pub max_hops: u32,
+    /// Most transport attempts per request across the whole chain.
+    pub max_total_attempts: u32,
+    /// Budget owners an exhausted quota may switch to.
+    pub approved_budget_owners: Vec<String>,
+    /// Models a route may select; every route's model must be listed when non-empty.
+    pub allowed_models: Vec<String>,
+    /// Models no route may select.
+    pub blocked_models: Vec<String>,
+    /// Served when every route has failed; the caller gets the primary's failure when `None`.
+    pub last_resort: Option<StaticResponse>,
+}
+
+impl Default for FallbackPolicy {
+    fn default() -> Self {
+        Self {
+            primary: "primary".to_owned(),
+            primary_budget_owner: None,
+            routes: Vec::new(),
+            max_hops: 2,
+            max_total_attempts: 6,
+            approved_budget_owners: Vec::new(),
+            allowed_models: Vec::new(),
+            blocked_models: Vec::new(),
+            last_resort: None,
+        }
+    }
+}
+
+impl FallbackPolicy {
+    /// Checks every value, including that no route changes credentials without approval;
+    /// see [`PolicyError`].
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        if self.primary.trim().is_empty() {
+            return Err(PolicyError::new("fallback.primary", "must not be empty"));
+        }
+        check::at_least_one(
+            "fallback.max_total_attempts",
+            self.max_total_attempts.into(),
+        )?;
+        let mut names = vec![self.primary.as_str()];
+        for (i, r) in self.routes.iter().enumerate() {
+            let at = |f: &str| format!("fallback.routes[{i}].{f}");
+            if r.name.trim().is_empty() {
+                return Err(PolicyError::new(at("name"), "must not be empty"));
+            }
+            if names.contains(&r.name.as_str()) {
+                return Err(PolicyError::new(
+                    at("name"),
+                    format!("{:?} names two routes", r.name),
+                ));
+            }
+            names.push(&r.name);
+            if let Some(url) = &r.base_url {
+                let uri: http::Uri = url.parse().map_err(|_| {
+                    PolicyError::new(at("base_url"), format!("{url:?} is not a URL"))
+                })?;
+                if uri.scheme().is_none() || uri.authority().is_none() {
+                    return Err(PolicyError::new(
+                        at("base_url"),
+                        format!("{url:?} needs a scheme and a host"),
+                    ));
+                }
+            }
+            for (name, value) in &r.set_headers {
+                check::header_name(&at("set_headers"), name)?;
+                if http::HeaderValue::from_str(value).is_err() {
+                    return Err(PolicyError::new(
+                        at("set_headers"),
+                        format!("the value of {name:?} is not a valid header value"),
+                    ));
+                }
+            }
+            for name in &r.remove_headers {
+                check::header_name(&at("remove_headers"), name)?;
+            }
+            if r.changes_credentials() && !r.credentials_approved {
+                return Err(PolicyError::new(
+                    at("set_headers"),
+                    format!(
+                        "route {:?} changes credentials; set `credentials_approved = true` to allow it",
+                        r.name
+                    ),
+                ));
+            }
+            if let Some(model) = &r.model {
+                if self.blocked_models.iter().any(|m| m == model) {
+                    return Err(PolicyError::new(
+                        at("model"),
+                        format!("{model:?} is in `fallback.blocked_models`"),
+                    ));
+                }
+                if !self.allowed_models.is_empty()
+                    && !self.allowed_models.iter().any(|m| m == model)
+                {
+                    return Err(PolicyError::new(
+                        at("model"),
+                        format!("{model:?} is not in `fallback.allowed_models`"),
+                    ));
+                }
+            }
+        }
+        if let Some(last) = &self.last_resort {
+            if http::StatusCode::from_u16(last.status).is_err() {
+                return Err(PolicyError::new(
+                    "fallback.last_resort.status",
+                    format!("{} is not an HTTP status", last.status),
+                ));
+            }
+            if http::HeaderValue::from_str(&last.content_type).is_err() {
+                return Err(PolicyError::new(
+                    "fallback.last_resort.content_type",
+                    "is not a valid header value",
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,206 @@
+//! One policy record for the whole ladder, with a section per layer.
+//!
+//! Build it in code from a preset ([`Policy::interactive`], [`Policy::batch`]) or load it from a
+//! file (feature `serde`; durations are written `"250ms"`, `"9s"`, `"1m30s"`; unknown fields are
+//! errors, so a typo never silently falls back to a default). Every layer validates its section
+//! when it is built; [`Policy::validate`] checks the whole record at once.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_llm_resilience::policy::Policy;
+//!
+//! let mut policy = Policy::interactive();
+//! policy.retry.max_attempts = 4;
+//! policy.budget.deadline = Some(Duration::from_secs(45));
+//! policy.validate()?;
+//! # Ok::<(), tower_llm_resilience::policy::PolicyError>(())
+//! ```
+
+mod actions;
+mod budget;
+mod circuit_breaker;
+mod error;
+mod fallback;
+mod idempotency;
+mod logging;
+mod retry;
+mod stream;
+
+use std::time::Duration;
+
+pub use actions::{ClassAction, ClassActions, FallbackRule, RetryRule};
+pub use budget::{
+    AdmissionMode, BudgetPolicy, ChargeRule, Price, RateKey, RateLimitPolicy, RetryBudgetPolicy,
+    SpendPolicy,
+};
+pub use circuit_breaker::{CircuitBreakerPolicy, FailureRateRule, SlowCallRule};
+pub use error::PolicyError;
+pub use fallback::{CREDENTIAL_HEADERS, FallbackPolicy, RouteConfig, StaticResponse};
+pub use idempotency::{IdempotencyPolicy, ReplayRule};
+pub use logging::LoggingPolicy;
+pub use retry::{BackoffPolicy, Jitter, RetryPolicy};
+pub use stream::{CommitPoint, StreamPolicy, StreamSettings};
+
+/// The whole recovery policy: what each rung of the ladder may do.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
+#[non_exhaustive]
+pub struct Policy {
+    /// Name of the workflow the policy is for (`"chat"`, `"nightly-summaries"`); appears in logs.
+    pub workflow: String,
+    /// Same-route retries.
+    pub retry: RetryPolicy,
+    /// Per-route circuit breakers.
+    pub circuit_breaker: CircuitBreakerPolicy,
+    /// The route chain.
+    pub fallback: FallbackPolicy,
+    /// Admission: retry budget, deadline, rate limits, spend caps.
+    pub budget: BudgetPolicy,
+    /// Stream timeouts and commit point.
+    pub stream: StreamPolicy,
+    /// Idempotency keys and the replay rule.
+    pub idempotency: IdempotencyPolicy,
+    /// Per-class action overrides on top of the safe defaults.
+    pub actions: ClassActions,
+    /// What is logged.
+    pub logging: LoggingPolicy,
+}
+
+impl Default for Policy {
+    /// The interactive preset.
+    fn default() -> Self {
+        Self::interactive()
+    }
+}
+
+impl Policy {
+    /// For a person waiting on the answer: few retries, a short deadline, no queueing
+    /// (rate-limited requests are rejected at once), streams committed at the first token.
+    pub fn interactive() -> Self {
+        let mut retry = RetryPolicy::default();
+        retry.max_server_wait = Duration::from_secs(10);
+        retry.max_elapsed = Duration::from_secs(30);
+        let budget = BudgetPolicy {
+            deadline: Some(Duration::from_secs(60)),
+            admission: AdmissionMode::Reject,
+            ..BudgetPolicy::default()
+        };
+        let stream = StreamPolicy::from_settings(StreamSettings {
+            first_token_timeout: Some(Duration::from_secs(20)),
+            idle_timeout: Some(Duration::from_secs(20)),
+            total_timeout: Some(Duration::from_secs(300)),
+            commit: CommitPoint::FirstEvent,
+            ..StreamSettings::default()
+        });
+        Self {
+            workflow: "interactive".to_owned(),
+            retry,
+            circuit_breaker: CircuitBreakerPolicy::default(),
+            fallback: FallbackPolicy::default(),
+            budget,
+            stream,
+            idempotency: IdempotencyPolicy::default(),
+            actions: ClassActions::default(),
+            logging: LoggingPolicy::default(),
+        }
+    }
+
+    /// For work nobody watches: more attempts, longer server waits honoured, queueing for
+    /// capacity, streams buffered to the end so a failure anywhere is retryable.
+    pub fn batch() -> Self {
+        let mut retry = RetryPolicy::default();
+        retry.max_attempts = 6;
+        retry.backoff = BackoffPolicy::new(Duration::from_secs(1), Duration::from_secs(60));
+        retry.per_class.insert(
+            crate::classify::FailureClass::RateLimited,
+            BackoffPolicy::new(Duration::from_secs(5), Duration::from_secs(120)),
+        );
+        retry.max_server_wait = Duration::from_secs(120);
+        retry.max_elapsed = Duration::from_secs(15 * 60);
+        let budget = BudgetPolicy {
+            retry_budget: RetryBudgetPolicy::Ratio {
+                ratio: 0.5,
+                min_per_sec: 10,
+                ttl: Duration::from_secs(60),
+            },
+            deadline: Some(Duration::from_secs(3600)),
+            admission: AdmissionMode::Queue {
+                max_wait: Duration::from_secs(600),
+                max_queued: 10_000,
+            },
+            pacing: true,
+            ..BudgetPolicy::default()
+        };
+        let stream = StreamPolicy::from_settings(StreamSettings {
+            first_token_timeout: Some(Duration::from_secs(120)),
+            idle_timeout: Some(Duration::from_secs(60)),
+            total_timeout: Some(Duration::from_secs(3600)),
+            commit: CommitPoint::End,
+            ..StreamSettings::default()
+        });
+        let mut circuit_breaker = CircuitBreakerPolicy::default();
+        circuit_breaker.open_base = Duration::from_secs(5);
+        circuit_breaker.open_cap = Duration::from_secs(60);
+        Self {
+            workflow: "batch".to_owned(),
+            retry,
+            circuit_breaker,
+            fallback: FallbackPolicy::default(),
+            budget,
+            stream,
+            idempotency: IdempotencyPolicy {
+                key_header: Some("idempotency-key".to_owned()),
+                replay_possibly_accepted: ReplayRule::IfIdempotent,
+            },
+            actions: ClassActions::default(),
+            logging: LoggingPolicy::default(),
+        }
+    }
+
+    /// Checks every section; the error names the first offending field.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        if self.workflow.trim().is_empty() {
+            return Err(PolicyError::new("workflow", "must not be empty"));
+        }
+        self.retry.validate()?;
+        self.circuit_breaker.validate()?;
+        self.fallback.validate()?;
+        self.budget.validate()?;
+        self.stream.validate()?;
+        self.idempotency.validate()?;
+        self.logging.validate()?;
+        for (name, _) in &self.stream.routes {
+            if !self.route_names().any(|r| r == name) {
+                return Err(PolicyError::new(
+                    format!("stream.routes.{name}"),
+                    format!(
+                        "names no route (routes: {})",
+                        self.route_names().collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The policy, if it is valid.
+    pub fn validated(self) -> Result<Self, PolicyError> {
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// The primary route's name followed by every backup's.
+    pub fn route_names(&self) -> impl Iterator<Item = &str> + '_ {
+        std::iter::once(self.fallback.primary.as_str())
+            .chain(self.fallback.routes.iter().map(|r| r.name.as_str()))
+    }
+
+    /// Parses and validates a JSON policy.
+    #[cfg(feature = "serde")]
+    pub fn from_json(json: &str) -> Result<Self, PolicyError> {
+        let policy: Policy =
+            serde_json::from_str(json).map_err(|e| PolicyError::new("<json>", e.to_string()))?;
+        policy.validated()
+    }
+}

@@ -1,0 +1,268 @@
+//! The retry budget: how much recovery the whole service may spend, shared by every request.
+//!
+//! Every logical request deposits; every retry and every fallback hop withdraws. When the
+//! budget is empty, the retry (or hop) is denied and the denial is logged — under a full outage
+//! the load the service sends stays close to the load it receives.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::policy::{PolicyError, RetryBudgetPolicy};
+
+/// One retry's worth of budget, in fixed-point units so fractional ratios are exact.
+const UNIT: u64 = 1_000_000;
+const SLOTS: usize = 10;
+
+/// A shared retry budget. Clones share one budget.
+#[derive(Clone)]
+pub struct RetryBudget {
+    inner: Arc<Mutex<State>>,
+}
+
+enum State {
+    Ratio(Ratio),
+    Bucket(Bucket),
+}
+
+/// Deposits and withdrawals in a ring of time slots covering `ttl`; old slots age out.
+struct Ratio {
+    deposit: u64,
+    reserve: u64,
+    slot_len: Duration,
+    slots: [(u64, u64); SLOTS],
+    current: usize,
+    current_start: Instant,
+}
+
+struct Bucket {
+    capacity: f64,
+    refill_per_sec: f64,
+    per_request: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RetryBudget {
+    /// A budget as the policy describes; invalid values are a [`PolicyError`].
+    pub fn new(policy: &RetryBudgetPolicy) -> Result<Self, PolicyError> {
+        policy.validate()?;
+        let state = match *policy {
+            RetryBudgetPolicy::Ratio {
+                ratio,
+                min_per_sec,
+                ttl,
+            } => {
+                // Rounded to a millionth, then exact integer arithmetic from here on.
+                let deposit = (ratio * UNIT as f64).round() as u64;
+                let reserve = u64::from(min_per_sec)
+                    .saturating_mul(ttl.as_millis() as u64)
+                    .saturating_mul(UNIT / 1000);
+                State::Ratio(Ratio {
+                    deposit,
+                    reserve,
+                    slot_len: (ttl / SLOTS as u32).max(Duration::from_millis(1)),
+                    slots: [(0, 0); SLOTS],
+                    current: 0,
+                    current_start: Instant::now(),
+                })
+            }
+            RetryBudgetPolicy::TokenBucket {
+                capacity,
+                refill_per_sec,
+                per_request,
+            } => State::Bucket(Bucket {
+                capacity: f64::from(capacity),
+                refill_per_sec,
+                per_request,
+                tokens: f64::from(capacity),
+                last: Instant::now(),
+            }),
+        };
+        Ok(Self {
+            inner: Arc::new(Mutex::new(state)),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A logical request arrived: add its share.
+    pub fn deposit(&self) {
+        match &mut *self.lock() {
+            State::Ratio(r) => {
+                r.rotate();
+                r.slots[r.current].0 += r.deposit;
+            }
+            State::Bucket(b) => {
+                b.refill();
+                b.tokens = (b.tokens + b.per_request).min(b.capacity);
+            }
+        }
+    }
+
+    /// Takes one retry (or hop) from the budget; `false` when it is empty.
+    pub fn withdraw(&self) -> bool {
+        match &mut *self.lock() {
+            State::Ratio(r) => {
+                r.rotate();
+                if r.balance() >= UNIT {
+                    r.slots[r.current].1 += UNIT;
+                    true
+                } else {
+                    false
+                }
+            }
+            State::Bucket(b) => {
+                b.refill();
+                if b.tokens >= 1.0 {
+                    b.tokens -= 1.0;
+                    true
+                } else {
+                    false
+                }
+            }
+        }
+    }
+
+    /// Retries the budget would allow right now.
+    pub fn available(&self) -> u64 {
+        match &mut *self.lock() {
+            State::Ratio(r) => {
+                r.rotate();
+                r.balance() / UNIT
+            }
+            State::Bucket(b) => {
+                b.refill();
+                b.tokens.floor() as u64
+            }
+        }
+    }
+}
+
+impl Ratio {
+    fn rotate(&mut self) {
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(self.current_start);
+        let steps = (elapsed.as_nanos() / self.slot_len.as_nanos()) as usize;
+        if steps == 0 {
+            return;
+        }
+        for _ in 0..steps.min(SLOTS) {
+            self.current = (self.current + 1) % SLOTS;
+            self.slots[self.current] = (0, 0);
+        }
+        self.current_start += self.slot_len * steps.min(u32::MAX as usize) as u32;
+    }
+
+    fn balance(&self) -> u64 {
+        let (dep, wd) = self
+            .slots
+            .iter()
+            .fold((0u64, 0u64), |(d, w), (sd, sw)| (d + sd, w + sw));
+        (self.reserve + dep).saturating_sub(wd)
+    }
+}
+
+impl Bucket {
+    fn refill(&mut self) {
+        let now = Instant::now();
+        let secs = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + secs * self.refill_per_sec).min(self.capacity);
+    }
+}
+
+impl Default for RetryBudget {
+    /// 20 % of requests plus 10 per second over 10 s.
+    fn default() -> Self {
+        match Self::new(&RetryBudgetPolicy::default()) {
+            Ok(b) => b,
+            Err(e) => unreachable!("the default retry budget is valid: {e}"),
+        }
+    }
+}
+
+impl fmt::Debug for RetryBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryBudget")
+            .field("available", &self.available())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ratio(ratio: f64, min_per_sec: u32, ttl_s: u64) -> RetryBudget {
+        RetryBudget::new(&RetryBudgetPolicy::Ratio {
+            ratio,
+            min_per_sec,
+            ttl: Duration::from_secs(ttl_s),
+        })
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ratio_allows_share_plus_floor() {
+        let b = ratio(0.2, 10, 10);
+        for _ in 0..1000 {
+            b.deposit();
+        }
+        let granted = (0..1000).filter(|_| b.withdraw()).count();
+        assert_eq!(granted, 200 + 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fractional_ratio_is_exact() {
+        let b = ratio(0.1, 0, 10);
+        for _ in 0..30 {
+            b.deposit();
+        }
+        assert_eq!((0..10).filter(|_| b.withdraw()).count(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deposits_age_out() {
+        let b = ratio(1.0, 0, 10);
+        for _ in 0..5 {
+            b.deposit();
+        }
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(!b.withdraw());
+        assert_eq!(b.available(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_bucket_refills_to_capacity() {
+        let b = RetryBudget::new(&RetryBudgetPolicy::TokenBucket {
+            capacity: 3,
+            refill_per_sec: 1.0,
+            per_request: 0.0,
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((0..5).filter(|_| b.withdraw()).count(), 3);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!((0..5).filter(|_| b.withdraw()).count(), 2);
+        tokio::time::advance(Duration::from_secs(100)).await;
+        assert_eq!(b.available(), 3);
+    }
+
+    #[test]
+    fn invalid_values_are_policy_errors() {
+        let e = RetryBudget::new(&RetryBudgetPolicy::Ratio {
+            ratio: 1.5,
+            min_per_sec: 1,
+            ttl: Duration::from_secs(1),
+        })
+        .err();
+        assert_eq!(
+            e.map(|e| e.field().to_owned()).as_deref(),
+            Some("budget.retry_budget.ratio")
+        );
+    }
+}
