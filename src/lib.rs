@@ -15,6 +15,7 @@ pub mod context;
 mod duration;
 mod error;
 pub mod policy;
+pub mod replay;
 pub mod retry_budget;
 
 pub use attempt_log::AttemptLog;
