@@ -90,3 +90,11 @@ impl Deadline {
         }
     }
 }
+
+/// Marks a request for which the fallback chain still has a route to switch to after this one.
+///
+/// `FallbackLayer` sets it; `RetryLayer` reads it for the classes whose rule is
+/// [`RetryRule::OnceUnlessFallback`](crate::policy::RetryRule::OnceUnlessFallback): a silent
+/// route rarely recovers within one request, so the backup is tried instead of a second wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FallbackAvailable;

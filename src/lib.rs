@@ -10,13 +10,21 @@
 pub mod attempt_log;
 pub mod backoff;
 mod body;
+pub mod budget;
+pub mod circuit_breaker;
 pub mod classify;
 pub mod context;
 mod duration;
 mod error;
+pub mod fallback;
 pub mod policy;
 pub mod replay;
+pub mod retry;
 pub mod retry_budget;
+pub mod stream_guard;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
 
 pub use attempt_log::AttemptLog;
 pub use body::Body;
