@@ -148,6 +148,11 @@ impl Usage {
 pub enum StreamEnd {
     /// Ended with its terminal marker or after a finish reason.
     Complete,
+    /// Ended with a policy or safety block (`finish_reason: content_filter`, `stop_reason:
+    /// refusal`, `finishReason: SAFETY`) after the commit point: the caller received the stream
+    /// as the provider ended it, finish reason included; nothing was retried. (Before the commit
+    /// point the same block fails closed and the stream ends `FailedBeforeCommit`.)
+    Blocked,
     /// Failed before the commit point (retryable; the caller saw nothing).
     FailedBeforeCommit(
         #[cfg_attr(feature = "serde", serde(serialize_with = "display"))] StreamCause,
@@ -177,6 +182,8 @@ pub struct StreamRecord {
     pub end: StreamEnd,
     /// Usage from the final events, if reported.
     pub usage: Option<Usage>,
+    /// Events whose payload was malformed (passed on to the caller as they came).
+    pub malformed_events: u64,
 }
 
 /// One transport attempt.

@@ -1,0 +1,1033 @@
+//! An incremental scanner for server-sent events, tuned to what the guard must know about a model
+//! API's stream: where the first token is, how the stream ends, and whether the provider sent an
+//! error after its 200.
+//!
+//! The scanner takes chunks as they come off the wire, split anywhere (inside a line, between
+//! `\r` and `\n`), and reports each complete event once. It keeps one reusable line buffer and
+//! one data buffer, so after the first events it does not allocate; it parses a payload as JSON
+//! only when a cheap look at its bytes says it may carry a finish reason, usage or an error —
+//! the final few events of a stream, not every delta.
+
+use serde_json::Value;
+
+use crate::attempt_log::Usage;
+use crate::classify::{Classification, FailureClass};
+
+/// What an event means for the guard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EventKind {
+    /// Carries output: a text, reasoning or tool-call delta. The first one is the first token.
+    Content,
+    /// Keeps the connection alive and means nothing else (Anthropic `ping`, unknown event types).
+    KeepAlive,
+    /// A `:` comment line (OpenRouter's `: OPENROUTER PROCESSING`); a keep-alive too.
+    Comment,
+    /// Any other well-formed event: a role-only delta, `message_start`, a final chunk, `[DONE]`.
+    Other,
+    /// A payload that looks like JSON but is not (cut short, unbalanced). Passed on, counted.
+    Malformed,
+}
+
+/// A finish reason seen in the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Finish {
+    /// The provider's value (`stop`, `end_turn`, `content_filter`, `SAFETY`, …).
+    pub(crate) reason: String,
+    /// Whether it is a policy or safety block (`content_filter`, `refusal`, `SAFETY`, …).
+    pub(crate) blocked: bool,
+}
+
+/// Token counts reported by one event; later events replace what they report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct UsagePart {
+    pub(crate) input: Option<u64>,
+    pub(crate) output: Option<u64>,
+}
+
+impl UsagePart {
+    /// Takes the counts `later` reports over the ones seen so far (providers report cumulative
+    /// counts, Anthropic input tokens in `message_start` and output tokens in `message_delta`).
+    pub(crate) fn merge(&mut self, later: UsagePart) {
+        if later.input.is_some() {
+            self.input = later.input;
+        }
+        if later.output.is_some() {
+            self.output = later.output;
+        }
+    }
+
+    /// The usage, if anything was reported.
+    pub(crate) fn usage(&self) -> Option<Usage> {
+        (self.input.is_some() || self.output.is_some()).then(|| {
+            Usage::new(self.input.unwrap_or(0), self.output.unwrap_or(0))
+        })
+    }
+}
+
+/// One event, as the guard sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SseEvent {
+    pub(crate) kind: EventKind,
+    /// The stream's terminal marker: `data: [DONE]`, `message_stop`, `response.completed`.
+    pub(crate) terminal: bool,
+    /// A finish reason.
+    pub(crate) finish: Option<Finish>,
+    /// An in-band error, classified like its HTTP equivalent.
+    pub(crate) error: Option<Classification>,
+    /// Token counts.
+    pub(crate) usage: Option<UsagePart>,
+}
+
+impl SseEvent {
+    fn of(kind: EventKind) -> Self {
+        Self {
+            kind,
+            terminal: false,
+            finish: None,
+            error: None,
+            usage: None,
+        }
+    }
+
+    fn terminal() -> Self {
+        Self {
+            terminal: true,
+            ..Self::of(EventKind::Other)
+        }
+    }
+
+    fn error(c: Classification) -> Self {
+        Self {
+            error: Some(c),
+            ..Self::of(EventKind::Other)
+        }
+    }
+}
+
+/// The incremental SSE scanner.
+#[derive(Debug, Default)]
+pub(crate) struct Scanner {
+    /// The start of a line whose end has not arrived yet.
+    line: Vec<u8>,
+    /// The `data` of the event being built (lines joined with `\n`).
+    data: Vec<u8>,
+    /// The `event` name of the event being built.
+    event: Vec<u8>,
+    has_data: bool,
+    /// The last chunk ended with `\r`: a `\n` starting the next one belongs to it.
+    after_cr: bool,
+}
+
+impl Scanner {
+    /// A scanner at the start of a stream.
+    pub(crate) fn new() -> Self {
+        Self::default()
+    }
+
+    /// Scans the next chunk, reporting every event it completes.
+    pub(crate) fn feed(&mut self, mut chunk: &[u8], on_event: &mut impl FnMut(SseEvent)) {
+        if chunk.is_empty() {
+            return;
+        }
+        if self.after_cr {
+            self.after_cr = false;
+            if let [b'\n', rest @ ..] = chunk {
+                chunk = rest;
+            }
+        }
+        while let Some(pos) = chunk.iter().position(|&b| b == b'\n' || b == b'\r') {
+            let mut next = pos + 1;
+            if chunk[pos] == b'\r' {
+                match chunk.get(next) {
+                    Some(b'\n') => next += 1,
+                    Some(_) => {}
+                    None => self.after_cr = true,
+                }
+            }
+            self.end_line(&chunk[..pos], on_event);
+            chunk = &chunk[next..];
+        }
+        self.line.extend_from_slice(chunk);
+    }
+
+    /// The stream ended: an unterminated last line and a last event without its blank line are
+    /// still scanned (servers that close right after `data: [DONE]` are common).
+    pub(crate) fn finish(&mut self, on_event: &mut impl FnMut(SseEvent)) {
+        self.after_cr = false;
+        if !self.line.is_empty() {
+            self.end_line(&[], on_event);
+        }
+        if self.has_data || !self.event.is_empty() {
+            self.dispatch(on_event);
+        }
+    }
+
+    fn end_line(&mut self, tail: &[u8], on_event: &mut impl FnMut(SseEvent)) {
+        if self.line.is_empty() {
+            self.process_line(tail, on_event);
+        } else {
+            // Keep the buffer's capacity: take it out, use it, put it back empty.
+            let mut line = std::mem::take(&mut self.line);
+            line.extend_from_slice(tail);
+            self.process_line(&line, on_event);
+            line.clear();
+            self.line = line;
+        }
+    }
+
+    fn process_line(&mut self, line: &[u8], on_event: &mut impl FnMut(SseEvent)) {
+        if line.is_empty() {
+            if self.has_data || !self.event.is_empty() {
+                self.dispatch(on_event);
+            }
+            return;
+        }
+        if line[0] == b':' {
+            on_event(SseEvent::of(EventKind::Comment));
+            return;
+        }
+        let (field, value) = match line.iter().position(|&b| b == b':') {
+            Some(i) => {
+                let v = &line[i + 1..];
+                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
+            }
+            None => (line, &b""[..]),
+        };
+        match field {
+            b"data" => {
+                if self.has_data {
+                    self.data.push(b'\n');
+                }
+                self.data.extend_from_slice(value);
+                self.has_data = true;
+            }
+            b"event" => {
+                self.event.clear();
+                self.event.extend_from_slice(value);
+            }
+            // `id`, `retry` and unknown fields mean nothing to the guard.
+            _ => {}
+        }
+    }
+
+    fn dispatch(&mut self, on_event: &mut impl FnMut(SseEvent)) {
+        let event = classify_event(&self.event, &self.data);
+        self.data.clear();
+        self.event.clear();
+        self.has_data = false;
+        on_event(event);
+    }
+}
+
+/// What one complete event means.
+pub(crate) fn classify_event(name: &[u8], data: &[u8]) -> SseEvent {
+    let data = data.trim_ascii();
+    let json_like = matches!(data.first(), Some(b'{' | b'['));
+    let name = match name.trim_ascii() {
+        b"" | b"message" => leading_type(data).unwrap_or(b""),
+        n => n,
+    };
+    if json_like && !well_formed(data) && data != b"[DONE]" {
+        // An error event stays an error even when its payload is cut short.
+        if name == b"error" {
+            return SseEvent::error(in_band_classification(data));
+        }
+        return SseEvent::of(EventKind::Malformed);
+    }
+    match name {
+        b"" => generic_event(data, json_like),
+        b"ping" => SseEvent::of(EventKind::KeepAlive),
+        b"error" | b"response.failed" => SseEvent::error(in_band_classification(data)),
+        b"message_start" => SseEvent {
+            usage: parse(data).and_then(|v| usage_of(&v)),
+            ..SseEvent::of(EventKind::Other)
+        },
+        b"message_delta" => anthropic_message_delta(data),
+        b"message_stop" | b"response.completed" => SseEvent {
+            usage: parse(data).and_then(|v| usage_of(&v)),
+            ..SseEvent::terminal()
+        },
+        b"content_block_delta" => SseEvent::of(EventKind::Content),
+        b"content_block_start" | b"content_block_stop" => SseEvent::of(EventKind::Other),
+        b"response.incomplete" => responses_incomplete(data),
+        n if n.starts_with(b"response.") && n.ends_with(b".delta") => {
+            SseEvent::of(EventKind::Content)
+        }
+        n if n.starts_with(b"response.") => SseEvent::of(EventKind::Other),
+        // Unknown event types are keep-alives, never errors.
+        _ => SseEvent::of(EventKind::KeepAlive),
+    }
+}
+
+/// OpenAI-compatible chunks, Gemini chunks, `[DONE]`, and anything else without a type.
+fn generic_event(data: &[u8], json_like: bool) -> SseEvent {
+    if data == b"[DONE]" {
+        return SseEvent::terminal();
+    }
+    if !json_like {
+        return SseEvent::of(EventKind::Other);
+    }
+    // A top-level `error` object (OpenAI-compatible, OpenRouter, Gemini, Vertex's array wrap).
+    if values(data, b"error").any(|v| v.first() == Some(&b'{')) {
+        match parse(data) {
+            Some(v) if top_level(&v).get("error").is_some_and(Value::is_object) => {
+                return SseEvent::error(in_band_classification(data));
+            }
+            Some(_) => {}
+            None => return SseEvent::of(EventKind::Malformed),
+        }
+    }
+    let finish = generic_finish(data);
+    if let Some(f) = &finish {
+        if f.reason == "error" {
+            // OpenRouter's `finish_reason: "error"` without its error object.
+            return SseEvent::error(Classification::failure(FailureClass::ServerError));
+        }
+    }
+    let usage = if finish.is_some() || values(data, b"usage").any(|v| v.first() == Some(&b'{')) {
+        match parse(data) {
+            Some(v) => usage_of(top_level(&v)),
+            None => return SseEvent::of(EventKind::Malformed),
+        }
+    } else {
+        None
+    };
+    let kind = if has_content(data) {
+        EventKind::Content
+    } else {
+        EventKind::Other
+    };
+    SseEvent {
+        kind,
+        terminal: false,
+        finish,
+        error: None,
+        usage,
+    }
+}
+
+/// A finish reason in an OpenAI-compatible or Gemini chunk.
+fn generic_finish(data: &[u8]) -> Option<Finish> {
+    let string_of = |key: &'static [u8]| values(data, key).find_map(string_value);
+    if let Some(r) = string_of(b"finish_reason") {
+        return Some(Finish {
+            blocked: r == b"content_filter",
+            reason: lossy(r),
+        });
+    }
+    if let Some(r) = string_of(b"finishReason") {
+        return Some(Finish {
+            blocked: matches!(
+                r,
+                b"SAFETY" | b"BLOCKLIST" | b"PROHIBITED_CONTENT" | b"SPII" | b"IMAGE_SAFETY"
+            ),
+            reason: lossy(r),
+        });
+    }
+    // Gemini blocks a prompt with `promptFeedback.blockReason` and no candidates.
+    string_of(b"blockReason").map(|r| Finish {
+        reason: lossy(r),
+        blocked: true,
+    })
+}
+
+/// Whether a chunk carries output: a non-empty text, reasoning or refusal string, or a tool call.
+/// OpenAI's first, role-only delta carries `"content":""` and is not output.
+fn has_content(data: &[u8]) -> bool {
+    let non_empty = |key: &'static [u8]| {
+        values(data, key).any(|v| string_value(v).is_some_and(|s| !s.is_empty()))
+    };
+    let present = |key: &'static [u8]| values(data, key).any(|v| matches!(v.first(), Some(b'{' | b'[')));
+    non_empty(b"content")
+        || non_empty(b"text")
+        || non_empty(b"reasoning_content")
+        || non_empty(b"reasoning")
+        || non_empty(b"refusal")
+        || present(b"tool_calls")
+        || present(b"function_call")
+        || present(b"functionCall")
+}
+
+fn anthropic_message_delta(data: &[u8]) -> SseEvent {
+    let Some(v) = parse(data) else {
+        return SseEvent::of(EventKind::Malformed);
+    };
+    let finish = v
+        .get("delta")
+        .and_then(|d| d.get("stop_reason"))
+        .and_then(Value::as_str)
+        .map(|r| Finish {
+            blocked: r == "refusal",
+            reason: r.to_owned(),
+        });
+    SseEvent {
+        finish,
+        usage: usage_of(&v),
+        ..SseEvent::of(EventKind::Other)
+    }
+}
+
+/// Responses API `response.incomplete`: a content filter is a policy block that ends the stream;
+/// any other reason (`max_output_tokens`) is an in-band error no retry fixes.
+fn responses_incomplete(data: &[u8]) -> SseEvent {
+    let reason = parse(data).and_then(|v| {
+        v.get("response")
+            .and_then(|r| r.get("incomplete_details"))
+            .and_then(|d| d.get("reason"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    });
+    match reason.as_deref() {
+        Some("content_filter") => SseEvent {
+            finish: Some(Finish {
+                reason: "content_filter".to_owned(),
+                blocked: true,
+            }),
+            ..SseEvent::terminal()
+        },
+        _ => {
+            let mut c = Classification::failure(FailureClass::InvalidRequest);
+            c.error_type = Some(reason.unwrap_or_else(|| "response.incomplete".to_owned()));
+            SseEvent::error(c)
+        }
+    }
+}
+
+/// The in-band error of `json` classified like its HTTP equivalent; a server error when the
+/// payload says nothing more (an error after a 200 is the server's).
+fn in_band_classification(json: &[u8]) -> Classification {
+    classify_in_band(json).unwrap_or_else(|| Classification::failure(FailureClass::ServerError))
+}
+
+/// Maps an in-band error payload to a classification: the provider's `code`, then `type`, then
+/// Gemini's `status`, then a numeric code read as an HTTP status.
+fn classify_in_band(json: &[u8]) -> Option<Classification> {
+    let v = parse(json)?;
+    let v = top_level(&v);
+    // `nested`: an error object of its own, whose `type` is the error's type (not the event's).
+    let (e, nested) = if let Some(e) = v.get("error").filter(|e| e.is_object()) {
+        (e, true)
+    } else if let Some(e) = v
+        .get("response")
+        .and_then(|r| r.get("error"))
+        .filter(|e| e.is_object())
+    {
+        (e, true)
+    } else if v.get("type").and_then(Value::as_str) == Some("error") {
+        (v, false)
+    } else {
+        return None;
+    };
+    let text = |k: &str| e.get(k).and_then(Value::as_str).map(str::to_owned);
+    let own_type = if nested { text("type") } else { None };
+    let error_type = own_type.clone().or_else(|| text("status"));
+    let code_num = e.get("code").and_then(Value::as_u64);
+    let error_code = text("code").or_else(|| code_num.map(|n| n.to_string()));
+    let message = text("message").unwrap_or_default();
+    let by_name = |name: &str| -> Option<FailureClass> {
+        Some(match name {
+            "rate_limit_exceeded" | "rate_limit_error" | "slow_down" | "rate_limited"
+            | "RESOURCE_EXHAUSTED" | "429" => FailureClass::RateLimited,
+            "insufficient_quota"
+            | "billing_error"
+            | "credit_balance_exhausted"
+            | "organization_spend_limit_exceeded"
+            | "project_spend_limit_exceeded"
+            | "organization_usage_limit_exceeded"
+            | "402" => FailureClass::QuotaExhausted,
+            "overloaded_error" | "server_is_overloaded" | "capacity_exceeded" | "UNAVAILABLE"
+            | "498" | "503" | "529" => FailureClass::Overloaded,
+            "api_error" if message.eq_ignore_ascii_case("overloaded") => FailureClass::Overloaded,
+            "server_error" | "api_error" | "internal_error" | "timeout_error" | "INTERNAL"
+            | "DEADLINE_EXCEEDED" | "500" | "502" | "504" => FailureClass::ServerError,
+            "context_length_exceeded" => FailureClass::ContextOverflow,
+            "invalid_request_error" if message.starts_with("prompt is too long") => {
+                FailureClass::ContextOverflow
+            }
+            "content_filter" | "content_policy_violation" => FailureClass::PolicyBlock,
+            "invalid_request_error" | "INVALID_ARGUMENT" | "not_found_error" | "NOT_FOUND" => {
+                FailureClass::InvalidRequest
+            }
+            "authentication_error" | "permission_error" | "PERMISSION_DENIED"
+            | "UNAUTHENTICATED" => FailureClass::Auth,
+            _ => return None,
+        })
+    };
+    let by_status = |n: u64| match n {
+        401 | 403 => FailureClass::Auth,
+        402 => FailureClass::QuotaExhausted,
+        408 => FailureClass::Timeout,
+        429 => FailureClass::RateLimited,
+        498 | 503 | 529 => FailureClass::Overloaded,
+        400..=499 => FailureClass::InvalidRequest,
+        _ => FailureClass::ServerError,
+    };
+    let class = error_code
+        .as_deref()
+        .and_then(by_name)
+        .or_else(|| own_type.as_deref().and_then(by_name))
+        .or_else(|| text("status").as_deref().and_then(by_name))
+        .or_else(|| code_num.map(by_status))
+        .unwrap_or(FailureClass::ServerError);
+    let mut c = Classification::failure(class);
+    c.error_type = error_type;
+    c.error_code = error_code;
+    Some(c)
+}
+
+/// The usage object of a final event, whichever provider's shape it has.
+fn usage_of(v: &Value) -> Option<UsagePart> {
+    let u = v
+        .get("usage")
+        .filter(|u| u.is_object())
+        .or_else(|| v.get("message").and_then(|m| m.get("usage")))
+        .or_else(|| v.get("response").and_then(|r| r.get("usage")))
+        .or_else(|| v.get("usageMetadata"))?;
+    let num = |k: &str| u.get(k).and_then(Value::as_u64);
+    let input = num("prompt_tokens")
+        .or_else(|| num("input_tokens"))
+        .or_else(|| num("promptTokenCount"));
+    let output = num("completion_tokens")
+        .or_else(|| num("output_tokens"))
+        .or_else(|| {
+            let candidates = num("candidatesTokenCount");
+            let thoughts = num("thoughtsTokenCount");
+            (candidates.is_some() || thoughts.is_some())
+                .then(|| candidates.unwrap_or(0).saturating_add(thoughts.unwrap_or(0)))
+        });
+    let part = UsagePart { input, output };
+    part.usage().map(|_| part)
+}
+
+fn parse(data: &[u8]) -> Option<Value> {
+    serde_json::from_slice(data).ok()
+}
+
+/// Vertex wraps Gemini errors in a one-element array.
+fn top_level(v: &Value) -> &Value {
+    match v {
+        Value::Array(a) if a.len() == 1 => &a[0],
+        v => v,
+    }
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `{"type":"message_start",...}` → `message_start`: the event type Anthropic and the Responses
+/// API repeat in the payload, for streams whose `event:` lines a proxy dropped.
+fn leading_type(data: &[u8]) -> Option<&[u8]> {
+    let rest = data.strip_prefix(b"{")?.trim_ascii_start();
+    let rest = rest.strip_prefix(b"\"type\"")?.trim_ascii_start();
+    let rest = rest.strip_prefix(b":")?.trim_ascii_start();
+    string_value(rest)
+}
+
+/// The raw value after each `"key":` in `data` (whitespace skipped). A key cannot match inside a
+/// JSON string: there its quotes are escaped.
+fn values<'a>(data: &'a [u8], key: &'static [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
+    let mut from = 0;
+    std::iter::from_fn(move || {
+        while from < data.len() {
+            let at = from + find(&data[from..], key)?;
+            from = at + key.len();
+            let quoted = at > 0 && data[at - 1] == b'"' && data.get(from) == Some(&b'"');
+            if !quoted {
+                continue;
+            }
+            let rest = data[from + 1..].trim_ascii_start();
+            if let Some(v) = rest.strip_prefix(b":") {
+                return Some(v.trim_ascii_start());
+            }
+        }
+        None
+    })
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The raw contents of the JSON string `v` starts with (escapes left as they are).
+fn string_value(v: &[u8]) -> Option<&[u8]> {
+    let body = v.strip_prefix(b"\"")?;
+    let mut escaped = false;
+    for (i, &b) in body.iter().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' => escaped = true,
+            b'"' => return Some(&body[..i]),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Whether `data` is one balanced JSON object or array: brackets matched outside strings, strings
+/// closed, nothing after the end. A single pass without allocation; not a full validation (the
+/// few payloads the guard acts on are parsed for real).
+fn well_formed(data: &[u8]) -> bool {
+    // One bit per open bracket: 1 for `{`, 0 for `[`; deeper than 64 levels is not type-checked.
+    let mut stack: u64 = 0;
+    let mut depth: u32 = 0;
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut closed = false;
+    for &b in data {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        if closed {
+            if !b.is_ascii_whitespace() {
+                return false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                if depth < 64 {
+                    stack = (stack << 1) | u64::from(b == b'{');
+                }
+                depth += 1;
+            }
+            b'}' | b']' => {
+                if depth == 0 {
+                    return false;
+                }
+                depth -= 1;
+                if depth < 64 {
+                    let object = stack & 1 == 1;
+                    if object != (b == b'}') {
+                        return false;
+                    }
+                    stack >>= 1;
+                }
+                closed = depth == 0;
+            }
+            _ => {}
+        }
+    }
+    closed && !in_string
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(chunks: &[&[u8]]) -> Vec<SseEvent> {
+        let mut s = Scanner::new();
+        let mut out = Vec::new();
+        for c in chunks {
+            s.feed(c, &mut |e| out.push(e));
+        }
+        s.finish(&mut |e| out.push(e));
+        out
+    }
+
+    fn one(stream: &str) -> Vec<SseEvent> {
+        scan(&[stream.as_bytes()])
+    }
+
+    fn kinds(events: &[SseEvent]) -> Vec<EventKind> {
+        events.iter().map(|e| e.kind).collect()
+    }
+
+    const OPENAI: &str = concat!(
+        "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\",\"refusal\":null},\"finish_reason\":null}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"},\"finish_reason\":null}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo \\\"finish_reason\\\": \\\"x\\\"\"},\"finish_reason\":null}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2,\"total_tokens\":11}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    const ANTHROPIC: &str = concat!(
+        "event: message_start\n",
+        "data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"claude\",\"stop_reason\":null,\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n",
+        "event: content_block_start\n",
+        "data: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+        "event: ping\n",
+        "data: {\"type\": \"ping\"}\n\n",
+        "event: content_block_delta\n",
+        "data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hello\"}}\n\n",
+        "event: content_block_stop\n",
+        "data: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+        "event: message_delta\n",
+        "data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":15}}\n\n",
+        "event: message_stop\n",
+        "data: {\"type\":\"message_stop\"}\n\n",
+    );
+
+    const GEMINI: &str = concat!(
+        "data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \"Hel\"}],\"role\": \"model\"},\"index\": 0}],\"usageMetadata\": {\"promptTokenCount\": 7,\"candidatesTokenCount\": 1,\"totalTokenCount\": 8}}\r\n\r\n",
+        "data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \"lo\"}],\"role\": \"model\"},\"finishReason\": \"STOP\",\"index\": 0}],\"usageMetadata\": {\"promptTokenCount\": 7,\"candidatesTokenCount\": 2,\"totalTokenCount\": 9}}\r\n\r\n",
+    );
+
+    const RESPONSES: &str = concat!(
+        "event: response.created\n",
+        "data: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"status\":\"in_progress\"}}\n\n",
+        "event: response.output_text.delta\n",
+        "data: {\"type\":\"response.output_text.delta\",\"item_id\":\"m1\",\"delta\":\"Hi\"}\n\n",
+        "event: response.completed\n",
+        "data: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_1\",\"status\":\"completed\",\"usage\":{\"input_tokens\":5,\"output_tokens\":1,\"total_tokens\":6}}}\n\n",
+    );
+
+    #[test]
+    fn openai_role_delta_is_not_content_finish_usage_and_done() {
+        let ev = one(OPENAI);
+        use EventKind::*;
+        assert_eq!(kinds(&ev), [Other, Content, Content, Other, Other, Other]);
+        assert_eq!(
+            ev[3].finish,
+            Some(Finish {
+                reason: "stop".into(),
+                blocked: false
+            })
+        );
+        // An escaped `"finish_reason":` inside content is text, not a finish reason.
+        assert_eq!(ev[2].finish, None);
+        assert_eq!(
+            ev[4].usage,
+            Some(UsagePart {
+                input: Some(9),
+                output: Some(2)
+            })
+        );
+        assert!(ev[5].terminal && ev[..5].iter().all(|e| !e.terminal));
+        assert!(ev.iter().all(|e| e.error.is_none()));
+    }
+
+    #[test]
+    fn anthropic_events() {
+        let ev = one(ANTHROPIC);
+        use EventKind::*;
+        assert_eq!(
+            kinds(&ev),
+            [Other, Other, KeepAlive, Content, Other, Other, Other]
+        );
+        assert_eq!(
+            ev[0].usage,
+            Some(UsagePart {
+                input: Some(25),
+                output: Some(1)
+            })
+        );
+        assert_eq!(ev[5].finish.as_ref().map(|f| f.reason.as_str()), Some("end_turn"));
+        assert_eq!(ev[5].usage.and_then(|u| u.output), Some(15));
+        assert!(ev[6].terminal);
+        let mut total = UsagePart::default();
+        ev.iter().filter_map(|e| e.usage).for_each(|u| total.merge(u));
+        assert_eq!(total.usage(), Some(Usage::new(25, 15)));
+    }
+
+    #[test]
+    fn gemini_text_finish_and_usage_with_crlf() {
+        let ev = one(GEMINI);
+        assert_eq!(kinds(&ev), [EventKind::Content, EventKind::Content]);
+        assert_eq!(ev[0].finish, None);
+        // Usage is only parsed on the final chunk.
+        assert_eq!(ev[0].usage, None);
+        assert_eq!(ev[1].finish.as_ref().map(|f| f.reason.as_str()), Some("STOP"));
+        assert_eq!(
+            ev[1].usage,
+            Some(UsagePart {
+                input: Some(7),
+                output: Some(2)
+            })
+        );
+    }
+
+    #[test]
+    fn responses_api_events() {
+        let ev = one(RESPONSES);
+        assert_eq!(
+            kinds(&ev),
+            [EventKind::Other, EventKind::Content, EventKind::Other]
+        );
+        assert!(ev[2].terminal);
+        assert_eq!(ev[2].usage.and_then(|u| u.usage()), Some(Usage::new(5, 1)));
+    }
+
+    #[test]
+    fn tool_call_and_reasoning_deltas_are_content() {
+        let tool = "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"\"}}]},\"finish_reason\":null}]}\n\n";
+        let reasoning = "data: {\"choices\":[{\"delta\":{\"reasoning_content\":\"hm\"},\"finish_reason\":null}]}\n\n";
+        let gemini_call = "data: {\"candidates\": [{\"content\": {\"parts\": [{\"functionCall\": {\"name\": \"f\"}}]}}]}\n\n";
+        let anthropic_tool = "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"\"}}\n\n";
+        let fn_args = "event: response.function_call_arguments.delta\ndata: {\"type\":\"response.function_call_arguments.delta\",\"delta\":\"{\"}\n\n";
+        for s in [tool, reasoning, gemini_call, anthropic_tool, fn_args] {
+            assert_eq!(kinds(&one(s)), [EventKind::Content], "{s}");
+        }
+    }
+
+    #[test]
+    fn keep_alives_comments_and_unknown_events() {
+        let ev = one(": OPENROUTER PROCESSING\n\n:\n\nevent: ping\ndata: {\"type\": \"ping\"}\n\nevent: something_new\ndata: {}\n\n");
+        assert_eq!(
+            kinds(&ev),
+            [
+                EventKind::Comment,
+                EventKind::Comment,
+                EventKind::KeepAlive,
+                EventKind::KeepAlive
+            ]
+        );
+        assert!(ev.iter().all(|e| e.error.is_none() && !e.terminal));
+    }
+
+    #[test]
+    fn finish_reason_without_done() {
+        let s = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"},\"finish_reason\":\"length\"}]}\n\n";
+        let ev = one(s);
+        assert_eq!(ev[0].kind, EventKind::Content);
+        assert_eq!(ev[0].finish.as_ref().map(|f| f.reason.as_str()), Some("length"));
+        assert!(!ev[0].terminal);
+    }
+
+    #[test]
+    fn policy_blocks_in_streams() {
+        let openai = "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"content_filter\"}]}\n\n";
+        let anthropic = "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"refusal\"},\"usage\":{\"output_tokens\":3}}\n\n";
+        let gemini = "data: {\"candidates\": [{\"finishReason\": \"SAFETY\",\"index\": 0}]}\n\n";
+        let prompt = "data: {\"promptFeedback\": {\"blockReason\": \"PROHIBITED_CONTENT\"}}\n\n";
+        let responses = "event: response.incomplete\ndata: {\"type\":\"response.incomplete\",\"response\":{\"incomplete_details\":{\"reason\":\"content_filter\"}}}\n\n";
+        for s in [openai, anthropic, gemini, prompt, responses] {
+            let ev = one(s);
+            assert_eq!(ev.len(), 1, "{s}");
+            assert!(ev[0].finish.as_ref().is_some_and(|f| f.blocked), "{s}");
+            assert!(ev[0].error.is_none(), "{s}");
+        }
+        let not_blocked = "data: {\"candidates\": [{\"finishReason\": \"MAX_TOKENS\"}]}\n\n";
+        assert!(one(not_blocked)[0].finish.as_ref().is_some_and(|f| !f.blocked));
+    }
+
+    fn error_class(s: &str) -> (Option<FailureClass>, Option<String>) {
+        let ev = one(s);
+        assert_eq!(ev.len(), 1, "{s}");
+        let c = ev[0].error.clone().unwrap_or_default();
+        (c.class, c.error_type)
+    }
+
+    #[test]
+    fn in_band_errors_are_classified_like_http() {
+        use FailureClass::*;
+        let cases: [(&str, FailureClass, Option<&str>); 9] = [
+            (
+                "data: {\"error\":{\"message\":\"boom\",\"type\":\"server_error\",\"param\":null,\"code\":null}}\n\n",
+                ServerError,
+                Some("server_error"),
+            ),
+            (
+                "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n",
+                Overloaded,
+                Some("overloaded_error"),
+            ),
+            (
+                "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"api_error\",\"message\":\"Overloaded\"}}\n\n",
+                Overloaded,
+                Some("api_error"),
+            ),
+            (
+                "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"rate_limit_error\",\"message\":\"slow\"}}\n\n",
+                RateLimited,
+                Some("rate_limit_error"),
+            ),
+            (
+                "event: error\ndata: {\"type\":\"error\",\"code\":\"server_error\",\"message\":\"x\",\"param\":null}\n\n",
+                ServerError,
+                None,
+            ),
+            (
+                "event: response.failed\ndata: {\"type\":\"response.failed\",\"response\":{\"status\":\"failed\",\"error\":{\"code\":\"rate_limit_exceeded\",\"message\":\"x\"}}}\n\n",
+                RateLimited,
+                None,
+            ),
+            (
+                "data: {\"error\": {\"code\": 503,\"message\": \"The model is overloaded.\",\"status\": \"UNAVAILABLE\"}}\n\n",
+                Overloaded,
+                Some("UNAVAILABLE"),
+            ),
+            (
+                "data: [{\"error\": {\"code\": 500,\"message\": \"x\",\"status\": \"INTERNAL\"}}]\n\n",
+                ServerError,
+                Some("INTERNAL"),
+            ),
+            (
+                "data: {\"id\":\"g\",\"object\":\"chat.completion.chunk\",\"error\":{\"code\":\"server_error\",\"message\":\"x\"},\"choices\":[{\"delta\":{\"content\":\"\"},\"finish_reason\":\"error\"}]}\n\n",
+                ServerError,
+                None,
+            ),
+        ];
+        for (s, class, ty) in cases {
+            let (c, t) = error_class(s);
+            assert_eq!(c, Some(class), "{s}");
+            assert_eq!(t.as_deref(), ty, "{s}");
+        }
+        // An incomplete response for a token limit is an error no retry fixes.
+        let incomplete = "event: response.incomplete\ndata: {\"type\":\"response.incomplete\",\"response\":{\"incomplete_details\":{\"reason\":\"max_output_tokens\"}}}\n\n";
+        assert_eq!(
+            error_class(incomplete),
+            (Some(InvalidRequest), Some("max_output_tokens".into()))
+        );
+        // A cut-short error event is still an error.
+        let cut = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overl\n\n";
+        assert_eq!(error_class(cut).0, Some(ServerError));
+        // A nested `error` object is not an in-band error.
+        let nested = "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"error\":{\"x\":1}}]}}]}\n\n";
+        assert!(one(nested)[0].error.is_none());
+    }
+
+    #[test]
+    fn line_endings_lf_crlf_cr() {
+        let lf = "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"}}\n\ndata: [DONE]\n\n";
+        let crlf = lf.replace('\n', "\r\n");
+        let cr = lf.replace('\n', "\r");
+        let expected = one(lf);
+        assert_eq!(expected.len(), 2);
+        assert_eq!(one(&crlf), expected);
+        assert_eq!(one(&cr), expected);
+        // `\r` and `\n` of one line ending in different chunks make one line ending.
+        assert_eq!(
+            scan(&[b"data: [DONE]\r", b"\n", b"\r", b"\n"]),
+            vec![SseEvent::terminal()]
+        );
+        // An empty chunk between them changes nothing.
+        assert_eq!(
+            scan(&[b"data: x\r", b"", b"\n\r\ndata: [DONE]\r\n\r\n"]),
+            vec![SseEvent::of(EventKind::Other), SseEvent::terminal()]
+        );
+    }
+
+    #[test]
+    fn multi_line_data_is_joined() {
+        let s = "data: {\"choices\":[{\"delta\":\ndata: {\"content\":\"hi\"},\ndata: \"finish_reason\":\"stop\"}]}\n\n";
+        let ev = one(s);
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].kind, EventKind::Content);
+        assert_eq!(ev[0].finish.as_ref().map(|f| f.reason.as_str()), Some("stop"));
+    }
+
+    #[test]
+    fn malformed_events_are_noted_and_scanning_goes_on() {
+        let s = "data: {\"choices\":[{\n\ndata: {\"a\":1}}\n\ndata: {\"a\":[1}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\n\ndata: [DONE]\n\n";
+        let ev = one(s);
+        use EventKind::*;
+        assert_eq!(kinds(&ev), [Malformed, Malformed, Malformed, Malformed, Other]);
+        assert!(ev[4].terminal);
+        // Non-JSON data and garbage lines are not a crash either.
+        let junk = one("data: hello\n\nfoo\n\n\u{0}\u{1}bar: baz\n\nevent\n\n");
+        assert_eq!(kinds(&junk), [Other]);
+        let bytes = scan(&[&[0xff, 0xfe, b'\n', b'\n', b'd', b'a', b't', b'a', b':', 0xff, b'\n', b'\n']]);
+        assert_eq!(kinds(&bytes), [Other]);
+    }
+
+    #[test]
+    fn last_event_without_blank_line_is_scanned_at_the_end() {
+        assert_eq!(scan(&[b"data: [DONE]"]), vec![SseEvent::terminal()]);
+        assert_eq!(scan(&[b"data: [DONE]\n"]), vec![SseEvent::terminal()]);
+        assert_eq!(
+            scan(&[b"event: message_stop\ndata: {\"type\":\"message_stop\"}"]),
+            vec![SseEvent::terminal()]
+        );
+    }
+
+    #[test]
+    fn well_formed_checks() {
+        assert!(well_formed(b"{\"a\":[1,{\"b\":\"}]\"}]}"));
+        assert!(well_formed(b"[1, 2] "));
+        assert!(!well_formed(b"{\"a\":[1}"));
+        assert!(!well_formed(b"{\"a\":\"x}"));
+        assert!(!well_formed(b"{}{"));
+        assert!(!well_formed(b"}"));
+        assert!(!well_formed(b""));
+    }
+
+    #[test]
+    fn steady_state_scanning_keeps_its_buffers() {
+        let mut s = Scanner::new();
+        let mut n = 0;
+        // Warm up: the buffers grow to the largest line and event once.
+        for chunk in OPENAI.as_bytes().chunks(7) {
+            s.feed(chunk, &mut |_| n += 1);
+        }
+        let caps = (s.line.capacity(), s.data.capacity(), s.event.capacity());
+        for _ in 0..100 {
+            for chunk in OPENAI.as_bytes().chunks(7) {
+                s.feed(chunk, &mut |_| n += 1);
+            }
+        }
+        assert_eq!(n, 6 * 101);
+        assert_eq!((s.line.capacity(), s.data.capacity(), s.event.capacity()), caps);
+    }
+
+    mod split {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn recorded() -> Vec<String> {
+            let crlf = OPENAI.replace('\n', "\r\n");
+            let cr = ANTHROPIC.replace('\n', "\r");
+            let mixed = concat!(
+                ": OPENROUTER PROCESSING\r\n\r\n",
+                "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\n\n",
+                "data: {\"choices\":[{\"delta\":\r\ndata: {\"content\":\"a\"},\"finish_reason\":null}]}\r\r",
+                "data: {\"choices\":[{\n\n",
+                "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n",
+                "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"content_filter\"}]}\n\n",
+                "data: [DONE]",
+            )
+            .to_owned();
+            vec![
+                OPENAI.to_owned(),
+                ANTHROPIC.to_owned(),
+                GEMINI.to_owned(),
+                RESPONSES.to_owned(),
+                crlf,
+                cr,
+                mixed,
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn any_split_gives_the_same_events(
+                which in 0usize..7,
+                mut cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..40),
+            ) {
+                let streams = recorded();
+                let stream = streams[which].as_bytes();
+                let whole = scan(&[stream]);
+                let mut points: Vec<usize> = cuts.drain(..).map(|i| i.index(stream.len() + 1)).collect();
+                points.sort_unstable();
+                let mut chunks = Vec::new();
+                let mut from = 0;
+                for p in points {
+                    chunks.push(&stream[from..p]);
+                    from = p;
+                }
+                chunks.push(&stream[from..]);
+                prop_assert_eq!(scan(&chunks), whole);
+            }
+        }
+
+        #[test]
+        fn byte_by_byte() {
+            for stream in recorded() {
+                let bytes = stream.as_bytes();
+                let chunks: Vec<&[u8]> = bytes.chunks(1).collect();
+                assert_eq!(scan(&chunks), scan(&[bytes]));
+            }
+        }
+    }
+}
