@@ -58,9 +58,8 @@ impl UsagePart {
 
     /// The usage, if anything was reported.
     pub(crate) fn usage(&self) -> Option<Usage> {
-        (self.input.is_some() || self.output.is_some()).then(|| {
-            Usage::new(self.input.unwrap_or(0), self.output.unwrap_or(0))
-        })
+        (self.input.is_some() || self.output.is_some())
+            .then(|| Usage::new(self.input.unwrap_or(0), self.output.unwrap_or(0)))
     }
 }
 
@@ -337,7 +336,8 @@ fn has_content(data: &[u8]) -> bool {
     let non_empty = |key: &'static [u8]| {
         values(data, key).any(|v| string_value(v).is_some_and(|s| !s.is_empty()))
     };
-    let present = |key: &'static [u8]| values(data, key).any(|v| matches!(v.first(), Some(b'{' | b'[')));
+    let present =
+        |key: &'static [u8]| values(data, key).any(|v| matches!(v.first(), Some(b'{' | b'[')));
     non_empty(b"content")
         || non_empty(b"text")
         || non_empty(b"reasoning_content")
@@ -426,8 +426,12 @@ fn classify_in_band(json: &[u8]) -> Option<Classification> {
     let message = text("message").unwrap_or_default();
     let by_name = |name: &str| -> Option<FailureClass> {
         Some(match name {
-            "rate_limit_exceeded" | "rate_limit_error" | "slow_down" | "rate_limited"
-            | "RESOURCE_EXHAUSTED" | "429" => FailureClass::RateLimited,
+            "rate_limit_exceeded"
+            | "rate_limit_error"
+            | "slow_down"
+            | "rate_limited"
+            | "RESOURCE_EXHAUSTED"
+            | "429" => FailureClass::RateLimited,
             "insufficient_quota"
             | "billing_error"
             | "credit_balance_exhausted"
@@ -435,8 +439,13 @@ fn classify_in_band(json: &[u8]) -> Option<Classification> {
             | "project_spend_limit_exceeded"
             | "organization_usage_limit_exceeded"
             | "402" => FailureClass::QuotaExhausted,
-            "overloaded_error" | "server_is_overloaded" | "capacity_exceeded" | "UNAVAILABLE"
-            | "498" | "503" | "529" => FailureClass::Overloaded,
+            "overloaded_error"
+            | "server_is_overloaded"
+            | "capacity_exceeded"
+            | "UNAVAILABLE"
+            | "498"
+            | "503"
+            | "529" => FailureClass::Overloaded,
             "api_error" if message.eq_ignore_ascii_case("overloaded") => FailureClass::Overloaded,
             "server_error" | "api_error" | "internal_error" | "timeout_error" | "INTERNAL"
             | "DEADLINE_EXCEEDED" | "500" | "502" | "504" => FailureClass::ServerError,
@@ -448,7 +457,9 @@ fn classify_in_band(json: &[u8]) -> Option<Classification> {
             "invalid_request_error" | "INVALID_ARGUMENT" | "not_found_error" | "NOT_FOUND" => {
                 FailureClass::InvalidRequest
             }
-            "authentication_error" | "permission_error" | "PERMISSION_DENIED"
+            "authentication_error"
+            | "permission_error"
+            | "PERMISSION_DENIED"
             | "UNAUTHENTICATED" => FailureClass::Auth,
             _ => return None,
         })
@@ -492,8 +503,11 @@ fn usage_of(v: &Value) -> Option<UsagePart> {
         .or_else(|| {
             let candidates = num("candidatesTokenCount");
             let thoughts = num("thoughtsTokenCount");
-            (candidates.is_some() || thoughts.is_some())
-                .then(|| candidates.unwrap_or(0).saturating_add(thoughts.unwrap_or(0)))
+            (candidates.is_some() || thoughts.is_some()).then(|| {
+                candidates
+                    .unwrap_or(0)
+                    .saturating_add(thoughts.unwrap_or(0))
+            })
         });
     let part = UsagePart { input, output };
     part.usage().map(|_| part)
@@ -723,11 +737,16 @@ mod tests {
                 output: Some(1)
             })
         );
-        assert_eq!(ev[5].finish.as_ref().map(|f| f.reason.as_str()), Some("end_turn"));
+        assert_eq!(
+            ev[5].finish.as_ref().map(|f| f.reason.as_str()),
+            Some("end_turn")
+        );
         assert_eq!(ev[5].usage.and_then(|u| u.output), Some(15));
         assert!(ev[6].terminal);
         let mut total = UsagePart::default();
-        ev.iter().filter_map(|e| e.usage).for_each(|u| total.merge(u));
+        ev.iter()
+            .filter_map(|e| e.usage)
+            .for_each(|u| total.merge(u));
         assert_eq!(total.usage(), Some(Usage::new(25, 15)));
     }
 
@@ -738,7 +757,10 @@ mod tests {
         assert_eq!(ev[0].finish, None);
         // Usage is only parsed on the final chunk.
         assert_eq!(ev[0].usage, None);
-        assert_eq!(ev[1].finish.as_ref().map(|f| f.reason.as_str()), Some("STOP"));
+        assert_eq!(
+            ev[1].finish.as_ref().map(|f| f.reason.as_str()),
+            Some("STOP")
+        );
         assert_eq!(
             ev[1].usage,
             Some(UsagePart {
@@ -773,7 +795,9 @@ mod tests {
 
     #[test]
     fn keep_alives_comments_and_unknown_events() {
-        let ev = one(": OPENROUTER PROCESSING\n\n:\n\nevent: ping\ndata: {\"type\": \"ping\"}\n\nevent: something_new\ndata: {}\n\n");
+        let ev = one(
+            ": OPENROUTER PROCESSING\n\n:\n\nevent: ping\ndata: {\"type\": \"ping\"}\n\nevent: something_new\ndata: {}\n\n",
+        );
         assert_eq!(
             kinds(&ev),
             [
@@ -791,13 +815,17 @@ mod tests {
         let s = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"},\"finish_reason\":\"length\"}]}\n\n";
         let ev = one(s);
         assert_eq!(ev[0].kind, EventKind::Content);
-        assert_eq!(ev[0].finish.as_ref().map(|f| f.reason.as_str()), Some("length"));
+        assert_eq!(
+            ev[0].finish.as_ref().map(|f| f.reason.as_str()),
+            Some("length")
+        );
         assert!(!ev[0].terminal);
     }
 
     #[test]
     fn policy_blocks_in_streams() {
-        let openai = "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"content_filter\"}]}\n\n";
+        let openai =
+            "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"content_filter\"}]}\n\n";
         let anthropic = "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"refusal\"},\"usage\":{\"output_tokens\":3}}\n\n";
         let gemini = "data: {\"candidates\": [{\"finishReason\": \"SAFETY\",\"index\": 0}]}\n\n";
         let prompt = "data: {\"promptFeedback\": {\"blockReason\": \"PROHIBITED_CONTENT\"}}\n\n";
@@ -809,7 +837,12 @@ mod tests {
             assert!(ev[0].error.is_none(), "{s}");
         }
         let not_blocked = "data: {\"candidates\": [{\"finishReason\": \"MAX_TOKENS\"}]}\n\n";
-        assert!(one(not_blocked)[0].finish.as_ref().is_some_and(|f| !f.blocked));
+        assert!(
+            one(not_blocked)[0]
+                .finish
+                .as_ref()
+                .is_some_and(|f| !f.blocked)
+        );
     }
 
     fn error_class(s: &str) -> (Option<FailureClass>, Option<String>) {
@@ -884,7 +917,8 @@ mod tests {
         let cut = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overl\n\n";
         assert_eq!(error_class(cut).0, Some(ServerError));
         // A nested `error` object is not an in-band error.
-        let nested = "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"error\":{\"x\":1}}]}}]}\n\n";
+        let nested =
+            "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"error\":{\"x\":1}}]}}]}\n\n";
         assert!(one(nested)[0].error.is_none());
     }
 
@@ -915,7 +949,10 @@ mod tests {
         let ev = one(s);
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].kind, EventKind::Content);
-        assert_eq!(ev[0].finish.as_ref().map(|f| f.reason.as_str()), Some("stop"));
+        assert_eq!(
+            ev[0].finish.as_ref().map(|f| f.reason.as_str()),
+            Some("stop")
+        );
     }
 
     #[test]
@@ -923,12 +960,17 @@ mod tests {
         let s = "data: {\"choices\":[{\n\ndata: {\"a\":1}}\n\ndata: {\"a\":[1}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\n\ndata: [DONE]\n\n";
         let ev = one(s);
         use EventKind::*;
-        assert_eq!(kinds(&ev), [Malformed, Malformed, Malformed, Malformed, Other]);
+        assert_eq!(
+            kinds(&ev),
+            [Malformed, Malformed, Malformed, Malformed, Other]
+        );
         assert!(ev[4].terminal);
         // Non-JSON data and garbage lines are not a crash either.
         let junk = one("data: hello\n\nfoo\n\n\u{0}\u{1}bar: baz\n\nevent\n\n");
         assert_eq!(kinds(&junk), [Other]);
-        let bytes = scan(&[&[0xff, 0xfe, b'\n', b'\n', b'd', b'a', b't', b'a', b':', 0xff, b'\n', b'\n']]);
+        let bytes = scan(&[&[
+            0xff, 0xfe, b'\n', b'\n', b'd', b'a', b't', b'a', b':', 0xff, b'\n', b'\n',
+        ]]);
         assert_eq!(kinds(&bytes), [Other]);
     }
 
@@ -968,7 +1010,10 @@ mod tests {
             }
         }
         assert_eq!(n, 6 * 101);
-        assert_eq!((s.line.capacity(), s.data.capacity(), s.event.capacity()), caps);
+        assert_eq!(
+            (s.line.capacity(), s.data.capacity(), s.event.capacity()),
+            caps
+        );
     }
 
     mod split {
