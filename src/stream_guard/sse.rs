@@ -266,8 +266,9 @@ fn generic_event(data: &[u8], json_like: bool) -> SseEvent {
     if !json_like {
         return SseEvent::of(EventKind::Other);
     }
+    let facts = Facts::of(data);
     // A top-level `error` object (OpenAI-compatible, OpenRouter, Gemini, Vertex's array wrap).
-    if values(data, b"error").any(|v| v.first() == Some(&b'{')) {
+    if facts.error_object {
         match parse(data) {
             Some(v) if top_level(&v).get("error").is_some_and(Value::is_object) => {
                 return SseEvent::error(in_band_classification(data));
@@ -276,14 +277,13 @@ fn generic_event(data: &[u8], json_like: bool) -> SseEvent {
             None => return SseEvent::of(EventKind::Malformed),
         }
     }
-    let finish = generic_finish(data);
-    if let Some(f) = &finish {
-        if f.reason == "error" {
-            // OpenRouter's `finish_reason: "error"` without its error object.
-            return SseEvent::error(Classification::failure(FailureClass::ServerError));
-        }
+    let finish = facts.finish();
+    if finish.as_ref().is_some_and(|f| f.reason == "error") {
+        // OpenRouter's `finish_reason: "error"` without its error object.
+        return SseEvent::error(Classification::failure(FailureClass::ServerError));
     }
-    let usage = if finish.is_some() || values(data, b"usage").any(|v| v.first() == Some(&b'{')) {
+    // Only the final events carry usage worth reading; Gemini repeats it in every chunk.
+    let usage = if finish.is_some() || facts.usage_object {
         match parse(data) {
             Some(v) => usage_of(top_level(&v)),
             None => return SseEvent::of(EventKind::Malformed),
@@ -291,13 +291,12 @@ fn generic_event(data: &[u8], json_like: bool) -> SseEvent {
     } else {
         None
     };
-    let kind = if has_content(data) {
-        EventKind::Content
-    } else {
-        EventKind::Other
-    };
     SseEvent {
-        kind,
+        kind: if facts.content {
+            EventKind::Content
+        } else {
+            EventKind::Other
+        },
         terminal: false,
         finish,
         error: None,
@@ -305,47 +304,86 @@ fn generic_event(data: &[u8], json_like: bool) -> SseEvent {
     }
 }
 
-/// A finish reason in an OpenAI-compatible or Gemini chunk.
-fn generic_finish(data: &[u8]) -> Option<Finish> {
-    let string_of = |key: &'static [u8]| values(data, key).find_map(string_value);
-    if let Some(r) = string_of(b"finish_reason") {
-        return Some(Finish {
-            blocked: r == b"content_filter",
-            reason: lossy(r),
-        });
-    }
-    if let Some(r) = string_of(b"finishReason") {
-        return Some(Finish {
-            blocked: matches!(
-                r,
-                b"SAFETY" | b"BLOCKLIST" | b"PROHIBITED_CONTENT" | b"SPII" | b"IMAGE_SAFETY"
-            ),
-            reason: lossy(r),
-        });
-    }
-    // Gemini blocks a prompt with `promptFeedback.blockReason` and no candidates.
-    string_of(b"blockReason").map(|r| Finish {
-        reason: lossy(r),
-        blocked: true,
-    })
+/// What one pass over a JSON payload's keys tells: enough to decide whether to parse it.
+#[derive(Debug, Default)]
+struct Facts<'a> {
+    /// An `"error": {` anywhere (whether it is top-level is checked by parsing).
+    error_object: bool,
+    /// A non-null `"usage": {`.
+    usage_object: bool,
+    /// Output: a non-empty text, reasoning or refusal string, or a tool call. OpenAI's first,
+    /// role-only delta carries `"content":""` and is not output.
+    content: bool,
+    finish_reason: Option<&'a [u8]>,
+    gemini_finish: Option<&'a [u8]>,
+    block_reason: Option<&'a [u8]>,
 }
 
-/// Whether a chunk carries output: a non-empty text, reasoning or refusal string, or a tool call.
-/// OpenAI's first, role-only delta carries `"content":""` and is not output.
-fn has_content(data: &[u8]) -> bool {
-    let non_empty = |key: &'static [u8]| {
-        values(data, key).any(|v| string_value(v).is_some_and(|s| !s.is_empty()))
-    };
-    let present =
-        |key: &'static [u8]| values(data, key).any(|v| matches!(v.first(), Some(b'{' | b'[')));
-    non_empty(b"content")
-        || non_empty(b"text")
-        || non_empty(b"reasoning_content")
-        || non_empty(b"reasoning")
-        || non_empty(b"refusal")
-        || present(b"tool_calls")
-        || present(b"function_call")
-        || present(b"functionCall")
+impl<'a> Facts<'a> {
+    /// One pass over `data`: every string is skipped whole, so a key-like text inside a string
+    /// value never counts; each string followed by `:` is a key, looked at with its value.
+    fn of(data: &'a [u8]) -> Self {
+        let mut facts = Facts::default();
+        let mut at = 0;
+        while let Some(q) = data[at..].iter().position(|&b| b == b'"') {
+            let start = at + q + 1;
+            let Some(len) = string_len(&data[start..]) else {
+                break;
+            };
+            let key = &data[start..start + len];
+            at = start + len + 1;
+            let Some(value) = data[at..].trim_ascii_start().strip_prefix(b":") else {
+                continue;
+            };
+            facts.key(key, value.trim_ascii_start());
+        }
+        facts
+    }
+
+    fn key(&mut self, key: &[u8], value: &'a [u8]) {
+        let object = matches!(value.first(), Some(b'{' | b'['));
+        let non_empty = string_value(value).is_some_and(|s| !s.is_empty());
+        match key {
+            b"error" => self.error_object |= value.first() == Some(&b'{'),
+            b"usage" => self.usage_object |= value.first() == Some(&b'{'),
+            b"content" | b"text" | b"reasoning_content" | b"reasoning" | b"refusal" => {
+                self.content |= non_empty;
+            }
+            b"tool_calls" | b"function_call" | b"functionCall" => self.content |= object,
+            b"finish_reason" => {
+                self.finish_reason = self.finish_reason.or_else(|| string_value(value));
+            }
+            b"finishReason" => {
+                self.gemini_finish = self.gemini_finish.or_else(|| string_value(value));
+            }
+            b"blockReason" => self.block_reason = self.block_reason.or_else(|| string_value(value)),
+            _ => {}
+        }
+    }
+
+    /// A finish reason of an OpenAI-compatible or Gemini chunk.
+    fn finish(&self) -> Option<Finish> {
+        if let Some(r) = self.finish_reason {
+            return Some(Finish {
+                blocked: r == b"content_filter",
+                reason: lossy(r),
+            });
+        }
+        if let Some(r) = self.gemini_finish {
+            return Some(Finish {
+                blocked: matches!(
+                    r,
+                    b"SAFETY" | b"BLOCKLIST" | b"PROHIBITED_CONTENT" | b"SPII" | b"IMAGE_SAFETY"
+                ),
+                reason: lossy(r),
+            });
+        }
+        // Gemini blocks a prompt with `promptFeedback.blockReason` and no candidates.
+        self.block_reason.map(|r| Finish {
+            reason: lossy(r),
+            blocked: true,
+        })
+    }
 }
 
 fn anthropic_message_delta(data: &[u8]) -> SseEvent {
@@ -538,47 +576,25 @@ fn leading_type(data: &[u8]) -> Option<&[u8]> {
     string_value(rest)
 }
 
-/// The raw value after each `"key":` in `data` (whitespace skipped). A key cannot match inside a
-/// JSON string: there its quotes are escaped.
-fn values<'a>(data: &'a [u8], key: &'static [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
-    let mut from = 0;
-    std::iter::from_fn(move || {
-        while from < data.len() {
-            let at = from + find(&data[from..], key)?;
-            from = at + key.len();
-            let quoted = at > 0 && data[at - 1] == b'"' && data.get(from) == Some(&b'"');
-            if !quoted {
-                continue;
-            }
-            let rest = data[from + 1..].trim_ascii_start();
-            if let Some(v) = rest.strip_prefix(b":") {
-                return Some(v.trim_ascii_start());
-            }
+/// The length of the JSON string whose contents start `s` (after its opening quote), up to its
+/// closing quote; `None` if it is not closed.
+fn string_len(s: &[u8]) -> Option<usize> {
+    let mut escaped = false;
+    for (i, &b) in s.iter().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' => escaped = true,
+            b'"' => return Some(i),
+            _ => {}
         }
-        None
-    })
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    if needle.is_empty() || hay.len() < needle.len() {
-        return None;
     }
-    hay.windows(needle.len()).position(|w| w == needle)
+    None
 }
 
 /// The raw contents of the JSON string `v` starts with (escapes left as they are).
 fn string_value(v: &[u8]) -> Option<&[u8]> {
     let body = v.strip_prefix(b"\"")?;
-    let mut escaped = false;
-    for (i, &b) in body.iter().enumerate() {
-        match b {
-            _ if escaped => escaped = false,
-            b'\\' => escaped = true,
-            b'"' => return Some(&body[..i]),
-            _ => {}
-        }
-    }
-    None
+    string_len(body).map(|n| &body[..n])
 }
 
 /// Whether `data` is one balanced JSON object or array: brackets matched outside strings, strings
