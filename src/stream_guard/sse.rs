@@ -405,8 +405,9 @@ fn anthropic_message_delta(data: &[u8]) -> SseEvent {
     }
 }
 
-/// Responses API `response.incomplete`: a content filter is a policy block that ends the stream;
-/// any other reason (`max_output_tokens`) is an in-band error no retry fixes.
+/// Responses API `response.incomplete`: the response's last event. It ended early the way a
+/// finish reason `length` does (`max_output_tokens`): complete as far as the stream goes, the
+/// reason is the caller's to read. A `content_filter` reason is a policy block.
 fn responses_incomplete(data: &[u8]) -> SseEvent {
     let reason = parse(data).and_then(|v| {
         v.get("response")
@@ -415,19 +416,14 @@ fn responses_incomplete(data: &[u8]) -> SseEvent {
             .and_then(Value::as_str)
             .map(str::to_owned)
     });
-    match reason.as_deref() {
-        Some("content_filter") => SseEvent {
-            finish: Some(Finish {
-                reason: "content_filter".to_owned(),
-                blocked: true,
-            }),
-            ..SseEvent::terminal()
-        },
-        _ => {
-            let mut c = Classification::failure(FailureClass::InvalidRequest);
-            c.error_type = Some(reason.unwrap_or_else(|| "response.incomplete".to_owned()));
-            SseEvent::error(c)
-        }
+    let reason = reason.unwrap_or_else(|| "incomplete".to_owned());
+    SseEvent {
+        finish: Some(Finish {
+            blocked: reason == "content_filter",
+            reason,
+        }),
+        usage: parse(data).and_then(|v| usage_of(&v)),
+        ..SseEvent::terminal()
     }
 }
 
@@ -923,12 +919,18 @@ mod tests {
             assert_eq!(c, Some(class), "{s}");
             assert_eq!(t.as_deref(), ty, "{s}");
         }
-        // An incomplete response for a token limit is an error no retry fixes.
-        let incomplete = "event: response.incomplete\ndata: {\"type\":\"response.incomplete\",\"response\":{\"incomplete_details\":{\"reason\":\"max_output_tokens\"}}}\n\n";
+        // An incomplete response for a token limit ends the stream like `finish_reason: length`.
+        let incomplete = "event: response.incomplete\ndata: {\"type\":\"response.incomplete\",\"response\":{\"incomplete_details\":{\"reason\":\"max_output_tokens\"},\"usage\":{\"input_tokens\":3,\"output_tokens\":16}}}\n\n";
+        let ev = one(incomplete);
+        assert!(ev[0].terminal && ev[0].error.is_none());
         assert_eq!(
-            error_class(incomplete),
-            (Some(InvalidRequest), Some("max_output_tokens".into()))
+            ev[0].finish,
+            Some(Finish {
+                reason: "max_output_tokens".into(),
+                blocked: false
+            })
         );
+        assert_eq!(ev[0].usage.and_then(|u| u.usage()), Some(Usage::new(3, 16)));
         // A cut-short error event is still an error.
         let cut = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overl\n\n";
         assert_eq!(error_class(cut).0, Some(ServerError));
