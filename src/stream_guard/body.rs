@@ -221,7 +221,16 @@ impl Core {
         .min()
     }
 
-    fn expired(&self, now: Instant, committed: bool) -> Option<Result<StreamCause, ()>> {
+    /// The deadline that passed, if any: a timeout, or `Err(())` for the commit deadline.
+    ///
+    /// `idle` is only checked once the inner body had nothing to give: a caller slow to read is
+    /// not a silent provider.
+    fn expired(
+        &self,
+        now: Instant,
+        committed: bool,
+        idle: bool,
+    ) -> Option<Result<StreamCause, ()>> {
         let s = &self.settings;
         let passed = |at: Option<Instant>| at.is_some_and(|at| now >= at);
         if self.progress.first_content.is_none()
@@ -231,7 +240,7 @@ impl Core {
                 .first_token_timeout
                 .map(|d| Ok(StreamCause::FirstTokenTimeout(d)));
         }
-        if passed(Self::deadline(self.last_activity, s.idle_timeout)) {
+        if idle && passed(Self::deadline(self.last_activity, s.idle_timeout)) {
             return s.idle_timeout.map(|d| Ok(StreamCause::IdleTimeout(d)));
         }
         if passed(Self::deadline(self.started, s.total_timeout)) {
@@ -255,7 +264,7 @@ impl Core {
                 return Poll::Ready(Step::End);
             }
             let now = Instant::now();
-            match self.expired(now, committed) {
+            match self.expired(now, committed, false) {
                 Some(Ok(cause)) => return Poll::Ready(self.fail(Failure::new(cause))),
                 Some(Err(())) => return Poll::Ready(Step::CommitDue),
                 None => {}
@@ -290,6 +299,11 @@ impl Core {
                     return Poll::Ready(Step::End);
                 }
                 Poll::Pending => {}
+            }
+            match self.expired(now, committed, true) {
+                Some(Ok(cause)) => return Poll::Ready(self.fail(Failure::new(cause))),
+                Some(Err(())) => return Poll::Ready(Step::CommitDue),
+                None => {}
             }
             let Some(next) = self.next_deadline(committed) else {
                 return Poll::Pending;

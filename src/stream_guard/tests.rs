@@ -979,3 +979,69 @@ async fn absurd_durations_do_not_overflow_the_clock() {
         .expect("ok");
     assert!(read(resp.body_mut()).await.1.is_none());
 }
+
+/// A body fed by a task that sends on its own schedule, as a provider on the network does.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_slow_to_read_is_not_a_silent_provider() {
+    // The provider sends every second; the caller reads every 5 s (idle timeout 3 s).
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        let _ = tx.send(Bytes::from(content("a"))).await;
+        for _ in 0..4 {
+            tokio::time::sleep(SEC).await;
+            let _ = tx.send(Bytes::from(content("b"))).await;
+        }
+        let _ = tx.send(Bytes::from(DONE)).await;
+    });
+    let rx = std::sync::Mutex::new(Some(rx));
+    let transport = tower::service_fn(move |_req: Request<()>| {
+        let rx = rx.lock().ok().and_then(|mut r| r.take());
+        async move {
+            let rx = rx.ok_or_else(|| io::Error::other("one request only"))?;
+            let mut resp = Response::new(ChannelBody(rx));
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/event-stream"),
+            );
+            Ok::<_, io::Error>(resp)
+        }
+    });
+    let layer = StreamGuardLayer::new(StreamPolicy::from_settings(settings(
+        CommitPoint::FirstEvent,
+    )))
+    .expect("valid");
+    let (req, log) = request();
+    let mut resp = layer
+        .layer(transport)
+        .oneshot(req)
+        .await
+        .expect("committed");
+    let mut frames = 0;
+    loop {
+        match resp.body_mut().frame().await {
+            Some(Ok(_)) => frames += 1,
+            Some(Err(e)) => panic!("failed: {e}"),
+            None => break,
+        }
+        tokio::time::sleep(secs(5)).await;
+    }
+    assert_eq!(frames, 6);
+    assert_eq!(
+        log.attempts()[0].stream.as_ref().map(|s| s.end.clone()),
+        Some(StreamEnd::Complete)
+    );
+}
