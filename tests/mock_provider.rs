@@ -1248,3 +1248,24 @@ async fn debug_and_addr() {
     let debug = format!("{mock:?}");
     assert!(debug.contains("MockProvider") && debug.contains("request_count: 0"));
 }
+
+#[test]
+fn dropping_after_the_runtime_is_gone_does_not_panic() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("runtime");
+    let mock = runtime.block_on(async {
+        let (mock, client) = start().await;
+        mock.script(ScriptKey::Any, [Reply::never()]);
+        // Leave a connection open with a request in flight.
+        let pending = client.request(chat_request(&mock.url(), "m", false));
+        let _ = timeout(Duration::from_secs(5), pending).await;
+        assert_eq!(mock.request_count(), 1);
+        mock
+    });
+    drop(runtime);
+    assert_eq!(mock.request_count(), 1);
+    drop(mock);
+}

@@ -103,7 +103,8 @@ impl SseBody {
             SseEnd::Cut if self.failed => Poll::Ready(None),
             SseEnd::Cut if !self.yielded => {
                 // hyper flushes what it buffered when the body is pending; without this pause
-                // the events sent just before the cut could be lost with the connection.
+                // the events sent just before the cut (even the head) would be lost with the
+                // connection. One pause suffices while they fit in the socket's send buffer.
                 self.yielded = true;
                 cx.waker().wake_by_ref();
                 Poll::Pending

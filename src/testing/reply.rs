@@ -170,7 +170,8 @@ impl Reply {
     /// `200`: an OpenAI `chat.completion` answering `text`, with `usage`
     /// (`prompt_tokens` 9, `completion_tokens` the number of words in `text`, at least 1) and an
     /// `x-request-id` header.
-    pub fn openai_chat(model: &str, text: &str) -> Self {
+    pub fn openai_chat(model: impl AsRef<str>, text: impl AsRef<str>) -> Self {
+        let (model, text) = (model.as_ref(), text.as_ref());
         let completion = words(text);
         let body = format!(
             concat!(
@@ -192,7 +193,8 @@ impl Reply {
 
     /// `200`: an Anthropic `message` answering `text`, with `usage` (`input_tokens` 9,
     /// `output_tokens` the number of words in `text`, at least 1) and a `request-id` header.
-    pub fn anthropic_message(model: &str, text: &str) -> Self {
+    pub fn anthropic_message(model: impl AsRef<str>, text: impl AsRef<str>) -> Self {
+        let (model, text) = (model.as_ref(), text.as_ref());
         let body = format!(
             concat!(
                 r#"{{"id":"msg_mock_{seq}","type":"message","role":"assistant","model":{model},"#,
@@ -213,7 +215,8 @@ impl Reply {
     /// `200` `text/event-stream`: an OpenAI chat completion stream. Events, each `data: {json}`:
     /// a role-only delta, one content delta per chunk, a chunk with `finish_reason: "stop"`, a
     /// usage chunk (`choices: []`, `completion_tokens` = number of chunks), then `data: [DONE]`.
-    pub fn openai_stream(model: &str, chunks: &[&str]) -> Self {
+    pub fn openai_stream(model: impl AsRef<str>, chunks: &[&str]) -> Self {
+        let model = model.as_ref();
         let head = format!(
             r#""id":"chatcmpl-mock-{SEQ}","object":"chat.completion.chunk","created":1700000000,"model":{}"#,
             json_str(model)
@@ -244,7 +247,8 @@ impl Reply {
     /// `data: {json}`): `message_start`, `content_block_start`, `ping`, one `content_block_delta`
     /// per chunk, `content_block_stop`, `message_delta` (`stop_reason: "end_turn"`, cumulative
     /// `usage.output_tokens` = number of chunks), `message_stop`.
-    pub fn anthropic_stream(model: &str, chunks: &[&str]) -> Self {
+    pub fn anthropic_stream(model: impl AsRef<str>, chunks: &[&str]) -> Self {
+        let model = model.as_ref();
         let mut events = vec![
             format!(
                 concat!(
