@@ -859,7 +859,7 @@ fn presets() -> Vec<Preset> {
     ]
 }
 
-/// The class-deciding parts of each preset's body (PROVIDERS.md), by JSON pointer.
+/// The class-deciding parts of each preset's body, by JSON pointer.
 fn expected_fields(name: &str) -> Vec<(&'static str, Value)> {
     let s = |v: &str| Value::String(v.to_owned());
     match name {
