@@ -132,6 +132,14 @@ async fn openai_chat_success_with_usage_and_request_id() {
     let resp = chat(&client, &mock, "gpt-4o").await;
     assert_eq!(resp.headers()["x-request-id"], "req_mock_2");
     assert_eq!(json_body(resp).await["id"], "chatcmpl-mock-2");
+    // An explicit header wins over the counter.
+    mock.script(
+        ScriptKey::Any,
+        [Reply::openai_chat("gpt-4o", "x").header("x-request-id", "req_custom")],
+    );
+    let resp = chat(&client, &mock, "gpt-4o").await;
+    let ids: Vec<_> = resp.headers().get_all("x-request-id").iter().collect();
+    assert_eq!(ids, ["req_custom"]);
 }
 
 #[tokio::test]

@@ -296,8 +296,11 @@ async fn handle(
     *response.status_mut() = reply.status;
     *response.headers_mut() = reply.headers;
     if let Some(name) = reply.request_id {
-        if let Ok(value) = HeaderValue::from_str(&format!("req_mock_{seq}")) {
-            response.headers_mut().insert(name, value);
+        // A request id set with `Reply::header` wins over the counter.
+        if !response.headers().contains_key(&name) {
+            if let Ok(value) = HeaderValue::from_str(&format!("req_mock_{seq}")) {
+                response.headers_mut().insert(name, value);
+            }
         }
     }
     Ok(response)
