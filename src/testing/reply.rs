@@ -21,8 +21,9 @@ const PROMPT_TOKENS: usize = 9;
 ///
 /// Presets that carry a provider request id (`x-request-id`, `request-id`, `x-amzn-RequestId`,
 /// and the `request_id` field of Anthropic error bodies) use `req_mock_{n}`, where `n` counts the
-/// requests the mock has received, starting at 1. Response ids in success bodies follow the same
-/// counter (`chatcmpl-mock-{n}`, `msg_mock_{n}`).
+/// requests the mock has received, starting at 1, unless the reply sets that header itself with
+/// [`Reply::header`]. Response ids in success bodies follow the same counter (`chatcmpl-mock-{n}`,
+/// `msg_mock_{n}`).
 ///
 /// An invalid status or header given to [`Reply::json`], [`Reply::text`] or [`Reply::header`] does
 /// not panic: the reply is served as a `500` with a `text/plain` body naming the problem and an
