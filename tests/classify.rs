@@ -615,7 +615,11 @@ fn the_table_covers_every_response_class() {
 fn successes_read_only_the_request_id() {
     let body = br#"{"error":{"code":"insufficient_quota"}}"#;
     for status in [200, 201, 204, 301, 304] {
-        let c = classify(status, &[("x-request-id", "req_ok"), ("retry-after", "5")], body);
+        let c = classify(
+            status,
+            &[("x-request-id", "req_ok"), ("retry-after", "5")],
+            body,
+        );
         assert!(c.is_success(), "{status}");
         assert_eq!(c.class, None);
         assert_eq!(c.request_id.as_deref(), Some("req_ok"));
@@ -695,7 +699,12 @@ fn broken_bodies_fall_back_to_the_status() {
     let cases: Vec<(&str, u16, Vec<u8>, FailureClass)> = vec![
         ("empty", 429, vec![], RateLimited),
         ("whitespace", 500, b"  \r\n ".to_vec(), ServerError),
-        ("plain text", 429, b"Too Many Requests".to_vec(), RateLimited),
+        (
+            "plain text",
+            429,
+            b"Too Many Requests".to_vec(),
+            RateLimited,
+        ),
         (
             "truncated quota JSON",
             429,
@@ -717,8 +726,18 @@ fn broken_bodies_fall_back_to_the_status() {
         ("JSON null", 503, b"null".to_vec(), Overloaded),
         ("JSON number", 401, b"42".to_vec(), Auth),
         ("empty array", 429, b"[]".to_vec(), RateLimited),
-        ("array of non-objects", 500, b"[1,\"x\"]".to_vec(), ServerError),
-        ("error: null", 502, br#"{"error":null}"#.to_vec(), ServerError),
+        (
+            "array of non-objects",
+            500,
+            b"[1,\"x\"]".to_vec(),
+            ServerError,
+        ),
+        (
+            "error: null",
+            502,
+            br#"{"error":null}"#.to_vec(),
+            ServerError,
+        ),
         (
             "invalid UTF-8",
             500,
@@ -818,7 +837,10 @@ fn request_id_header_order_and_body_fallback() {
 fn bedrock_header_alone_decides_and_coral_form_is_read() {
     let c = classify(
         400,
-        &[("x-amzn-errortype", "com.amazon.coral.service#ThrottlingException")],
+        &[(
+            "x-amzn-errortype",
+            "com.amazon.coral.service#ThrottlingException",
+        )],
         b"",
     );
     assert_eq!(c.class, Some(RateLimited));
@@ -829,7 +851,10 @@ fn bedrock_header_alone_decides_and_coral_form_is_read() {
         br#"{"__type":"com.amazon.bedrock#ServiceQuotaExceededException","message":"Your request exceeds the service quota for your account."}"#,
     );
     assert_eq!(c.class, Some(QuotaExhausted));
-    assert_eq!(c.error_type.as_deref(), Some("ServiceQuotaExceededException"));
+    assert_eq!(
+        c.error_type.as_deref(),
+        Some("ServiceQuotaExceededException")
+    );
 }
 
 #[tokio::test]
@@ -1052,121 +1077,168 @@ fn in_band_errors_classify_like_their_http_equivalents() {
         (
             "openai chunk server_error",
             r#"{"error":{"message":"The server had an error while processing your request. Sorry about that!","type":"server_error","param":null,"code":null}}"#,
-            ServerError, Some("server_error"), None,
+            ServerError,
+            Some("server_error"),
+            None,
         ),
         (
             "openai chunk rate limit",
             r#"{"error":{"message":"Rate limit reached","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#,
-            RateLimited, Some("requests"), Some("rate_limit_exceeded"),
+            RateLimited,
+            Some("requests"),
+            Some("rate_limit_exceeded"),
         ),
         (
             "openrouter mid-stream string code",
             r#"{"id":"gen-1","object":"chat.completion.chunk","created":1741305600,"model":"openai/gpt-4o","provider":"OpenAI","error":{"code":"server_error","message":"Provider disconnected unexpectedly"},"choices":[{"index":0,"delta":{"content":""},"finish_reason":"error"}]}"#,
-            ServerError, None, Some("server_error"),
+            ServerError,
+            None,
+            Some("server_error"),
         ),
         (
             "openrouter numeric 429",
             r#"{"error":{"code":429,"message":"Rate limit exceeded"}}"#,
-            RateLimited, None, Some("429"),
+            RateLimited,
+            None,
+            Some("429"),
         ),
         (
             "openrouter numeric 403 moderation",
             r#"{"error":{"code":403,"message":"flagged","metadata":{"reasons":["violence"]}}}"#,
-            PolicyBlock, None, Some("403"),
+            PolicyBlock,
+            None,
+            Some("403"),
         ),
         (
             "anthropic overloaded_error",
             r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
-            Overloaded, Some("overloaded_error"), None,
+            Overloaded,
+            Some("overloaded_error"),
+            None,
         ),
         (
             "anthropic api_error Overloaded",
             r#"{"type":"error","error":{"type":"api_error","message":"Overloaded"}}"#,
-            Overloaded, Some("api_error"), None,
+            Overloaded,
+            Some("api_error"),
+            None,
         ),
         (
             "anthropic api_error",
             r#"{"type":"error","error":{"type":"api_error","message":"Internal server error"}}"#,
-            ServerError, Some("api_error"), None,
+            ServerError,
+            Some("api_error"),
+            None,
         ),
         (
             "anthropic rate_limit_error",
             r#"{"type":"error","error":{"type":"rate_limit_error","message":"Rate limited"}}"#,
-            RateLimited, Some("rate_limit_error"), None,
+            RateLimited,
+            Some("rate_limit_error"),
+            None,
         ),
         (
             "anthropic spend limit (no headers, so no retry-after)",
             r#"{"type":"error","error":{"type":"rate_limit_error","message":"spend","details":{"error_code":"enforced_spend_limit_reached"}}}"#,
-            QuotaExhausted, Some("rate_limit_error"), Some("enforced_spend_limit_reached"),
+            QuotaExhausted,
+            Some("rate_limit_error"),
+            Some("enforced_spend_limit_reached"),
         ),
         (
             "anthropic invalid_request_error prompt too long",
             r#"{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long: 210000 tokens > 200000 maximum"}}"#,
-            ContextOverflow, Some("invalid_request_error"), None,
+            ContextOverflow,
+            Some("invalid_request_error"),
+            None,
         ),
         (
             "anthropic invalid_request_error",
             r#"{"type":"error","error":{"type":"invalid_request_error","message":"messages: roles must alternate"}}"#,
-            InvalidRequest, Some("invalid_request_error"), None,
+            InvalidRequest,
+            Some("invalid_request_error"),
+            None,
         ),
         (
             "responses error event",
             r#"{"type":"error","code":"ERR_SOMETHING","message":"Something went wrong","param":null,"sequence_number":1}"#,
-            ServerError, None, Some("ERR_SOMETHING"),
+            ServerError,
+            None,
+            Some("ERR_SOMETHING"),
         ),
         (
             "responses error event, nested",
             r#"{"type":"error","error":{"type":"invalid_request_error","code":"context_length_exceeded","message":"Your input exceeds the context window of this model."},"sequence_number":3}"#,
-            ContextOverflow, Some("invalid_request_error"), Some("context_length_exceeded"),
+            ContextOverflow,
+            Some("invalid_request_error"),
+            Some("context_length_exceeded"),
         ),
         (
             "responses response.failed server_error",
             r#"{"type":"response.failed","sequence_number":9,"response":{"id":"resp_1","object":"response","status":"failed","error":{"code":"server_error","message":"The model failed to generate a response."},"incomplete_details":null}}"#,
-            ServerError, None, Some("server_error"),
+            ServerError,
+            None,
+            Some("server_error"),
         ),
         (
             "responses response.failed rate_limit_exceeded",
             r#"{"type":"response.failed","response":{"status":"failed","error":{"code":"rate_limit_exceeded","message":"Rate limit reached"}}}"#,
-            RateLimited, None, Some("rate_limit_exceeded"),
+            RateLimited,
+            None,
+            Some("rate_limit_exceeded"),
         ),
         (
             "responses response.failed without an error object",
             r#"{"type":"response.failed","response":{"status":"failed","error":null}}"#,
-            ServerError, None, None,
+            ServerError,
+            None,
+            None,
         ),
         (
             "responses response.incomplete content_filter",
             r#"{"type":"response.incomplete","response":{"status":"incomplete","incomplete_details":{"reason":"content_filter"}}}"#,
-            PolicyBlock, None, Some("content_filter"),
+            PolicyBlock,
+            None,
+            Some("content_filter"),
         ),
         (
             "gemini error chunk",
             r#"{"error":{"code":503,"message":"The model is overloaded. Please try again later.","status":"UNAVAILABLE"}}"#,
-            Overloaded, Some("UNAVAILABLE"), Some("503"),
+            Overloaded,
+            Some("UNAVAILABLE"),
+            Some("503"),
         ),
         (
             "gemini error chunk in an array",
             r#"[{"error":{"code":500,"message":"An internal error has occurred.","status":"INTERNAL"}}]"#,
-            ServerError, Some("INTERNAL"), Some("500"),
+            ServerError,
+            Some("INTERNAL"),
+            Some("500"),
         ),
         (
             "gemini DEADLINE_EXCEEDED",
             r#"{"error":{"status":"DEADLINE_EXCEEDED","message":"Deadline expired"}}"#,
-            ServerError, Some("DEADLINE_EXCEEDED"), None,
+            ServerError,
+            Some("DEADLINE_EXCEEDED"),
+            None,
         ),
         (
             "unknown error object",
             r#"{"error":{"weird":true}}"#,
-            ServerError, None, None,
+            ServerError,
+            None,
+            None,
         ),
         (
             "error as a string",
             r#"{"error":"upstream died"}"#,
-            ServerError, None, None,
+            ServerError,
+            None,
+            None,
         ),
     ];
     for (name, data, class, error_type, error_code) in cases {
-        let c = classify_stream_error(data.as_bytes()).unwrap_or_else(|| panic!("{name}: not an error"));
+        let c = classify_stream_error(data.as_bytes())
+            .unwrap_or_else(|| panic!("{name}: not an error"));
         assert_eq!(c.class, Some(*class), "{name}");
         assert_eq!(c.error_type.as_deref(), *error_type, "{name}");
         assert_eq!(c.error_code.as_deref(), *error_code, "{name}");

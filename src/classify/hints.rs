@@ -99,8 +99,8 @@ pub fn wait_hint(headers: &HeaderMap, now: SystemTime) -> Option<WaitHint> {
         return Some(h);
     }
     let longest = |windows: &[RateLimitWindow]| windows.iter().filter_map(|w| w.pause()).max();
-    if let Some(h) = longest(&openai_windows(headers))
-        .and_then(|d| WaitHint::new(d, HintSource::RateLimitReset))
+    if let Some(h) =
+        longest(&openai_windows(headers)).and_then(|d| WaitHint::new(d, HintSource::RateLimitReset))
     {
         return Some(h);
     }
@@ -181,7 +181,10 @@ impl RateLimitStatus {
     /// no window is exhausted (or an exhausted one has no usable reset). Zero when the reset
     /// has already passed.
     pub fn pause(&self) -> Option<Duration> {
-        self.windows().iter().filter_map(RateLimitWindow::pause).max()
+        self.windows()
+            .iter()
+            .filter_map(RateLimitWindow::pause)
+            .max()
     }
 
     fn windows(&self) -> [RateLimitWindow; 4] {
@@ -376,8 +379,12 @@ fn parse_decimal(value: &str, unit: Unit) -> Option<Duration> {
     let shown = frac.len().min(scale_digits);
     frac_nanos = frac_nanos.saturating_mul(10u64.pow((scale_digits - shown) as u32));
     let d = match unit {
-        Unit::Seconds => Duration::from_secs(whole).checked_add(Duration::from_nanos(frac_nanos))?,
-        Unit::Millis => Duration::from_millis(whole).checked_add(Duration::from_nanos(frac_nanos))?,
+        Unit::Seconds => {
+            Duration::from_secs(whole).checked_add(Duration::from_nanos(frac_nanos))?
+        }
+        Unit::Millis => {
+            Duration::from_millis(whole).checked_add(Duration::from_nanos(frac_nanos))?
+        }
     };
     (d <= MAX_HINT).then_some(d)
 }
@@ -494,7 +501,9 @@ mod tests {
         assert_eq!(p("86400"), Some(MAX_HINT));
         assert_eq!(p("86400.000000001"), None);
         assert_eq!(p("0000000000000000000000001"), Some(Duration::from_secs(1)));
-        for bad in ["", ".", "-1", "+1", "1e3", "inf", "NaN", "1.2.3", " 1", "１"] {
+        for bad in [
+            "", ".", "-1", "+1", "1e3", "inf", "NaN", "1.2.3", " 1", "１",
+        ] {
             assert_eq!(p(bad), None, "{bad:?}");
         }
         let ms = |s| parse_decimal(s, Unit::Millis);
@@ -535,7 +544,10 @@ mod tests {
     #[test]
     fn reset_durations_lose_float_noise_but_round_up() {
         assert_eq!(parse_reset("8.64s"), Some(Duration::from_millis(8640)));
-        assert_eq!(parse_reset("2m59.56s"), Some(Duration::from_millis(179_560)));
+        assert_eq!(
+            parse_reset("2m59.56s"),
+            Some(Duration::from_millis(179_560))
+        );
         assert_eq!(parse_reset("1.001ms"), Some(Duration::from_millis(2)));
         assert_eq!(parse_reset("0"), Some(Duration::ZERO));
         assert_eq!(parse_reset("-1"), None);

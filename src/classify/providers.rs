@@ -94,7 +94,10 @@ pub(crate) fn from_value(v: &Value) -> Option<ProviderError> {
         }
         _ => p.read_top_level(root),
     }
-    p.request_id = root.get("request_id").and_then(Value::as_str).and_then(bounded);
+    p.request_id = root
+        .get("request_id")
+        .and_then(Value::as_str)
+        .and_then(bounded);
     p.is_known().then_some(p)
 }
 
