@@ -953,20 +953,66 @@ async fn a_garbled_response_is_transport() {
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         let (mut sock, _) = listener.accept().await.unwrap();
         let mut buf = [0u8; 1024];
         let _ = sock.read(&mut buf).await;
         let _ = sock.write_all(b"SMTP 220 hello\r\n\r\n").await;
         let _ = sock.flush().await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // keep the connection open until the client has judged the garbage
+        let _ = done_rx.await;
     });
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let req = http::Request::get(format!("http://{addr}/"))
         .body(Full::new(Bytes::new()))
         .unwrap();
     let err = client.request(req).await.unwrap_err();
+    let _ = done_tx.send(());
     assert_eq!(error_class(&err), Some(Transport), "{err:?}");
+}
+
+/// A server that sends a response head and part of a body, then resets (or closes) the
+/// connection: the body error must not read as "never sent".
+async fn cut_body_error(reset: bool) -> hyper::Error {
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (head_read_tx, head_read_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = sock.read(&mut buf).await;
+        let _ = sock
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+            .await;
+        let _ = sock.flush().await;
+        let _ = head_read_rx.await;
+        if reset {
+            #[allow(deprecated)]
+            let _ = sock.set_linger(Some(Duration::ZERO));
+        }
+        drop(sock);
+    });
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = http::Request::get(format!("http://{addr}/"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let _ = head_read_tx.send(());
+    resp.into_body().collect().await.unwrap_err()
+}
+
+#[tokio::test]
+async fn a_body_cut_after_the_head_is_transport_not_connect() {
+    for reset in [true, false] {
+        let err = cut_body_error(reset).await;
+        assert_eq!(error_class(&err), Some(Transport), "reset={reset}: {err:?}");
+    }
 }
 
 #[test]
@@ -1071,9 +1117,18 @@ fn the_chain_is_walked() {
 
 // ------------------------------------------------------------------------- in-band stream errors
 
+/// (name, payload, class, error type, error code)
+type StreamCase = (
+    &'static str,
+    &'static str,
+    FailureClass,
+    Option<&'static str>,
+    Option<&'static str>,
+);
+
 #[test]
 fn in_band_errors_classify_like_their_http_equivalents() {
-    let cases: &[(&str, &str, FailureClass, Option<&str>, Option<&str>)] = &[
+    let cases: &[StreamCase] = &[
         (
             "openai chunk server_error",
             r#"{"error":{"message":"The server had an error while processing your request. Sorry about that!","type":"server_error","param":null,"code":null}}"#,

@@ -118,6 +118,8 @@ impl Classifier for DefaultClassifier {
     ///   pooled connection the server had just closed; canceled or closed (the request never
     ///   made it onto a live connection: the connection closed while it was queued, or its
     ///   task went away) is [`Connect`](FailureClass::Connect);
+    ///   an error reading a response body (the head had arrived, so the request was processed)
+    ///   is [`Transport`](FailureClass::Transport) whatever lies beneath it;
     /// - `tokio::time::error::Elapsed`: [`Timeout`](FailureClass::Timeout);
     /// - anything else: [`Transport`](FailureClass::Transport).
     fn classify_error(&self, error: &(dyn StdError + 'static)) -> Classification {
@@ -245,6 +247,12 @@ fn error_class(error: &(dyn StdError + 'static), depth: usize) -> Option<Failure
             }
         }
         if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            // A body that broke after the response head: the request was processed, so the
+            // reset or close underneath must not read as "never sent". hyper has no
+            // `is_body()`; its `Display` is the fixed description of the kind.
+            if Prefix::of(h).starts_with("error reading a body from connection") {
+                return Some(FailureClass::Transport);
+            }
             if h.is_timeout() {
                 return Some(FailureClass::Timeout);
             }
@@ -274,29 +282,51 @@ fn io_class(kind: io::ErrorKind) -> Option<FailureClass> {
 
 /// Whether `e` is hyper-util's legacy client error of kind `Connect`. The crate does not
 /// depend on hyper-util outside its `testing` feature, so the type cannot be named; its
-/// `Display` is exactly `client error (Connect)`. Compared through a small fixed buffer, so a
-/// foreign error's long `Display` is never formatted in full.
+/// `Display` is exactly `client error (Connect)`.
 fn is_legacy_connect_error(e: &(dyn StdError + 'static)) -> bool {
-    const TEXT: &str = "client error (Connect)";
-    let mut w = Prefix {
-        buf: [0; 32],
-        len: 0,
-    };
-    fmt::write(&mut w, format_args!("{e}")).is_ok() && &w.buf[..w.len] == TEXT.as_bytes()
+    Prefix::of(e).is("client error (Connect)")
 }
 
-/// A `fmt::Write` that keeps at most 32 bytes and fails past them.
+/// The start of an error's `Display`, formatted into a small fixed buffer, so a foreign
+/// error's long `Display` is never formatted in full.
 struct Prefix {
-    buf: [u8; 32],
+    buf: [u8; 64],
     len: usize,
+    overflow: bool,
+}
+
+impl Prefix {
+    fn of(e: &dyn fmt::Display) -> Self {
+        let mut p = Prefix {
+            buf: [0; 64],
+            len: 0,
+            overflow: false,
+        };
+        // An error here is the buffer filling up (or a failing `Display`): the prefix stands.
+        let _ = fmt::write(&mut p, format_args!("{e}"));
+        p
+    }
+
+    /// The whole `Display` is `text`.
+    fn is(&self, text: &str) -> bool {
+        !self.overflow && &self.buf[..self.len] == text.as_bytes()
+    }
+
+    fn starts_with(&self, text: &str) -> bool {
+        self.buf[..self.len].starts_with(text.as_bytes())
+    }
 }
 
 impl fmt::Write for Prefix {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        let end = self.len + s.len();
-        let slot = self.buf.get_mut(self.len..end).ok_or(fmt::Error)?;
-        slot.copy_from_slice(s.as_bytes());
-        self.len = end;
+        let room = self.buf.len() - self.len;
+        let n = s.len().min(room);
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        if n < s.len() {
+            self.overflow = true;
+            return Err(fmt::Error);
+        }
         Ok(())
     }
 }
