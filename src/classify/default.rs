@@ -15,7 +15,7 @@ use super::{Classification, Classifier, FailureClass, hints};
 ///
 /// # Responses
 ///
-/// 1xx–3xx and 2xx are successes (only the provider request id is read). For 4xx and 5xx the
+/// Statuses below 400 are successes (only the provider request id is read). For 4xx and 5xx the
 /// classifier reads the error body — tolerating bodies that are not JSON, truncated, a JSON
 /// string, wrapped in Vertex's one-element array, or full of unknown fields — and decides:
 ///
