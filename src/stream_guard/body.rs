@@ -16,7 +16,7 @@ use tokio::time::{Instant, Sleep};
 use super::sse::{EventKind, Finish, Scanner, SseEvent, UsagePart};
 use crate::Body;
 use crate::attempt_log::{Attempt, AttemptLog, Outcome, StreamEnd, StreamRecord};
-use crate::classify::{Classification, FailureClass};
+use crate::classify::{Classification, FailureClass, SharedClassifier};
 use crate::context::RouteName;
 use crate::error::{Error, ErrorKind, StreamCause};
 use crate::policy::{CommitPoint, StreamSettings};
@@ -165,9 +165,11 @@ pub(crate) struct Core {
 }
 
 impl Core {
+    /// `sse`: for an event stream, the classifier of its in-band errors; `None` for any other
+    /// body.
     pub(crate) fn new(
         inner: Body,
-        sse: bool,
+        sse: Option<SharedClassifier>,
         settings: StreamSettings,
         started: Instant,
         head_at: Instant,
@@ -175,7 +177,7 @@ impl Core {
     ) -> Self {
         Self {
             inner: Some(inner),
-            scanner: sse.then(Scanner::new),
+            scanner: sse.map(Scanner::with_classifier),
             progress: Progress::default(),
             settings,
             started,

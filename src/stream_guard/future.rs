@@ -252,7 +252,7 @@ where
                     };
                     let core = Core::new(
                         body,
-                        is_sse(&parts.headers),
+                        is_sse(&parts.headers).then(|| call.classifier.clone()),
                         call.settings,
                         call.started,
                         head_at,

@@ -11,7 +11,7 @@
 use serde_json::Value;
 
 use crate::attempt_log::Usage;
-use crate::classify::{Classification, FailureClass};
+use crate::classify::{Classification, FailureClass, SharedClassifier, classify_stream_error};
 
 /// What an event means for the guard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,12 +115,22 @@ pub(crate) struct Scanner {
     has_data: bool,
     /// The last chunk ended with `\r`: a `\n` starting the next one belongs to it.
     after_cr: bool,
+    /// Classifies in-band errors; the default classifier's rules when `None`.
+    classifier: Option<SharedClassifier>,
 }
 
 impl Scanner {
-    /// A scanner at the start of a stream.
+    /// A scanner at the start of a stream, classifying in-band errors by the default rules.
     pub(crate) fn new() -> Self {
         Self::default()
+    }
+
+    /// A scanner that classifies in-band errors with `classifier`.
+    pub(crate) fn with_classifier(classifier: SharedClassifier) -> Self {
+        Self {
+            classifier: Some(classifier),
+            ..Self::default()
+        }
     }
 
     /// Scans the next chunk, reporting every event it completes.
@@ -210,7 +220,12 @@ impl Scanner {
     }
 
     fn dispatch(&mut self, on_event: &mut impl FnMut(SseEvent)) {
-        let event = classify_event(&self.event, &self.data);
+        let classifier = self.classifier.as_ref();
+        let in_band = |data: &[u8]| match classifier {
+            Some(c) => c.classify_stream_error(data),
+            None => classify_stream_error(data),
+        };
+        let event = classify_event(&self.event, &self.data, &in_band);
         self.data.clear();
         self.event.clear();
         self.has_data = false;
@@ -219,7 +234,9 @@ impl Scanner {
 }
 
 /// What one complete event means.
-pub(crate) fn classify_event(name: &[u8], data: &[u8]) -> SseEvent {
+///
+/// `in_band` classifies the payload of an event that is an error (`None`: a server error).
+pub(crate) fn classify_event(name: &[u8], data: &[u8], in_band: &InBand<'_>) -> SseEvent {
     let data = data.trim_ascii();
     let json_like = matches!(data.first(), Some(b'{' | b'['));
     let name = match name.trim_ascii() {
@@ -229,14 +246,14 @@ pub(crate) fn classify_event(name: &[u8], data: &[u8]) -> SseEvent {
     if json_like && !well_formed(data) && data != b"[DONE]" {
         // An error event stays an error even when its payload is cut short.
         if name == b"error" {
-            return SseEvent::error(in_band_classification(data));
+            return SseEvent::error(in_band_classification(in_band, data));
         }
         return SseEvent::of(EventKind::Malformed);
     }
     match name {
-        b"" => generic_event(data, json_like),
+        b"" => generic_event(data, json_like, in_band),
         b"ping" => SseEvent::of(EventKind::KeepAlive),
-        b"error" | b"response.failed" => SseEvent::error(in_band_classification(data)),
+        b"error" | b"response.failed" => SseEvent::error(in_band_classification(in_band, data)),
         b"message_start" => SseEvent {
             usage: parse(data).and_then(|v| usage_of(&v)),
             ..SseEvent::of(EventKind::Other)
@@ -259,7 +276,7 @@ pub(crate) fn classify_event(name: &[u8], data: &[u8]) -> SseEvent {
 }
 
 /// OpenAI-compatible chunks, Gemini chunks, `[DONE]`, and anything else without a type.
-fn generic_event(data: &[u8], json_like: bool) -> SseEvent {
+fn generic_event(data: &[u8], json_like: bool, in_band: &InBand<'_>) -> SseEvent {
     if data == b"[DONE]" {
         return SseEvent::terminal();
     }
@@ -271,7 +288,7 @@ fn generic_event(data: &[u8], json_like: bool) -> SseEvent {
     if facts.error_object {
         match parse(data) {
             Some(v) if top_level(&v).get("error").is_some_and(Value::is_object) => {
-                return SseEvent::error(in_band_classification(data));
+                return SseEvent::error(in_band_classification(in_band, data));
             }
             Some(_) => {}
             None => return SseEvent::of(EventKind::Malformed),
@@ -427,97 +444,13 @@ fn responses_incomplete(data: &[u8]) -> SseEvent {
     }
 }
 
-/// The in-band error of `json` classified like its HTTP equivalent; a server error when the
-/// payload says nothing more (an error after a 200 is the server's).
-fn in_band_classification(json: &[u8]) -> Classification {
-    classify_in_band(json).unwrap_or_else(|| Classification::failure(FailureClass::ServerError))
-}
+/// Classifies an in-band error payload (the layer's classifier).
+pub(crate) type InBand<'a> = dyn Fn(&[u8]) -> Option<Classification> + 'a;
 
-/// Maps an in-band error payload to a classification: the provider's `code`, then `type`, then
-/// Gemini's `status`, then a numeric code read as an HTTP status.
-fn classify_in_band(json: &[u8]) -> Option<Classification> {
-    let v = parse(json)?;
-    let v = top_level(&v);
-    // `nested`: an error object of its own, whose `type` is the error's type (not the event's).
-    let (e, nested) = if let Some(e) = v.get("error").filter(|e| e.is_object()) {
-        (e, true)
-    } else if let Some(e) = v
-        .get("response")
-        .and_then(|r| r.get("error"))
-        .filter(|e| e.is_object())
-    {
-        (e, true)
-    } else if v.get("type").and_then(Value::as_str) == Some("error") {
-        (v, false)
-    } else {
-        return None;
-    };
-    let text = |k: &str| e.get(k).and_then(Value::as_str).map(str::to_owned);
-    let own_type = if nested { text("type") } else { None };
-    let error_type = own_type.clone().or_else(|| text("status"));
-    let code_num = e.get("code").and_then(Value::as_u64);
-    let error_code = text("code").or_else(|| code_num.map(|n| n.to_string()));
-    let message = text("message").unwrap_or_default();
-    let by_name = |name: &str| -> Option<FailureClass> {
-        Some(match name {
-            "rate_limit_exceeded"
-            | "rate_limit_error"
-            | "slow_down"
-            | "rate_limited"
-            | "RESOURCE_EXHAUSTED"
-            | "429" => FailureClass::RateLimited,
-            "insufficient_quota"
-            | "billing_error"
-            | "credit_balance_exhausted"
-            | "organization_spend_limit_exceeded"
-            | "project_spend_limit_exceeded"
-            | "organization_usage_limit_exceeded"
-            | "402" => FailureClass::QuotaExhausted,
-            "overloaded_error"
-            | "server_is_overloaded"
-            | "capacity_exceeded"
-            | "UNAVAILABLE"
-            | "498"
-            | "503"
-            | "529" => FailureClass::Overloaded,
-            "api_error" if message.eq_ignore_ascii_case("overloaded") => FailureClass::Overloaded,
-            "server_error" | "api_error" | "internal_error" | "timeout_error" | "INTERNAL"
-            | "DEADLINE_EXCEEDED" | "500" | "502" | "504" => FailureClass::ServerError,
-            "context_length_exceeded" => FailureClass::ContextOverflow,
-            "invalid_request_error" if message.starts_with("prompt is too long") => {
-                FailureClass::ContextOverflow
-            }
-            "content_filter" | "content_policy_violation" => FailureClass::PolicyBlock,
-            "invalid_request_error" | "INVALID_ARGUMENT" | "not_found_error" | "NOT_FOUND" => {
-                FailureClass::InvalidRequest
-            }
-            "authentication_error"
-            | "permission_error"
-            | "PERMISSION_DENIED"
-            | "UNAUTHENTICATED" => FailureClass::Auth,
-            _ => return None,
-        })
-    };
-    let by_status = |n: u64| match n {
-        401 | 403 => FailureClass::Auth,
-        402 => FailureClass::QuotaExhausted,
-        408 => FailureClass::Timeout,
-        429 => FailureClass::RateLimited,
-        498 | 503 | 529 => FailureClass::Overloaded,
-        400..=499 => FailureClass::InvalidRequest,
-        _ => FailureClass::ServerError,
-    };
-    let class = error_code
-        .as_deref()
-        .and_then(by_name)
-        .or_else(|| own_type.as_deref().and_then(by_name))
-        .or_else(|| text("status").as_deref().and_then(by_name))
-        .or_else(|| code_num.map(by_status))
-        .unwrap_or(FailureClass::ServerError);
-    let mut c = Classification::failure(class);
-    c.error_type = error_type;
-    c.error_code = error_code;
-    Some(c)
+/// The in-band error of `json` classified like its HTTP equivalent; a server error when the
+/// classifier does not know it (an error after a 200 is the server's).
+fn in_band_classification(in_band: &InBand<'_>, json: &[u8]) -> Classification {
+    in_band(json).unwrap_or_else(|| Classification::failure(FailureClass::ServerError))
 }
 
 /// The usage object of a final event, whichever provider's shape it has.

@@ -1045,3 +1045,40 @@ async fn a_caller_slow_to_read_is_not_a_silent_provider() {
         Some(StreamEnd::Complete)
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn in_band_errors_are_classified_by_the_layers_classifier() {
+    use crate::classify::{Classification, Classifier, DefaultClassifier, SharedClassifier};
+
+    /// Reads every in-band error as a rate limit.
+    struct Strict;
+    impl Classifier for Strict {
+        fn classify_response(
+            &self,
+            status: StatusCode,
+            headers: &http::HeaderMap,
+            body: &[u8],
+        ) -> Classification {
+            DefaultClassifier::default().classify_response(status, headers, body)
+        }
+        fn classify_error(&self, e: &(dyn std::error::Error + 'static)) -> Classification {
+            DefaultClassifier::default().classify_error(e)
+        }
+        fn classify_stream_error(&self, _data: &[u8]) -> Option<Classification> {
+            Some(Classification::failure(FailureClass::RateLimited))
+        }
+    }
+
+    let layer = StreamGuardLayer::new(StreamPolicy::from_settings(settings(
+        CommitPoint::FirstEvent,
+    )))
+    .expect("valid")
+    .classifier(SharedClassifier::new(Strict));
+    let script = sse(vec![data(role()), data(overloaded_event())]);
+    let err = layer
+        .layer(provider(script))
+        .oneshot(request().0)
+        .await
+        .expect_err("in-band error");
+    assert_eq!(err.class(), Some(FailureClass::RateLimited));
+}
