@@ -121,6 +121,7 @@ pub(crate) struct Scanner {
 
 impl Scanner {
     /// A scanner at the start of a stream, classifying in-band errors by the default rules.
+    #[cfg(test)]
     pub(crate) fn new() -> Self {
         Self::default()
     }
