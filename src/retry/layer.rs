@@ -64,7 +64,8 @@ impl RetryLayer {
     }
 
     /// A layer for the whole policy: its `retry` section, per-class `actions`, `idempotency`
-    /// rule and `logging` switches; the retry budget the layer owns is built from
+    /// rule and `logging` switches (applied to a log this layer creates; an outer layer's log
+    /// keeps its own settings); the retry budget the layer owns is built from
     /// `budget.retry_budget` (a budget `BudgetLayer` puts into the request extensions still
     /// takes precedence).
     ///
