@@ -9,8 +9,11 @@ use http::Response;
 use http_body_util::{BodyExt, Full};
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
-use tower_llm_resilience::attempt_log::{StreamEnd, Usage};
-use tower_llm_resilience::policy::{CommitPoint, StreamPolicy, StreamSettings};
+use tower_llm_resilience::attempt_log::{Decision, StreamEnd, Usage, WaitSource};
+use tower_llm_resilience::policy::{
+    BackoffPolicy, CommitPoint, Jitter, Policy, StreamPolicy, StreamSettings,
+};
+use tower_llm_resilience::retry::RetryLayer;
 use tower_llm_resilience::stream_guard::{StreamGuard, StreamGuardLayer};
 use tower_llm_resilience::testing::{self, MockProvider, Reply, ScriptKey};
 use tower_llm_resilience::{
@@ -365,4 +368,169 @@ async fn a_non_streamed_answer_is_guarded_byte_by_byte() -> Result<(), BoxError>
     assert_eq!(json["choices"][0]["message"]["content"], "Hello");
     assert_eq!(stream_end(&log, 0), Some(StreamEnd::Complete));
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// With RetryLayer outside: failures before the commit point are retried, after it never.
+
+/// The interactive preset with the guard's settings above, retries 1 s apart (no jitter), and
+/// an idempotency key so a possibly-accepted request may be replayed.
+fn policy(commit: CommitPoint) -> Policy {
+    let mut p = Policy::interactive();
+    p.stream = StreamPolicy::from_settings(settings(commit));
+    p.retry.max_attempts = 3;
+    p.retry.seed = Some(7);
+    p.retry.backoff = BackoffPolicy::new(SEC, secs(8)).jitter(Jitter::None);
+    p.idempotency.key_header = Some("idempotency-key".into());
+    p
+}
+
+fn retried(
+    policy: &Policy,
+) -> Result<
+    impl Service<http::Request<Full<Bytes>>, Response = Response<Body>, Error = Error, Future: Send>
+    + Clone,
+    BoxError,
+> {
+    Ok(tower::ServiceBuilder::new()
+        .layer(RetryLayer::from_policy(policy)?)
+        .layer(StreamGuardLayer::from_policy(policy)?)
+        .service(testing::client()))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stall_before_the_first_token_is_retried_and_the_caller_sees_only_the_second_answer()
+-> Result<(), BoxError> {
+    let mock = MockProvider::start().await?;
+    mock.script(
+        ScriptKey::model(MODEL),
+        [
+            // The role-only delta, then silence.
+            Reply::openai_stream(MODEL, &["stale"]).stall_after(1),
+            Reply::openai_stream(MODEL, &["Hel", "lo"]),
+        ],
+    );
+    // Idle longer than first-token: the first-token timer decides.
+    let mut p = policy(CommitPoint::FirstEvent);
+    p.stream.idle_timeout = Some(secs(10));
+    let t0 = Instant::now();
+    let mut response = send(retried(&p)?, &mock).await?;
+    // First-token deadline at 5 s, then the 1 s backoff.
+    assert_eq!(t0.elapsed(), secs(6));
+    let log = log_of(&response)?;
+    let (text, err) = read(response.body_mut()).await;
+    assert!(err.is_none(), "{err:?}");
+    // Not a byte of the first attempt: every event is the second response's.
+    assert!(text.contains("chatcmpl-mock-2") && !text.contains("chatcmpl-mock-1"));
+    assert_eq!(text.matches("\"role\":\"assistant\"").count(), 1);
+    assert!(!text.contains("stale") && text.ends_with("data: [DONE]\n\n"));
+
+    let requests = mock.requests();
+    assert_eq!(requests.len(), 2);
+    assert_eq!(requests[1].at - requests[0].at, secs(6));
+    let attempts = log.attempts();
+    assert_eq!(attempts.len(), 2);
+    assert_eq!(attempts[0].class, Some(FailureClass::Timeout));
+    assert_eq!(
+        attempts[0].decisions,
+        [Decision::Retry {
+            wait: SEC,
+            source: WaitSource::Backoff
+        }]
+    );
+    assert_eq!(
+        stream_end(&log, 0),
+        Some(StreamEnd::FailedBeforeCommit(
+            StreamCause::FirstTokenTimeout(secs(5))
+        ))
+    );
+    assert_eq!(attempts[1].class, None);
+    assert_eq!(stream_end(&log, 1), Some(StreamEnd::Complete));
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_band_overload_before_commit_is_retried() -> Result<(), BoxError> {
+    let mock = MockProvider::start().await?;
+    mock.script(
+        ScriptKey::model(MODEL),
+        [
+            Reply::openai_stream(MODEL, &["stale"]).error_after(1, overloaded_event()),
+            Reply::openai_stream(MODEL, &["Hi"]),
+        ],
+    );
+    let t0 = Instant::now();
+    let mut response = send(retried(&policy(CommitPoint::FirstEvent))?, &mock).await?;
+    assert_eq!(t0.elapsed(), SEC);
+    let log = log_of(&response)?;
+    let (text, err) = read(response.body_mut()).await;
+    assert!(err.is_none(), "{err:?}");
+    assert!(!text.contains("chatcmpl-mock-1") && !text.contains("overloaded_error"));
+    assert!(text.contains("\"Hi\""));
+    let attempts = log.attempts();
+    assert_eq!(attempts.len(), 2);
+    assert_eq!(attempts[0].class, Some(FailureClass::Overloaded));
+    assert_eq!(
+        stream_end(&log, 0),
+        Some(StreamEnd::FailedBeforeCommit(StreamCause::InBandError {
+            class: FailureClass::Overloaded,
+            error_type: Some("overloaded_error".into())
+        }))
+    );
+    Ok(())
+}
+
+/// After the commit point nothing is retried: the body fails and no second request is sent.
+async fn interrupted_without_retry(reply: Reply, cause: StreamCause) -> Result<(), BoxError> {
+    let mock = MockProvider::start().await?;
+    mock.script(
+        ScriptKey::model(MODEL),
+        [reply, Reply::openai_stream(MODEL, &["second"])],
+    );
+    let mut response = send(retried(&policy(CommitPoint::FirstEvent))?, &mock).await?;
+    let log = log_of(&response)?;
+    let (text, err) = read(response.body_mut()).await;
+    assert!(text.contains("\"Hel\"") && !text.contains("second"));
+    assert_eq!(
+        err.map(|e| e.kind().clone()),
+        Some(ErrorKind::StreamInterrupted {
+            delivered_bytes: text.len() as u64,
+            cause: cause.clone()
+        })
+    );
+    tokio::time::sleep(secs(60)).await;
+    assert_eq!(mock.request_count(), 1);
+    assert_eq!(log.attempts().len(), 1);
+    assert_eq!(stream_end(&log, 0), Some(StreamEnd::Interrupted(cause)));
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cut_after_tokens_is_not_retried() -> Result<(), BoxError> {
+    interrupted_without_retry(
+        Reply::openai_stream(MODEL, &["Hel", "lo", " world"]).cut_after(3),
+        StreamCause::Disconnected,
+    )
+    .await
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stall_after_tokens_is_not_retried() -> Result<(), BoxError> {
+    interrupted_without_retry(
+        Reply::openai_stream(MODEL, &["Hel", "lo", " world"]).stall_after(3),
+        StreamCause::IdleTimeout(secs(3)),
+    )
+    .await
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_band_overload_after_commit_is_not_retried() -> Result<(), BoxError> {
+    interrupted_without_retry(
+        Reply::openai_stream(MODEL, &["Hel", "lo"]).error_after(2, overloaded_event()),
+        StreamCause::InBandError {
+            class: FailureClass::Overloaded,
+            error_type: Some("overloaded_error".into()),
+        },
+    )
+    .await
 }
