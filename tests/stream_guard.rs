@@ -111,6 +111,7 @@ async fn a_healthy_stream_is_committed_at_its_first_token_and_recorded() -> Resu
     assert_eq!(t0.elapsed(), secs(6));
     let a = &log.attempts()[0];
     assert_eq!(a.status, Some(200));
+    assert_eq!(a.request_id.as_deref(), Some("req_mock_1"));
     let s = a.stream.clone().ok_or("stream recorded")?;
     assert_eq!(s.end, StreamEnd::Complete);
     assert_eq!(s.time_to_first_token, Some(secs(2)));
@@ -533,4 +534,26 @@ async fn in_band_overload_after_commit_is_not_retried() -> Result<(), BoxError> 
         },
     )
     .await
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_logging_switches_of_the_policy_apply() -> Result<(), BoxError> {
+    let mock = MockProvider::start().await?;
+    mock.script(
+        ScriptKey::model(MODEL),
+        [Reply::openai_stream(MODEL, &["Hi"])],
+    );
+    let mut p = policy(CommitPoint::FirstEvent);
+    p.logging.request_ids = false;
+    let svc = StreamGuardLayer::from_policy(&p)?.layer(testing::client());
+    let response = send(svc, &mock).await?;
+    let log = log_of(&response)?;
+    response.into_body().collect_bytes().await?;
+    let a = &log.attempts()[0];
+    assert_eq!((a.status, a.request_id.clone()), (Some(200), None));
+    assert_eq!(
+        log.snapshot().requested_route.map(|r| r.to_string()),
+        Some(mock.addr().to_string())
+    );
+    Ok(())
 }

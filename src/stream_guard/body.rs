@@ -116,6 +116,8 @@ pub(crate) struct Tracker {
     pub(crate) head: Classification,
     pub(crate) index: Option<usize>,
     pub(crate) finished: bool,
+    /// Whether provider request ids are recorded (`logging.request_ids`).
+    pub(crate) request_ids: bool,
 }
 
 impl Tracker {
@@ -127,6 +129,9 @@ impl Tracker {
         let i = self.log.record_since(self.mark, || {
             let mut a = Attempt::new(Some(self.route.clone()), self.offset, self.latency, c);
             a.error = error;
+            if !self.request_ids {
+                a.request_id = None;
+            }
             a
         });
         self.index = Some(i);

@@ -16,7 +16,7 @@ use crate::attempt_log::{Attempt, AttemptLog, Outcome, StreamEnd, StreamRecord};
 use crate::classify::{Classification, ClassifyResponse, FailureClass, SharedClassifier};
 use crate::context::RouteName;
 use crate::error::{BoxError, Error, ErrorKind, StreamCause};
-use crate::policy::StreamSettings;
+use crate::policy::{LoggingPolicy, StreamSettings};
 
 /// What the service knew when it sent the request.
 pub(crate) struct Call {
@@ -28,6 +28,7 @@ pub(crate) struct Call {
     pub(crate) offset: Duration,
     pub(crate) settings: StreamSettings,
     pub(crate) classifier: SharedClassifier,
+    pub(crate) logging: LoggingPolicy,
 }
 
 impl Call {
@@ -41,6 +42,9 @@ impl Call {
         self.log.record_since(self.mark, || {
             let mut a = Attempt::new(Some(self.route.clone()), self.offset, latency, c);
             a.error = error;
+            if !self.logging.request_ids {
+                a.request_id = None;
+            }
             a
         })
     }
@@ -62,9 +66,9 @@ impl Call {
         let c = e.classification().cloned().unwrap_or_else(|| {
             Classification::failure(e.class().unwrap_or(FailureClass::Transport))
         });
-        // The inner error's own words, not the crate's wrapper: "connection refused".
-        let what = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
-        self.record(self.started.elapsed(), &c, Some(what));
+        // The kind and class only: a transport error's own message may carry the URL, and
+        // with it a key in the query string.
+        self.record(self.started.elapsed(), &c, Some(e.to_string()));
         let e = e.with_log(&self.log);
         self.error_outcome(&e);
         e
@@ -249,6 +253,7 @@ where
                         head: c,
                         index: None,
                         finished: false,
+                        request_ids: call.logging.request_ids,
                     };
                     let core = Core::new(
                         body,

@@ -6,12 +6,13 @@ use tower_layer::Layer;
 
 use super::StreamGuard;
 use crate::classify::SharedClassifier;
-use crate::policy::{Policy, PolicyError, StreamPolicy};
+use crate::policy::{LoggingPolicy, Policy, PolicyError, StreamPolicy};
 
 #[derive(Debug, Clone)]
 pub(crate) struct Shared {
     pub(crate) policy: StreamPolicy,
     pub(crate) classifier: SharedClassifier,
+    pub(crate) logging: LoggingPolicy,
 }
 
 /// Applies [`StreamGuard`] to a service: the layer next to the transport. See the
@@ -23,19 +24,26 @@ pub struct StreamGuardLayer {
 
 impl StreamGuardLayer {
     /// A layer with `policy` (the policy's `stream` section), validated: a bad value is a
-    /// [`PolicyError`] naming the field.
+    /// [`PolicyError`] naming the field. The default classifier and logging switches apply.
     pub fn new(policy: StreamPolicy) -> Result<Self, PolicyError> {
+        Self::build(policy, LoggingPolicy::default())
+    }
+
+    fn build(policy: StreamPolicy, logging: LoggingPolicy) -> Result<Self, PolicyError> {
         policy.validate()?;
+        logging.validate()?;
         Ok(Self {
             shared: Arc::new(Shared {
                 policy,
                 classifier: SharedClassifier::default(),
+                logging,
             }),
         })
     }
 
-    /// A layer with the `stream` section of `policy`; per-route settings must name routes of
-    /// the policy's fallback chain.
+    /// A layer with the `stream` section of `policy` and its `logging` switches (whether
+    /// request ids are recorded; whether a log this layer creates emits tracing events).
+    /// Per-route settings must name routes of the policy's fallback chain.
     pub fn from_policy(policy: &Policy) -> Result<Self, PolicyError> {
         for name in policy.stream.routes.keys() {
             if !policy.route_names().any(|r| r == name) {
@@ -48,7 +56,7 @@ impl StreamGuardLayer {
                 ));
             }
         }
-        Self::new(policy.stream.clone())
+        Self::build(policy.stream.clone(), policy.logging.clone())
     }
 
     /// Classifies responses and transport errors with `classifier` instead of the default one.

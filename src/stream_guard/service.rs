@@ -87,6 +87,10 @@ where
         let route = RouteName::of_request(&req);
         let settings = self.shared.policy.for_route(Some(route.as_str()));
         let (log, created) = AttemptLog::get_or_insert(&mut req);
+        if created {
+            log.set_tracing(self.shared.logging.tracing);
+            log.set_requested_route(route.clone());
+        }
         // The guard is the layer nearest the transport: it records the attempt itself.
         let mark = log.attempt_count();
         let started = Instant::now();
@@ -104,6 +108,7 @@ where
                 offset,
                 settings,
                 classifier,
+                logging: self.shared.logging.clone(),
             },
         )
     }
