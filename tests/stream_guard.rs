@@ -557,3 +557,117 @@ async fn the_logging_switches_of_the_policy_apply() -> Result<(), BoxError> {
     );
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// Steady state: no allocation per chunk.
+
+mod allocations {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// Counts the allocations of the current thread.
+    struct Counting;
+
+    thread_local! {
+        static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+    }
+
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            ALLOCATIONS.with(|n| n.set(n.get() + 1));
+            // SAFETY: forwarded as is to the system allocator.
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: forwarded as is to the system allocator.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static GLOBAL: Counting = Counting;
+
+    fn allocations() -> u64 {
+        ALLOCATIONS.with(Cell::get)
+    }
+
+    const DELTA: &[u8] = b"data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"tok\"},\"finish_reason\":null}]}\n\n";
+
+    /// A body of `n` content deltas (each split in two chunks, mid-line), a finish and `[DONE]`.
+    struct Deltas {
+        left: usize,
+        half: bool,
+        end: usize,
+    }
+
+    impl http_body::Body for Deltas {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+            let chunk: &'static [u8] = if self.left > 0 {
+                self.half = !self.half;
+                if self.half {
+                    &DELTA[..40]
+                } else {
+                    self.left -= 1;
+                    &DELTA[40..]
+                }
+            } else {
+                self.end += 1;
+                match self.end {
+                    1 => b"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+                    2 => b"data: [DONE]\n\n",
+                    _ => return Poll::Ready(None),
+                }
+            };
+            Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(chunk)))))
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn scanning_a_committed_stream_allocates_nothing_per_chunk() -> Result<(), BoxError> {
+        let transport = tower::service_fn(|_req: http::Request<Full<Bytes>>| async {
+            let mut response = Response::new(Deltas {
+                left: 1000,
+                half: false,
+                end: 0,
+            });
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/event-stream"),
+            );
+            Ok::<_, std::io::Error>(response)
+        });
+        let svc = StreamGuardLayer::new(StreamPolicy::from_settings(settings(
+            CommitPoint::FirstEvent,
+        )))?
+        .layer(transport);
+        let mut response = svc
+            .oneshot(http::Request::new(Full::new(Bytes::new())))
+            .await?;
+        let body = response.body_mut();
+        // Warm up: the scanner's buffers reach their size.
+        for _ in 0..100 {
+            body.frame().await.ok_or("more frames")??;
+        }
+        let before = allocations();
+        for _ in 0..1600 {
+            body.frame().await.ok_or("more frames")??;
+        }
+        assert_eq!(allocations() - before, 0, "allocations in 1600 chunks");
+        // The counter does count.
+        drop(std::hint::black_box(Vec::<u8>::with_capacity(8)));
+        assert_eq!(allocations() - before, 1);
+        let (_, err) = read(body).await;
+        assert!(err.is_none(), "{err:?}");
+        Ok(())
+    }
+}
