@@ -836,3 +836,94 @@ async fn from_policy_reserves_at_the_dearest_route_of_the_chain() {
     // Served by the primary (no fallback inside): charged at its price.
     assert_eq!(spend.status("team"), SpendStatus::new(12, 0));
 }
+
+/// An inner layer that records attempts as a retry layer with a stream guard below would:
+/// a timeout, a 503, then the answer with the usage of its final stream event.
+fn attempts_then_answer()
+-> impl Service<Req, Response = Resp, Error = Infallible, Future: Send> + Clone + Send + 'static {
+    use crate::attempt_log::{Attempt, StreamEnd, StreamRecord};
+    use crate::classify::{Classification, FailureClass};
+    service_fn(|req: Req| {
+        let log = req
+            .extensions()
+            .get::<crate::AttemptLog>()
+            .cloned()
+            .unwrap_or_default();
+        let route = Some(RouteName::new("h"));
+        for class in [FailureClass::Timeout, FailureClass::Overloaded] {
+            log.record(Attempt::new(
+                route.clone(),
+                Duration::ZERO,
+                Duration::ZERO,
+                &Classification::failure(class),
+            ));
+        }
+        let answer = log.record(Attempt::new(
+            route,
+            Duration::ZERO,
+            Duration::ZERO,
+            &Classification::success(http::StatusCode::OK),
+        ));
+        log.set_stream(
+            answer,
+            StreamRecord {
+                time_to_first_token: None,
+                bytes: 0,
+                events: 0,
+                duration: Duration::ZERO,
+                end: StreamEnd::Complete,
+                usage: Some(Usage::new(2, 8)),
+            },
+        );
+        let resp = http::Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Full::new(Bytes::from_static(
+                b"data: {\"choices\":[]}\n\ndata: [DONE]\n\n",
+            )))
+            .unwrap_or_else(|e| panic!("{e}"));
+        async { Ok::<_, Infallible>(resp) }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_attempts_are_charged_as_the_rule_says() {
+    // Reservation: 2 + 98 = 100; the answer's stream record reports 2 + 8 = 10.
+    for (rule, charged) in [
+        // The timeout may have been accepted: it keeps a reservation; the 503 costs nothing.
+        (ChargeRule::ReportedOrReserved, 100 + 10),
+        (ChargeRule::ReportedOnly, 10),
+        (ChargeRule::Reserved, 100 + 100 + 10),
+    ] {
+        let mut policy = BudgetPolicy::default();
+        let mut s = spend_policy(1.0, Price::new(1.0, 1.0));
+        s.charge_failed = rule;
+        policy.spend = Some(s);
+        let layer = layer(policy);
+        let spend = layer.spend().unwrap_or_else(|| panic!("spend"));
+        let resp = layer
+            .layer(attempts_then_answer())
+            .oneshot(chat("h", 98))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            log_len(&resp),
+            3,
+            "the budget layer records no attempt of its own"
+        );
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            spend.status("team"),
+            SpendStatus::new(charged, 0),
+            "{rule:?}"
+        );
+    }
+}
+
+fn log_len<B>(resp: &http::Response<B>) -> usize {
+    resp.extensions()
+        .get::<crate::AttemptLog>()
+        .map_or(0, |l| l.attempt_count())
+}
