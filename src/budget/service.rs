@@ -104,12 +104,11 @@ where
         });
 
         if let Some(spend) = &shared.spend {
-            let mut routes = vec![route.clone()];
-            routes.extend(shared.routes.iter().filter(|r| **r != route).cloned());
             match spend.open(
                 &shared.store,
                 owner.clone(),
-                &routes,
+                &route,
+                &shared.routes,
                 estimate.unwrap_or_default(),
                 &ctx.log,
             ) {

@@ -155,13 +155,15 @@ impl SpendConfig {
         }
     }
 
-    /// Reserves the estimated maximum cost of `estimate` at the dearest of `routes` for
-    /// `owner`, atomically; fails closed when the cap would be exceeded.
+    /// Reserves the estimated maximum cost of `estimate` at the dearest of `route` and the
+    /// `others` it may fall back to, for `owner`, atomically; fails closed when the cap would be
+    /// exceeded.
     pub(crate) fn open(
         self: &Arc<Self>,
         store: &Arc<dyn BudgetStore>,
         owner: Option<String>,
-        routes: &[RouteName],
+        route: &RouteName,
+        others: &[RouteName],
         estimate: TokenEstimate,
         log: &AttemptLog,
     ) -> Result<Arc<Ticket>, Error> {
@@ -176,9 +178,9 @@ impl SpendConfig {
             .with_source(reason)
         };
         let mut dearest: Option<(u64, MicroPrice)> = None;
-        for route in routes {
-            let Some(price) = self.price(route.as_str()) else {
-                return Err(exhausted(format!("route `{route}` has no price")));
+        for r in std::iter::once(route).chain(others) {
+            let Some(price) = self.price(r.as_str()) else {
+                return Err(exhausted(format!("route `{r}` has no price")));
             };
             let cost = price.cost(estimate.input_tokens, estimate.max_output_tokens);
             if dearest.is_none_or(|(c, _)| cost > c) {
@@ -186,7 +188,7 @@ impl SpendConfig {
             }
         }
         let Some((reserved, price)) = dearest else {
-            return Err(exhausted("the request has no route".to_owned()));
+            return Err(exhausted(format!("route `{route}` has no price")));
         };
         if let Err(status) = store.reserve(&owner, reserved, self.cap, self.window) {
             return Err(exhausted(format!(
@@ -203,7 +205,7 @@ impl SpendConfig {
             owner,
             reserved,
             reserve_price: price,
-            route: routes[0].clone(),
+            route: route.clone(),
             log: log.clone(),
             state: Mutex::new(TicketState::default()),
         }))

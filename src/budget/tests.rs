@@ -927,3 +927,11 @@ fn log_len<B>(resp: &http::Response<B>) -> usize {
         .get::<crate::AttemptLog>()
         .map_or(0, |l| l.attempt_count())
 }
+
+#[test]
+fn both_presets_build() {
+    for policy in [Policy::interactive(), Policy::batch()] {
+        let layer = BudgetLayer::from_policy(&policy);
+        assert!(layer.is_ok(), "{}: {:?}", policy.workflow, layer.err());
+    }
+}
