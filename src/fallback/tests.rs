@@ -881,3 +881,17 @@ async fn every_hop_waits_for_readiness() {
         ["primary", "b1", "b2"]
     );
 }
+
+#[test]
+fn the_service_and_its_future_are_send_and_clone() {
+    fn send<T: Send>(_: &T) {}
+    fn clone<T: Clone>(_: &T) {}
+    let (svc, _) = transport(HashMap::new());
+    let mut fallback = FallbackLayer::new(chain(vec![backup("b1")]))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .layer(svc);
+    clone(&fallback);
+    let future = fallback.call(request());
+    send(&future);
+    send(&fallback);
+}
