@@ -85,7 +85,10 @@ fn routes_tried(log: &LogSnapshot) -> Vec<&str> {
 #[tokio::test]
 async fn a_persistent_503_switches_to_the_backup() -> Result<(), BoxError> {
     let mock = MockProvider::start().await?;
-    mock.script(ScriptKey::model(PRIMARY_MODEL), [Reply::openai_overloaded()]);
+    mock.script(
+        ScriptKey::model(PRIMARY_MODEL),
+        [Reply::openai_overloaded()],
+    );
     let (response, log) = send(chain(vec![route(&mock, "backup")]), &mock).await?;
 
     assert_eq!(response.status(), 200);
@@ -117,14 +120,21 @@ async fn a_persistent_503_switches_to_the_backup() -> Result<(), BoxError> {
     // The answer is the backup's: its model and its usage.
     let body = json(response).await?;
     assert_eq!(body["model"], "backup-model");
-    assert!(body["usage"]["total_tokens"].as_u64().is_some_and(|n| n > 0));
+    assert!(
+        body["usage"]["total_tokens"]
+            .as_u64()
+            .is_some_and(|n| n > 0)
+    );
     Ok(())
 }
 
 #[tokio::test]
 async fn three_routes_go_on_until_one_serves() -> Result<(), BoxError> {
     let mock = MockProvider::start().await?;
-    mock.script(ScriptKey::model(PRIMARY_MODEL), [Reply::anthropic_overloaded()]);
+    mock.script(
+        ScriptKey::model(PRIMARY_MODEL),
+        [Reply::anthropic_overloaded()],
+    );
     mock.script(ScriptKey::model("b1-model"), [Reply::openai_server_error()]);
     mock.script(
         ScriptKey::model("b2-model"),
@@ -206,7 +216,10 @@ async fn auth_failures_never_switch() -> Result<(), BoxError> {
 
 #[tokio::test]
 async fn content_filters_never_switch() -> Result<(), BoxError> {
-    for reply in [Reply::openai_content_policy(), Reply::azure_content_filter()] {
+    for reply in [
+        Reply::openai_content_policy(),
+        Reply::azure_content_filter(),
+    ] {
         let mock = MockProvider::start().await?;
         mock.script(ScriptKey::model(PRIMARY_MODEL), [reply]);
         let (response, log) = send(chain(vec![route(&mock, "backup")]), &mock).await?;
@@ -223,7 +236,10 @@ async fn content_filters_never_switch() -> Result<(), BoxError> {
 
 #[tokio::test]
 async fn a_context_overflow_goes_only_to_the_larger_context_route() -> Result<(), BoxError> {
-    for reply in [Reply::openai_context_length(), Reply::anthropic_prompt_too_long()] {
+    for reply in [
+        Reply::openai_context_length(),
+        Reply::anthropic_prompt_too_long(),
+    ] {
         let mock = MockProvider::start().await?;
         mock.script(ScriptKey::model(PRIMARY_MODEL), [reply]);
         let policy = chain(vec![
@@ -317,7 +333,10 @@ async fn exhausted_quota_without_an_approved_owner_fails_closed() -> Result<(), 
 #[tokio::test]
 async fn the_rewrite_is_exact_on_the_wire() -> Result<(), BoxError> {
     let mock = MockProvider::start().await?;
-    mock.script(ScriptKey::model(PRIMARY_MODEL), [Reply::openai_overloaded()]);
+    mock.script(
+        ScriptKey::model(PRIMARY_MODEL),
+        [Reply::openai_overloaded()],
+    );
     // Unusual spacing and key order, which a re-serialisation would not keep.
     let original = "{ \"messages\": [{\"role\":\"user\",\"content\":\"the \\\"model\\\" is\"}],\n  \"model\" : \"gpt-4o\",\"temperature\":0.50, \"metadata\":{\"model\":\"keep\"} }";
     let request = Request::post(format!("{}/v1/chat/completions?trace=1", mock.url()))
@@ -360,7 +379,10 @@ async fn the_rewrite_is_exact_on_the_wire() -> Result<(), BoxError> {
 #[tokio::test]
 async fn every_route_failing_returns_the_primarys_failure() -> Result<(), BoxError> {
     let mock = MockProvider::start().await?;
-    mock.script(ScriptKey::model(PRIMARY_MODEL), [Reply::openai_overloaded()]);
+    mock.script(
+        ScriptKey::model(PRIMARY_MODEL),
+        [Reply::openai_overloaded()],
+    );
     mock.script(ScriptKey::model("b1-model"), [Reply::openai_server_error()]);
     mock.script(ScriptKey::model("b2-model"), [Reply::unauthorized()]);
     let policy = chain(vec![route(&mock, "b1"), route(&mock, "b2")]);
@@ -399,7 +421,11 @@ async fn the_last_resort_is_served_and_marked() -> Result<(), BoxError> {
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()[LAST_RESORT_HEADER], "last-resort");
     assert_eq!(mock.request_count(), 2);
-    assert!(log.events.iter().any(|e| e.kind == LocalEventKind::LastResort));
+    assert!(
+        log.events
+            .iter()
+            .any(|e| e.kind == LocalEventKind::LastResort)
+    );
     assert!(text(response).await?.contains("unavailable"));
     Ok(())
 }
@@ -449,7 +475,10 @@ async fn the_total_attempts_cap_holds() -> Result<(), BoxError> {
 #[tokio::test]
 async fn a_streamed_backup_answer_passes_through() -> Result<(), BoxError> {
     let mock = MockProvider::start().await?;
-    mock.script(ScriptKey::model(PRIMARY_MODEL), [Reply::gemini_unavailable()]);
+    mock.script(
+        ScriptKey::model(PRIMARY_MODEL),
+        [Reply::gemini_unavailable()],
+    );
     mock.script(
         ScriptKey::model("backup-model"),
         [Reply::openai_stream("backup-model", &["Hel", "lo"])],
@@ -461,7 +490,10 @@ async fn a_streamed_backup_answer_passes_through() -> Result<(), BoxError> {
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()[ROUTE_HEADER], "backup");
     let body = text(response).await?;
-    assert!(body.contains("\"Hel\"") && body.contains("\"lo\""), "{body}");
+    assert!(
+        body.contains("\"Hel\"") && body.contains("\"lo\""),
+        "{body}"
+    );
     assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
     Ok(())
 }
@@ -481,4 +513,64 @@ fn an_unapproved_credential_route_is_rejected_when_built() {
     assert_eq!(field, "fallback.routes[0].set_headers");
     assert!(message.contains("credentials_approved"), "{message}");
     assert!(!message.contains("sk-other"), "{message}");
+}
+
+/// Stands in for a breaker whose circuit is open on `route`: fails its calls at once.
+fn open_circuit_on(
+    route: &'static str,
+    client: Client,
+) -> impl tower::Service<
+    Request<Full<Bytes>>,
+    Response = Response<hyper::body::Incoming>,
+    Error = BoxError,
+    Future = std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<Response<hyper::body::Incoming>, BoxError>>
+                + Send,
+        >,
+    >,
+> + Clone {
+    tower::service_fn(move |req: Request<Full<Bytes>>| {
+        let client = client.clone();
+        let open = RouteName::of_request(&req).as_str() == route;
+        Box::pin(async move {
+            if open {
+                return Err(tower_llm_resilience::Error::new(
+                    tower_llm_resilience::ErrorKind::CircuitOpen {
+                        route: RouteName::new(route),
+                        retry_in: std::time::Duration::from_secs(30),
+                    },
+                )
+                .into());
+            }
+            client.oneshot(req).await.map_err(BoxError::from)
+        }) as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>
+    })
+}
+
+#[tokio::test]
+async fn an_open_circuit_on_the_primary_moves_on_at_once() -> Result<(), BoxError> {
+    let mock = MockProvider::start().await?;
+    let service = FallbackLayer::new(chain(vec![route(&mock, "backup")]))?
+        .layer(open_circuit_on("primary", testing::client()));
+    let request = testing::chat_request(&mock.url(), PRIMARY_MODEL, false);
+    let response = service.oneshot(request).await?;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()[ROUTE_HEADER], "backup");
+    // Zero calls reached the primary.
+    assert_eq!(
+        received(&mock),
+        [at("/backup/v1/chat/completions", "backup-model")]
+    );
+    let log = response
+        .extensions()
+        .get::<AttemptLog>()
+        .ok_or("log")?
+        .snapshot();
+    assert_eq!(routes_tried(&log), ["backup"]);
+    assert_eq!(log.requested_route, Some("primary".into()));
+    assert_eq!(log.selected_route, Some("backup".into()));
+    assert!(log.events.iter().any(|e| e.route == Some("primary".into())
+        && matches!(e.kind, LocalEventKind::CircuitOpen { .. })));
+    Ok(())
 }

@@ -118,13 +118,13 @@ impl FallbackLayer {
     }
 
     /// Replaces the per-class actions (only their fallback column is used here).
-    pub fn with_actions(mut self, actions: ClassActions) -> Self {
+    pub fn actions(mut self, actions: ClassActions) -> Self {
         Arc::make_mut(&mut self.config).actions = actions;
         self
     }
 
     /// Replaces the classifier used for responses that no inner layer classified yet.
-    pub fn with_classifier(mut self, classifier: SharedClassifier) -> Self {
+    pub fn classifier(mut self, classifier: SharedClassifier) -> Self {
         Arc::make_mut(&mut self.config).classifier = classifier;
         self
     }

@@ -288,8 +288,8 @@ async fn a_policy_override_lets_a_class_switch() {
     .await;
     assert_eq!(ok(out).status(), 200);
     assert_eq!(routes_of(&seen), ["primary", "b1"]);
-    // The same through `with_actions`.
-    let layer = FallbackLayer::new(chain(vec![backup("b1")])).map(|l| l.with_actions(actions));
+    // The same through `actions`.
+    let layer = FallbackLayer::new(chain(vec![backup("b1")])).map(|l| l.actions(actions));
     let (_, seen, _) = run_with(layer, replies, request()).await;
     assert_eq!(routes_of(&seen), ["primary", "b1"]);
 }
