@@ -515,37 +515,28 @@ fn an_unapproved_credential_route_is_rejected_when_built() {
     assert!(!message.contains("sk-other"), "{message}");
 }
 
+type Incoming = hyper::body::Incoming;
+
 /// Stands in for a breaker whose circuit is open on `route`: fails its calls at once.
 fn open_circuit_on(
     route: &'static str,
     client: Client,
-) -> impl tower::Service<
-    Request<Full<Bytes>>,
-    Response = Response<hyper::body::Incoming>,
-    Error = BoxError,
-    Future = std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = Result<Response<hyper::body::Incoming>, BoxError>>
-                + Send,
-        >,
-    >,
-> + Clone {
-    tower::service_fn(move |req: Request<Full<Bytes>>| {
+) -> tower::util::BoxCloneService<Request<Full<Bytes>>, Response<Incoming>, BoxError> {
+    let service = tower::service_fn(move |req: Request<Full<Bytes>>| {
         let client = client.clone();
         let open = RouteName::of_request(&req).as_str() == route;
-        Box::pin(async move {
+        async move {
             if open {
-                return Err(tower_llm_resilience::Error::new(
-                    tower_llm_resilience::ErrorKind::CircuitOpen {
-                        route: RouteName::new(route),
-                        retry_in: std::time::Duration::from_secs(30),
-                    },
-                )
-                .into());
+                let kind = tower_llm_resilience::ErrorKind::CircuitOpen {
+                    route: RouteName::new(route),
+                    retry_in: std::time::Duration::from_secs(30),
+                };
+                return Err(BoxError::from(tower_llm_resilience::Error::new(kind)));
             }
             client.oneshot(req).await.map_err(BoxError::from)
-        }) as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>
-    })
+        }
+    });
+    tower::util::BoxCloneService::new(service)
 }
 
 #[tokio::test]
