@@ -83,15 +83,19 @@ impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<B>>,
 {
-    pub(crate) fn new(
-        future: S::Future,
-        svc: S,
+    /// Sends `req` (the primary's request) to `svc`, which must be ready.
+    pub(crate) fn start(
+        mut svc: S,
+        req: Request<B>,
         config: Arc<Config>,
         template: Option<Request<B>>,
         log: AttemptLog,
         owns_log: bool,
-        mark: usize,
     ) -> Self {
+        // Noted before the call: a layer below may log synchronously (an open circuit).
+        let mark = log.attempt_count();
+        let sent_at = Instant::now();
+        let future = svc.call(req);
         Self {
             state: State::Calling { future },
             chain: Chain {
@@ -103,7 +107,7 @@ where
                 owns_log,
                 current: 0,
                 hops: 0,
-                sent_at: Instant::now(),
+                sent_at,
                 mark,
                 need_larger: false,
                 need_owner: false,

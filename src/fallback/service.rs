@@ -95,9 +95,7 @@ where
         // Call the service that was driven to readiness; keep it for the hops, which clone it
         // again and wait for its readiness before each call.
         let clone = self.inner.clone();
-        let mut svc = std::mem::replace(&mut self.inner, clone);
-        let mark = log.attempt_count();
-        let future = svc.call(req);
-        ResponseFuture::new(future, svc, config, template, log, owns_log, mark)
+        let svc = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::start(svc, req, config, template, log, owns_log)
     }
 }
