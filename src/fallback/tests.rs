@@ -121,11 +121,12 @@ fn request() -> Request<Full<Bytes>> {
 }
 
 fn chain(routes: Vec<RouteConfig>) -> FallbackPolicy {
-    let mut p = FallbackPolicy::default();
-    p.max_hops = 5;
-    p.max_total_attempts = 10;
-    p.routes = routes;
-    p
+    FallbackPolicy {
+        max_hops: 5,
+        max_total_attempts: 10,
+        routes,
+        ..FallbackPolicy::default()
+    }
 }
 
 fn backup(name: &str) -> RouteConfig {
