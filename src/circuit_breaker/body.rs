@@ -21,8 +21,9 @@ pub(crate) struct Watch {
 
 /// The body of a response whose head counted as a success: if the body then fails with an
 /// error whose class counts (a stream interrupted after its commit point, a connection lost
-/// mid-body), the success is turned into a failure. A clean end or a body dropped early
-/// records nothing more, so one request is never counted twice.
+/// mid-body), the success is turned into a failure, so one request is never counted twice. A
+/// clean end, or a body the caller drops early, resets the consecutive-failure count (which a
+/// good head alone does not: a stream that breaks after it must not break the run).
 pub(crate) struct WatchedBody {
     inner: Body,
     watch: Option<Watch>,
@@ -33,6 +34,14 @@ impl WatchedBody {
         Self {
             inner,
             watch: Some(watch),
+        }
+    }
+}
+
+impl Drop for WatchedBody {
+    fn drop(&mut self) {
+        if let Some(w) = self.watch.take() {
+            w.route.body_ended(w.admission);
         }
     }
 }
@@ -51,13 +60,19 @@ impl http_body::Body for WatchedBody {
             Some(Ok(_)) => {}
             Some(Err(e)) => {
                 if let Some(w) = this.watch.take() {
+                    // A failure of a class that does not count (a safety block mid-stream)
+                    // leaves the counts as they are.
                     if super::service::counts(&w.shared.config, e) {
                         w.route
                             .body_failed(&w.shared, w.admission, w.epoch, Instant::now());
                     }
                 }
             }
-            None => this.watch = None,
+            None => {
+                if let Some(w) = this.watch.take() {
+                    w.route.body_ended(w.admission);
+                }
+            }
         }
         Poll::Ready(frame)
     }

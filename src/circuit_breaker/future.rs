@@ -84,7 +84,9 @@ impl Call {
         // decision (a nested breaker, a deadline) already has its event.
         let is_attempt = matches!(
             error.kind(),
-            ErrorKind::Transport | ErrorKind::StreamFailed { .. } | ErrorKind::StreamInterrupted { .. }
+            ErrorKind::Transport
+                | ErrorKind::StreamFailed { .. }
+                | ErrorKind::StreamInterrupted { .. }
         );
         if is_attempt {
             self.log.record_since(self.mark, || {

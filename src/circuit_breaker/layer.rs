@@ -160,7 +160,11 @@ impl CircuitBreakerLayer {
     /// [`from_policy`](Self::from_policy) to take a policy's per-class overrides into account.
     /// Open times are jittered from an unseeded source; see [`jitter`](Self::jitter).
     pub fn new(policy: CircuitBreakerPolicy) -> Result<Self, PolicyError> {
-        Self::build(policy, ClassActions::default(), Some(JitterSource::from_entropy()))
+        Self::build(
+            policy,
+            ClassActions::default(),
+            Some(JitterSource::from_entropy()),
+        )
     }
 
     /// Breakers configured by `policy.circuit_breaker`, counting the classes whose `breaker`

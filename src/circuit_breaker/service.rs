@@ -95,7 +95,10 @@ where
         let now = Instant::now();
         match state.admit(&self.shared, now) {
             Err(retry_in) => {
-                log.event(Some(route.clone()), LocalEventKind::CircuitOpen { retry_in });
+                log.event(
+                    Some(route.clone()),
+                    LocalEventKind::CircuitOpen { retry_in },
+                );
                 let error = Error::new(ErrorKind::CircuitOpen { route, retry_in }).with_log(&log);
                 if created {
                     log.set_outcome(Outcome::Error {

@@ -170,7 +170,9 @@ impl Window {
             // Inside the window: one of the last `n` spans (or a racing newer one).
             if be != 0 && be.saturating_add(n) > e {
                 t.calls = t.calls.saturating_add(b.calls.load(Ordering::Relaxed));
-                t.failures = t.failures.saturating_add(b.failures.load(Ordering::Relaxed));
+                t.failures = t
+                    .failures
+                    .saturating_add(b.failures.load(Ordering::Relaxed));
                 t.slow = t.slow.saturating_add(b.slow.load(Ordering::Relaxed));
             }
         }
@@ -260,11 +262,7 @@ impl RouteState {
     }
 
     /// Admits a call or says how long until the route takes one.
-    pub(crate) fn admit(
-        &self,
-        shared: &Shared,
-        now: Instant,
-    ) -> Result<Admission, Duration> {
+    pub(crate) fn admit(&self, shared: &Shared, now: Instant) -> Result<Admission, Duration> {
         // Load the generation before the state: if the state is still closed the generation
         // is at least as new as the closed period the call is admitted in.
         let generation = self.generation.load(Ordering::Acquire);
@@ -341,9 +339,7 @@ impl RouteState {
                 let t = match verdict {
                     // No health evidence: the slot is free again, the circuit stays half-open.
                     Verdict::Neutral => return None,
-                    Verdict::Success if !slow_counts => {
-                        self.close(&mut c, CircuitState::HalfOpen)
-                    }
+                    Verdict::Success if !slow_counts => self.close(&mut c, CircuitState::HalfOpen),
                     _ => self.open(shared, &mut c, CircuitState::HalfOpen, now),
                 };
                 drop(c);
@@ -384,6 +380,16 @@ impl RouteState {
         }
     }
 
+    /// The body of a response counted as a success ended cleanly or was dropped by the caller
+    /// (an abandoned answer is not the provider's failure): the run of failures is broken.
+    pub(crate) fn body_ended(&self, admission: Admission) {
+        if let Admission::Normal { generation } = admission {
+            if self.current(generation, CLOSED) {
+                self.consecutive.store(0, Ordering::Release);
+            }
+        }
+    }
+
     /// A probe that ended without an outcome (its future or body was dropped) gives its slot
     /// back.
     pub(crate) fn release_probe(&self, generation: u64) {
@@ -410,10 +416,10 @@ impl RouteState {
             .window
             .as_ref()
             .map(|w| w.record(self.elapsed(now), failure, slow));
+        // A success resets the consecutive count only once its body has ended well (see
+        // `body_ended`): a stream that fails after a good head must not break the run.
         if failure {
             self.consecutive.fetch_add(1, Ordering::AcqRel);
-        } else {
-            self.consecutive.store(0, Ordering::Release);
         }
         // A success lowers both rates, so only failures and slow calls can trip.
         if failure || slow {
