@@ -897,3 +897,57 @@ async fn bad_policies_are_errors_not_panics() {
     let e = CircuitBreakerLayer::from_policy(&policy).unwrap_err();
     assert_eq!(e.field(), "circuit_breaker.open_cap");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_body_dropped_early_breaks_the_failure_run() {
+    let mut p = bare();
+    p.consecutive_failures = Some(2);
+    // F, S (body dropped unread), F: no two in a row.
+    let (inner, _) = provider(|n, _| Reply::Status(if n == 1 { 200 } else { 503 }));
+    let layer = CircuitBreakerLayer::new(p).unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(inner);
+    roundtrip(&mut svc, A).await.unwrap();
+    let ok = send(&mut svc, A).await.unwrap();
+    assert_eq!(handle.snapshot(A).map(|s| s.consecutive_failures), Some(1));
+    drop(ok);
+    assert_eq!(handle.snapshot(A).map(|s| s.consecutive_failures), Some(0));
+    roundtrip(&mut svc, A).await.unwrap();
+    assert_eq!(handle.state(A), CircuitState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_whose_stream_breaks_after_closing_counts_as_a_fresh_failure() {
+    let mut p = bare();
+    p.consecutive_failures = Some(1);
+    let (inner, _) = provider(|n, _| {
+        if n == 0 {
+            Reply::Status(503)
+        } else {
+            Reply::BodyFails(interrupted)
+        }
+    });
+    let layer = CircuitBreakerLayer::new(p).unwrap().without_jitter();
+    let handle = layer.handle();
+    let mut svc = layer.layer(inner);
+    roundtrip(&mut svc, A).await.unwrap();
+    sleep(Duration::from_secs(2)).await;
+    let probe = send(&mut svc, A).await.unwrap();
+    // The probe's head closed the circuit at once...
+    assert_eq!(handle.state(A), CircuitState::Closed);
+    assert!(probe.into_body().collect().await.is_err());
+    // ...and its broken stream is a failure of the new closed period.
+    assert_eq!(handle.state(A), CircuitState::Open);
+}
+
+#[test]
+fn the_types_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<CircuitBreakerLayer>();
+    send_sync::<CircuitBreakerHandle>();
+    send_sync::<
+        CircuitBreaker<tower::util::BoxCloneSyncService<Request<Body>, Response<Body>, BoxError>>,
+    >();
+    send::<ResponseFuture<Fut>>();
+}
