@@ -53,9 +53,14 @@ async fn two_routes_on_one_provider_one_tripped_the_other_unaffected() {
 
     // The default policy trips after 5 consecutive provider failures.
     for _ in 0..5 {
-        let s = send(&mut svc, routed(&url, "gpt-down", "down")).await.unwrap();
+        let s = send(&mut svc, routed(&url, "gpt-down", "down"))
+            .await
+            .unwrap();
         assert_eq!(s, 503);
-        assert_eq!(send(&mut svc, routed(&url, "gpt-up", "up")).await.ok(), Some(200));
+        assert_eq!(
+            send(&mut svc, routed(&url, "gpt-up", "up")).await.ok(),
+            Some(200)
+        );
     }
     assert_eq!(handle.state("down"), CircuitState::Open);
     for _ in 0..10 {
@@ -66,7 +71,10 @@ async fn two_routes_on_one_provider_one_tripped_the_other_unaffected() {
             matches!(e.kind(), ErrorKind::CircuitOpen { route, .. } if route.as_str() == "down"),
             "{e}"
         );
-        assert_eq!(send(&mut svc, routed(&url, "gpt-up", "up")).await.ok(), Some(200));
+        assert_eq!(
+            send(&mut svc, routed(&url, "gpt-up", "up")).await.ok(),
+            Some(200)
+        );
     }
     assert_eq!(handle.state("up"), CircuitState::Closed);
     let up = handle.snapshot("up").unwrap();
@@ -118,7 +126,10 @@ async fn caller_errors_from_a_real_provider_never_trip() {
             Reply::openai_insufficient_quota(),
             Reply::anthropic_billing(),
             Reply::openai_context_length(),
-            Reply::json(400, r#"{"error":{"message":"bad","type":"invalid_request_error"}}"#),
+            Reply::json(
+                400,
+                r#"{"error":{"message":"bad","type":"invalid_request_error"}}"#,
+            ),
         ],
     );
     let layer = CircuitBreakerLayer::from_policy(&Policy::interactive()).unwrap();
@@ -177,4 +188,92 @@ async fn an_open_circuit_ends_the_retries_outside_it_at_once() {
     // And nothing more reached the provider.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(mock.request_count(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn streams_cut_after_the_head_count_against_the_route() {
+    let mock = MockProvider::start().await.unwrap();
+    mock.script(
+        ScriptKey::Any,
+        [Reply::openai_stream("gpt-4o", &["Hel", "lo", " there"]).cut_after(2)],
+    );
+    let mut policy = Policy::interactive();
+    policy.circuit_breaker.consecutive_failures = Some(2);
+    let layer = CircuitBreakerLayer::from_policy(&policy).unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(client());
+    let route = mock.addr().to_string();
+    for i in 0..2 {
+        let r = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(chat_request(&mock.url(), "gpt-4o", true))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        // The head alone was a success: the run of failures is not broken by it.
+        assert_eq!(
+            handle
+                .snapshot(route.as_str())
+                .map(|s| s.consecutive_failures),
+            Some(i)
+        );
+        assert!(r.into_body().collect().await.is_err(), "the stream was cut");
+    }
+    assert_eq!(handle.state(route.as_str()), CircuitState::Open);
+    let s = handle.snapshot(route.as_str()).unwrap();
+    // Two requests, two failures: never counted twice.
+    assert_eq!((s.calls, s.failures), (2, 2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_flapping_provider_is_tripped_probed_and_back_within_10s() {
+    // 503 for the first 60 s, then healthy; one request every 4 s; the default policy.
+    let mock = MockProvider::start().await.unwrap();
+    mock.script(ScriptKey::Any, [Reply::openai_overloaded()]);
+    let mut policy = Policy::interactive();
+    policy.retry.seed = Some(11);
+    let layer = CircuitBreakerLayer::from_policy(&policy).unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(client());
+    let start = Instant::now();
+    let mut recovered = false;
+    let mut refused = 0;
+    let mut back = None;
+    for _ in 0..30 {
+        if !recovered && start.elapsed() >= Duration::from_secs(60) {
+            mock.script(ScriptKey::Any, [Reply::ok()]);
+            recovered = true;
+        }
+        match send(&mut svc, chat_request(&mock.url(), "gpt-4o", false)).await {
+            Ok(200) => {
+                back.get_or_insert(start.elapsed());
+            }
+            Ok(s) => assert_eq!((s, back), (503, None)),
+            Err(e) => {
+                assert!(matches!(e.kind(), ErrorKind::CircuitOpen { .. }), "{e}");
+                assert_eq!(back, None, "refused after recovery");
+                refused += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(4)).await;
+    }
+    assert!(refused > 0, "tripped");
+    let back = back.unwrap();
+    assert!(
+        back >= Duration::from_secs(60) && back <= Duration::from_secs(70),
+        "traffic back at {back:?}"
+    );
+    assert_eq!(
+        handle.state(mock.addr().to_string().as_str()),
+        CircuitState::Closed
+    );
+    // Every request after recovery reached the provider and succeeded.
+    let after: Vec<_> = mock
+        .requests()
+        .into_iter()
+        .filter(|r| r.at - start >= back)
+        .collect();
+    assert_eq!(after.len(), 30 - (back.as_secs() / 4) as usize);
 }
