@@ -12,7 +12,9 @@
 //!
 //! The breaker of a call is the one of its route: the [`RouteName`](crate::RouteName) request
 //! extension that `FallbackLayer` sets, or else the request URI's authority
-//! (`api.openai.com`). Routes are independent: one tripped route leaves the others alone.
+//! (`api.openai.com`). Routes are independent: one tripped route leaves the others alone. A
+//! route's breaker is created the first time the route is seen and kept until
+//! [`CircuitBreakerHandle::reset`] forgets it.
 //!
 //! # What trips it
 //!
@@ -41,7 +43,9 @@
 //! one at once (so a half-open probe closes at its first token, not minutes later at the end of
 //! its stream). Its body is watched: if it then fails with an error whose class counts — a
 //! `StreamInterrupted` from `StreamGuardLayer`, a connection lost mid-body — the success is
-//! turned into a failure, never counted as a second call. A stream that fails *before* its
+//! turned into a failure, never counted as a second call. For the same reason a good head does
+//! not break a run of consecutive failures; its body's clean end does (or the caller dropping
+//! it: an abandoned answer is not the provider's failure). A stream that fails *before* its
 //! commit point reaches the breaker as an `ErrorKind::StreamFailed` error and counts by its
 //! class like any other error. An in-band error event counts by its own class (a safety block
 //! mid-stream does not count, an `overloaded_error` does).
