@@ -951,3 +951,29 @@ fn the_types_are_send_and_sync() {
     >();
     send::<ResponseFuture<Fut>>();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_outcomes_are_all_counted() {
+    let mut p = bare();
+    p.failure_rate = Some(rate(0.99, 1_000_000));
+    let (inner, _) = provider(|n, _| Reply::Status(if n % 4 == 0 { 500 } else { 200 }));
+    let layer = CircuitBreakerLayer::new(p).unwrap();
+    let handle = layer.handle();
+    let svc = layer.layer(inner);
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let mut svc = svc.clone();
+            tokio::spawn(async move {
+                for _ in 0..500 {
+                    roundtrip(&mut svc, A).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Well within one 5 s bucket: no lost or doubled increments.
+    let s = handle.snapshot(A).unwrap();
+    assert_eq!((s.calls, s.failures), (4000, 1000));
+}
