@@ -13,13 +13,14 @@ mod class;
 mod default;
 pub mod hints;
 mod peek;
+mod providers;
 
 use std::sync::Arc;
 
 use http::{HeaderMap, StatusCode};
 
 pub use class::FailureClass;
-pub use default::DefaultClassifier;
+pub use default::{DefaultClassifier, classify_stream_error};
 pub use hints::{HintSource, WaitHint};
 pub use peek::ClassifyResponse;
 
@@ -95,6 +96,13 @@ pub trait Classifier: Send + Sync + 'static {
 
     /// Classifies an error of the inner service from its source chain.
     fn classify_error(&self, error: &(dyn std::error::Error + 'static)) -> Classification;
+
+    /// Classifies the `data:` payload of an SSE event that may be an in-band error, like its
+    /// HTTP equivalent; `None` when the payload is not an error. The default is
+    /// [`classify_stream_error`].
+    fn classify_stream_error(&self, data: &[u8]) -> Option<Classification> {
+        classify_stream_error(data)
+    }
 }
 
 /// The default bound on the error-body prefix read for classification.
@@ -160,6 +168,11 @@ impl SharedClassifier {
     /// Classifies an inner service's error.
     pub fn classify_error(&self, error: &(dyn std::error::Error + 'static)) -> Classification {
         self.inner.classify_error(error)
+    }
+
+    /// Classifies an in-band stream error payload; `None` when it is not an error.
+    pub fn classify_stream_error(&self, data: &[u8]) -> Option<Classification> {
+        self.inner.classify_stream_error(data)
     }
 
     /// Turns an inner service's error into a crate [`Error`](crate::Error), classified

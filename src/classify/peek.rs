@@ -57,10 +57,7 @@ impl ClassifyResponse {
         let response = response.map(|rest| {
             let rest = (!ended && trailers.is_none() && error.is_none()).then_some(rest);
             if prefix.is_empty() && trailers.is_none() && error.is_none() {
-                match rest {
-                    Some(rest) => rest,
-                    None => Body::empty(),
-                }
+                rest.unwrap_or_default()
             } else {
                 Body::replay(prefix, trailers, error, rest)
             }

@@ -78,9 +78,11 @@ impl Policy {
     /// For a person waiting on the answer: few retries, a short deadline, no queueing
     /// (rate-limited requests are rejected at once), streams committed at the first token.
     pub fn interactive() -> Self {
-        let mut retry = RetryPolicy::default();
-        retry.max_server_wait = Duration::from_secs(10);
-        retry.max_elapsed = Duration::from_secs(30);
+        let retry = RetryPolicy {
+            max_server_wait: Duration::from_secs(10),
+            max_elapsed: Duration::from_secs(30),
+            ..RetryPolicy::default()
+        };
         let budget = BudgetPolicy {
             deadline: Some(Duration::from_secs(60)),
             admission: AdmissionMode::Reject,
@@ -109,15 +111,17 @@ impl Policy {
     /// For work nobody watches: more attempts, longer server waits honoured, queueing for
     /// capacity, streams buffered to the end so a failure anywhere is retryable.
     pub fn batch() -> Self {
-        let mut retry = RetryPolicy::default();
-        retry.max_attempts = 6;
-        retry.backoff = BackoffPolicy::new(Duration::from_secs(1), Duration::from_secs(60));
+        let mut retry = RetryPolicy {
+            max_attempts: 6,
+            backoff: BackoffPolicy::new(Duration::from_secs(1), Duration::from_secs(60)),
+            max_server_wait: Duration::from_secs(120),
+            max_elapsed: Duration::from_secs(15 * 60),
+            ..RetryPolicy::default()
+        };
         retry.per_class.insert(
             crate::classify::FailureClass::RateLimited,
             BackoffPolicy::new(Duration::from_secs(5), Duration::from_secs(120)),
         );
-        retry.max_server_wait = Duration::from_secs(120);
-        retry.max_elapsed = Duration::from_secs(15 * 60);
         let budget = BudgetPolicy {
             retry_budget: RetryBudgetPolicy::Ratio {
                 ratio: 0.5,
@@ -139,9 +143,11 @@ impl Policy {
             commit: CommitPoint::End,
             ..StreamSettings::default()
         });
-        let mut circuit_breaker = CircuitBreakerPolicy::default();
-        circuit_breaker.open_base = Duration::from_secs(5);
-        circuit_breaker.open_cap = Duration::from_secs(60);
+        let circuit_breaker = CircuitBreakerPolicy {
+            open_base: Duration::from_secs(5),
+            open_cap: Duration::from_secs(60),
+            ..CircuitBreakerPolicy::default()
+        };
         Self {
             workflow: "batch".to_owned(),
             retry,
@@ -170,7 +176,7 @@ impl Policy {
         self.stream.validate()?;
         self.idempotency.validate()?;
         self.logging.validate()?;
-        for (name, _) in &self.stream.routes {
+        for name in self.stream.routes.keys() {
             if !self.route_names().any(|r| r == name) {
                 return Err(PolicyError::new(
                     format!("stream.routes.{name}"),

@@ -1,0 +1,429 @@
+//! Policy validation: every `PolicyError` case, the presets, and the example policy files.
+
+use std::time::Duration;
+
+use tower_llm_resilience::FailureClass;
+use tower_llm_resilience::policy::*;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn rate(p: &mut Policy) -> &mut FailureRateRule {
+    p.circuit_breaker
+        .failure_rate
+        .get_or_insert_with(FailureRateRule::default)
+}
+
+type Case = (&'static str, fn(&mut Policy));
+
+/// Each case breaks exactly one value of a valid policy; the error must name that field.
+const CASES: &[Case] = &[
+    ("workflow", |p| p.workflow = " ".into()),
+    ("retry.max_attempts", |p| p.retry.max_attempts = 0),
+    ("retry.backoff.base", |p| {
+        p.retry.backoff.base = Duration::ZERO
+    }),
+    ("retry.backoff.cap", |p| p.retry.backoff.cap = ms(100)),
+    ("retry.per_class.rate_limited.cap", |p| {
+        p.retry.per_class.insert(
+            FailureClass::RateLimited,
+            BackoffPolicy::new(ms(900), ms(800)),
+        );
+    }),
+    ("retry.max_server_wait", |p| {
+        p.retry.max_server_wait = Duration::ZERO
+    }),
+    ("retry.max_elapsed", |p| {
+        p.retry.max_elapsed = Duration::ZERO
+    }),
+    ("retry.attempt_header", |p| {
+        p.retry.attempt_header = Some("bad header".into())
+    }),
+    ("circuit_breaker.failure_rate.threshold", |p| {
+        rate(p).threshold = 1.5;
+    }),
+    ("circuit_breaker.failure_rate.threshold", |p| {
+        rate(p).threshold = -0.1;
+    }),
+    ("circuit_breaker.failure_rate.threshold", |p| {
+        rate(p).threshold = f64::NAN;
+    }),
+    ("circuit_breaker.failure_rate.threshold", |p| {
+        rate(p).threshold = 0.0;
+    }),
+    ("circuit_breaker.failure_rate.window", |p| {
+        rate(p).window = Duration::ZERO;
+    }),
+    ("circuit_breaker.failure_rate.buckets", |p| {
+        rate(p).buckets = 0;
+    }),
+    ("circuit_breaker.failure_rate.buckets", |p| {
+        rate(p).buckets = 1001;
+    }),
+    ("circuit_breaker.failure_rate.min_calls", |p| {
+        rate(p).min_calls = 0;
+    }),
+    ("circuit_breaker.consecutive_failures", |p| {
+        p.circuit_breaker.consecutive_failures = Some(0)
+    }),
+    ("circuit_breaker.slow_call.threshold", |p| {
+        p.circuit_breaker.slow_call = Some(SlowCallRule::new(Duration::ZERO, 0.5));
+    }),
+    ("circuit_breaker.slow_call.rate", |p| {
+        p.circuit_breaker.slow_call = Some(SlowCallRule::new(ms(10), 2.0));
+    }),
+    ("circuit_breaker.slow_call.rate", |p| {
+        p.circuit_breaker.slow_call = Some(SlowCallRule::new(ms(10), 0.0));
+    }),
+    ("circuit_breaker.slow_call", |p| {
+        p.circuit_breaker.failure_rate = None;
+        p.circuit_breaker.slow_call = Some(SlowCallRule::new(ms(10), 0.5));
+    }),
+    ("circuit_breaker.open_base", |p| {
+        p.circuit_breaker.open_base = Duration::ZERO
+    }),
+    ("circuit_breaker.open_cap", |p| {
+        p.circuit_breaker.open_cap = ms(1)
+    }),
+    ("circuit_breaker.half_open_probes", |p| {
+        p.circuit_breaker.half_open_probes = 0
+    }),
+    ("fallback.primary", |p| p.fallback.primary = String::new()),
+    ("fallback.max_total_attempts", |p| {
+        p.fallback.max_total_attempts = 0
+    }),
+    ("fallback.routes[0].name", |p| {
+        p.fallback.routes = vec![RouteConfig::new("")]
+    }),
+    ("fallback.routes[1].name", |p| {
+        p.fallback.routes = vec![RouteConfig::new("b"), RouteConfig::new("b")];
+    }),
+    ("fallback.routes[0].name", |p| {
+        p.fallback.routes = vec![RouteConfig::new("primary")]
+    }),
+    ("fallback.routes[0].base_url", |p| {
+        p.fallback.routes = vec![RouteConfig::new("b").base_url("not a url")];
+    }),
+    ("fallback.routes[0].base_url", |p| {
+        p.fallback.routes = vec![RouteConfig::new("b").base_url("/relative/only")];
+    }),
+    ("fallback.routes[0].set_headers", |p| {
+        p.fallback.routes = vec![RouteConfig::new("b").set_header("bad name", "v")];
+    }),
+    ("fallback.routes[0].set_headers", |p| {
+        p.fallback.routes = vec![RouteConfig::new("b").set_header("x-ok", "line\nbreak")];
+    }),
+    ("fallback.routes[0].remove_headers", |p| {
+        p.fallback.routes = vec![RouteConfig::new("b").remove_header("bad name")];
+    }),
+    ("fallback.routes[0].set_headers", |p| {
+        p.fallback.routes = vec![RouteConfig::new("b").set_header("Authorization", "Bearer other")];
+    }),
+    ("fallback.routes[0].set_headers", |p| {
+        p.fallback.routes = vec![RouteConfig::new("b").remove_header("x-api-key")];
+    }),
+    ("fallback.routes[0].model", |p| {
+        p.fallback.blocked_models = vec!["cheap".into()];
+        p.fallback.routes = vec![RouteConfig::new("b").model("cheap")];
+    }),
+    ("fallback.routes[0].model", |p| {
+        p.fallback.allowed_models = vec!["approved".into()];
+        p.fallback.routes = vec![RouteConfig::new("b").model("other")];
+    }),
+    ("fallback.last_resort.status", |p| {
+        p.fallback.last_resort = Some(StaticResponse::json(1000, "{}"))
+    }),
+    ("fallback.last_resort.content_type", |p| {
+        let mut r = StaticResponse::json(200, "{}");
+        r.content_type = "a\nb".into();
+        p.fallback.last_resort = Some(r);
+    }),
+    ("budget.retry_budget.ratio", |p| {
+        p.budget.retry_budget = RetryBudgetPolicy::Ratio {
+            ratio: 1.2,
+            min_per_sec: 1,
+            ttl: ms(1000),
+        };
+    }),
+    ("budget.retry_budget.ttl", |p| {
+        p.budget.retry_budget = RetryBudgetPolicy::Ratio {
+            ratio: 0.2,
+            min_per_sec: 1,
+            ttl: Duration::ZERO,
+        };
+    }),
+    ("budget.retry_budget.ttl", |p| {
+        p.budget.retry_budget = RetryBudgetPolicy::Ratio {
+            ratio: 0.2,
+            min_per_sec: 1,
+            ttl: Duration::from_secs(7200),
+        };
+    }),
+    ("budget.retry_budget.capacity", |p| {
+        p.budget.retry_budget = RetryBudgetPolicy::TokenBucket {
+            capacity: 0,
+            refill_per_sec: 1.0,
+            per_request: 0.1,
+        };
+    }),
+    ("budget.retry_budget.refill_per_sec", |p| {
+        p.budget.retry_budget = RetryBudgetPolicy::TokenBucket {
+            capacity: 5,
+            refill_per_sec: f64::NAN,
+            per_request: 0.1,
+        };
+    }),
+    ("budget.retry_budget.per_request", |p| {
+        p.budget.retry_budget = RetryBudgetPolicy::TokenBucket {
+            capacity: 5,
+            refill_per_sec: 1.0,
+            per_request: -1.0,
+        };
+    }),
+    ("budget.deadline", |p| {
+        p.budget.deadline = Some(Duration::ZERO)
+    }),
+    ("budget.rate_limit.requests_per_second", |p| {
+        let mut r = RateLimitPolicy::default();
+        r.requests_per_second = Some(0.0);
+        p.budget.rate_limit = Some(r);
+    }),
+    ("budget.rate_limit.requests_per_second", |p| {
+        let mut r = RateLimitPolicy::default();
+        r.requests_per_second = Some(f64::INFINITY);
+        p.budget.rate_limit = Some(r);
+    }),
+    ("budget.rate_limit.burst", |p| {
+        let mut r = RateLimitPolicy::default();
+        r.requests_per_second = Some(1.0);
+        r.burst = 0;
+        p.budget.rate_limit = Some(r);
+    }),
+    ("budget.rate_limit.tokens_per_minute", |p| {
+        let mut r = RateLimitPolicy::default();
+        r.tokens_per_minute = Some(0);
+        p.budget.rate_limit = Some(r);
+    }),
+    ("budget.rate_limit", |p| {
+        p.budget.rate_limit = Some(RateLimitPolicy::default())
+    }),
+    ("budget.admission.max_wait", |p| {
+        p.budget.admission = AdmissionMode::Queue {
+            max_wait: Duration::ZERO,
+            max_queued: 1,
+        };
+    }),
+    ("budget.admission.max_queued", |p| {
+        p.budget.admission = AdmissionMode::Queue {
+            max_wait: ms(1),
+            max_queued: 0,
+        };
+    }),
+    ("budget.spend.cap", |p| {
+        p.budget.spend = Some(SpendPolicy::default())
+    }),
+    ("budget.spend.window", |p| {
+        let mut s = SpendPolicy::default();
+        s.cap = 1.0;
+        s.window = Duration::ZERO;
+        p.budget.spend = Some(s);
+    }),
+    ("budget.spend.owner_header", |p| {
+        let mut s = SpendPolicy::default();
+        s.cap = 1.0;
+        s.owner_header = "no good".into();
+        p.budget.spend = Some(s);
+    }),
+    ("budget.spend.prices.primary.output_per_mtok", |p| {
+        let mut s = SpendPolicy::default();
+        s.cap = 1.0;
+        s.prices.insert("primary".into(), Price::new(1.0, -3.0));
+        p.budget.spend = Some(s);
+    }),
+    ("budget.spend.default_price.input_per_mtok", |p| {
+        let mut s = SpendPolicy::default();
+        s.cap = 1.0;
+        s.default_price = Some(Price::new(f64::NAN, 1.0));
+        p.budget.spend = Some(s);
+    }),
+    ("stream.first_token_timeout", |p| {
+        p.stream.first_token_timeout = Some(Duration::ZERO)
+    }),
+    ("stream.idle_timeout", |p| {
+        p.stream.idle_timeout = Some(Duration::ZERO)
+    }),
+    ("stream.total_timeout", |p| {
+        p.stream.total_timeout = Some(Duration::ZERO)
+    }),
+    ("stream.total_timeout", |p| {
+        p.stream.first_token_timeout = Some(Duration::from_secs(30));
+        p.stream.total_timeout = Some(Duration::from_secs(10));
+    }),
+    ("stream.commit.bytes", |p| {
+        p.stream.commit = CommitPoint::AfterBytes { bytes: 0 }
+    }),
+    ("stream.commit.bytes", |p| {
+        p.stream.max_buffer = 10;
+        p.stream.commit = CommitPoint::AfterBytes { bytes: 11 };
+    }),
+    ("stream.commit.duration", |p| {
+        p.stream.commit = CommitPoint::AfterDuration {
+            duration: Duration::ZERO,
+        }
+    }),
+    ("stream.max_buffer", |p| p.stream.max_buffer = 0),
+    ("stream.routes.primary.idle_timeout", |p| {
+        let mut s = p.stream.defaults();
+        s.idle_timeout = Some(Duration::ZERO);
+        p.stream.routes.insert("primary".into(), s);
+    }),
+    ("stream.routes.nowhere", |p| {
+        let s = p.stream.defaults();
+        p.stream.routes.insert("nowhere".into(), s);
+    }),
+    ("idempotency.key_header", |p| {
+        p.idempotency.key_header = Some("bad:header".into())
+    }),
+];
+
+#[test]
+fn every_policy_error_names_its_field() {
+    for (field, break_it) in CASES {
+        let mut p = Policy::interactive();
+        break_it(&mut p);
+        match p.validate() {
+            Err(e) => {
+                assert_eq!(e.field(), *field, "{e}");
+                assert!(!e.reason().is_empty());
+                assert!(e.to_string().contains(field), "{e}");
+            }
+            Ok(()) => panic!("case for `{field}` validated"),
+        }
+    }
+}
+
+#[test]
+fn presets_are_valid_and_differ_where_the_workflows_do() {
+    let i = Policy::interactive()
+        .validated()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let b = Policy::batch()
+        .validated()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(Policy::default(), i);
+    assert_eq!(i.budget.admission, AdmissionMode::Reject);
+    assert!(matches!(b.budget.admission, AdmissionMode::Queue { .. }));
+    assert_eq!(i.stream.commit, CommitPoint::FirstEvent);
+    assert_eq!(b.stream.commit, CommitPoint::End);
+    assert!(b.retry.max_attempts > i.retry.max_attempts);
+    assert!(b.retry.max_server_wait > i.retry.max_server_wait);
+}
+
+#[test]
+fn approved_credential_route_is_valid() {
+    let mut p = Policy::interactive();
+    p.fallback.routes = vec![
+        RouteConfig::new("azure")
+            .base_url("https://azure.example/openai")
+            .set_header("api-key", "k")
+            .remove_header("authorization")
+            .approve_credentials(),
+    ];
+    assert_eq!(p.validate(), Ok(()));
+}
+
+#[test]
+fn route_debug_never_prints_header_values() {
+    let r = RouteConfig::new("azure")
+        .set_header("api-key", "sk-canary-123")
+        .approve_credentials();
+    let printed = format!("{r:?} {:?}", {
+        let mut p = Policy::interactive();
+        p.fallback.routes = vec![r.clone()];
+        p
+    });
+    assert!(!printed.contains("sk-canary-123"), "{printed}");
+    assert!(printed.contains("api-key"));
+}
+
+#[cfg(feature = "serde")]
+mod files {
+    use super::*;
+
+    fn example(name: &str) -> String {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples")
+            .join(name);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    #[test]
+    fn example_toml_loads_and_validates() {
+        let p: Policy = toml::from_str(&example("policy.toml")).unwrap_or_else(|e| panic!("{e}"));
+        let p = p.validated().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(p.workflow, "support-chat");
+        assert_eq!(p.retry.max_server_wait, Duration::from_secs(10));
+        assert_eq!(
+            p.retry.backoff_for(FailureClass::RateLimited).base,
+            Duration::from_secs(1)
+        );
+        assert_eq!(p.fallback.routes.len(), 2);
+        assert!(p.fallback.routes[1].larger_context);
+        assert_eq!(p.actions.get(FailureClass::Timeout).retry, RetryRule::Never);
+        // An override of one cell keeps the class's other defaults.
+        assert_eq!(
+            p.actions.get(FailureClass::Timeout).fallback,
+            FallbackRule::Yes
+        );
+        assert_eq!(p.stream.total_timeout, Some(Duration::from_secs(300)));
+        assert_eq!(p.budget.admission, AdmissionMode::Reject);
+        let spend = p.budget.spend.as_ref().map(|s| s.prices.len());
+        assert_eq!(spend, Some(3));
+    }
+
+    #[test]
+    fn example_json_loads_and_validates() {
+        let p = Policy::from_json(&example("policy.json")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(p.workflow, "nightly-summaries");
+        assert_eq!(p.stream.commit, CommitPoint::End);
+        assert_eq!(
+            p.budget.admission,
+            AdmissionMode::Queue {
+                max_wait: Duration::from_secs(600),
+                max_queued: 10_000
+            }
+        );
+        assert_eq!(
+            p.actions.get(FailureClass::QuotaExhausted).fallback,
+            FallbackRule::ApprovedOwner
+        );
+        assert_eq!(
+            p.stream.for_route(Some("bedrock-sonnet")).idle_timeout,
+            Some(Duration::from_secs(90))
+        );
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_durations_are_errors() {
+        let typo = toml::from_str::<Policy>("[retry]\nmax_atempts = 3\n");
+        assert!(typo.is_err_and(|e| e.to_string().contains("max_atempts")));
+        let bad = toml::from_str::<Policy>("[retry]\nmax_elapsed = \"ten seconds\"\n");
+        assert!(bad.is_err_and(|e| e.to_string().contains("invalid duration")));
+        let bad_class = toml::from_str::<Policy>("[actions.sometimes]\nretry = \"never\"\n");
+        assert!(bad_class.is_err());
+        let e = Policy::from_json("{\"retry\":{\"max_attempts\":0}}").err();
+        assert_eq!(
+            e.map(|e| e.field().to_owned()).as_deref(),
+            Some("retry.max_attempts")
+        );
+        assert!(Policy::from_json("{not json").is_err());
+    }
+
+    #[test]
+    fn a_policy_round_trips_through_json() {
+        let p = Policy::batch();
+        let json = serde_json::to_string(&p).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(Policy::from_json(&json), Ok(p));
+    }
+}
