@@ -679,7 +679,7 @@ async fn errors_before_the_head_count_and_are_recorded() {
     assert_eq!(e.kind(), &ErrorKind::Transport);
     let log = e.attempt_log().unwrap();
     let a = &log.attempts()[0];
-    assert_eq!(a.class, Some(FailureClass::Transport));
+    assert_eq!(a.class, Some(FailureClass::Connect));
     assert!(a.error.is_some());
     assert_eq!(a.route.as_ref().map(RouteName::as_str), Some(A));
     assert_eq!(handle.state(A), CircuitState::Open);
