@@ -7,8 +7,10 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use tokio::time::Instant;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use tower_llm_resilience::attempt_log::LocalEventKind;
 use tower_llm_resilience::circuit_breaker::{CircuitBreakerLayer, CircuitState};
+use tower_llm_resilience::retry::RetryLayer;
 use tower_llm_resilience::testing::{MockProvider, Reply, ScriptKey, chat_request, client};
 use tower_llm_resilience::{
     Body, Classification, Error, ErrorKind, FailureClass, Policy, RouteName,
@@ -170,6 +172,60 @@ async fn caller_errors_from_a_real_provider_never_trip() {
     let route = mock.addr().to_string();
     assert_eq!(handle.state(route.as_str()), CircuitState::Closed);
     assert_eq!(handle.snapshot(route.as_str()).map(|s| s.failures), Some(0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_open_circuit_ends_the_retries_outside_it_at_once() {
+    let mock = MockProvider::start().await.unwrap();
+    mock.script(ScriptKey::Any, [Reply::openai_overloaded()]);
+    let mut policy = Policy::interactive();
+    policy.retry.max_attempts = 5;
+    policy.retry.seed = Some(3);
+    policy.circuit_breaker.consecutive_failures = Some(2);
+    let breaker = CircuitBreakerLayer::from_policy(&policy).unwrap();
+    let handle = breaker.handle();
+    let svc = ServiceBuilder::new()
+        .layer(RetryLayer::from_policy(&policy).unwrap())
+        .layer(breaker)
+        .service(client());
+
+    let e = svc
+        .oneshot(chat_request(&mock.url(), "gpt-4o", false))
+        .await
+        .unwrap_err();
+    let ended = Instant::now();
+    assert!(matches!(e.kind(), ErrorKind::CircuitOpen { .. }), "{e}");
+    // Two attempts tripped the breaker; the third was refused without a call and ended the
+    // retries, with three attempts of the allowed five left.
+    assert_eq!(mock.request_count(), 2);
+    assert_eq!(
+        handle.state(mock.addr().to_string().as_str()),
+        CircuitState::Open
+    );
+    let log = e.attempt_log().unwrap();
+    assert_eq!(log.attempts().len(), 2);
+    let events = log.events();
+    let refused = events
+        .iter()
+        .find(|ev| matches!(ev.kind, LocalEventKind::CircuitOpen { .. }))
+        .unwrap();
+    // Nothing waited after the refusal.
+    assert_eq!(log.elapsed(), refused.offset);
+    assert_eq!(ended.elapsed(), Duration::ZERO);
+    // And nothing more reached the provider.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(mock.request_count(), 2);
+
+    // Without the breaker the same retries would have used all five attempts.
+    let control = MockProvider::start().await.unwrap();
+    control.script(ScriptKey::Any, [Reply::openai_overloaded()]);
+    let retry_only = RetryLayer::from_policy(&policy).unwrap().layer(client());
+    let r = retry_only
+        .oneshot(chat_request(&control.url(), "gpt-4o", false))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(control.request_count(), 5);
 }
 
 #[tokio::test(start_paused = true)]
