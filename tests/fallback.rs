@@ -7,8 +7,10 @@ use http::{Request, Response};
 use http_body_util::Full;
 use tower::{Layer, ServiceExt};
 use tower_llm_resilience::attempt_log::{Decision, LocalEventKind, LogSnapshot, StopReason};
+use tower_llm_resilience::circuit_breaker::{CircuitBreakerLayer, CircuitState};
 use tower_llm_resilience::fallback::{Fallback, FallbackLayer, LAST_RESORT_HEADER, ROUTE_HEADER};
 use tower_llm_resilience::policy::{FallbackPolicy, Policy, RouteConfig, StaticResponse};
+use tower_llm_resilience::retry::RetryLayer;
 use tower_llm_resilience::testing::{self, MockProvider, Reply, ScriptKey};
 use tower_llm_resilience::{AttemptLog, Body, BoxError, FailureClass, RouteName};
 
@@ -563,5 +565,146 @@ async fn an_open_circuit_on_the_primary_moves_on_at_once() -> Result<(), BoxErro
     assert_eq!(log.selected_route, Some("backup".into()));
     assert!(log.events.iter().any(|e| e.route == Some("primary".into())
         && matches!(e.kind, LocalEventKind::CircuitOpen { .. })));
+    Ok(())
+}
+#[tokio::test]
+async fn a_tripped_circuit_on_the_primary_keeps_every_call_off_it() -> Result<(), BoxError> {
+    let mock = MockProvider::start().await?;
+    mock.script(
+        ScriptKey::model(PRIMARY_MODEL),
+        [Reply::openai_overloaded()],
+    );
+    let mut policy = Policy::interactive();
+    policy.fallback = chain(vec![route(&mock, "backup")]);
+    let breaker = CircuitBreakerLayer::from_policy(&policy)?;
+    let breakers = breaker.handle();
+    let service = tower::ServiceBuilder::new()
+        .layer(FallbackLayer::from_policy(&policy)?)
+        .layer(breaker)
+        .service(testing::client());
+    let primary_calls = |mock: &MockProvider| {
+        mock.requests()
+            .iter()
+            .filter(|r| r.model.as_deref() == Some(PRIMARY_MODEL))
+            .count()
+    };
+
+    // The default breaker trips after 5 consecutive provider failures; the backup serves each.
+    for _ in 0..5 {
+        let request = testing::chat_request(&mock.url(), PRIMARY_MODEL, false);
+        let response = service.clone().oneshot(request).await?;
+        assert_eq!(response.headers()[ROUTE_HEADER], "backup");
+        json(response).await?;
+    }
+    assert_eq!(breakers.state("primary"), CircuitState::Open);
+    assert_eq!(primary_calls(&mock), 5);
+
+    // Open: zero calls reach the primary; the backup serves at once.
+    for _ in 0..3 {
+        let request = testing::chat_request(&mock.url(), PRIMARY_MODEL, false);
+        let response = service.clone().oneshot(request).await?;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()[ROUTE_HEADER], "backup");
+        let log = response
+            .extensions()
+            .get::<AttemptLog>()
+            .ok_or("log")?
+            .snapshot();
+        assert_eq!(routes_tried(&log), ["backup"]);
+        let open_events: Vec<_> = log
+            .events
+            .iter()
+            .filter(|e| matches!(e.kind, LocalEventKind::CircuitOpen { .. }))
+            .collect();
+        // Logged once (by the breaker), for the primary.
+        assert_eq!(open_events.len(), 1);
+        assert_eq!(open_events[0].route, Some("primary".into()));
+        assert_eq!(json(response).await?["model"], "backup-model");
+    }
+    assert_eq!(primary_calls(&mock), 5);
+    assert_eq!(mock.request_count(), 5 + 5 + 3);
+
+    // With the backup's circuit forced open too, no call is made at all, and the caller gets
+    // the primary's failure: its open circuit.
+    breakers.force_open("backup");
+    let request = testing::chat_request(&mock.url(), PRIMARY_MODEL, false);
+    let error = service
+        .clone()
+        .oneshot(request)
+        .await
+        .err()
+        .ok_or("both circuits open")?;
+    assert!(
+        matches!(error.kind(), tower_llm_resilience::ErrorKind::CircuitOpen { route, .. } if route.as_str() == "primary"),
+        "{error}"
+    );
+    assert_eq!(mock.request_count(), 13);
+    let log = error
+        .attempt_log()
+        .ok_or("the error carries the log")?
+        .snapshot();
+    assert!(log.attempts.is_empty());
+    let open: Vec<_> = log.events.iter().filter_map(|e| e.route.as_ref()).collect();
+    assert_eq!(
+        open,
+        [&RouteName::new("primary"), &RouteName::new("backup")]
+    );
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_route_switches_only_after_its_retries_are_spent() -> Result<(), BoxError> {
+    let mock = MockProvider::start().await?;
+    mock.script(
+        ScriptKey::model(PRIMARY_MODEL),
+        [Reply::openai_overloaded()],
+    );
+    let mut policy = Policy::interactive();
+    policy.retry.max_attempts = 3;
+    policy.retry.seed = Some(7);
+    policy.fallback = chain(vec![route(&mock, "backup")]);
+    let service = tower::ServiceBuilder::new()
+        .layer(FallbackLayer::from_policy(&policy)?)
+        .layer(RetryLayer::from_policy(&policy)?)
+        .service(testing::client());
+    let request = testing::chat_request(&mock.url(), PRIMARY_MODEL, false);
+    let response = service.oneshot(request).await?;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()[ROUTE_HEADER], "backup");
+    let log = response
+        .extensions()
+        .get::<AttemptLog>()
+        .ok_or("log")?
+        .snapshot();
+    assert_eq!(
+        routes_tried(&log),
+        ["primary", "primary", "primary", "backup"]
+    );
+    assert!(matches!(
+        log.attempts[0].decisions[..],
+        [Decision::Retry { .. }]
+    ));
+    assert!(matches!(
+        log.attempts[1].decisions[..],
+        [Decision::Retry { .. }]
+    ));
+    assert_eq!(
+        log.attempts[2].decisions,
+        [
+            Decision::Stop(StopReason::AttemptsExhausted),
+            Decision::Fallback {
+                to: "backup".into()
+            }
+        ]
+    );
+    assert_eq!(
+        received(&mock),
+        [
+            at(PRIMARY_PATH, PRIMARY_MODEL),
+            at(PRIMARY_PATH, PRIMARY_MODEL),
+            at(PRIMARY_PATH, PRIMARY_MODEL),
+            at("/backup/v1/chat/completions", "backup-model")
+        ]
+    );
     Ok(())
 }
