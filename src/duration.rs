@@ -49,6 +49,7 @@ pub(crate) fn parse(input: &str) -> Option<Duration> {
     Some(Duration::from_secs_f64(total))
 }
 
+#[cfg(any(feature = "serde", test))]
 /// Formats a duration the way [`parse`] reads it back: `"250ms"`, `"9s"`, `"1.5s"`.
 pub(crate) fn format(d: Duration) -> String {
     if d.is_zero() {

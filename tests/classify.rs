@@ -1047,6 +1047,23 @@ async fn tokio_elapsed_is_timeout_also_inside_an_io_error() {
     assert_eq!(error_class(&wrapped), Some(Timeout));
 }
 
+#[tokio::test(start_paused = true)]
+async fn tower_timeout_is_timeout() {
+    use tower::{Service, ServiceExt};
+    let mut svc = tower::timeout::Timeout::new(
+        tower::service_fn(|()| std::future::pending::<Result<(), std::convert::Infallible>>()),
+        Duration::from_secs(1),
+    );
+    let err = svc
+        .ready()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .call(())
+        .await
+        .unwrap_err();
+    assert_eq!(error_class(&*err), Some(Timeout));
+}
+
 #[derive(Debug)]
 struct Wrap(&'static str, Option<Box<dyn StdError + Send + Sync>>);
 

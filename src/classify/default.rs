@@ -120,7 +120,8 @@ impl Classifier for DefaultClassifier {
     ///   task went away) is [`Connect`](FailureClass::Connect);
     ///   an error reading a response body (the head had arrived, so the request was processed)
     ///   is [`Transport`](FailureClass::Transport) whatever lies beneath it;
-    /// - `tokio::time::error::Elapsed`: [`Timeout`](FailureClass::Timeout);
+    /// - `tokio::time::error::Elapsed` and `tower::timeout::error::Elapsed`:
+    ///   [`Timeout`](FailureClass::Timeout);
     /// - anything else: [`Transport`](FailureClass::Transport).
     fn classify_error(&self, error: &(dyn StdError + 'static)) -> Classification {
         Classification::failure(error_class(error, 0).unwrap_or(FailureClass::Transport))
@@ -260,7 +261,7 @@ fn error_class(error: &(dyn StdError + 'static), depth: usize) -> Option<Failure
                 return Some(FailureClass::Connect);
             }
         }
-        if e.is::<tokio::time::error::Elapsed>() {
+        if e.is::<tokio::time::error::Elapsed>() || e.is::<tower::timeout::error::Elapsed>() {
             return Some(FailureClass::Timeout);
         }
         next = e.source();

@@ -1,0 +1,145 @@
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderName, Request, Response};
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::future::{Attempts, ResponseFuture};
+use super::layer::Shared;
+use crate::attempt_log::AttemptLog;
+use crate::context::{Deadline, FallbackAvailable, RouteName};
+use crate::replay::{ReplayBody, try_clone_request};
+use crate::retry_budget::RetryBudget;
+use crate::{Body, BoxError, Error};
+
+/// The header a caller conventionally sets an idempotency key in; looked for when the policy
+/// names no key header of its own.
+const CONVENTIONAL_KEY_HEADER: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// Retries a request on the same route while its failure class, the server, the deadline and
+/// the retry budget allow. Built by [`RetryLayer`](super::RetryLayer).
+///
+/// Clones share the policy, the retry budget and the jitter source.
+#[derive(Clone)]
+pub struct Retry<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> Retry<S> {
+    pub(super) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for Retry<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retry")
+            .field("inner", &self.inner)
+            .field("policy", &self.shared)
+            .finish()
+    }
+}
+
+impl<S, B, RB> Service<Request<B>> for Retry<S>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone,
+    S::Error: Into<BoxError>,
+    RB: http_body::Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<BoxError>,
+    B: ReplayBody,
+{
+    type Response = Response<Body>;
+    type Error = Error;
+    type Future = ResponseFuture<S, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner
+            .poll_ready(cx)
+            .map_err(|e| self.shared.classifier.error(e))
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let shared = &self.shared;
+        let start = Instant::now();
+
+        let (log, owns_log) = AttemptLog::get_or_insert(&mut req);
+        let route = RouteName::of_request(&req);
+        if owns_log {
+            log.set_tracing(shared.logging.tracing);
+            log.set_requested_route(route.clone());
+        }
+
+        // One key per logical request: set once here, copied into every attempt below.
+        if let Some(name) = &shared.key_header {
+            if !req.headers().contains_key(name) {
+                if let Some(key) = shared.keys.next() {
+                    req.headers_mut().insert(name.clone(), key);
+                }
+            }
+        }
+        let has_key = match &shared.key_header {
+            Some(name) => req.headers().contains_key(name),
+            None => req.headers().contains_key(CONVENTIONAL_KEY_HEADER),
+        };
+        let idempotent = req.method().is_idempotent() || has_key;
+
+        // A budget handed down by `BudgetLayer` wins; that layer deposits for the request.
+        let (budget, owns_budget) = match req.extensions().get::<RetryBudget>() {
+            Some(b) => (b.clone(), false),
+            None => (shared.budget.clone(), true),
+        };
+        if owns_budget {
+            budget.deposit();
+        }
+
+        let mut deadline = start + shared.retry.max_elapsed;
+        if let Some(d) = req.extensions().get::<Deadline>() {
+            deadline = deadline.min(d.0);
+        }
+        let fallback_available = req.extensions().get::<FallbackAvailable>().is_some();
+
+        // Keep the original as the template for retries when its body can be copied; else the
+        // original goes out and there will be no retry.
+        let (first, template) = match try_clone_request(&req) {
+            Some(copy) => (copy, Some(req)),
+            None => (req, None),
+        };
+
+        // The service that `poll_ready` readied goes into the future; a clone stays here
+        // (as `tower::retry` does), and the future polls its own readiness before each retry.
+        let clone = self.inner.clone();
+        let service = std::mem::replace(&mut self.inner, clone);
+
+        let attempts = Attempts::new(
+            shared.clone(),
+            template,
+            log,
+            owns_log,
+            route,
+            budget,
+            deadline,
+            idempotent,
+            fallback_available,
+        );
+        ResponseFuture::new(service, attempts, first)
+    }
+}
