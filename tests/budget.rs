@@ -223,3 +223,185 @@ async fn inner_layers_see_the_deadline_and_the_retry_budget() {
         Some(Outcome::Success { status: 200 })
     );
 }
+
+// ------------------------------------------------- with RetryLayer and FallbackLayer inside
+
+mod with_recovery_layers {
+    use super::*;
+    use tower_llm_resilience::attempt_log::{Decision, StopReason};
+    use tower_llm_resilience::fallback::FallbackLayer;
+    use tower_llm_resilience::policy::{BackoffPolicy, Policy, RetryBudgetPolicy, RouteConfig};
+    use tower_llm_resilience::retry::RetryLayer;
+
+    /// Budget → Fallback (primary + one backup on the same mock) → Retry (3 attempts per
+    /// route) → the hyper-util client. Without a budget, one request makes 6 calls.
+    fn stack(
+        mock: &MockProvider,
+        retry_budget: RetryBudgetPolicy,
+    ) -> impl tower::Service<
+        http::Request<Full<Bytes>>,
+        Response = http::Response<tower_llm_resilience::Body>,
+        Error = tower_llm_resilience::Error,
+        Future: Send,
+    > + Clone
+    + Send
+    + 'static {
+        let mut policy = Policy::interactive();
+        policy.retry.max_attempts = 3;
+        policy.retry.backoff =
+            BackoffPolicy::new(Duration::from_millis(1), Duration::from_millis(2));
+        policy.retry.seed = Some(7);
+        policy
+            .fallback
+            .routes
+            .push(RouteConfig::new("backup").base_url(format!("{}/backup/v1", mock.url())));
+        policy.fallback.max_hops = 1;
+        policy.budget.retry_budget = retry_budget;
+        let budget = BudgetLayer::from_policy(&policy).expect("budget layer");
+        let fallback = FallbackLayer::from_policy(&policy).expect("fallback layer");
+        let retry = RetryLayer::from_policy(&policy).expect("retry layer");
+        budget.layer(fallback.layer(retry.layer(client())))
+    }
+
+    /// Sends `n` requests one after another; returns each request's log.
+    async fn run<S>(svc: &S, mock: &MockProvider, n: usize) -> Vec<AttemptLog>
+    where
+        S: tower::Service<
+                http::Request<Full<Bytes>>,
+                Response = http::Response<tower_llm_resilience::Body>,
+                Error = tower_llm_resilience::Error,
+            > + Clone,
+    {
+        let mut logs = Vec::new();
+        for _ in 0..n {
+            let resp = svc
+                .clone()
+                .oneshot(chat_request(&mock.url(), "m", false))
+                .await
+                .expect("the primary's failure response");
+            assert_eq!(resp.status(), 503);
+            let log = log_of(&resp);
+            assert!(matches!(
+                log.snapshot().outcome,
+                Some(Outcome::ProviderFailure { status: 503, .. })
+            ));
+            resp.into_body().collect().await.expect("body");
+            logs.push(log);
+        }
+        logs
+    }
+
+    fn budget_denials(log: &AttemptLog) -> usize {
+        log.events()
+            .iter()
+            .filter(|e| e.kind == LocalEventKind::RetryBudgetDenied)
+            .count()
+    }
+
+    fn stopped_by_budget(log: &AttemptLog) -> usize {
+        log.attempts()
+            .iter()
+            .flat_map(|a| a.decisions.clone())
+            .filter(|d| *d == Decision::Stop(StopReason::RetryBudgetDenied))
+            .count()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn under_total_failure_calls_stay_within_the_retry_budget() {
+        let mock = start().await;
+        mock.script(ScriptKey::Any, [Reply::openai_overloaded()]);
+
+        // Control: with a budget far larger than the demand, every request makes all 6 calls.
+        let ample = RetryBudgetPolicy::Ratio {
+            ratio: 1.0,
+            min_per_sec: 1000,
+            ttl: Duration::from_secs(60),
+        };
+        let logs = run(&stack(&mock, ample), &mock, 5).await;
+        assert_eq!(mock.request_count(), 30);
+        assert!(logs.iter().all(|l| l.attempt_count() == 6));
+        assert!(logs.iter().all(|l| budget_denials(l) == 0));
+
+        // 100 % failure, 100 requests, a budget of 20 % of requests plus 1 per second over 60 s:
+        // at most 100 + 20 + 60 calls, where an unbudgeted stack would make 600.
+        mock.script(ScriptKey::Any, [Reply::openai_overloaded()]);
+        let before = mock.request_count();
+        let tight = RetryBudgetPolicy::Ratio {
+            ratio: 0.2,
+            min_per_sec: 1,
+            ttl: Duration::from_secs(60),
+        };
+        let t0 = Instant::now();
+        let logs = run(&stack(&mock, tight), &mock, 100).await;
+        assert!(
+            Instant::now() - t0 < Duration::from_secs(60),
+            "all within one window"
+        );
+        let calls = mock.request_count() - before;
+        assert_eq!(
+            calls,
+            logs.iter().map(AttemptLog::attempt_count).sum::<usize>()
+        );
+        // The budget is spent to the last whole retry, never beyond.
+        assert_eq!(calls, 100 + 20 + 60);
+        // Every retry or hop the budget refused is logged as such: each request that made
+        // fewer than its 6 calls stopped on a budget denial, recorded both as an event and as
+        // the stop decision on the attempt it followed.
+        for log in &logs {
+            if log.attempt_count() < 6 {
+                assert!(budget_denials(log) >= 1, "{log}");
+                assert_eq!(budget_denials(log), stopped_by_budget(log), "{log}");
+            }
+        }
+        // 80 retries and hops granted, at most 5 per request: at least 84 requests were
+        // refused one.
+        let short = logs.iter().filter(|l| l.attempt_count() < 6).count();
+        assert!(short >= 84, "{short} requests stopped early");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_retry_layer_respects_the_deadline_set_here() {
+        let mock = start().await;
+        // The server asks for 10 s; the request's deadline is 5 s away.
+        mock.script(
+            ScriptKey::Any,
+            [Reply::openai_rate_limited(Some("10")), Reply::ok()],
+        );
+        let mut policy = Policy::interactive();
+        policy.retry.max_attempts = 5;
+        policy.retry.max_server_wait = Duration::from_secs(60);
+        policy.retry.max_elapsed = Duration::from_secs(600);
+        policy.retry.seed = Some(7);
+        policy.budget.deadline = Some(Duration::from_secs(5));
+        let budget = BudgetLayer::from_policy(&policy).expect("budget layer");
+        let retry = RetryLayer::from_policy(&policy).expect("retry layer");
+        let svc = budget.layer(retry.layer(client()));
+        let t0 = Instant::now();
+        let resp = svc
+            .oneshot(chat_request(&mock.url(), "m", false))
+            .await
+            .expect("the 429 is handed back");
+        // No sleep past the deadline and no second call: the 429 comes back at once.
+        assert_eq!(resp.status(), 429);
+        assert_eq!(Instant::now() - t0, Duration::ZERO);
+        assert_eq!(mock.request_count(), 1);
+        let log = log_of(&resp);
+        let last = log.attempts()[0].decisions.last().cloned();
+        assert_eq!(last, Some(Decision::Stop(StopReason::DeadlineExceeded)));
+
+        // With the deadline further out, the same wait is honoured.
+        mock.script(
+            ScriptKey::Any,
+            [Reply::openai_rate_limited(Some("2")), Reply::ok()],
+        );
+        let svc = budget.layer(retry.layer(client()));
+        let t0 = Instant::now();
+        let resp = svc
+            .oneshot(chat_request(&mock.url(), "m", false))
+            .await
+            .expect("response");
+        assert_eq!(resp.status(), 200);
+        let waited = Instant::now() - t0;
+        assert!(waited >= Duration::from_secs(2) && waited < Duration::from_secs(5));
+    }
+}
