@@ -653,6 +653,43 @@ async fn a_tripped_circuit_on_the_primary_keeps_every_call_off_it() -> Result<()
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_total_attempts_cap_binds_the_retries_inside() -> Result<(), BoxError> {
+    let mock = MockProvider::start().await?;
+    mock.script(ScriptKey::Any, [Reply::openai_overloaded()]);
+    let mut policy = Policy::interactive();
+    policy.retry.max_attempts = 3;
+    policy.retry.seed = Some(7);
+    policy.fallback = chain(vec![route(&mock, "backup")]);
+    policy.fallback.max_total_attempts = 4;
+    let service = tower::ServiceBuilder::new()
+        .layer(FallbackLayer::from_policy(&policy)?)
+        .layer(RetryLayer::from_policy(&policy)?)
+        .service(testing::client());
+    let request = testing::chat_request(&mock.url(), PRIMARY_MODEL, false);
+    let response = service.oneshot(request).await?;
+    // Every route fails: the caller gets the primary's failure.
+    assert_eq!(response.status(), 503);
+    let log = response
+        .extensions()
+        .get::<AttemptLog>()
+        .ok_or("log")?
+        .snapshot();
+    assert_eq!(
+        routes_tried(&log),
+        ["primary", "primary", "primary", "backup"]
+    );
+    assert_eq!(mock.request_count(), 4);
+    assert!(
+        log.attempts[3]
+            .decisions
+            .contains(&Decision::Stop(StopReason::ChainLimit)),
+        "{:?}",
+        log.attempts[3].decisions
+    );
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_route_switches_only_after_its_retries_are_spent() -> Result<(), BoxError> {
     let mock = MockProvider::start().await?;
     mock.script(
