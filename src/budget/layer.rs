@@ -115,7 +115,7 @@ impl BudgetLayer {
 
     /// Keeps spend and rate-limit state in `store` (share one store between layers, or put
     /// it outside the process). Call before the layer is cloned into services.
-    pub fn with_store(mut self, store: Arc<dyn BudgetStore>) -> Self {
+    pub fn store(mut self, store: Arc<dyn BudgetStore>) -> Self {
         let shared = Arc::make_mut(&mut self.shared);
         shared.store = store;
         shared.rebuild_gate();
@@ -123,14 +123,14 @@ impl BudgetLayer {
     }
 
     /// Estimates request tokens with `estimator` instead of the [`DefaultEstimator`].
-    pub fn with_estimator(mut self, estimator: impl TokenEstimator) -> Self {
+    pub fn estimator(mut self, estimator: impl TokenEstimator) -> Self {
         Arc::make_mut(&mut self.shared).estimator = SharedEstimator(Arc::new(estimator));
         self
     }
 
     /// Classifies responses and errors with `classifier` (and reads `usage` within its peek
     /// bound).
-    pub fn with_classifier(mut self, classifier: SharedClassifier) -> Self {
+    pub fn classifier(mut self, classifier: SharedClassifier) -> Self {
         Arc::make_mut(&mut self.shared).classifier = classifier;
         self
     }

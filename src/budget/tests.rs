@@ -563,7 +563,7 @@ async fn custom_estimators_replace_the_default() {
     policy.rate_limit = Some(rate(None, 1, Some(60)));
     let (_, inner) = recorder();
     let svc = layer(policy)
-        .with_estimator(|_: &http::HeaderMap, _: Option<&[u8]>| TokenEstimate::new(20, 10))
+        .estimator(|_: &http::HeaderMap, _: Option<&[u8]>| TokenEstimate::new(20, 10))
         .layer(inner);
     assert!(svc.clone().oneshot(chat("h", 1)).await.is_ok());
     assert!(svc.clone().oneshot(chat("h", 1)).await.is_ok());
