@@ -287,6 +287,12 @@ pub enum LocalEventKind {
     DeadlineExceeded,
     /// The fallback chain served its static last-resort answer.
     LastResort,
+    /// The fallback chain skipped a route because the request could not be rewritten for it
+    /// (for example, its body has no top-level `model` to switch).
+    RouteSkipped {
+        /// Why, in a few words (never body content).
+        reason: String,
+    },
 }
 
 /// A local decision, with when and for which route.

@@ -127,13 +127,12 @@ pub fn next_wait(
     }
 }
 
-fn ceil_millis(d: Duration) -> Duration {
-    let nanos = d.subsec_nanos();
-    let rem = nanos % 1_000_000;
-    if rem == 0 {
-        d
-    } else {
-        d + Duration::from_nanos(u64::from(1_000_000 - rem))
+/// `d` rounded up to the whole millisecond: tokio's timers tick in milliseconds, so a wait
+/// that is logged is the wait that happens, and a server's floor is never undercut.
+pub(crate) fn ceil_millis(d: Duration) -> Duration {
+    match d.subsec_nanos() % 1_000_000 {
+        0 => d,
+        rem => d.saturating_add(Duration::from_nanos(u64::from(1_000_000 - rem))),
     }
 }
 

@@ -98,3 +98,32 @@ impl Deadline {
 /// route rarely recovers within one request, so the backup is tried instead of a second wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FallbackAvailable;
+
+/// The most transport attempts the request's [`AttemptLog`](crate::AttemptLog) may hold,
+/// across every route of the fallback chain.
+///
+/// `FallbackLayer` sets it from `fallback.max_total_attempts` and starts no hop once the log
+/// holds that many attempts; a layer that resends on the same route (`RetryLayer`) makes no
+/// further attempt once the log holds that many either
+/// ([`StopReason::ChainLimit`](crate::attempt_log::StopReason::ChainLimit)). The smallest cap
+/// set wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AttemptCap(pub u32);
+
+impl AttemptCap {
+    /// Sets `self` on `req` unless it already carries a smaller cap.
+    pub fn tighten<B>(self, req: &mut http::Request<B>) {
+        let ext = req.extensions_mut();
+        match ext.get::<AttemptCap>() {
+            Some(c) if c.0 <= self.0 => {}
+            _ => {
+                ext.insert(self);
+            }
+        }
+    }
+
+    /// Whether a log holding `attempts` attempts may make another.
+    pub fn allows(&self, attempts: usize) -> bool {
+        attempts < self.0 as usize
+    }
+}

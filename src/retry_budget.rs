@@ -37,12 +37,15 @@ struct Ratio {
     current_start: Instant,
 }
 
+/// Token counts in the same fixed-point units, so that fractional deposits add up exactly.
 struct Bucket {
-    capacity: f64,
-    refill_per_sec: f64,
-    per_request: f64,
-    tokens: f64,
+    capacity: u64,
+    refill_per_sec: u64,
+    per_request: u64,
+    tokens: u64,
     last: Instant,
+    // Refill not yet worth a whole unit: (nanoseconds × units per second) mod 10^9.
+    carry: u128,
 }
 
 impl RetryBudget {
@@ -55,8 +58,9 @@ impl RetryBudget {
                 min_per_sec,
                 ttl,
             } => {
-                // Rounded to a millionth, then exact integer arithmetic from here on.
-                let deposit = (ratio * UNIT as f64).round() as u64;
+                // Cut to a millionth (never rounded up, so never over-allocated), then exact
+                // integer arithmetic from here on.
+                let deposit = fixed(ratio);
                 let reserve = u64::from(min_per_sec)
                     .saturating_mul(ttl.as_millis() as u64)
                     .saturating_mul(UNIT / 1000);
@@ -74,11 +78,12 @@ impl RetryBudget {
                 refill_per_sec,
                 per_request,
             } => State::Bucket(Bucket {
-                capacity: f64::from(capacity),
-                refill_per_sec,
-                per_request,
-                tokens: f64::from(capacity),
+                capacity: u64::from(capacity) * UNIT,
+                refill_per_sec: fixed(refill_per_sec),
+                per_request: fixed(per_request),
+                tokens: u64::from(capacity) * UNIT,
                 last: Instant::now(),
+                carry: 0,
             }),
         };
         Ok(Self {
@@ -99,7 +104,7 @@ impl RetryBudget {
             }
             State::Bucket(b) => {
                 b.refill();
-                b.tokens = (b.tokens + b.per_request).min(b.capacity);
+                b.tokens = b.tokens.saturating_add(b.per_request).min(b.capacity);
             }
         }
     }
@@ -118,8 +123,8 @@ impl RetryBudget {
             }
             State::Bucket(b) => {
                 b.refill();
-                if b.tokens >= 1.0 {
-                    b.tokens -= 1.0;
+                if b.tokens >= UNIT {
+                    b.tokens -= UNIT;
                     true
                 } else {
                     false
@@ -137,7 +142,7 @@ impl RetryBudget {
             }
             State::Bucket(b) => {
                 b.refill();
-                b.tokens.floor() as u64
+                b.tokens / UNIT
             }
         }
     }
@@ -169,10 +174,31 @@ impl Ratio {
 
 impl Bucket {
     fn refill(&mut self) {
+        const NANOS_PER_SEC: u128 = 1_000_000_000;
         let now = Instant::now();
-        let secs = now.saturating_duration_since(self.last).as_secs_f64();
+        let nanos = now.saturating_duration_since(self.last).as_nanos();
         self.last = now;
-        self.tokens = (self.tokens + secs * self.refill_per_sec).min(self.capacity);
+        let total = nanos
+            .saturating_mul(u128::from(self.refill_per_sec))
+            .saturating_add(self.carry);
+        let added = u64::try_from(total / NANOS_PER_SEC).unwrap_or(u64::MAX);
+        self.carry = total % NANOS_PER_SEC;
+        self.tokens = self.tokens.saturating_add(added).min(self.capacity);
+        if self.tokens == self.capacity {
+            self.carry = 0;
+        }
+    }
+}
+
+/// A validated, finite, non-negative amount in fixed-point units, cut (never rounded up) to a
+/// millionth; the tiny offset absorbs binary representation error (`0.2 × 10^6` is
+/// `200000.00000000003`, `0.29 × 10^6` is `289999.99999999994`).
+fn fixed(v: f64) -> u64 {
+    let units = (v * UNIT as f64 + 1e-6).floor();
+    if units >= u64::MAX as f64 {
+        u64::MAX
+    } else {
+        units.max(0.0) as u64
     }
 }
 
@@ -250,6 +276,53 @@ mod tests {
         assert_eq!((0..5).filter(|_| b.withdraw()).count(), 2);
         tokio::time::advance(Duration::from_secs(100)).await;
         assert_eq!(b.available(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fractional_bucket_deposits_add_up_exactly() {
+        let b = RetryBudget::new(&RetryBudgetPolicy::TokenBucket {
+            capacity: 1,
+            refill_per_sec: 0.0,
+            per_request: 0.1,
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(b.withdraw());
+        for _ in 0..9 {
+            b.deposit();
+        }
+        assert!(!b.withdraw());
+        // The tenth tenth makes a whole retry (in floating point it would be 0.999…).
+        b.deposit();
+        assert!(b.withdraw());
+        assert!(!b.withdraw());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fractional_refill_is_exact_over_time() {
+        let b = RetryBudget::new(&RetryBudgetPolicy::TokenBucket {
+            capacity: 10,
+            refill_per_sec: 0.3,
+            per_request: 0.0,
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((0..10).filter(|_| b.withdraw()).count(), 10);
+        // 0.3 per second in steps of 1 ms: no refill is lost between small steps.
+        for _ in 0..9999 {
+            tokio::time::advance(Duration::from_millis(1)).await;
+            b.available();
+        }
+        assert_eq!(b.available(), 2);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(b.available(), 3);
+    }
+
+    #[test]
+    fn ratios_are_cut_never_rounded_up() {
+        assert_eq!(fixed(0.2), 200_000);
+        assert_eq!(fixed(0.29), 290_000);
+        assert_eq!(fixed(0.1234567), 123_456);
+        assert_eq!(fixed(1.0), UNIT);
+        assert_eq!(fixed(f64::MAX), u64::MAX);
     }
 
     #[test]

@@ -1,1 +1,121 @@
-//! Work in progress.
+//! The second rung of the ladder: an ordered route chain that switches only where the policy
+//! approves.
+//!
+//! The request as the caller built it goes to the **primary** route (named
+//! `fallback.primary`). When the layers below have given up on a route — the inner future
+//! resolved to a failure response or an error: retries spent, or an open circuit, which moves
+//! on at once without calling that route — the failure's class decides, per the fallback column
+//! of [`ClassActions`](crate::policy::ClassActions):
+//!
+//! | rule | classes by default | next route |
+//! |---|---|---|
+//! | `Yes` | connect, timeout, transport, rate limited, overloaded, server error; an open circuit | the next route in the chain |
+//! | `LargerContext` | context overflow | the next route marked `larger_context` |
+//! | `ApprovedOwner` | quota exhausted | the next route whose `budget_owner` is in `approved_budget_owners` and whose budget is not the one exhausted |
+//! | `Never` | invalid request, auth, policy block, conflict, stream interrupted | none: fail closed, the failure is returned as it is |
+//!
+//! The conditions add up along the chain: once a context overflow was seen, every later route
+//! must be larger-context, and once a quota was exhausted, every later route must have an
+//! approved budget owner. A crate error that stands for no class (a deadline, a spend cap) is
+//! passed on. A policy can override any class explicitly (`actions.<class>.fallback`).
+//!
+//! # Routes and the rewrite
+//!
+//! Each backup [`RouteConfig`](crate::policy::RouteConfig) rewrites a copy of the original
+//! request (the body must be replayable, see [`ReplayBody`](crate::replay::ReplayBody); a body
+//! that is not means no switch, recorded as `stop: not_replayable`):
+//!
+//! - **base URL**: scheme and authority are replaced; the base path and the request path are
+//!   joined so that segments the base path ends with and the request path starts with are
+//!   written once (`https://backup.example/v1` + `/v1/chat/completions` →
+//!   `https://backup.example/v1/chat/completions`; `https://gw.example/openai/v1` →
+//!   `…/openai/v1/chat/completions`). The query is kept; a `host` header, if set, follows.
+//! - **model**: only the value of the top-level `"model"` string of the JSON body is replaced;
+//!   every other byte is unchanged (no re-serialisation) and `content-length`, if set, is
+//!   updated. A body that is not a JSON object with exactly one top-level string `model` is not
+//!   switched: the route is skipped and the skip logged (`LocalEventKind::RouteSkipped`).
+//! - **headers**: `remove_headers`, then `set_headers`. A route that sets or removes
+//!   `authorization`, `x-api-key` or `api-key` must carry `credentials_approved`, or building the
+//!   layer fails with a [`PolicyError`](crate::PolicyError).
+//!
+//! Each request sent inward carries its route's [`RouteName`](crate::RouteName) (the breaker
+//! keys on it), [`FallbackAvailable`](crate::context::FallbackAvailable) when an approved route
+//! still remains after it (the retry layer then skips a second wait on a silent route), and
+//! [`AttemptCap`](crate::context::AttemptCap).
+//!
+//! # Bounds
+//!
+//! No hop after `max_hops` switches, nor once the [`AttemptLog`](crate::AttemptLog) holds
+//! `max_total_attempts` attempts, nor after the request's [`Deadline`](crate::Deadline). Each
+//! hop withdraws one unit from the [`RetryBudget`](crate::RetryBudget) in the request
+//! extensions, if there is one; a denial stops the chain (`LocalEventKind::RetryBudgetDenied`).
+//!
+//! # What the caller gets
+//!
+//! - A route succeeded: its response, with the serving route in the response extensions
+//!   ([`RouteName`](crate::RouteName)) and in the [`ROUTE_HEADER`] header.
+//! - No route succeeded: the **primary** route's failure — its response, body intact, or its
+//!   error — never a backup's, with every hop in the log. If the policy has a
+//!   `last_resort` and the primary's failure was an outage (rule `Yes`), that static answer is
+//!   served instead, marked with [`LAST_RESORT_HEADER`]`: last-resort` and
+//!   `LocalEventKind::LastResort`. Request, credential, context and budget failures never get
+//!   the static answer: they are the caller's to see.
+//!
+//! The log records the requested route (the primary), each hop as `Decision::Fallback { to }`
+//! on the failed attempt (an open circuit, which made no attempt, as a `CircuitOpen` event), a
+//! `Decision::Stop(..)` when the chain ends on a failure, and the selected route: the one whose
+//! answer is returned.
+//!
+//! # Example
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use tower::{Layer, ServiceExt, service_fn};
+//! use tower_llm_resilience::fallback::{FallbackLayer, ROUTE_HEADER};
+//! use tower_llm_resilience::policy::{FallbackPolicy, RouteConfig};
+//! use tower_llm_resilience::{AttemptLog, RouteName};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let mut policy = FallbackPolicy::default();
+//! policy.routes.push(
+//!     RouteConfig::new("backup")
+//!         .base_url("https://backup.example/v1")
+//!         .model("backup-model"),
+//! );
+//! // The primary is overloaded; the backup answers.
+//! let transport = service_fn(|req: http::Request<Full<Bytes>>| async move {
+//!     let status = if req.uri().host() == Some("backup.example") { 200 } else { 503 };
+//!     http::Response::builder().status(status).body(Full::new(Bytes::new()))
+//! });
+//! let client = FallbackLayer::new(policy)?.layer(transport);
+//!
+//! let request = http::Request::post("https://api.example/v1/chat/completions")
+//!     .body(Full::new(Bytes::from(r#"{"model":"main-model","messages":[]}"#)))?;
+//! let response = client.oneshot(request).await?;
+//! assert_eq!(response.status(), 200);
+//! assert_eq!(response.headers()[ROUTE_HEADER], "backup");
+//! assert_eq!(response.extensions().get::<RouteName>().map(|r| r.as_str()), Some("backup"));
+//! let log = response.extensions().get::<AttemptLog>().ok_or("log")?.snapshot();
+//! assert_eq!(log.attempts.len(), 2);
+//! # Ok(())
+//! # }
+//! ```
+
+mod future;
+mod layer;
+mod route;
+mod service;
+#[cfg(test)]
+mod tests;
+
+pub use future::ResponseFuture;
+pub use layer::FallbackLayer;
+pub use service::Fallback;
+
+/// Response header naming the route whose answer is returned (`x-llm-route`).
+pub const ROUTE_HEADER: &str = "x-llm-route";
+
+/// Response header marking the static last-resort answer (`x-llm-fallback: last-resort`).
+pub const LAST_RESORT_HEADER: &str = "x-llm-fallback";

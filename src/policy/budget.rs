@@ -194,8 +194,10 @@ pub struct SpendPolicy {
     /// The window.
     #[cfg_attr(feature = "serde", serde(with = "crate::duration::serde_duration"))]
     pub window: Duration,
-    /// Header naming the owner (an `Owner` request extension takes precedence).
+    /// Header naming the owner (a `BudgetOwner` request extension takes precedence).
     pub owner_header: String,
+    /// Owner of requests that name none; such requests fail closed when `None`.
+    pub default_owner: Option<String>,
     /// Price per route name.
     pub prices: BTreeMap<String, Price>,
     /// Price of routes missing from `prices`; a request to an unpriced route fails closed when
@@ -211,6 +213,7 @@ impl Default for SpendPolicy {
             cap: 0.0,
             window: Duration::from_secs(24 * 3600),
             owner_header: "x-llm-budget-owner".to_owned(),
+            default_owner: None,
             prices: BTreeMap::new(),
             default_price: None,
             charge_failed: ChargeRule::ReportedOrReserved,
@@ -288,6 +291,15 @@ impl BudgetPolicy {
             }
             check::positive("budget.spend.window", s.window)?;
             check::header_name("budget.spend.owner_header", &s.owner_header)?;
+            if s.default_owner
+                .as_ref()
+                .is_some_and(|o| o.trim().is_empty())
+            {
+                return Err(PolicyError::new(
+                    "budget.spend.default_owner",
+                    "must not be empty",
+                ));
+            }
             let prices = s
                 .prices
                 .iter()

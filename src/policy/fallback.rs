@@ -14,12 +14,24 @@ pub const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "x-api-key", "api-ke
 pub struct RouteConfig {
     /// Name in logs, in the breaker's state and in the `x-llm-route` of served responses.
     pub name: String,
-    /// New scheme, authority and path prefix, e.g. `https://backup.example/v1`; the request's
-    /// path after the primary's prefix is kept. Unchanged when `None`.
+    /// New scheme, authority and path prefix, e.g. `https://backup.example/v1`. Unchanged when
+    /// `None`.
+    ///
+    /// The base path and the request's path are joined so that the segments the base path ends
+    /// with and the request path starts with are written once: `https://backup.example/v1` with
+    /// a request for `/v1/chat/completions` goes to `https://backup.example/v1/chat/completions`;
+    /// `https://gw.example/openai/v1` to `https://gw.example/openai/v1/chat/completions`;
+    /// `https://gw.example/proxy` to `https://gw.example/proxy/v1/chat/completions`. The
+    /// request's query is kept (after the base URL's own query, if it has one).
     pub base_url: Option<String>,
     /// New value of the `model` field of a JSON request body. Unchanged when `None`.
+    ///
+    /// Only the value of the top-level `model` string is replaced; every other byte of the body
+    /// stays as it was. When the body is not a JSON object with one top-level string `model`,
+    /// the route is skipped for that request (and the skip is logged) rather than called with
+    /// the wrong model.
     pub model: Option<String>,
-    /// Headers set on the request (replacing any value it had).
+    /// Headers set on the request (replacing any value it had), after `remove_headers`.
     pub set_headers: BTreeMap<String, String>,
     /// Headers removed from the request.
     pub remove_headers: Vec<String>,
@@ -197,6 +209,17 @@ impl FallbackPolicy {
             "fallback.max_total_attempts",
             self.max_total_attempts.into(),
         )?;
+        // Route names travel in the `x-llm-route` response header.
+        let header_safe = |field: String, name: &str| {
+            if !name.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
+                return Err(PolicyError::new(
+                    field,
+                    format!("{name:?} must be visible ASCII (it is sent in a header)"),
+                ));
+            }
+            Ok(())
+        };
+        header_safe("fallback.primary".to_owned(), &self.primary)?;
         let mut names = vec![self.primary.as_str()];
         for (i, r) in self.routes.iter().enumerate() {
             let at = |f: &str| format!("fallback.routes[{i}].{f}");
@@ -209,6 +232,7 @@ impl FallbackPolicy {
                     format!("{:?} names two routes", r.name),
                 ));
             }
+            header_safe(at("name"), &r.name)?;
             names.push(&r.name);
             if let Some(url) = &r.base_url {
                 let uri: http::Uri = url.parse().map_err(|_| {

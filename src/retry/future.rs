@@ -16,9 +16,9 @@ use super::layer::Shared;
 use crate::attempt_log::{
     Attempt, AttemptLog, Decision, LocalEventKind, Outcome, StopReason, WaitSource,
 };
-use crate::backoff::{NextWait, next_wait};
+use crate::backoff::{NextWait, ceil_millis, next_wait};
 use crate::classify::{Classification, ClassifyResponse, FailureClass};
-use crate::context::RouteName;
+use crate::context::{AttemptCap, RouteName};
 use crate::policy::{ReplayRule, RetryRule};
 use crate::replay::{ReplayBody, try_clone_request};
 use crate::retry_budget::RetryBudget;
@@ -222,6 +222,14 @@ impl<B: ReplayBody> Attempts<B> {
                 return Err(StopReason::NotIdempotent);
             }
         }
+        // The fallback chain's cap on attempts across all routes binds retries too.
+        let cap = self
+            .template
+            .as_ref()
+            .and_then(|t| t.extensions().get::<AttemptCap>());
+        if cap.is_some_and(|c| !c.allows(self.log.attempt_count())) {
+            return Err(StopReason::ChainLimit);
+        }
         let next = self
             .template
             .as_ref()
@@ -280,13 +288,6 @@ impl<B> Attempts<B> {
             });
         }
         error.with_log(&self.log)
-    }
-}
-
-fn ceil_millis(d: Duration) -> Duration {
-    match d.subsec_nanos() % 1_000_000 {
-        0 => d,
-        rem => d.saturating_add(Duration::from_nanos(u64::from(1_000_000 - rem))),
     }
 }
 

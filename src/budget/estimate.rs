@@ -1,0 +1,187 @@
+//! How many model tokens a request may use, estimated before it is sent.
+
+use std::fmt;
+
+use http::HeaderMap;
+use serde_json::Value;
+
+/// The output bound assumed when a request names none (`max_tokens` and friends are optional
+/// for most providers).
+pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 4096;
+
+/// A request's estimated size in model tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct TokenEstimate {
+    /// Prompt (input) tokens.
+    pub input_tokens: u64,
+    /// The most output tokens the request may produce.
+    pub max_output_tokens: u64,
+}
+
+impl TokenEstimate {
+    /// An estimate.
+    pub const fn new(input_tokens: u64, max_output_tokens: u64) -> Self {
+        Self {
+            input_tokens,
+            max_output_tokens,
+        }
+    }
+
+    /// Input plus output tokens: what a tokens-per-minute limit counts.
+    pub const fn total(&self) -> u64 {
+        self.input_tokens.saturating_add(self.max_output_tokens)
+    }
+}
+
+/// Estimates the tokens of a request from its headers and, when it is in memory, its body.
+///
+/// Closures `Fn(&HeaderMap, Option<&[u8]>) -> TokenEstimate` implement it.
+pub trait TokenEstimator: Send + Sync + 'static {
+    /// The estimate for a request; `body` is `None` when the body is not in memory.
+    fn estimate(&self, headers: &HeaderMap, body: Option<&[u8]>) -> TokenEstimate;
+}
+
+impl<F> TokenEstimator for F
+where
+    F: Fn(&HeaderMap, Option<&[u8]>) -> TokenEstimate + Send + Sync + 'static,
+{
+    fn estimate(&self, headers: &HeaderMap, body: Option<&[u8]>) -> TokenEstimate {
+        self(headers, body)
+    }
+}
+
+/// The default estimator, for the JSON bodies of the common model APIs.
+///
+/// - Output: the first of `max_tokens`, `max_output_tokens`, `max_completion_tokens` and
+///   Gemini's `generationConfig.maxOutputTokens`; [`DEFAULT_MAX_OUTPUT_TOKENS`] when none is set.
+/// - Input: the bytes of every string inside `messages`, `prompt`, `input`, `system`,
+///   `instructions`, `contents`, `systemInstruction` and `tools`, divided by 4 and rounded up
+///   (about four bytes per token for English text; it overestimates images sent inline, which
+///   errs on the safe side).
+/// - A body that is not JSON counts its length divided by 4; a body not in memory counts its
+///   `content-length` the same way.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DefaultEstimator;
+
+const PROMPT_FIELDS: [&str; 8] = [
+    "messages",
+    "prompt",
+    "input",
+    "system",
+    "instructions",
+    "contents",
+    "systemInstruction",
+    "tools",
+];
+
+impl TokenEstimator for DefaultEstimator {
+    fn estimate(&self, headers: &HeaderMap, body: Option<&[u8]>) -> TokenEstimate {
+        let Some(body) = body else {
+            let len = headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            return TokenEstimate::new(len.div_ceil(4), DEFAULT_MAX_OUTPUT_TOKENS);
+        };
+        let Ok(Value::Object(json)) = serde_json::from_slice::<Value>(body) else {
+            return TokenEstimate::new((body.len() as u64).div_ceil(4), DEFAULT_MAX_OUTPUT_TOKENS);
+        };
+        let max_output = ["max_tokens", "max_output_tokens", "max_completion_tokens"]
+            .iter()
+            .find_map(|f| json.get(*f).and_then(Value::as_u64))
+            .or_else(|| {
+                json.get("generationConfig")
+                    .and_then(|g| g.get("maxOutputTokens"))
+                    .and_then(Value::as_u64)
+            })
+            .unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS);
+        let prompt_bytes: u64 = PROMPT_FIELDS
+            .iter()
+            .filter_map(|f| json.get(*f))
+            .map(string_bytes)
+            .fold(0, u64::saturating_add);
+        TokenEstimate::new(prompt_bytes.div_ceil(4), max_output)
+    }
+}
+
+fn string_bytes(v: &Value) -> u64 {
+    match v {
+        Value::String(s) => s.len() as u64,
+        Value::Array(a) => a.iter().map(string_bytes).fold(0, u64::saturating_add),
+        Value::Object(o) => o.values().map(string_bytes).fold(0, u64::saturating_add),
+        _ => 0,
+    }
+}
+
+/// A shared estimator, as the layer holds it.
+#[derive(Clone)]
+pub(crate) struct SharedEstimator(pub(crate) std::sync::Arc<dyn TokenEstimator>);
+
+impl fmt::Debug for SharedEstimator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TokenEstimator")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn est(body: &str) -> TokenEstimate {
+        DefaultEstimator.estimate(&HeaderMap::new(), Some(body.as_bytes()))
+    }
+
+    #[test]
+    fn reads_output_bounds_of_every_api() {
+        let chat =
+            r#"{"model":"m","messages":[{"role":"user","content":"abcdefgh"}],"max_tokens":64}"#;
+        // "user" + "abcdefgh" = 12 bytes = 3 tokens.
+        assert_eq!(est(chat), TokenEstimate::new(3, 64));
+        let responses = r#"{"model":"m","input":"abcde","max_output_tokens":10}"#;
+        assert_eq!(est(responses), TokenEstimate::new(2, 10));
+        let o1 = r#"{"messages":[],"max_completion_tokens":7}"#;
+        assert_eq!(est(o1), TokenEstimate::new(0, 7));
+        let gemini = r#"{"contents":[{"parts":[{"text":"abcd"}]}],"generationConfig":{"maxOutputTokens":9}}"#;
+        assert_eq!(est(gemini), TokenEstimate::new(1, 9));
+        let anthropic = r#"{"system":"abcd","messages":[{"role":"user","content":[{"type":"text","text":"abcd"}]}],"max_tokens":5}"#;
+        // "abcd" + "user" + "text" + "abcd" = 16 bytes.
+        assert_eq!(est(anthropic), TokenEstimate::new(4, 5));
+    }
+
+    #[test]
+    fn garbage_and_missing_bodies_still_estimate() {
+        assert_eq!(est("not json at all"), TokenEstimate::new(4, 4096));
+        assert_eq!(est(r#"{"max_tokens":-3}"#), TokenEstimate::new(0, 4096));
+        assert_eq!(est("[1,2]"), TokenEstimate::new(2, 4096));
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::CONTENT_LENGTH,
+            http::HeaderValue::from_static("41"),
+        );
+        assert_eq!(
+            DefaultEstimator.estimate(&h, None),
+            TokenEstimate::new(11, 4096)
+        );
+        h.insert(
+            http::header::CONTENT_LENGTH,
+            http::HeaderValue::from_static("x"),
+        );
+        assert_eq!(
+            DefaultEstimator.estimate(&h, None),
+            TokenEstimate::new(0, 4096)
+        );
+    }
+
+    #[test]
+    fn closures_are_estimators() {
+        let f = |_: &HeaderMap, b: Option<&[u8]>| {
+            TokenEstimate::new(b.map_or(0, |b| b.len() as u64), 1)
+        };
+        assert_eq!(
+            f.estimate(&HeaderMap::new(), Some(b"abc")),
+            TokenEstimate::new(3, 1)
+        );
+    }
+}

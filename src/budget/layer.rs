@@ -1,0 +1,188 @@
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderName;
+use tower_layer::Layer;
+
+use super::Budget;
+use super::estimate::{DefaultEstimator, SharedEstimator, TokenEstimator};
+use super::rate_limit::{Gate, RateConfig};
+use super::spend::{SpendConfig, SpendHandle};
+use super::store::{BudgetStore, MemoryStore};
+use crate::classify::SharedClassifier;
+use crate::context::RouteName;
+use crate::policy::{AdmissionMode, BudgetPolicy, Policy, PolicyError};
+use crate::retry_budget::RetryBudget;
+
+/// Applies [`Budget`] to a service: admission (rate limits, paced routes, spend caps), the
+/// request's deadline and the shared retry budget. The outermost layer of the stack.
+///
+/// Clones share one state: one retry budget, one set of buckets and queues, one store.
+#[derive(Clone)]
+pub struct BudgetLayer {
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// Everything the services of one layer share.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub(crate) retry_budget: RetryBudget,
+    pub(crate) deadline: Option<Duration>,
+    pub(crate) rate: Option<RateConfig>,
+    admission: AdmissionMode,
+    pacing: bool,
+    pub(crate) gate: Option<Arc<Gate>>,
+    pub(crate) spend: Option<Arc<SpendConfig>>,
+    pub(crate) store: Arc<dyn BudgetStore>,
+    pub(crate) estimator: SharedEstimator,
+    pub(crate) classifier: SharedClassifier,
+    pub(crate) owner_header: HeaderName,
+    /// The route of requests that carry no `RouteName` (the primary of the policy's chain).
+    pub(crate) primary: Option<RouteName>,
+    /// Every route of the policy's chain: a request may end up on any of them.
+    pub(crate) routes: Vec<RouteName>,
+}
+
+impl BudgetLayer {
+    /// A layer as the budget section describes; invalid values are a [`PolicyError`].
+    ///
+    /// Requests are keyed and priced by their route: the `RouteName` extension, else the URI's
+    /// authority. Use [`from_policy`](Self::from_policy) to key them by the policy's route
+    /// names when a `FallbackLayer` is inside.
+    pub fn new(policy: BudgetPolicy) -> Result<Self, PolicyError> {
+        policy.validate()?;
+        let retry_budget = RetryBudget::new(&policy.retry_budget)?;
+        let spend = policy
+            .spend
+            .as_ref()
+            .map(SpendConfig::new)
+            .transpose()?
+            .map(Arc::new);
+        let owner_header = match &policy.spend {
+            Some(s) => HeaderName::from_bytes(s.owner_header.as_bytes()).map_err(|_| {
+                PolicyError::new("budget.spend.owner_header", "is not a valid header name")
+            })?,
+            None => HeaderName::from_static("x-llm-budget-owner"),
+        };
+        let store: Arc<dyn BudgetStore> = Arc::new(MemoryStore::new());
+        let mut shared = Shared {
+            retry_budget,
+            deadline: policy.deadline,
+            rate: policy.rate_limit.as_ref().map(RateConfig::new),
+            admission: policy.admission,
+            pacing: policy.pacing,
+            gate: None,
+            spend,
+            store,
+            estimator: SharedEstimator(Arc::new(DefaultEstimator)),
+            classifier: SharedClassifier::default(),
+            owner_header,
+            primary: None,
+            routes: Vec::new(),
+        };
+        shared.rebuild_gate();
+        Ok(Self {
+            shared: Arc::new(shared),
+        })
+    }
+
+    /// A layer from the whole policy: its budget section, with the routes of its fallback
+    /// chain. A request without a `RouteName` counts as the primary route; its spend is
+    /// reserved at the dearest route of the chain, since a fallback may serve it. Every route
+    /// must have a price (or there must be a default price) when a spend cap is set.
+    pub fn from_policy(policy: &Policy) -> Result<Self, PolicyError> {
+        let mut layer = Self::new(policy.budget.clone())?;
+        let routes: Vec<RouteName> = policy.route_names().map(RouteName::new).collect();
+        if let Some(spend) = &policy.budget.spend {
+            if spend.default_price.is_none() {
+                if let Some(r) = routes
+                    .iter()
+                    .find(|r| !spend.prices.contains_key(r.as_str()))
+                {
+                    return Err(PolicyError::new(
+                        format!("budget.spend.prices.{r}"),
+                        "is missing: every route needs a price when there is no `default_price`",
+                    ));
+                }
+            }
+        }
+        let shared = Arc::make_mut(&mut layer.shared);
+        shared.primary = Some(RouteName::new(&policy.fallback.primary));
+        shared.routes = routes;
+        Ok(layer)
+    }
+
+    /// Keeps spend and rate-limit state in `store` (share one store between layers, or put
+    /// it outside the process). Call before the layer is cloned into services.
+    pub fn store(mut self, store: Arc<dyn BudgetStore>) -> Self {
+        let shared = Arc::make_mut(&mut self.shared);
+        shared.store = store;
+        shared.rebuild_gate();
+        self
+    }
+
+    /// Estimates request tokens with `estimator` instead of the [`DefaultEstimator`].
+    pub fn estimator(mut self, estimator: impl TokenEstimator) -> Self {
+        Arc::make_mut(&mut self.shared).estimator = SharedEstimator(Arc::new(estimator));
+        self
+    }
+
+    /// Classifies responses and errors with `classifier` (and reads `usage` within its peek
+    /// bound).
+    pub fn classifier(mut self, classifier: SharedClassifier) -> Self {
+        Arc::make_mut(&mut self.shared).classifier = classifier;
+        self
+    }
+
+    /// The retry budget every request through this layer deposits into and the inner layers
+    /// withdraw from.
+    pub fn retry_budget(&self) -> &RetryBudget {
+        &self.shared.retry_budget
+    }
+
+    /// A handle on the spend cap, when the policy sets one.
+    pub fn spend(&self) -> Option<SpendHandle> {
+        self.shared.spend.as_ref().map(|cfg| SpendHandle {
+            cfg: cfg.clone(),
+            store: self.shared.store.clone(),
+        })
+    }
+}
+
+impl Shared {
+    fn rebuild_gate(&mut self) {
+        self.gate = (self.rate.is_some() || self.pacing)
+            .then(|| Arc::new(Gate::new(self.admission, self.store.clone(), self.pacing)));
+    }
+}
+
+impl<S> Layer<S> for BudgetLayer {
+    type Service = Budget<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Budget {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for BudgetLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.shared, f)
+    }
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BudgetLayer")
+            .field("retry_budget", &self.retry_budget)
+            .field("deadline", &self.deadline)
+            .field("rate", &self.rate)
+            .field("admission", &self.admission)
+            .field("pacing", &self.pacing)
+            .field("spend", &self.spend)
+            .finish_non_exhaustive()
+    }
+}

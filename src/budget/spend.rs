@@ -1,0 +1,505 @@
+//! The spend cap: reserve before sending, settle with real usage afterwards.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use http::HeaderName;
+
+use super::estimate::TokenEstimate;
+use super::store::{BudgetStore, MICROS_PER_UNIT, SpendStatus};
+use crate::attempt_log::{Attempt, AttemptLog, StreamEnd, Usage};
+use crate::classify::FailureClass;
+use crate::context::RouteName;
+use crate::error::{Error, ErrorKind};
+use crate::policy::{ChargeRule, PolicyError, Price, SpendPolicy};
+
+/// The budget owner of a request, as a request extension; it takes precedence over the
+/// policy's `owner_header`.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct BudgetOwner(Arc<str>);
+
+impl BudgetOwner {
+    /// An owner.
+    pub fn new(name: impl AsRef<str>) -> Self {
+        Self(Arc::from(name.as_ref()))
+    }
+
+    /// The owner's name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for BudgetOwner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for BudgetOwner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A price in micro cost units per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MicroPrice {
+    input: u64,
+    output: u64,
+}
+
+impl MicroPrice {
+    fn of(p: &Price) -> Self {
+        Self {
+            input: to_micros(p.input_per_mtok),
+            output: to_micros(p.output_per_mtok),
+        }
+    }
+
+    /// Cost of a usage, rounded up to the next micro unit (never under-charged).
+    pub(crate) fn cost(&self, input_tokens: u64, output_tokens: u64) -> u64 {
+        let total = u128::from(input_tokens) * u128::from(self.input)
+            + u128::from(output_tokens) * u128::from(self.output);
+        u64::try_from(total.div_ceil(1_000_000)).unwrap_or(u64::MAX)
+    }
+}
+
+/// Cost units to micro units, rounded to the nearest micro unit (values are validated finite
+/// and non-negative; absurdly large ones saturate).
+fn to_micros(units: f64) -> u64 {
+    let m = (units * MICROS_PER_UNIT as f64).round();
+    if m >= u64::MAX as f64 {
+        u64::MAX
+    } else {
+        m.max(0.0) as u64
+    }
+}
+
+/// Micro units to cost units, for display.
+pub(crate) fn to_units(micros: u64) -> f64 {
+    micros as f64 / MICROS_PER_UNIT as f64
+}
+
+/// The spend section, checked and converted to integers.
+pub(crate) struct SpendConfig {
+    cap: u64,
+    window: Duration,
+    owner_header: HeaderName,
+    default_owner: Option<String>,
+    prices: HashMap<String, MicroPrice>,
+    default_price: Option<MicroPrice>,
+    charge: ChargeRule,
+}
+
+impl fmt::Debug for SpendConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpendConfig")
+            .field("cap", &self.cap)
+            .field("window", &self.window)
+            .field("owner_header", &self.owner_header)
+            .field("charge", &self.charge)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SpendConfig {
+    pub(crate) fn new(p: &SpendPolicy) -> Result<Self, PolicyError> {
+        let owner_header = HeaderName::from_bytes(p.owner_header.as_bytes()).map_err(|_| {
+            PolicyError::new("budget.spend.owner_header", "is not a valid header name")
+        })?;
+        if let Some(o) = &p.default_owner {
+            if o.trim().is_empty() {
+                return Err(PolicyError::new(
+                    "budget.spend.default_owner",
+                    "must not be empty",
+                ));
+            }
+        }
+        Ok(Self {
+            cap: to_micros(p.cap),
+            window: p.window,
+            owner_header,
+            default_owner: p.default_owner.clone(),
+            prices: p
+                .prices
+                .iter()
+                .map(|(r, p)| (r.clone(), MicroPrice::of(p)))
+                .collect(),
+            default_price: p.default_price.as_ref().map(MicroPrice::of),
+            charge: p.charge_failed,
+        })
+    }
+
+    pub(crate) fn price(&self, route: &str) -> Option<MicroPrice> {
+        self.prices.get(route).copied().or(self.default_price)
+    }
+
+    /// The owner named by the request: its [`BudgetOwner`] extension, else the owner header,
+    /// else the policy's default owner.
+    pub(crate) fn owner_of<B>(&self, req: &http::Request<B>) -> Option<String> {
+        if let Some(o) = req.extensions().get::<BudgetOwner>() {
+            return Some(o.as_str().to_owned());
+        }
+        let from_header = req
+            .headers()
+            .get(&self.owner_header)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty());
+        match from_header {
+            Some(h) => Some(h.to_owned()),
+            None => self.default_owner.clone(),
+        }
+    }
+
+    /// Reserves the estimated maximum cost of `estimate` at the dearest of `route` and the
+    /// `others` it may fall back to, for `owner`, atomically; fails closed when the cap would be
+    /// exceeded.
+    pub(crate) fn open(
+        self: &Arc<Self>,
+        store: &Arc<dyn BudgetStore>,
+        owner: Option<String>,
+        route: &RouteName,
+        others: &[RouteName],
+        estimate: TokenEstimate,
+        log: &AttemptLog,
+    ) -> Result<Arc<Ticket>, Error> {
+        let Some(owner) = owner else {
+            return Err(Error::new(ErrorKind::BudgetExhausted { owner: None })
+                .with_source("the request names no budget owner"));
+        };
+        let exhausted = |reason: String| {
+            Error::new(ErrorKind::BudgetExhausted {
+                owner: Some(owner.clone()),
+            })
+            .with_source(reason)
+        };
+        let mut dearest: Option<(u64, MicroPrice)> = None;
+        for r in std::iter::once(route).chain(others) {
+            let Some(price) = self.price(r.as_str()) else {
+                return Err(exhausted(format!("route `{r}` has no price")));
+            };
+            let cost = price.cost(estimate.input_tokens, estimate.max_output_tokens);
+            if dearest.is_none_or(|(c, _)| cost > c) {
+                dearest = Some((cost, price));
+            }
+        }
+        let Some((reserved, price)) = dearest else {
+            return Err(exhausted(format!("route `{route}` has no price")));
+        };
+        if let Err(status) = store.reserve(&owner, reserved, self.cap, self.window) {
+            return Err(exhausted(format!(
+                "reserving {} would exceed the cap of {} ({} spent, {} reserved)",
+                to_units(reserved),
+                to_units(self.cap),
+                to_units(status.spent),
+                to_units(status.reserved)
+            )));
+        }
+        Ok(Arc::new(Ticket {
+            cfg: self.clone(),
+            store: store.clone(),
+            owner,
+            reserved,
+            reserve_price: price,
+            route: route.clone(),
+            log: log.clone(),
+            state: Mutex::new(TicketState::default()),
+        }))
+    }
+}
+
+/// How a reserved request ended.
+#[derive(Debug)]
+pub(crate) enum End {
+    /// A response came; its body ended (`complete`) or stopped early (error or drop).
+    Response {
+        success: bool,
+        complete: bool,
+        usage: Option<Usage>,
+        route: Option<RouteName>,
+    },
+    /// A crate error; `in_flight` when an attempt was cut off before it was recorded
+    /// (deadline, cancellation).
+    Error { in_flight: bool },
+}
+
+#[derive(Debug, Default)]
+struct TicketState {
+    called: bool,
+    reported: Option<Usage>,
+    settled: Option<Settled>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Settled {
+    total: u64,
+    answer: u64,
+    answer_price: MicroPrice,
+}
+
+/// One logical request's reservation. Settles exactly once: at the end of the response body,
+/// on an error, or — as a backstop — when the last handle to it is dropped.
+pub(crate) struct Ticket {
+    cfg: Arc<SpendConfig>,
+    store: Arc<dyn BudgetStore>,
+    owner: String,
+    reserved: u64,
+    reserve_price: MicroPrice,
+    route: RouteName,
+    log: AttemptLog,
+    state: Mutex<TicketState>,
+}
+
+impl fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ticket")
+            .field("owner", &self.owner)
+            .field("reserved", &self.reserved)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ticket {
+    fn lock(&self) -> MutexGuard<'_, TicketState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The request was handed to the inner service: from now on it may have been accepted.
+    pub(crate) fn mark_called(&self) {
+        self.lock().called = true;
+    }
+
+    fn rule(&self, possibly_accepted: bool) -> u64 {
+        match self.cfg.charge {
+            ChargeRule::ReportedOnly => 0,
+            ChargeRule::Reserved => self.reserved,
+            ChargeRule::ReportedOrReserved if possibly_accepted => self.reserved,
+            _ => 0,
+        }
+    }
+
+    fn price_of(&self, route: Option<&RouteName>) -> MicroPrice {
+        route
+            .and_then(|r| self.cfg.price(r.as_str()))
+            .unwrap_or(self.reserve_price)
+    }
+
+    /// What a failed attempt costs: its reported usage, else what the charge rule says.
+    fn failed_attempt(&self, a: &Attempt) -> u64 {
+        if let Some(u) = a.stream.as_ref().and_then(|s| s.usage) {
+            return self
+                .price_of(a.route.as_ref())
+                .cost(u.input_tokens, u.output_tokens);
+        }
+        let stream_broke = a
+            .stream
+            .as_ref()
+            .is_some_and(|s| s.end != StreamEnd::Complete);
+        let possibly_accepted = stream_broke
+            || matches!(
+                a.class,
+                None | Some(
+                    FailureClass::Timeout
+                        | FailureClass::Transport
+                        | FailureClass::StreamInterrupted
+                )
+            );
+        self.rule(possibly_accepted)
+    }
+
+    /// Settles the reservation (once; later calls do nothing).
+    pub(crate) fn settle(&self, end: End) {
+        let mut st = self.lock();
+        if st.settled.is_some() {
+            return;
+        }
+        let attempts = self.log.attempts();
+        let answer_index = match end {
+            End::Response { .. } => attempts.len().checked_sub(1),
+            End::Error { .. } => None,
+        };
+        let mut total: u64 = attempts
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| Some(*i) != answer_index)
+            .map(|(_, a)| self.failed_attempt(a))
+            .fold(0, u64::saturating_add);
+        let mut answer = 0;
+        let mut answer_price = self.reserve_price;
+        match end {
+            End::Response {
+                success,
+                complete,
+                usage,
+                route,
+            } => {
+                let answer_attempt = answer_index.and_then(|i| attempts.get(i));
+                let route = answer_attempt
+                    .and_then(|a| a.route.clone())
+                    .or(route)
+                    .unwrap_or_else(|| self.route.clone());
+                answer_price = self.price_of(Some(&route));
+                let usage = st
+                    .reported
+                    .or_else(|| answer_attempt.and_then(|a| a.stream.as_ref()?.usage))
+                    .or(usage);
+                answer = match usage {
+                    Some(u) => answer_price.cost(u.input_tokens, u.output_tokens),
+                    // A success whose usage is unknown cost something: keep the reservation.
+                    None if success && complete => self.reserved,
+                    None => self.rule(success),
+                };
+            }
+            End::Error { in_flight } => {
+                if in_flight && st.called {
+                    total = total.saturating_add(self.rule(true));
+                }
+            }
+        }
+        total = total.saturating_add(answer);
+        self.store
+            .settle(&self.owner, self.reserved, total, self.cfg.window);
+        tracing::debug!(
+            target: "tower_llm_resilience::budget",
+            owner = %self.owner,
+            reserved = to_units(self.reserved),
+            charged = to_units(total),
+            "spend settled"
+        );
+        st.settled = Some(Settled {
+            total,
+            answer,
+            answer_price,
+        });
+    }
+
+    fn report(&self, usage: Usage) {
+        let mut st = self.lock();
+        match st.settled.as_mut() {
+            None => st.reported = Some(usage),
+            Some(s) => {
+                let new = s.answer_price.cost(usage.input_tokens, usage.output_tokens);
+                self.store
+                    .adjust(&self.owner, s.answer, new, self.cfg.window);
+                s.total = s.total - s.answer + new;
+                s.answer = new;
+                st.reported = Some(usage);
+            }
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        // Nothing settled it: the request was cancelled before an answer.
+        self.settle(End::Error { in_flight: true });
+    }
+}
+
+/// The spend record of one request, in its response's extensions.
+///
+/// The reservation settles by itself when the response body ends or is dropped, with the usage
+/// the provider reported (JSON `usage` within the peek bound, or the final stream event recorded
+/// by the stream guard). When the application knows the real usage better — it parsed the
+/// stream itself — it reports it here, before or after settlement.
+#[derive(Clone)]
+pub struct SpendReceipt(pub(crate) Arc<Ticket>);
+
+impl SpendReceipt {
+    /// The budget owner charged.
+    pub fn owner(&self) -> &str {
+        &self.0.owner
+    }
+
+    /// The amount reserved before sending, in micro cost units.
+    pub fn reserved_micros(&self) -> u64 {
+        self.0.reserved
+    }
+
+    /// The amount charged, in micro cost units, once settled.
+    pub fn charged_micros(&self) -> Option<u64> {
+        self.0.lock().settled.map(|s| s.total)
+    }
+
+    /// Reports the real usage of the answer; it replaces what the body said (or the kept
+    /// reservation) and corrects the booked spend if the request has already settled.
+    pub fn report(&self, usage: Usage) {
+        self.0.report(usage);
+    }
+}
+
+impl fmt::Debug for SpendReceipt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpendReceipt")
+            .field("owner", &self.0.owner)
+            .field("reserved", &self.0.reserved)
+            .field("charged", &self.charged_micros())
+            .finish()
+    }
+}
+
+/// A handle on the spend cap of a [`BudgetLayer`](super::BudgetLayer): read an owner's spend
+/// and book usage that happened outside a request the layer saw.
+#[derive(Clone)]
+pub struct SpendHandle {
+    pub(crate) cfg: Arc<SpendConfig>,
+    pub(crate) store: Arc<dyn BudgetStore>,
+}
+
+impl SpendHandle {
+    /// Books `usage` on `route` to `owner`; returns its cost in micro cost units, or `None`
+    /// when the route has no price (nothing is booked then).
+    pub fn report(&self, owner: &str, route: &str, usage: Usage) -> Option<u64> {
+        let cost = self
+            .cfg
+            .price(route)?
+            .cost(usage.input_tokens, usage.output_tokens);
+        self.store.adjust(owner, 0, cost, self.cfg.window);
+        Some(cost)
+    }
+
+    /// The owner's spend in the current window.
+    pub fn status(&self, owner: &str) -> SpendStatus {
+        self.store.status(owner, self.cfg.window)
+    }
+
+    /// What the owner may still reserve in the current window, in micro cost units.
+    pub fn remaining_micros(&self, owner: &str) -> u64 {
+        self.cfg.cap.saturating_sub(self.status(owner).committed())
+    }
+
+    /// The cap per owner and window, in micro cost units.
+    pub fn cap_micros(&self) -> u64 {
+        self.cfg.cap
+    }
+}
+
+impl fmt::Debug for SpendHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpendHandle")
+            .field("cap", &self.cfg.cap)
+            .field("window", &self.cfg.window)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn costs_are_exact_integers_rounded_up() {
+        let p = MicroPrice::of(&Price::new(2.5, 10.0));
+        assert_eq!(p.cost(1_000_000, 0), 2_500_000);
+        assert_eq!(p.cost(100, 100), 250 + 1000);
+        assert_eq!(p.cost(1, 0), 3);
+        assert_eq!(p.cost(0, 0), 0);
+        assert_eq!(p.cost(u64::MAX, u64::MAX), u64::MAX);
+        assert_eq!(to_micros(0.2002), 200_200);
+        assert_eq!(to_micros(f64::MAX), u64::MAX);
+    }
+}

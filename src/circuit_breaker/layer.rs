@@ -1,0 +1,243 @@
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tower_layer::Layer;
+
+use super::handle::{CircuitBreakerHandle, CircuitState, TransitionFn};
+use super::service::CircuitBreaker;
+use super::state::{RouteState, Transition};
+use crate::backoff::JitterSource;
+use crate::classify::{FailureClass, SharedClassifier};
+use crate::context::RouteName;
+use crate::policy::{CircuitBreakerPolicy, ClassActions, Policy, PolicyError};
+
+/// What the breakers are configured with; fixed once the layer is built.
+#[derive(Debug)]
+pub(crate) struct Config {
+    pub(crate) policy: CircuitBreakerPolicy,
+    pub(crate) actions: ClassActions,
+}
+
+impl Config {
+    /// Whether a failure of `class` counts against the route.
+    pub(crate) fn counts(&self, class: FailureClass) -> bool {
+        self.actions.get(class).breaker
+    }
+}
+
+/// The breakers of every route, shared by the layer, its services and its handles.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    routes: RwLock<HashMap<RouteName, Arc<RouteState>>>,
+    // Only touched when a circuit opens or a transition happens: never on the fast path.
+    jitter: Mutex<Option<JitterSource>>,
+    on_transition: RwLock<Option<Arc<TransitionFn>>>,
+}
+
+impl Shared {
+    /// The route's breaker, created on first use. The map is read-mostly: a read lock for
+    /// every call, the write lock only when a route is seen for the first time.
+    pub(crate) fn route(&self, name: &RouteName) -> Arc<RouteState> {
+        if let Some(r) = self.get(name) {
+            return r;
+        }
+        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        routes
+            .entry(name.clone())
+            .or_insert_with(|| Arc::new(RouteState::new(name.clone(), self)))
+            .clone()
+    }
+
+    pub(crate) fn get(&self, name: &RouteName) -> Option<Arc<RouteState>> {
+        self.routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    pub(crate) fn remove(&self, name: &RouteName) {
+        self.routes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+    }
+
+    pub(crate) fn route_names(&self) -> Vec<RouteName> {
+        self.routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    pub(crate) fn set_on_transition(&self, f: Arc<TransitionFn>) {
+        *self
+            .on_transition
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(f);
+    }
+
+    fn set_jitter(&self, jitter: Option<JitterSource>) {
+        *self.jitter.lock().unwrap_or_else(|p| p.into_inner()) = jitter;
+    }
+
+    /// `open` jittered downward into `[0.8 × open, open)`, so the cap is never exceeded and
+    /// routes tripped together do not all probe at the same instant.
+    pub(crate) fn jitter_open(&self, open: Duration) -> Duration {
+        match &*self.jitter.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(j) => j.between(open.mul_f64(0.8), open),
+            None => open,
+        }
+    }
+
+    /// Announces a transition: a tracing event, then the user's callback. Called with no
+    /// route lock held, so the callback may use the handle.
+    pub(crate) fn emit(&self, route: &RouteName, t: Transition) {
+        const TARGET: &str = "tower_llm_resilience::circuit_breaker";
+        let open_ms = t.open_for.map(|d| d.as_millis() as u64);
+        if t.to.is_open() {
+            tracing::warn!(
+                target: TARGET,
+                route = route.as_str(),
+                from = t.from.as_str(),
+                to = t.to.as_str(),
+                open_ms,
+                trips = t.trips,
+                "circuit opened"
+            );
+        } else {
+            tracing::info!(
+                target: TARGET,
+                route = route.as_str(),
+                from = t.from.as_str(),
+                to = t.to.as_str(),
+                trips = t.trips,
+                "circuit state changed"
+            );
+        }
+        let callback = self
+            .on_transition
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(f) = callback {
+            f(route, t.from, t.to);
+        }
+    }
+}
+
+/// Applies per-route circuit breakers to a service: a route that is down fails fast with
+/// `ErrorKind::CircuitOpen`, so retries stop at once and the fallback takes over.
+///
+/// Every service this layer (or a clone of it) builds shares one set of breakers, and so does
+/// every [`CircuitBreakerHandle`] it hands out. See the [module docs](super) for the rules.
+///
+/// The constructors validate the policy and return a [`PolicyError`] naming the bad field, so
+/// a layer that exists is always a valid one and no request ever meets a policy error.
+#[derive(Clone)]
+pub struct CircuitBreakerLayer {
+    shared: Arc<Shared>,
+    classifier: SharedClassifier,
+}
+
+impl fmt::Debug for CircuitBreakerLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreakerLayer")
+            .field("policy", &self.shared.config.policy)
+            .field("routes", &self.shared.route_names())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CircuitBreakerLayer {
+    /// Breakers configured by `policy` (the `circuit_breaker` section of a
+    /// [`Policy`]). The failure classes that count are the default table's (provider health:
+    /// connect, timeout, transport, overloaded, server error, stream interrupted); use
+    /// [`from_policy`](Self::from_policy) to take a policy's per-class overrides into account.
+    /// Open times are jittered from an unseeded source; see [`jitter`](Self::jitter).
+    pub fn new(policy: CircuitBreakerPolicy) -> Result<Self, PolicyError> {
+        Self::build(
+            policy,
+            ClassActions::default(),
+            Some(JitterSource::from_entropy()),
+        )
+    }
+
+    /// Breakers configured by `policy.circuit_breaker`, counting the classes whose `breaker`
+    /// cell is set in `policy.actions` (rate limits count only if the policy says so), with
+    /// open times jittered from `policy.retry.seed` when it is set.
+    pub fn from_policy(policy: &Policy) -> Result<Self, PolicyError> {
+        Self::build(
+            policy.circuit_breaker.clone(),
+            policy.actions.clone(),
+            Some(JitterSource::from_seed(policy.retry.seed)),
+        )
+    }
+
+    fn build(
+        policy: CircuitBreakerPolicy,
+        actions: ClassActions,
+        jitter: Option<JitterSource>,
+    ) -> Result<Self, PolicyError> {
+        policy.validate()?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                config: Config { policy, actions },
+                routes: RwLock::new(HashMap::new()),
+                jitter: Mutex::new(jitter),
+                on_transition: RwLock::new(None),
+            }),
+            classifier: SharedClassifier::default(),
+        })
+    }
+
+    /// Jitters open times from `jitter` (seed it for reproducible runs). Affects every
+    /// service and handle sharing these breakers.
+    pub fn jitter(self, jitter: JitterSource) -> Self {
+        self.shared.set_jitter(Some(jitter));
+        self
+    }
+
+    /// Opens for exactly `open_base × 2^k` (capped), without jitter. Affects every service
+    /// and handle sharing these breakers.
+    pub fn without_jitter(self) -> Self {
+        self.shared.set_jitter(None);
+        self
+    }
+
+    /// Classifies responses and errors with `classifier` instead of the default one. A
+    /// response an inner crate layer already classified is not classified again.
+    pub fn classifier(mut self, classifier: SharedClassifier) -> Self {
+        self.classifier = classifier;
+        self
+    }
+
+    /// Calls `f(route, from, to)` on every state transition; see
+    /// [`CircuitBreakerHandle::on_transition`].
+    pub fn on_transition<F>(self, f: F) -> Self
+    where
+        F: Fn(&RouteName, CircuitState, CircuitState) + Send + Sync + 'static,
+    {
+        self.shared.set_on_transition(Arc::new(f));
+        self
+    }
+
+    /// A handle on the breakers this layer's services share.
+    pub fn handle(&self) -> CircuitBreakerHandle {
+        CircuitBreakerHandle {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S> Layer<S> for CircuitBreakerLayer {
+    type Service = CircuitBreaker<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CircuitBreaker::from_parts(inner, self.shared.clone(), self.classifier.clone())
+    }
+}

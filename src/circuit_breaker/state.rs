@@ -1,0 +1,589 @@
+//! The per-route state machine and its sliding window.
+//!
+//! Concurrency shape, and why:
+//!
+//! - The state (`Closed`, `Open`, …) and a generation number are atomics, so admitting a call
+//!   while closed is two atomic loads — no lock.
+//! - The sliding window is a ring of time buckets whose counters are atomics. Recording an
+//!   outcome into the current bucket is a few `fetch_add`s. Only when a bucket has to be
+//!   *rotated* (its slot still holds an older time span) is a tiny per-route mutex taken, so
+//!   that two recorders never both zero the same slot; that happens once per bucket width at
+//!   most, not once per call.
+//! - Everything that is not the closed fast path — trips, open timers, half-open probe slots,
+//!   forced states — runs under a per-route mutex, where it is rare and cheap.
+//!
+//! The generation number changes on every transition. Each admitted call carries the generation
+//! it was admitted in, so that an outcome from before a trip never counts against the state
+//! after it (a late success from a closed period must not close a half-open circuit).
+
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::handle::{CircuitState, RouteSnapshot};
+use super::layer::Shared;
+use crate::context::RouteName;
+
+const CLOSED: u8 = 0;
+const OPEN: u8 = 1;
+const HALF_OPEN: u8 = 2;
+const FORCED_OPEN: u8 = 3;
+const FORCED_CLOSED: u8 = 4;
+
+fn decode(s: u8) -> CircuitState {
+    match s {
+        OPEN => CircuitState::Open,
+        HALF_OPEN => CircuitState::HalfOpen,
+        FORCED_OPEN => CircuitState::ForcedOpen,
+        FORCED_CLOSED => CircuitState::ForcedClosed,
+        _ => CircuitState::Closed,
+    }
+}
+
+fn encode(s: CircuitState) -> u8 {
+    match s {
+        CircuitState::Closed => CLOSED,
+        CircuitState::Open => OPEN,
+        CircuitState::HalfOpen => HALF_OPEN,
+        CircuitState::ForcedOpen => FORCED_OPEN,
+        CircuitState::ForcedClosed => FORCED_CLOSED,
+    }
+}
+
+/// How an admitted call ended, as far as the provider's health is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// The provider answered well.
+    Success,
+    /// A failure of a class that counts for the breaker.
+    Failure,
+    /// Says nothing about the provider's health (an invalid request, auth, quota, a rate
+    /// limit by default): neither a success nor a failure.
+    Neutral,
+}
+
+/// A state change, emitted after the route's lock is released.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Transition {
+    pub(crate) from: CircuitState,
+    pub(crate) to: CircuitState,
+    /// The open time, when `to` is `Open`.
+    pub(crate) open_for: Option<Duration>,
+    /// Consecutive trips so far (the `k` in `open_base × 2^k`).
+    pub(crate) trips: u32,
+}
+
+/// One time bucket of the window. `epoch` is the bucket's time span number plus one (`0`: never
+/// used), so that a slot still holding an older span is recognised and rotated.
+#[derive(Default)]
+struct Bucket {
+    epoch: AtomicU64,
+    calls: AtomicU32,
+    failures: AtomicU32,
+    slow: AtomicU32,
+}
+
+/// Counts over the window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Totals {
+    pub(crate) calls: u32,
+    pub(crate) failures: u32,
+    pub(crate) slow: u32,
+}
+
+/// A ring of time buckets: old outcomes age out bucket by bucket, whatever the state does.
+pub(crate) struct Window {
+    buckets: Box<[Bucket]>,
+    width_nanos: u64,
+    rotate: Mutex<()>,
+}
+
+impl Window {
+    fn new(window: Duration, buckets: u32) -> Self {
+        let n = buckets.max(1);
+        let width = (window.as_nanos() / u128::from(n)).clamp(1, u128::from(u64::MAX)) as u64;
+        Self {
+            buckets: (0..n).map(|_| Bucket::default()).collect(),
+            width_nanos: width,
+            rotate: Mutex::new(()),
+        }
+    }
+
+    fn lock_rotate(&self) -> MutexGuard<'_, ()> {
+        self.rotate.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The span number (plus one) of `elapsed` since the route's origin.
+    fn epoch(&self, elapsed: Duration) -> u64 {
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        (nanos / self.width_nanos).saturating_add(1)
+    }
+
+    fn slot(&self, epoch: u64) -> &Bucket {
+        &self.buckets[(epoch % self.buckets.len() as u64) as usize]
+    }
+
+    /// Records one call; returns the epoch it went into.
+    fn record(&self, elapsed: Duration, failure: bool, slow: bool) -> u64 {
+        let e = self.epoch(elapsed);
+        let b = self.slot(e);
+        if b.epoch.load(Ordering::Acquire) < e {
+            let _guard = self.lock_rotate();
+            if b.epoch.load(Ordering::Acquire) < e {
+                // Zero before publishing the new epoch: a recorder that sees the new epoch
+                // (Acquire) also sees the zeros, so its increment is never wiped.
+                b.calls.store(0, Ordering::Relaxed);
+                b.failures.store(0, Ordering::Relaxed);
+                b.slow.store(0, Ordering::Relaxed);
+                b.epoch.store(e, Ordering::Release);
+            }
+        }
+        b.calls.fetch_add(1, Ordering::Relaxed);
+        if failure {
+            b.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        if slow {
+            b.slow.fetch_add(1, Ordering::Relaxed);
+        }
+        e
+    }
+
+    /// Turns a success already counted in bucket `epoch` into a failure; `false` when that
+    /// bucket has rotated away since (the success aged out, so nothing is left to convert).
+    fn convert_to_failure(&self, epoch: u64) -> bool {
+        let b = self.slot(epoch);
+        if b.epoch.load(Ordering::Acquire) != epoch {
+            return false;
+        }
+        b.failures.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    fn totals(&self, elapsed: Duration) -> Totals {
+        let e = self.epoch(elapsed);
+        let n = self.buckets.len() as u64;
+        let mut t = Totals::default();
+        for b in self.buckets.iter() {
+            let be = b.epoch.load(Ordering::Acquire);
+            // Inside the window: one of the last `n` spans (or a racing newer one).
+            if be != 0 && be.saturating_add(n) > e {
+                t.calls = t.calls.saturating_add(b.calls.load(Ordering::Relaxed));
+                t.failures = t
+                    .failures
+                    .saturating_add(b.failures.load(Ordering::Relaxed));
+                t.slow = t.slow.saturating_add(b.slow.load(Ordering::Relaxed));
+            }
+        }
+        t
+    }
+
+    fn clear(&self) {
+        let _guard = self.lock_rotate();
+        for b in self.buckets.iter() {
+            b.epoch.store(0, Ordering::Release);
+            b.calls.store(0, Ordering::Relaxed);
+            b.failures.store(0, Ordering::Relaxed);
+            b.slow.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What only changes on the slow path.
+struct Control {
+    open_until: Option<Instant>,
+    /// Consecutive trips since the circuit last closed.
+    trips: u32,
+    probes: u32,
+}
+
+/// The breaker of one route.
+pub(crate) struct RouteState {
+    pub(crate) name: RouteName,
+    origin: Instant,
+    state: AtomicU8,
+    generation: AtomicU64,
+    consecutive: AtomicU32,
+    window: Option<Window>,
+    control: Mutex<Control>,
+}
+
+/// A call the breaker let through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// A call while closed, admitted in `generation`.
+    Normal { generation: u64 },
+    /// A half-open probe holding a slot.
+    Probe { generation: u64 },
+    /// The route is forced closed: nothing is recorded.
+    Untracked,
+}
+
+impl RouteState {
+    pub(crate) fn new(name: RouteName, shared: &Shared) -> Self {
+        let window = shared
+            .config
+            .policy
+            .failure_rate
+            .map(|r| Window::new(r.window, r.buckets));
+        Self {
+            name,
+            origin: Instant::now(),
+            state: AtomicU8::new(CLOSED),
+            generation: AtomicU64::new(0),
+            consecutive: AtomicU32::new(0),
+            window,
+            control: Mutex::new(Control {
+                open_until: None,
+                trips: 0,
+                probes: 0,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Control> {
+        // A poisoned lock only means a user callback panicked elsewhere; the state is intact.
+        self.control.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn elapsed(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.origin)
+    }
+
+    pub(crate) fn state(&self) -> CircuitState {
+        decode(self.state.load(Ordering::Acquire))
+    }
+
+    /// Sets the state and starts a new generation; the caller holds the control lock.
+    fn set_state(&self, to: u8) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.state.store(to, Ordering::Release);
+    }
+
+    /// Admits a call or says how long until the route takes one.
+    pub(crate) fn admit(&self, shared: &Shared, now: Instant) -> Result<Admission, Duration> {
+        // Load the generation before the state: if the state is still closed the generation
+        // is at least as new as the closed period the call is admitted in.
+        let generation = self.generation.load(Ordering::Acquire);
+        match self.state.load(Ordering::Acquire) {
+            CLOSED => return Ok(Admission::Normal { generation }),
+            FORCED_CLOSED => return Ok(Admission::Untracked),
+            _ => {}
+        }
+        let mut c = self.lock();
+        let generation = self.generation.load(Ordering::Acquire);
+        match self.state.load(Ordering::Acquire) {
+            CLOSED => Ok(Admission::Normal { generation }),
+            FORCED_CLOSED => Ok(Admission::Untracked),
+            FORCED_OPEN => Err(shared.config.policy.open_cap),
+            OPEN => {
+                let until = c.open_until.unwrap_or(now);
+                if now < until {
+                    return Err(until - now);
+                }
+                self.set_state(HALF_OPEN);
+                let generation = self.generation.load(Ordering::Acquire);
+                c.open_until = None;
+                c.probes = 1;
+                let t = Transition {
+                    from: CircuitState::Open,
+                    to: CircuitState::HalfOpen,
+                    open_for: None,
+                    trips: c.trips,
+                };
+                drop(c);
+                shared.emit(&self.name, t);
+                Ok(Admission::Probe { generation })
+            }
+            _ => {
+                // Half-open.
+                if c.probes < shared.config.policy.half_open_probes {
+                    c.probes += 1;
+                    Ok(Admission::Probe { generation })
+                } else {
+                    // A slot frees the moment a probe ends; there is no timer to report.
+                    Err(Duration::ZERO)
+                }
+            }
+        }
+    }
+
+    /// Records how an admitted call ended. `slow` is whether its response head came later than
+    /// the slow-call threshold. Returns the window epoch a success went into (so a later body
+    /// failure can convert it), if it went into one.
+    pub(crate) fn complete(
+        &self,
+        shared: &Shared,
+        admission: Admission,
+        verdict: Verdict,
+        slow: bool,
+        now: Instant,
+    ) -> Option<u64> {
+        match admission {
+            Admission::Untracked => None,
+            Admission::Normal { generation } => {
+                if verdict == Verdict::Neutral || !self.current(generation, CLOSED) {
+                    return None;
+                }
+                self.record_closed(shared, generation, verdict == Verdict::Failure, slow, now)
+            }
+            Admission::Probe { generation } => {
+                let mut c = self.lock();
+                if !self.current(generation, HALF_OPEN) {
+                    return None;
+                }
+                c.probes = c.probes.saturating_sub(1);
+                // A slow probe shows no recovery when slowness is what the breaker watches.
+                let slow_counts = slow && shared.config.policy.slow_call.is_some();
+                let t = match verdict {
+                    // No health evidence: the slot is free again, the circuit stays half-open.
+                    Verdict::Neutral => return None,
+                    Verdict::Success if !slow_counts => self.close(&mut c, CircuitState::HalfOpen),
+                    _ => self.open(shared, &mut c, CircuitState::HalfOpen, now),
+                };
+                drop(c);
+                shared.emit(&self.name, t);
+                None
+            }
+        }
+    }
+
+    /// A success recorded at the response head whose body then failed with a counting class.
+    pub(crate) fn body_failed(
+        &self,
+        shared: &Shared,
+        admission: Admission,
+        epoch: Option<u64>,
+        now: Instant,
+    ) {
+        if admission == Admission::Untracked || self.state.load(Ordering::Acquire) != CLOSED {
+            // Already open (or forced): nothing to add.
+            return;
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        let same_period = match admission {
+            Admission::Normal { generation: g } | Admission::Probe { generation: g } => {
+                g == generation
+            }
+            Admission::Untracked => false,
+        };
+        // The head counted a success in the same closed period: turn it into a failure
+        // instead of adding a second call for one request.
+        let converted = same_period
+            && matches!((epoch, &self.window), (Some(e), Some(w)) if w.convert_to_failure(e));
+        if converted {
+            self.consecutive.fetch_add(1, Ordering::AcqRel);
+            self.judge(shared, generation, now);
+        } else {
+            self.record_closed(shared, generation, true, false, now);
+        }
+    }
+
+    /// The body of a response counted as a success ended cleanly or was dropped by the caller
+    /// (an abandoned answer is not the provider's failure): the run of failures is broken.
+    pub(crate) fn body_ended(&self, admission: Admission) {
+        if let Admission::Normal { generation } = admission {
+            if self.current(generation, CLOSED) {
+                self.consecutive.store(0, Ordering::Release);
+            }
+        }
+    }
+
+    /// A probe that ended without an outcome (its future or body was dropped) gives its slot
+    /// back.
+    pub(crate) fn release_probe(&self, generation: u64) {
+        let mut c = self.lock();
+        if self.current(generation, HALF_OPEN) {
+            c.probes = c.probes.saturating_sub(1);
+        }
+    }
+
+    fn current(&self, generation: u64, state: u8) -> bool {
+        self.state.load(Ordering::Acquire) == state
+            && self.generation.load(Ordering::Acquire) == generation
+    }
+
+    fn record_closed(
+        &self,
+        shared: &Shared,
+        generation: u64,
+        failure: bool,
+        slow: bool,
+        now: Instant,
+    ) -> Option<u64> {
+        let epoch = self
+            .window
+            .as_ref()
+            .map(|w| w.record(self.elapsed(now), failure, slow));
+        // A success resets the consecutive count only once its body has ended well (see
+        // `body_ended`): a stream that fails after a good head must not break the run.
+        if failure {
+            self.consecutive.fetch_add(1, Ordering::AcqRel);
+        }
+        // A success lowers both rates, so only failures and slow calls can trip.
+        if failure || slow {
+            self.judge(shared, generation, now);
+        }
+        epoch
+    }
+
+    /// Trips the breaker if a rule says so.
+    fn judge(&self, shared: &Shared, generation: u64, now: Instant) {
+        let p = &shared.config.policy;
+        let mut trip = p
+            .consecutive_failures
+            .is_some_and(|n| self.consecutive.load(Ordering::Acquire) >= n);
+        if !trip {
+            if let (Some(rule), Some(w)) = (&p.failure_rate, &self.window) {
+                let t = w.totals(self.elapsed(now));
+                if t.calls >= rule.min_calls {
+                    let calls = f64::from(t.calls);
+                    trip = f64::from(t.failures) / calls >= rule.threshold
+                        || p.slow_call
+                            .is_some_and(|s| f64::from(t.slow) / calls >= s.rate);
+                }
+            }
+        }
+        if !trip {
+            return;
+        }
+        let mut c = self.lock();
+        // Another recorder may have tripped it already.
+        if !self.current(generation, CLOSED) {
+            return;
+        }
+        let t = self.open(shared, &mut c, CircuitState::Closed, now);
+        drop(c);
+        shared.emit(&self.name, t);
+    }
+
+    /// Opens for `open_base × 2^k` (capped, jittered downward), `k` the consecutive trips.
+    fn open(
+        &self,
+        shared: &Shared,
+        c: &mut Control,
+        from: CircuitState,
+        now: Instant,
+    ) -> Transition {
+        let p = &shared.config.policy;
+        let exp = p
+            .open_base
+            .checked_mul(1u32.checked_shl(c.trips.min(31)).unwrap_or(u32::MAX))
+            .unwrap_or(p.open_cap)
+            .min(p.open_cap);
+        let open_for = shared.jitter_open(exp);
+        c.open_until = Some(now + open_for);
+        c.trips = c.trips.saturating_add(1);
+        c.probes = 0;
+        self.set_state(OPEN);
+        Transition {
+            from,
+            to: CircuitState::Open,
+            open_for: Some(open_for),
+            trips: c.trips,
+        }
+    }
+
+    fn close(&self, c: &mut Control, from: CircuitState) -> Transition {
+        c.open_until = None;
+        c.trips = 0;
+        c.probes = 0;
+        self.consecutive.store(0, Ordering::Release);
+        // The outcomes that tripped it must not trip it again the moment it closes.
+        if let Some(w) = &self.window {
+            w.clear();
+        }
+        self.set_state(CLOSED);
+        Transition {
+            from,
+            to: CircuitState::Closed,
+            open_for: None,
+            trips: 0,
+        }
+    }
+
+    /// Forces a state from the handle; `None` when nothing changed.
+    pub(crate) fn force(&self, to: CircuitState) -> Option<Transition> {
+        let mut c = self.lock();
+        let from = self.state();
+        if from == to {
+            return None;
+        }
+        if to == CircuitState::Closed {
+            return Some(self.close(&mut c, from));
+        }
+        c.open_until = None;
+        c.probes = 0;
+        self.set_state(encode(to));
+        Some(Transition {
+            from,
+            to,
+            open_for: None,
+            trips: c.trips,
+        })
+    }
+
+    pub(crate) fn snapshot(&self, now: Instant) -> RouteSnapshot {
+        let c = self.lock();
+        let t = self
+            .window
+            .as_ref()
+            .map(|w| w.totals(self.elapsed(now)))
+            .unwrap_or_default();
+        let state = self.state();
+        RouteSnapshot {
+            route: self.name.clone(),
+            state,
+            calls: t.calls,
+            failures: t.failures.min(t.calls),
+            slow_calls: t.slow,
+            consecutive_failures: self.consecutive.load(Ordering::Acquire),
+            trips: c.trips,
+            retry_in: match state {
+                CircuitState::Open => c.open_until.map(|u| u.saturating_duration_since(now)),
+                _ => None,
+            },
+            probes_in_flight: c.probes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_ages_out_old_buckets() {
+        let w = Window::new(Duration::from_secs(60), 12);
+        for _ in 0..9 {
+            w.record(Duration::ZERO, true, false);
+        }
+        assert_eq!(w.totals(Duration::from_secs(54)).failures, 9);
+        // 60 s later the first bucket's span has left the window.
+        assert_eq!(w.totals(Duration::from_secs(60)), Totals::default());
+        w.record(Duration::from_secs(61), true, false);
+        let t = w.totals(Duration::from_secs(61));
+        assert_eq!((t.calls, t.failures), (1, 1));
+    }
+
+    #[test]
+    fn a_reused_slot_is_rotated_not_added_to() {
+        let w = Window::new(Duration::from_secs(10), 2);
+        w.record(Duration::from_secs(1), false, false);
+        w.record(Duration::from_secs(1), false, true);
+        // Same slot, two widths later.
+        w.record(Duration::from_secs(11), true, false);
+        let t = w.totals(Duration::from_secs(11));
+        assert_eq!((t.calls, t.failures, t.slow), (1, 1, 0));
+    }
+
+    #[test]
+    fn conversion_only_within_the_same_bucket() {
+        let w = Window::new(Duration::from_secs(10), 2);
+        let e = w.record(Duration::from_secs(1), false, false);
+        assert!(w.convert_to_failure(e));
+        w.record(Duration::from_secs(11), false, false);
+        assert!(!w.convert_to_failure(e));
+    }
+}

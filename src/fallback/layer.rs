@@ -1,0 +1,155 @@
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode};
+use tower_layer::Layer;
+
+use super::Fallback;
+use super::route::{Route, header_value_of_name};
+use crate::classify::SharedClassifier;
+use crate::context::RouteName;
+use crate::policy::{ClassActions, FallbackPolicy, Policy, PolicyError};
+
+/// Applies [`Fallback`] to a service: the route chain of the recovery ladder.
+///
+/// Built from the policy's [`FallbackPolicy`] section, which it validates: the constructors
+/// return a [`PolicyError`] (naming the offending field) for a bad value — among them a route
+/// that changes credentials without `credentials_approved` — so a bad chain is caught when the
+/// stack is built, never on a request.
+///
+/// ```
+/// use tower_llm_resilience::fallback::FallbackLayer;
+/// use tower_llm_resilience::policy::{Policy, RouteConfig};
+///
+/// let mut policy = Policy::interactive();
+/// policy.fallback.routes.push(
+///     RouteConfig::new("backup")
+///         .base_url("https://backup.example/v1")
+///         .model("backup-model"),
+/// );
+/// let layer = FallbackLayer::from_policy(&policy)?;
+/// # let _ = layer;
+///
+/// // A route that swaps the API key must be approved explicitly.
+/// policy.fallback.routes.push(RouteConfig::new("other-key").set_header("x-api-key", "sk-other"));
+/// let err = FallbackLayer::from_policy(&policy).unwrap_err();
+/// assert_eq!(err.field(), "fallback.routes[1].set_headers");
+/// # Ok::<(), tower_llm_resilience::PolicyError>(())
+/// ```
+#[derive(Clone)]
+pub struct FallbackLayer {
+    pub(crate) config: Arc<Config>,
+}
+
+/// What every request of a [`Fallback`] service shares: the chain, parsed once.
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) policy: FallbackPolicy,
+    pub(crate) primary: RouteName,
+    pub(crate) primary_header: HeaderValue,
+    pub(crate) routes: Vec<Route>,
+    pub(crate) last_resort: Option<LastResort>,
+    pub(crate) actions: ClassActions,
+    pub(crate) classifier: SharedClassifier,
+}
+
+#[derive(Clone)]
+pub(crate) struct LastResort {
+    pub(crate) status: StatusCode,
+    pub(crate) content_type: HeaderValue,
+    pub(crate) body: Bytes,
+}
+
+impl Config {
+    pub(crate) fn new(policy: FallbackPolicy, actions: ClassActions) -> Result<Self, PolicyError> {
+        policy.validate()?;
+        let mut routes = Vec::with_capacity(policy.routes.len());
+        for (i, r) in policy.routes.iter().enumerate() {
+            routes.push(Route::new(&format!("fallback.routes[{i}]"), r)?);
+        }
+        let last_resort = match &policy.last_resort {
+            None => None,
+            Some(s) => Some(LastResort {
+                status: StatusCode::from_u16(s.status).map_err(|_| {
+                    PolicyError::new("fallback.last_resort.status", "is not an HTTP status")
+                })?,
+                content_type: HeaderValue::from_str(&s.content_type).map_err(|_| {
+                    PolicyError::new(
+                        "fallback.last_resort.content_type",
+                        "is not a valid header value",
+                    )
+                })?,
+                body: Bytes::from(s.body.clone()),
+            }),
+        };
+        Ok(Self {
+            primary: RouteName::new(&policy.primary),
+            primary_header: header_value_of_name("fallback.primary", &policy.primary)?,
+            routes,
+            last_resort,
+            actions,
+            classifier: SharedClassifier::default(),
+            policy,
+        })
+    }
+}
+
+impl FallbackLayer {
+    /// A layer for the chain in `policy`, with the default per-class actions (DESIGN's table).
+    ///
+    /// Fails with a [`PolicyError`] when a value of `policy` is invalid, including a route that
+    /// changes credentials without approval.
+    pub fn new(policy: FallbackPolicy) -> Result<Self, PolicyError> {
+        Ok(Self {
+            config: Arc::new(Config::new(policy, ClassActions::default())?),
+        })
+    }
+
+    /// A layer for `policy.fallback`, switching per `policy.actions` (the fallback column of the
+    /// per-class table, with the policy's overrides).
+    pub fn from_policy(policy: &Policy) -> Result<Self, PolicyError> {
+        Ok(Self {
+            config: Arc::new(Config::new(
+                policy.fallback.clone(),
+                policy.actions.clone(),
+            )?),
+        })
+    }
+
+    /// Replaces the per-class actions (only their fallback column is used here).
+    pub fn actions(mut self, actions: ClassActions) -> Self {
+        Arc::make_mut(&mut self.config).actions = actions;
+        self
+    }
+
+    /// Replaces the classifier used for responses that no inner layer classified yet.
+    pub fn classifier(mut self, classifier: SharedClassifier) -> Self {
+        Arc::make_mut(&mut self.config).classifier = classifier;
+        self
+    }
+
+    /// The chain this layer applies.
+    pub fn policy(&self) -> &FallbackPolicy {
+        &self.config.policy
+    }
+}
+
+impl fmt::Debug for FallbackLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FallbackLayer")
+            .field("policy", &self.config.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Layer<S> for FallbackLayer {
+    type Service = Fallback<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Fallback {
+            inner,
+            config: self.config.clone(),
+        }
+    }
+}

@@ -1,0 +1,407 @@
+//! `BudgetLayer` end to end: the real hyper-util client against `MockProvider` on loopback.
+#![cfg(feature = "testing")]
+// Policies are built the way users must build them (the sections are `#[non_exhaustive]`).
+#![allow(clippy::field_reassign_with_default)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use tokio::time::Instant;
+use tower::{ServiceExt, service_fn};
+use tower_layer::Layer;
+use tower_llm_resilience::attempt_log::{LocalEventKind, Outcome};
+use tower_llm_resilience::budget::{Budget, BudgetLayer, BudgetOwner, SpendStatus};
+use tower_llm_resilience::policy::{AdmissionMode, BudgetPolicy, Price, SpendPolicy};
+use tower_llm_resilience::testing::{MockProvider, Reply, ScriptKey, chat_request, client};
+use tower_llm_resilience::{AttemptLog, Deadline, ErrorKind, RouteName};
+
+type Client = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+>;
+
+async fn start() -> MockProvider {
+    MockProvider::start().await.expect("mock starts")
+}
+
+/// One micro unit per token in and out; owner `team` unless the request names one.
+fn spend() -> SpendPolicy {
+    let mut s = SpendPolicy::default();
+    s.cap = 1.0;
+    s.default_price = Some(Price::new(1.0, 1.0));
+    s.default_owner = Some("team".to_owned());
+    s
+}
+
+fn budget(policy: BudgetPolicy) -> (BudgetLayer, Budget<Client>) {
+    let layer = BudgetLayer::new(policy).expect("valid policy");
+    let svc = layer.layer(client());
+    (layer, svc)
+}
+
+fn log_of<B>(resp: &http::Response<B>) -> AttemptLog {
+    resp.extensions()
+        .get::<AttemptLog>()
+        .cloned()
+        .expect("attempt log")
+}
+
+#[tokio::test]
+async fn spend_settles_with_the_usage_the_provider_reports() {
+    let mock = start().await;
+    mock.script(
+        ScriptKey::model("json"),
+        [Reply::openai_chat("json", "Hello there friend")],
+    );
+    mock.script(
+        ScriptKey::model("openai-stream"),
+        [Reply::openai_stream("openai-stream", &["Hel", "lo"])],
+    );
+    mock.script(
+        ScriptKey::model("anthropic-stream"),
+        [Reply::anthropic_stream(
+            "anthropic-stream",
+            &["Hel", "lo", "!"],
+        )],
+    );
+    let mut policy = BudgetPolicy::default();
+    policy.spend = Some(spend());
+    let (layer, svc) = budget(policy);
+    let spend = layer.spend().expect("spend handle");
+
+    // Reserved: 3 prompt tokens ("user" + "hello" = 9 bytes) + 64 output = 67.
+    let resp = svc
+        .clone()
+        .oneshot(chat_request(&mock.url(), "json", false))
+        .await
+        .expect("response");
+    assert_eq!(spend.status("team"), SpendStatus::new(0, 67));
+    resp.into_body().collect().await.expect("body");
+    // Charged what the provider reported: 9 prompt + 3 completion tokens.
+    assert_eq!(spend.status("team"), SpendStatus::new(12, 0));
+
+    let resp = svc
+        .clone()
+        .oneshot(chat_request(&mock.url(), "openai-stream", true))
+        .await
+        .expect("response");
+    resp.into_body().collect().await.expect("body");
+    assert_eq!(spend.status("team"), SpendStatus::new(12 + 11, 0));
+
+    let mut req = chat_request(&mock.url(), "anthropic-stream", true);
+    req.extensions_mut().insert(BudgetOwner::new("other"));
+    let resp = svc.clone().oneshot(req).await.expect("response");
+    resp.into_body().collect().await.expect("body");
+    assert_eq!(spend.status("other"), SpendStatus::new(9 + 3, 0));
+    assert_eq!(spend.status("team"), SpendStatus::new(23, 0));
+}
+
+#[tokio::test]
+async fn an_exhausted_owner_sends_nothing() {
+    let mock = start().await;
+    let mut s = spend();
+    s.cap = 0.0001; // 100 micro units: one reservation of 67 fits, two do not
+    let mut policy = BudgetPolicy::default();
+    policy.spend = Some(s);
+    let (_, svc) = budget(policy);
+    let first = svc
+        .clone()
+        .oneshot(chat_request(&mock.url(), "m", false))
+        .await
+        .expect("response");
+    let second = svc
+        .clone()
+        .oneshot(chat_request(&mock.url(), "m", false))
+        .await
+        .expect_err("over the cap");
+    assert_eq!(
+        second.kind(),
+        &ErrorKind::BudgetExhausted {
+            owner: Some("team".to_owned())
+        }
+    );
+    let log = second.attempt_log().expect("log");
+    assert_eq!(log.attempt_count(), 0);
+    assert_eq!(log.events()[0].kind, LocalEventKind::BudgetDenied);
+    drop(first);
+    assert_eq!(mock.request_count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn pacing_waits_for_the_reset_the_provider_announced() {
+    let mock = start().await;
+    mock.script(
+        ScriptKey::Any,
+        [
+            Reply::ok()
+                .header("x-ratelimit-remaining-requests", "0")
+                .header("x-ratelimit-reset-requests", "5s"),
+            Reply::ok(),
+        ],
+    );
+    let mut policy = BudgetPolicy::default();
+    policy.pacing = true;
+    policy.admission = AdmissionMode::Queue {
+        max_wait: Duration::from_secs(60),
+        max_queued: 10,
+    };
+    let (_, svc) = budget(policy);
+    let routed = |route: &str| {
+        let mut req = chat_request(&mock.url(), "m", false);
+        req.extensions_mut().insert(RouteName::new(route));
+        req
+    };
+    let t0 = Instant::now();
+    let first = svc.clone().oneshot(routed("a")).await.expect("response");
+    assert_eq!(first.status(), 200);
+    // Route b is not paused; route a waits for the reset.
+    let b = svc.clone().oneshot(routed("b")).await.expect("response");
+    assert_eq!(b.status(), 200);
+    let a = svc.clone().oneshot(routed("a")).await.expect("response");
+    assert_eq!(a.status(), 200);
+    let arrivals: Vec<Duration> = mock.requests().iter().map(|r| r.at - t0).collect();
+    assert_eq!(
+        arrivals,
+        [Duration::ZERO, Duration::ZERO, Duration::from_secs(5)]
+    );
+    let events: Vec<LocalEventKind> = log_of(&a).events().into_iter().map(|e| e.kind).collect();
+    assert_eq!(
+        events,
+        [LocalEventKind::Queued {
+            waited: Duration::from_secs(5)
+        }]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_ends_a_request_the_provider_never_answers() {
+    let mock = start().await;
+    mock.script(ScriptKey::Any, [Reply::never()]);
+    let mut policy = BudgetPolicy::default();
+    policy.deadline = Some(Duration::from_secs(3));
+    let (_, svc) = budget(policy);
+    let t0 = Instant::now();
+    let e = svc
+        .oneshot(chat_request(&mock.url(), "m", false))
+        .await
+        .expect_err("deadline");
+    assert_eq!(Instant::now() - t0, Duration::from_secs(3));
+    assert_eq!(e.kind(), &ErrorKind::DeadlineExceeded);
+    let snap = e.attempt_log().expect("log").snapshot();
+    assert!(matches!(snap.outcome, Some(Outcome::Error { .. })));
+    assert_eq!(mock.request_count(), 1);
+}
+
+#[tokio::test]
+async fn inner_layers_see_the_deadline_and_the_retry_budget() {
+    let mock = start().await;
+    let mut policy = BudgetPolicy::default();
+    policy.deadline = Some(Duration::from_secs(30));
+    let layer = BudgetLayer::new(policy).expect("valid policy");
+    let http = client();
+    let svc = layer.layer(service_fn(move |req: http::Request<Full<Bytes>>| {
+        let deadline = req.extensions().get::<Deadline>().copied();
+        let budget = req
+            .extensions()
+            .get::<tower_llm_resilience::RetryBudget>()
+            .cloned();
+        let http = http.clone();
+        async move {
+            assert!(deadline.is_some_and(|d| d.remaining() <= Duration::from_secs(30)));
+            assert!(budget.is_some());
+            http.oneshot(req).await
+        }
+    }));
+    let resp = svc
+        .oneshot(chat_request(&mock.url(), "m", false))
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        log_of(&resp).snapshot().outcome,
+        Some(Outcome::Success { status: 200 })
+    );
+}
+
+// ------------------------------------------------- with RetryLayer and FallbackLayer inside
+
+mod with_recovery_layers {
+    use super::*;
+    use tower_llm_resilience::attempt_log::{Decision, StopReason};
+    use tower_llm_resilience::fallback::FallbackLayer;
+    use tower_llm_resilience::policy::{BackoffPolicy, Policy, RetryBudgetPolicy, RouteConfig};
+    use tower_llm_resilience::retry::RetryLayer;
+
+    /// Budget → Fallback (primary + one backup on the same mock) → Retry (3 attempts per
+    /// route) → the hyper-util client. Without a budget, one request makes 6 calls.
+    fn stack(
+        mock: &MockProvider,
+        retry_budget: RetryBudgetPolicy,
+    ) -> impl tower::Service<
+        http::Request<Full<Bytes>>,
+        Response = http::Response<tower_llm_resilience::Body>,
+        Error = tower_llm_resilience::Error,
+        Future: Send,
+    > + Clone
+    + Send
+    + 'static {
+        let mut policy = Policy::interactive();
+        policy.retry.max_attempts = 3;
+        policy.retry.backoff =
+            BackoffPolicy::new(Duration::from_millis(1), Duration::from_millis(2));
+        policy.retry.seed = Some(7);
+        policy
+            .fallback
+            .routes
+            .push(RouteConfig::new("backup").base_url(format!("{}/backup/v1", mock.url())));
+        policy.fallback.max_hops = 1;
+        policy.budget.retry_budget = retry_budget;
+        let budget = BudgetLayer::from_policy(&policy).expect("budget layer");
+        let fallback = FallbackLayer::from_policy(&policy).expect("fallback layer");
+        let retry = RetryLayer::from_policy(&policy).expect("retry layer");
+        budget.layer(fallback.layer(retry.layer(client())))
+    }
+
+    /// Sends `n` requests one after another; returns each request's log.
+    async fn run<S>(svc: &S, mock: &MockProvider, n: usize) -> Vec<AttemptLog>
+    where
+        S: tower::Service<
+                http::Request<Full<Bytes>>,
+                Response = http::Response<tower_llm_resilience::Body>,
+                Error = tower_llm_resilience::Error,
+            > + Clone,
+    {
+        let mut logs = Vec::new();
+        for _ in 0..n {
+            let resp = svc
+                .clone()
+                .oneshot(chat_request(&mock.url(), "m", false))
+                .await
+                .expect("the primary's failure response");
+            assert_eq!(resp.status(), 503);
+            let log = log_of(&resp);
+            assert!(matches!(
+                log.snapshot().outcome,
+                Some(Outcome::ProviderFailure { status: 503, .. })
+            ));
+            resp.into_body().collect().await.expect("body");
+            logs.push(log);
+        }
+        logs
+    }
+
+    fn budget_denials(log: &AttemptLog) -> usize {
+        log.events()
+            .iter()
+            .filter(|e| e.kind == LocalEventKind::RetryBudgetDenied)
+            .count()
+    }
+
+    fn stopped_by_budget(log: &AttemptLog) -> usize {
+        log.attempts()
+            .iter()
+            .flat_map(|a| a.decisions.clone())
+            .filter(|d| *d == Decision::Stop(StopReason::RetryBudgetDenied))
+            .count()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn under_total_failure_calls_stay_within_the_retry_budget() {
+        let mock = start().await;
+        mock.script(ScriptKey::Any, [Reply::openai_overloaded()]);
+
+        // Control: with a budget far larger than the demand, every request makes all 6 calls.
+        let ample = RetryBudgetPolicy::Ratio {
+            ratio: 1.0,
+            min_per_sec: 1000,
+            ttl: Duration::from_secs(60),
+        };
+        let logs = run(&stack(&mock, ample), &mock, 5).await;
+        assert_eq!(mock.request_count(), 30);
+        assert!(logs.iter().all(|l| l.attempt_count() == 6));
+        assert!(logs.iter().all(|l| budget_denials(l) == 0));
+
+        // 100 % failure, 100 requests, a budget of 20 % of requests plus 1 per second over 60 s:
+        // at most 100 + 20 + 60 calls, where an unbudgeted stack would make 600.
+        mock.script(ScriptKey::Any, [Reply::openai_overloaded()]);
+        let before = mock.request_count();
+        let tight = RetryBudgetPolicy::Ratio {
+            ratio: 0.2,
+            min_per_sec: 1,
+            ttl: Duration::from_secs(60),
+        };
+        let t0 = Instant::now();
+        let logs = run(&stack(&mock, tight), &mock, 100).await;
+        assert!(
+            Instant::now() - t0 < Duration::from_secs(60),
+            "all within one window"
+        );
+        let calls = mock.request_count() - before;
+        assert_eq!(
+            calls,
+            logs.iter().map(AttemptLog::attempt_count).sum::<usize>()
+        );
+        // The budget is spent to the last whole retry, never beyond.
+        assert_eq!(calls, 100 + 20 + 60);
+        // Every retry or hop the budget refused is logged as such: each request that made
+        // fewer than its 6 calls stopped on a budget denial, recorded both as an event and as
+        // the stop decision on the attempt it followed.
+        for log in &logs {
+            if log.attempt_count() < 6 {
+                assert!(budget_denials(log) >= 1, "{log}");
+                assert_eq!(budget_denials(log), stopped_by_budget(log), "{log}");
+            }
+        }
+        // 80 retries and hops granted, at most 5 per request: at least 84 requests were
+        // refused one.
+        let short = logs.iter().filter(|l| l.attempt_count() < 6).count();
+        assert!(short >= 84, "{short} requests stopped early");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_retry_layer_respects_the_deadline_set_here() {
+        let mock = start().await;
+        // The server asks for 10 s; the request's deadline is 5 s away.
+        mock.script(
+            ScriptKey::Any,
+            [Reply::openai_rate_limited(Some("10")), Reply::ok()],
+        );
+        let mut policy = Policy::interactive();
+        policy.retry.max_attempts = 5;
+        policy.retry.max_server_wait = Duration::from_secs(60);
+        policy.retry.max_elapsed = Duration::from_secs(600);
+        policy.retry.seed = Some(7);
+        policy.budget.deadline = Some(Duration::from_secs(5));
+        let budget = BudgetLayer::from_policy(&policy).expect("budget layer");
+        let retry = RetryLayer::from_policy(&policy).expect("retry layer");
+        let svc = budget.layer(retry.layer(client()));
+        let t0 = Instant::now();
+        let resp = svc
+            .oneshot(chat_request(&mock.url(), "m", false))
+            .await
+            .expect("the 429 is handed back");
+        // No sleep past the deadline and no second call: the 429 comes back at once.
+        assert_eq!(resp.status(), 429);
+        assert_eq!(Instant::now() - t0, Duration::ZERO);
+        assert_eq!(mock.request_count(), 1);
+        let log = log_of(&resp);
+        let last = log.attempts()[0].decisions.last().cloned();
+        assert_eq!(last, Some(Decision::Stop(StopReason::DeadlineExceeded)));
+
+        // With the deadline further out, the same wait is honoured.
+        mock.script(
+            ScriptKey::Any,
+            [Reply::openai_rate_limited(Some("2")), Reply::ok()],
+        );
+        let svc = budget.layer(retry.layer(client()));
+        let t0 = Instant::now();
+        let resp = svc
+            .oneshot(chat_request(&mock.url(), "m", false))
+            .await
+            .expect("response");
+        assert_eq!(resp.status(), 200);
+        let waited = Instant::now() - t0;
+        assert!(waited >= Duration::from_secs(2) && waited < Duration::from_secs(5));
+    }
+}
