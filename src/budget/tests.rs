@@ -873,6 +873,7 @@ fn attempts_then_answer()
                 duration: Duration::ZERO,
                 end: StreamEnd::Complete,
                 usage: Some(Usage::new(2, 8)),
+                malformed_events: 0,
             },
         );
         let resp = http::Response::builder()
