@@ -10,8 +10,9 @@ use http_body_util::{BodyExt, Full};
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 use tower_llm_resilience::attempt_log::{Decision, StreamEnd, Usage, WaitSource};
+use tower_llm_resilience::fallback::{FallbackLayer, ROUTE_HEADER};
 use tower_llm_resilience::policy::{
-    BackoffPolicy, CommitPoint, Jitter, Policy, StreamPolicy, StreamSettings,
+    BackoffPolicy, CommitPoint, Jitter, Policy, RouteConfig, StreamPolicy, StreamSettings,
 };
 use tower_llm_resilience::retry::RetryLayer;
 use tower_llm_resilience::stream_guard::{StreamGuard, StreamGuardLayer};
@@ -555,6 +556,117 @@ async fn the_logging_switches_of_the_policy_apply() -> Result<(), BoxError> {
         log.snapshot().requested_route.map(|r| r.to_string()),
         Some(mock.addr().to_string())
     );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// With FallbackLayer and RetryLayer outside: the whole recommended stack below the budget.
+
+const BACKUP_MODEL: &str = "backup-model";
+
+fn with_backup(mut p: Policy, mock: &MockProvider) -> Policy {
+    p.fallback.routes = vec![
+        RouteConfig::new("backup")
+            .base_url(format!("{}/backup/v1", mock.url()))
+            .model(BACKUP_MODEL),
+    ];
+    p
+}
+
+fn full_stack(
+    policy: &Policy,
+) -> Result<
+    impl Service<http::Request<Full<Bytes>>, Response = Response<Body>, Error = Error, Future: Send>,
+    BoxError,
+> {
+    Ok(tower::ServiceBuilder::new()
+        .layer(FallbackLayer::from_policy(policy)?)
+        .layer(RetryLayer::from_policy(policy)?)
+        .layer(StreamGuardLayer::from_policy(policy)?)
+        .service(testing::client()))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cut_with_commit_end_gives_exactly_one_complete_answer_from_the_backup()
+-> Result<(), BoxError> {
+    let mock = MockProvider::start().await?;
+    mock.script(
+        ScriptKey::model(MODEL),
+        [Reply::openai_stream(MODEL, &["Hel", "lo", " world"]).cut_after(3)],
+    );
+    mock.script(
+        ScriptKey::model(BACKUP_MODEL),
+        [Reply::openai_stream(BACKUP_MODEL, &["Hi", " there"])],
+    );
+    let policy = with_backup(policy(CommitPoint::End), &mock);
+    let mut response = send(full_stack(&policy)?, &mock).await?;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()[ROUTE_HEADER], "backup");
+    let log = log_of(&response)?;
+    let (text, err) = read(response.body_mut()).await;
+    assert!(err.is_none(), "{err:?}");
+    // One answer, whole, and the backup's alone.
+    assert_eq!(text.matches("\"role\":\"assistant\"").count(), 1);
+    assert_eq!(text.matches("data: [DONE]").count(), 1);
+    assert!(text.contains("\"Hi\"") && text.contains("\" there\""));
+    assert!(!text.contains("\"Hel\"") && !text.contains(&format!("\"model\":\"{MODEL}\"")));
+    assert!(text.ends_with("data: [DONE]\n\n"));
+
+    let received: Vec<_> = mock.requests().into_iter().map(|r| r.model).collect();
+    assert_eq!(received, [Some(MODEL.into()), Some(BACKUP_MODEL.into())]);
+    let snapshot = log.snapshot();
+    assert_eq!(
+        snapshot.selected_route.map(|r| r.to_string()),
+        Some("backup".into())
+    );
+    let attempts = &snapshot.attempts;
+    assert_eq!(attempts.len(), 2);
+    assert_eq!(attempts[0].class, Some(FailureClass::Transport));
+    assert_eq!(
+        attempts[0]
+            .stream
+            .as_ref()
+            .map(|s| (s.end.clone(), s.bytes)),
+        Some((StreamEnd::FailedBeforeCommit(StreamCause::Disconnected), 0))
+    );
+    assert!(
+        attempts[0].decisions.contains(&Decision::Fallback {
+            to: "backup".into()
+        }),
+        "{:?}",
+        attempts[0].decisions
+    );
+    assert_eq!(
+        attempts[1].stream.as_ref().map(|s| s.end.clone()),
+        Some(StreamEnd::Complete)
+    );
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_same_cut_after_commit_first_event_is_never_routed_around() -> Result<(), BoxError> {
+    let mock = MockProvider::start().await?;
+    mock.script(
+        ScriptKey::model(MODEL),
+        [Reply::openai_stream(MODEL, &["Hel", "lo", " world"]).cut_after(3)],
+    );
+    mock.script(
+        ScriptKey::model(BACKUP_MODEL),
+        [Reply::openai_stream(BACKUP_MODEL, &["Hi"])],
+    );
+    let policy = with_backup(policy(CommitPoint::FirstEvent), &mock);
+    let mut response = send(full_stack(&policy)?, &mock).await?;
+    let (text, err) = read(response.body_mut()).await;
+    assert_eq!(
+        err.map(|e| e.kind().clone()),
+        Some(ErrorKind::StreamInterrupted {
+            delivered_bytes: text.len() as u64,
+            cause: StreamCause::Disconnected
+        })
+    );
+    assert!(!text.contains(BACKUP_MODEL));
+    tokio::time::sleep(secs(60)).await;
+    assert_eq!(mock.request_count(), 1);
     Ok(())
 }
 
