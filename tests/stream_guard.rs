@@ -10,9 +10,11 @@ use http_body_util::{BodyExt, Full};
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 use tower_llm_resilience::attempt_log::{Decision, StreamEnd, Usage, WaitSource};
+use tower_llm_resilience::circuit_breaker::{CircuitBreakerLayer, CircuitState};
 use tower_llm_resilience::fallback::{FallbackLayer, ROUTE_HEADER};
 use tower_llm_resilience::policy::{
-    BackoffPolicy, CommitPoint, Jitter, Policy, RouteConfig, StreamPolicy, StreamSettings,
+    BackoffPolicy, CircuitBreakerPolicy, CommitPoint, Jitter, Policy, RouteConfig, StreamPolicy,
+    StreamSettings,
 };
 use tower_llm_resilience::retry::RetryLayer;
 use tower_llm_resilience::stream_guard::{StreamGuard, StreamGuardLayer};
@@ -667,6 +669,44 @@ async fn the_same_cut_after_commit_first_event_is_never_routed_around() -> Resul
     assert!(!text.contains(BACKUP_MODEL));
     tokio::time::sleep(secs(60)).await;
     assert_eq!(mock.request_count(), 1);
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn streams_interrupted_after_commit_count_for_the_breaker_above() -> Result<(), BoxError> {
+    let mock = MockProvider::start().await?;
+    mock.script(
+        ScriptKey::model(MODEL),
+        [Reply::openai_stream(MODEL, &["Hel", "lo"]).cut_after(2)],
+    );
+    let mut breaker = CircuitBreakerPolicy::default();
+    breaker.failure_rate = None;
+    breaker.consecutive_failures = Some(2);
+    let breaker = CircuitBreakerLayer::new(breaker)?.without_jitter();
+    let handle = breaker.handle();
+    let svc = tower::ServiceBuilder::new()
+        .layer(breaker)
+        .layer(StreamGuardLayer::new(StreamPolicy::from_settings(
+            settings(CommitPoint::FirstEvent),
+        ))?)
+        .service(testing::client());
+    let route = mock.addr().to_string();
+    for _ in 0..2 {
+        // Each response head is a success; each body ends interrupted.
+        let mut response = send(svc.clone(), &mock).await?;
+        let (_, err) = read(response.body_mut()).await;
+        assert!(matches!(
+            err.map(|e| e.kind().clone()),
+            Some(ErrorKind::StreamInterrupted { .. })
+        ));
+    }
+    assert_eq!(handle.state(route.as_str()), CircuitState::Open);
+    let err = send(svc, &mock).await.err().ok_or("fails fast")?;
+    assert!(
+        matches!(err.kind(), ErrorKind::CircuitOpen { .. }),
+        "{err:?}"
+    );
+    assert_eq!(mock.request_count(), 2);
     Ok(())
 }
 
