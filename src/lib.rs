@@ -21,6 +21,7 @@ pub mod policy;
 pub mod replay;
 pub mod retry;
 pub mod retry_budget;
+mod stack;
 pub mod stream_guard;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
@@ -33,3 +34,4 @@ pub use context::{Deadline, RouteName};
 pub use error::{BoxError, Error, ErrorKind, StreamCause};
 pub use policy::{Policy, PolicyError};
 pub use retry_budget::RetryBudget;
+pub use stack::{ResilienceLayer, Resilient, ServiceBuilderExt};

@@ -1,0 +1,226 @@
+//! The whole ladder from one policy.
+//!
+//! [`ResilienceLayer`] builds the five layers from one [`Policy`] and stacks them in the order of
+//! the recovery ladder, outermost first:
+//!
+//! ```text
+//! BudgetLayer          admission: rate limit, spend cap, deadline, retry budget
+//!  └ FallbackLayer     route chain: primary → approved backups
+//!     └ RetryLayer     same-route retries
+//!        └ CircuitBreakerLayer   per-route breaker; open ⇒ fail fast so Fallback moves on
+//!           └ StreamGuardLayer   first-token / idle / total timeouts, commit point
+//!              └ your HTTP client
+//! ```
+//!
+//! The breaker sits inside Retry so every attempt counts and an open circuit ends the retries at
+//! once; the stream guard sits next to the transport so a stream that dies before its commit
+//! point is an ordinary retryable failure for the layers above, while one that dies after it
+//! never is.
+//!
+//! [`ServiceBuilderExt`] adds the same layers to a `tower::ServiceBuilder`, one by one or all at
+//! once.
+
+use tower::ServiceBuilder;
+use tower::layer::util::Stack;
+use tower_layer::Layer;
+
+use crate::budget::{Budget, BudgetLayer, SpendHandle};
+use crate::circuit_breaker::{CircuitBreaker, CircuitBreakerHandle, CircuitBreakerLayer};
+use crate::classify::SharedClassifier;
+use crate::fallback::{Fallback, FallbackLayer};
+use crate::policy::{Policy, PolicyError};
+use crate::retry::{Retry, RetryLayer};
+use crate::retry_budget::RetryBudget;
+use crate::stream_guard::{StreamGuard, StreamGuardLayer};
+
+/// The service [`ResilienceLayer`] builds around `S`.
+pub type Resilient<S> = Budget<Fallback<Retry<CircuitBreaker<StreamGuard<S>>>>>;
+
+/// All five layers, built from one policy, in the ladder's order.
+///
+/// ```
+/// use tower::ServiceBuilder;
+/// use tower_llm_resilience::{Policy, ResilienceLayer};
+///
+/// # fn main() -> Result<(), tower_llm_resilience::PolicyError> {
+/// let policy = Policy::interactive();
+/// let layer = ResilienceLayer::new(&policy)?; // or `policy.layer()?`
+/// # let client = tower::service_fn(|_req: http::Request<String>| async {
+/// #     Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+/// # });
+/// let service = ServiceBuilder::new().layer(layer).service(client);
+/// # drop(service);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct ResilienceLayer {
+    budget: BudgetLayer,
+    fallback: FallbackLayer,
+    retry: RetryLayer,
+    circuit_breaker: CircuitBreakerLayer,
+    stream_guard: StreamGuardLayer,
+}
+
+impl ResilienceLayer {
+    /// Validates `policy` and builds every layer from it.
+    pub fn new(policy: &Policy) -> Result<Self, PolicyError> {
+        policy.validate()?;
+        Ok(Self {
+            budget: BudgetLayer::from_policy(policy)?,
+            fallback: FallbackLayer::from_policy(policy)?,
+            retry: RetryLayer::from_policy(policy)?,
+            circuit_breaker: CircuitBreakerLayer::from_policy(policy)?,
+            stream_guard: StreamGuardLayer::from_policy(policy)?,
+        })
+    }
+
+    /// Classifies with `classifier` in every layer.
+    pub fn classifier(self, classifier: SharedClassifier) -> Self {
+        Self {
+            budget: self.budget.classifier(classifier.clone()),
+            fallback: self.fallback.classifier(classifier.clone()),
+            retry: self.retry.classifier(classifier.clone()),
+            circuit_breaker: self.circuit_breaker.classifier(classifier.clone()),
+            stream_guard: self.stream_guard.classifier(classifier),
+        }
+    }
+
+    /// The circuit breakers' handle: state per route, force open or closed, reset, snapshots.
+    pub fn circuit_breaker(&self) -> CircuitBreakerHandle {
+        self.circuit_breaker.handle()
+    }
+
+    /// The spend cap's handle, when the policy sets one.
+    pub fn spend(&self) -> Option<SpendHandle> {
+        self.budget.spend()
+    }
+
+    /// The retry budget shared by every request through the stack.
+    pub fn retry_budget(&self) -> &RetryBudget {
+        self.budget.retry_budget()
+    }
+}
+
+impl<S> Layer<S> for ResilienceLayer {
+    type Service = Resilient<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        let inner = self.stream_guard.layer(inner);
+        let inner = self.circuit_breaker.layer(inner);
+        let inner = self.retry.layer(inner);
+        let inner = self.fallback.layer(inner);
+        self.budget.layer(inner)
+    }
+}
+
+impl Policy {
+    /// The whole stack for this policy: [`ResilienceLayer::new`].
+    pub fn layer(&self) -> Result<ResilienceLayer, PolicyError> {
+        ResilienceLayer::new(self)
+    }
+}
+
+/// Adds the crate's layers to a [`ServiceBuilder`], in the manner of tower-http.
+///
+/// Each method builds its layer from the policy and fails with the policy's [`PolicyError`],
+/// so a stack reads:
+///
+/// ```
+/// use tower::ServiceBuilder;
+/// use tower_llm_resilience::{Policy, ServiceBuilderExt};
+///
+/// # fn main() -> Result<(), tower_llm_resilience::PolicyError> {
+/// let policy = Policy::interactive();
+/// # let client = tower::service_fn(|_req: http::Request<String>| async {
+/// #     Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+/// # });
+/// let service = ServiceBuilder::new()
+///     .llm_retry(&policy)?
+///     .llm_circuit_breaker(&policy)?
+///     .service(client);
+/// # drop(service);
+/// # Ok(())
+/// # }
+/// ```
+pub trait ServiceBuilderExt<L>: sealed::Sealed {
+    /// All five layers: [`ResilienceLayer`].
+    fn llm_resilience(
+        self,
+        policy: &Policy,
+    ) -> Result<ServiceBuilder<Stack<ResilienceLayer, L>>, PolicyError>;
+    /// [`BudgetLayer::from_policy`].
+    fn llm_budget(
+        self,
+        policy: &Policy,
+    ) -> Result<ServiceBuilder<Stack<BudgetLayer, L>>, PolicyError>;
+    /// [`FallbackLayer::from_policy`].
+    fn llm_fallback(
+        self,
+        policy: &Policy,
+    ) -> Result<ServiceBuilder<Stack<FallbackLayer, L>>, PolicyError>;
+    /// [`RetryLayer::from_policy`].
+    fn llm_retry(
+        self,
+        policy: &Policy,
+    ) -> Result<ServiceBuilder<Stack<RetryLayer, L>>, PolicyError>;
+    /// [`CircuitBreakerLayer::from_policy`].
+    fn llm_circuit_breaker(
+        self,
+        policy: &Policy,
+    ) -> Result<ServiceBuilder<Stack<CircuitBreakerLayer, L>>, PolicyError>;
+    /// [`StreamGuardLayer::from_policy`].
+    fn llm_stream_guard(
+        self,
+        policy: &Policy,
+    ) -> Result<ServiceBuilder<Stack<StreamGuardLayer, L>>, PolicyError>;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl<L> Sealed for tower::ServiceBuilder<L> {}
+}
+
+impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
+    fn llm_resilience(
+        self,
+        policy: &Policy,
+    ) -> Result<ServiceBuilder<Stack<ResilienceLayer, L>>, PolicyError> {
+        Ok(self.layer(ResilienceLayer::new(policy)?))
+    }
+
+    fn llm_budget(
+        self,
+        policy: &Policy,
+    ) -> Result<ServiceBuilder<Stack<BudgetLayer, L>>, PolicyError> {
+        Ok(self.layer(BudgetLayer::from_policy(policy)?))
+    }
+
+    fn llm_fallback(
+        self,
+        policy: &Policy,
+    ) -> Result<ServiceBuilder<Stack<FallbackLayer, L>>, PolicyError> {
+        Ok(self.layer(FallbackLayer::from_policy(policy)?))
+    }
+
+    fn llm_retry(
+        self,
+        policy: &Policy,
+    ) -> Result<ServiceBuilder<Stack<RetryLayer, L>>, PolicyError> {
+        Ok(self.layer(RetryLayer::from_policy(policy)?))
+    }
+
+    fn llm_circuit_breaker(
+        self,
+        policy: &Policy,
+    ) -> Result<ServiceBuilder<Stack<CircuitBreakerLayer, L>>, PolicyError> {
+        Ok(self.layer(CircuitBreakerLayer::from_policy(policy)?))
+    }
+
+    fn llm_stream_guard(
+        self,
+        policy: &Policy,
+    ) -> Result<ServiceBuilder<Stack<StreamGuardLayer, L>>, PolicyError> {
+        Ok(self.layer(StreamGuardLayer::from_policy(policy)?))
+    }
+}
