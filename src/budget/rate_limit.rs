@@ -136,6 +136,11 @@ impl Gate {
         self.lines.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Requests waiting in line right now.
+    pub(crate) fn queued(&self) -> usize {
+        self.lines().queued
+    }
+
     /// Capacity right now: the route must not be paused and every bucket must have room.
     fn try_now(&self, ask: &Ask) -> Result<(), Duration> {
         if let Some(left) = self.pacer.as_ref().and_then(|p| p.remaining(&ask.route)) {
