@@ -39,7 +39,7 @@ use tower_llm_resilience::policy::{
 };
 use tower_llm_resilience::retry::RetryLayer;
 use tower_llm_resilience::stream_guard::StreamGuardLayer;
-use tower_llm_resilience::{Body, BoxError, Error, RouteName};
+use tower_llm_resilience::{Body, BoxError, Error, Resilient, RouteName};
 
 const OWNER: &str = "team-a";
 const STEP: Duration = Duration::from_millis(50);
@@ -199,50 +199,46 @@ impl Transport {
     fn script(&self, route: &str, replies: Vec<Reply>) {
         lock(&self.scripts).insert(route.to_owned(), replies.into());
     }
+}
 
-    fn service(
-        &self,
-    ) -> impl Service<
-        Request<Full<Bytes>>,
-        Response = Response<SlowBody>,
-        Error = Infallible,
-        Future: Send + 'static,
-    >
-    + Clone
-    + Send
-    + 'static
-    + use<> {
-        let t = self.clone();
-        tower::service_fn(move |req: Request<Full<Bytes>>| {
-            let route = RouteName::of_request(&req);
-            let reply = lock(&t.scripts)
-                .get_mut(route.as_str())
-                .and_then(VecDeque::pop_front)
-                .unwrap_or_else(|| Reply::stream(ms(0), ms(10), 2));
-            t.calls.fetch_add(1, Ordering::SeqCst);
-            let call = Live::new(&t.live_calls);
-            let bodies = t.live_bodies.clone();
-            async move {
-                let _call = call;
-                tokio::time::sleep(reply.head_delay).await;
-                let body = SlowBody {
-                    chunks: reply.chunks.into(),
-                    sleep: None,
-                    end: reply.end,
-                    _live: Live::new(&bodies),
-                };
-                let mut response = Response::new(body);
-                *response.status_mut() = StatusCode::from_u16(reply.status).unwrap_or_default();
-                let content_type = if reply.sse {
-                    "text/event-stream"
-                } else {
-                    "application/json"
-                };
-                response
-                    .headers_mut()
-                    .insert("content-type", http::HeaderValue::from_static(content_type));
-                Ok::<_, Infallible>(response)
-            }
+impl Service<Request<Full<Bytes>>> for Transport {
+    type Response = Response<SlowBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<SlowBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Full<Bytes>>) -> Self::Future {
+        let route = RouteName::of_request(&req);
+        let reply = lock(&self.scripts)
+            .get_mut(route.as_str())
+            .and_then(VecDeque::pop_front)
+            .unwrap_or_else(|| Reply::stream(ms(0), ms(10), 2));
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let call = Live::new(&self.live_calls);
+        let bodies = self.live_bodies.clone();
+        Box::pin(async move {
+            let _call = call;
+            tokio::time::sleep(reply.head_delay).await;
+            let body = SlowBody {
+                chunks: reply.chunks.into(),
+                sleep: None,
+                end: reply.end,
+                _live: Live::new(&bodies),
+            };
+            let mut response = Response::new(body);
+            *response.status_mut() = StatusCode::from_u16(reply.status).unwrap_or_default();
+            let content_type = if reply.sse {
+                "text/event-stream"
+            } else {
+                "application/json"
+            };
+            response
+                .headers_mut()
+                .insert("content-type", http::HeaderValue::from_static(content_type));
+            Ok::<_, Infallible>(response)
         })
     }
 }
@@ -285,29 +281,16 @@ fn policy(commit: CommitPoint, consecutive_failures: u32) -> Policy {
     p
 }
 
-struct Stack<S> {
-    service: S,
+/// The full stack over the transport, and handles on what it may hold.
+struct Stack {
+    service: Resilient<Transport>,
     budget: BudgetLayer,
     breakers: CircuitBreakerHandle,
     spend: SpendHandle,
     transport: Transport,
 }
 
-fn stack(
-    policy: &Policy,
-    transport: Transport,
-) -> Result<
-    Stack<
-        impl Service<
-            Request<Full<Bytes>>,
-            Response = Response<Body>,
-            Error = Error,
-            Future: Send + 'static,
-        > + Clone
-        + use<>,
-    >,
-    BoxError,
-> {
+fn stack(policy: &Policy, transport: Transport) -> Result<Stack, BoxError> {
     let budget = BudgetLayer::from_policy(policy)?;
     let breaker = CircuitBreakerLayer::from_policy(policy)?;
     let breakers = breaker.handle();
@@ -318,7 +301,7 @@ fn stack(
         .layer(RetryLayer::from_policy(policy)?)
         .layer(breaker)
         .layer(StreamGuardLayer::from_policy(policy)?)
-        .service(transport.service());
+        .service(transport.clone());
     Ok(Stack {
         service,
         budget,
@@ -341,7 +324,7 @@ fn chat_request() -> Request<Full<Bytes>> {
 }
 
 /// Nothing held: no probe slot, no reservation, no queue place, no call or body in flight.
-fn assert_nothing_leaked<S>(stack: &Stack<S>, what: &str) {
+fn assert_nothing_leaked(stack: &Stack, what: &str) {
     for snapshot in stack.breakers.snapshots() {
         assert_eq!(
             snapshot.probes_in_flight, 0,
@@ -381,7 +364,7 @@ struct Held {
 }
 
 impl Held {
-    fn observe<S>(&mut self, stack: &Stack<S>) {
+    fn observe(&mut self, stack: &Stack) {
         self.queued = self.queued.max(stack.budget.queued());
         let probes = stack
             .breakers
@@ -409,10 +392,7 @@ enum Phase {
 
 /// Sends a request and drives it `steps` steps, then drops whatever is pending. Returns where
 /// it was dropped, or `None` when it finished within `steps` (response and whole body).
-async fn drive_then_drop<S>(stack: &Stack<S>, steps: usize, held: &mut Held) -> Option<Phase>
-where
-    S: Service<Request<Full<Bytes>>, Response = Response<Body>, Error = Error> + Clone,
-{
+async fn drive_then_drop(stack: &Stack, steps: usize, held: &mut Held) -> Option<Phase> {
     let service = stack.service.clone();
     let waker = Waker::noop();
     let mut cx = Context::from_waker(waker);
@@ -448,15 +428,11 @@ where
 
 /// Runs `scenario` dropped at every step until a run completes; returns how many drops per
 /// phase were checked.
-async fn every_step<S, F>(
+async fn every_step(
     name: &str,
-    build: impl Fn() -> Result<Stack<S>, BoxError>,
-    prepare: F,
-) -> Result<(HashMap<Phase, usize>, Held), BoxError>
-where
-    S: Service<Request<Full<Bytes>>, Response = Response<Body>, Error = Error> + Clone,
-    F: AsyncFn(&Stack<S>) -> Result<(), BoxError>,
-{
+    build: impl Fn() -> Result<Stack, BoxError>,
+    prepare: impl AsyncFn(&Stack) -> Result<(), BoxError>,
+) -> Result<(HashMap<Phase, usize>, Held), BoxError> {
     let mut drops = HashMap::new();
     let mut held = Held::default();
     for steps in 0..2_000 {
@@ -515,9 +491,9 @@ async fn dropped_anywhere_through_queue_retry_fallback_and_stream_nothing_leaks(
         },
         // One request first takes the rate limit's only token: the next one queues.
         async |stack| {
-            lock(&stack.transport.scripts)
-                .get_mut("primary")
-                .map(|q| q.push_front(Reply::stream(ms(0), ms(10), 1)));
+            if let Some(q) = lock(&stack.transport.scripts).get_mut("primary") {
+                q.push_front(Reply::stream(ms(0), ms(10), 1));
+            }
             complete(stack.service.clone()).await
         },
     )
