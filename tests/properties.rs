@@ -37,11 +37,15 @@ use tower_llm_resilience::policy::{
 use tower_llm_resilience::{Body, Error, ErrorKind, RetryBudget, RouteName};
 
 fn config() -> ProptestConfig {
-    let mut c = ProptestConfig::default();
-    if std::env::var_os("PROPTEST_CASES").is_none() {
-        c.cases = 96;
+    // A failure prints its minimal case; no regression files are written into the tree.
+    let c = ProptestConfig {
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
+    if std::env::var_os("PROPTEST_CASES").is_some() {
+        return c;
     }
-    c
+    ProptestConfig { cases: 96, ..c }
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -1057,4 +1061,115 @@ proptest! {
     ) {
         runtime().block_on(rate_buckets_never_exceed_their_rate(per_unit_ms, capacity, ops))?;
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Regressions found while hardening: durations from outside never overflow the clock.
+
+fn any_duration() -> impl Strategy<Value = Duration> {
+    prop_oneof![
+        (1u64..10_000).prop_map(ms),
+        Just(Duration::MAX),
+        Just(Duration::from_secs(1 << 40)),
+        any::<u64>().prop_map(Duration::from_secs),
+    ]
+}
+
+/// A store whose rate limits refuse with an absurd wait, as a user's store might.
+struct AbsurdStore(MemoryStore);
+
+impl BudgetStore for AbsurdStore {
+    fn reserve(&self, o: &str, a: u64, c: u64, w: Duration) -> Result<(), SpendStatus> {
+        self.0.reserve(o, a, c, w)
+    }
+    fn settle(&self, o: &str, r: u64, c: u64, w: Duration) {
+        self.0.settle(o, r, c, w);
+    }
+    fn adjust(&self, o: &str, r: u64, c: u64, w: Duration) {
+        self.0.adjust(o, r, c, w);
+    }
+    fn status(&self, o: &str, w: Duration) -> SpendStatus {
+        self.0.status(o, w)
+    }
+    fn take(&self, _key: &str, _demands: &[RateDemand]) -> Result<(), Duration> {
+        Err(Duration::MAX)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn huge_durations_never_panic(
+    deadline: Duration,
+    max_elapsed: Duration,
+    backoff: Duration,
+    open: Duration,
+    max_wait: Duration,
+    timeout: Duration,
+    absurd_store: bool,
+) -> Result<(), TestCaseError> {
+    let mut p = stack_policy(CommitPoint::FirstEvent);
+    p.budget.deadline = Some(deadline);
+    p.retry.max_elapsed = max_elapsed;
+    p.retry.max_server_wait = max_elapsed;
+    p.retry.backoff = BackoffPolicy::new(backoff, backoff);
+    p.circuit_breaker.open_base = open;
+    p.circuit_breaker.open_cap = open;
+    p.circuit_breaker.consecutive_failures = Some(1);
+    p.budget.admission = tower_llm_resilience::policy::AdmissionMode::Queue {
+        max_wait,
+        max_queued: 4,
+    };
+    let mut rate = tower_llm_resilience::policy::RateLimitPolicy::default();
+    rate.requests_per_second = Some(1e-9);
+    p.budget.rate_limit = Some(rate);
+    p.stream.first_token_timeout = Some(timeout);
+    p.stream.idle_timeout = Some(timeout);
+    p.stream.total_timeout = Some(timeout);
+    let Ok(mut layer) = tower_llm_resilience::budget::BudgetLayer::from_policy(&p) else {
+        return Ok(());
+    };
+    if absurd_store {
+        layer = layer.store(Arc::new(AbsurdStore(MemoryStore::new())));
+    }
+    let Ok(rest) = p.layer() else {
+        return Ok(());
+    };
+    let script = Script::new(&[("primary", vec![Fault::Status(503), Fault::Stall(40)])]);
+    // The outer budget layer carries the store under test; the full stack inside has its own.
+    let service = layer.layer(rest.layer(transport(script, 16)));
+    for _ in 0..3 {
+        let call = service.clone().oneshot(chat_request());
+        // Resolving, or still waiting as the policy allows: both fine; a panic is not.
+        if let Ok(Ok(mut response)) = tokio::time::timeout(secs(30), call).await {
+            let _ = tokio::time::timeout(secs(30), read(response.body_mut())).await;
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Policy durations up to `Duration::MAX`, and a store that asks for an endless wait,
+    /// never overflow an `Instant`: the stack builds or refuses the policy, and requests
+    /// resolve or wait, without a panic.
+    #[test]
+    fn huge_durations_from_outside_never_panic(
+        deadline in any_duration(),
+        max_elapsed in any_duration(),
+        backoff in any_duration(),
+        open in any_duration(),
+        max_wait in any_duration(),
+        timeout in any_duration(),
+        absurd_store in any::<bool>(),
+    ) {
+        runtime().block_on(huge_durations_never_panic(
+            deadline, max_elapsed, backoff, open, max_wait, timeout, absurd_store,
+        ))?;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deadline_of_any_length_never_overflows() {
+    let d = tower_llm_resilience::Deadline::after(Duration::MAX);
+    assert!(d.remaining() > Duration::from_secs(365 * 24 * 3600));
 }
