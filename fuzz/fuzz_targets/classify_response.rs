@@ -15,11 +15,19 @@ fuzz_target!(|data: &[u8]| {
     let c = DefaultClassifier::new().classify_response(status, &headers, body);
     assert_eq!(c.status, Some(status));
     let error_status = status.is_client_error() || status.is_server_error();
-    assert_eq!(c.class.is_some(), error_status, "{status} classified as {:?}", c.class);
+    assert_eq!(
+        c.class.is_some(),
+        error_status,
+        "{status} classified as {:?}",
+        c.class
+    );
     if let Some(hint) = c.wait_hint {
         assert!(!hint.wait.is_zero() && hint.wait <= MAX_HINT, "{hint:?}");
     }
-    for field in [&c.error_type, &c.error_code, &c.request_id].into_iter().flatten() {
+    for field in [&c.error_type, &c.error_code, &c.request_id]
+        .into_iter()
+        .flatten()
+    {
         assert!(field.chars().count() <= 128, "unbounded field: {field:?}");
     }
     // The stored classification prints without panicking.

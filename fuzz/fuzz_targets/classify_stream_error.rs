@@ -13,7 +13,10 @@ fuzz_target!(|data: &[u8]| {
         if let Some(hint) = c.wait_hint {
             assert!(!hint.wait.is_zero() && hint.wait <= MAX_HINT, "{hint:?}");
         }
-        for field in [&c.error_type, &c.error_code, &c.request_id].into_iter().flatten() {
+        for field in [&c.error_type, &c.error_code, &c.request_id]
+            .into_iter()
+            .flatten()
+        {
             assert!(field.chars().count() <= 128, "unbounded field: {field:?}");
         }
     }

@@ -40,10 +40,9 @@ pub fn headers(mut data: &[u8]) -> (HeaderMap, &[u8]) {
         }
         // Only what a real response could carry: invalid names or values are skipped, as
         // hyper would have rejected the response.
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(name),
-            HeaderValue::from_bytes(value),
-        ) {
+        if let (Ok(name), Ok(value)) =
+            (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
+        {
             map.append(name, value);
         }
     }

@@ -23,7 +23,11 @@ fuzz_target!(|data: &[u8]| {
         if let Some(hint) = wait_hint(&headers, now) {
             assert!(!hint.wait.is_zero(), "zero hint {hint:?}");
             assert!(hint.wait <= MAX_HINT, "hint over MAX_HINT {hint:?}");
-            assert_eq!(hint.wait.subsec_nanos() % 1_000_000, 0, "not whole ms {hint:?}");
+            assert_eq!(
+                hint.wait.subsec_nanos() % 1_000_000,
+                0,
+                "not whole ms {hint:?}"
+            );
         }
         let status = rate_limit_status(&headers, now);
         if let Some(pause) = status.pause() {

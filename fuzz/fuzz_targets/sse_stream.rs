@@ -18,9 +18,9 @@ use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use libfuzzer_sys::fuzz_target;
 use tower::{ServiceBuilder, ServiceExt};
+use tower_llm_resilience::ErrorKind;
 use tower_llm_resilience::policy::{CommitPoint, StreamPolicy};
 use tower_llm_resilience::stream_guard::StreamGuardLayer;
-use tower_llm_resilience::ErrorKind;
 
 /// A provider's body: the chunks as they came off the wire, then optionally a broken connection.
 struct Chunks {
