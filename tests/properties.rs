@@ -149,6 +149,9 @@ enum End {
 struct FakeBody {
     chunks: VecDeque<Bytes>,
     end: End,
+    /// Paused time before each chunk.
+    gap: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 #[derive(Debug)]
@@ -166,8 +169,16 @@ impl HttpBody for FakeBody {
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Reset>>> {
+        if !self.gap.is_zero() && !self.chunks.is_empty() {
+            let gap = self.gap;
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(gap)));
+            std::task::ready!(sleep.as_mut().poll(cx));
+            self.sleep = None;
+        }
         if let Some(chunk) = self.chunks.pop_front() {
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
@@ -196,6 +207,8 @@ struct Served {
 struct Script {
     faults: Arc<Mutex<HashMap<String, VecDeque<Fault>>>>,
     served: Arc<Mutex<Vec<Served>>>,
+    /// Paused time between the chunks of every body.
+    gap: Duration,
 }
 
 impl Script {
@@ -257,7 +270,12 @@ impl Script {
             .step_by(chunk)
             .map(|i| sent.slice(i..(i + chunk).min(sent.len())))
             .collect();
-        let mut response = Response::new(FakeBody { chunks, end });
+        let mut response = Response::new(FakeBody {
+            chunks,
+            end,
+            gap: self.gap,
+            sleep: None,
+        });
         *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
         let content_type = if status == 200 {
             "text/event-stream"
@@ -347,8 +365,12 @@ async fn no_double_delivery(
     backup: Vec<Fault>,
     commit: CommitPoint,
     chunk: usize,
+    gap: Duration,
 ) -> Result<(), TestCaseError> {
-    let script = Script::new(&[("primary", primary), ("backup", backup)]);
+    let script = Script {
+        gap,
+        ..Script::new(&[("primary", primary), ("backup", backup)])
+    };
     let policy = stack_policy(commit);
     let layer = policy
         .layer()
@@ -430,6 +452,15 @@ async fn no_double_delivery(
     Ok(())
 }
 
+fn commit_point() -> impl Strategy<Value = CommitPoint> {
+    prop_oneof![
+        2 => Just(CommitPoint::FirstEvent),
+        2 => Just(CommitPoint::End),
+        1 => (1u64..600).prop_map(|bytes| CommitPoint::AfterBytes { bytes }),
+        1 => (1u64..3_000).prop_map(|n| CommitPoint::AfterDuration { duration: ms(n) }),
+    ]
+}
+
 proptest! {
     #![proptest_config(config())]
 
@@ -439,11 +470,11 @@ proptest! {
     fn no_double_delivery_through_the_full_stack(
         primary in prop::collection::vec(fault(), 0..6),
         backup in prop::collection::vec(fault(), 0..6),
-        end in any::<bool>(),
+        commit in commit_point(),
         chunk in 1usize..64,
+        gap in prop_oneof![3 => Just(0u64), 1 => 1u64..400].prop_map(ms),
     ) {
-        let commit = if end { CommitPoint::End } else { CommitPoint::FirstEvent };
-        runtime().block_on(no_double_delivery(primary, backup, commit, chunk))?;
+        runtime().block_on(no_double_delivery(primary, backup, commit, chunk, gap))?;
     }
 }
 
