@@ -1204,3 +1204,244 @@ async fn a_deadline_of_any_length_never_overflows() {
     let d = tower_llm_resilience::Deadline::after(Duration::MAX);
     assert!(d.remaining() > Duration::from_secs(365 * 24 * 3600));
 }
+
+// ---------------------------------------------------------------------------------------------
+// The fallback's request rewrite: the `model` of a JSON body is replaced, nothing else changes.
+
+/// A JSON value, kept with the exact text it is written as.
+#[derive(Debug, Clone)]
+enum Json {
+    Null,
+    Bool(bool),
+    Num(&'static str),
+    Str(String, bool),
+    Arr(Vec<Json>),
+    Obj(Vec<(String, bool, Json)>),
+}
+
+/// Text with the characters a hand-written JSON scanner trips on.
+fn tricky_text() -> impl Strategy<Value = String> {
+    prop::collection::vec(
+        prop::sample::select(vec![
+            "",
+            "a",
+            "model",
+            "\"",
+            "\\",
+            "\\\"",
+            "}",
+            "]",
+            "{[",
+            ",",
+            ":",
+            " ",
+            "\n",
+            "é",
+            "\u{1F600}",
+            "\u{7}",
+            "/",
+            "\\u0065",
+        ]),
+        0..5,
+    )
+    .prop_map(|parts| parts.concat())
+}
+
+fn json() -> impl Strategy<Value = Json> {
+    let leaf = prop_oneof![
+        Just(Json::Null),
+        any::<bool>().prop_map(Json::Bool),
+        prop::sample::select(vec![
+            "0",
+            "-1",
+            "3.25",
+            "1e9",
+            "-2.5E-3",
+            "12345678901234567890"
+        ])
+        .prop_map(Json::Num),
+        (tricky_text(), any::<bool>()).prop_map(|(s, e)| Json::Str(s, e)),
+    ];
+    leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Json::Arr),
+            prop::collection::vec((key(), any::<bool>(), inner), 0..4).prop_map(Json::Obj),
+        ]
+    })
+}
+
+/// The `model` fields to add: mostly one string (the rewritable case), sometimes none, one of
+/// another type, or two.
+fn model_fields() -> impl Strategy<Value = Vec<(String, bool, Json)>> {
+    let model = || {
+        (any::<bool>(), tricky_text(), any::<bool>())
+            .prop_map(|(ek, s, es)| ("model".to_owned(), ek, Json::Str(s, es)))
+    };
+    prop_oneof![
+        6 => model().prop_map(|m| vec![m]),
+        1 => Just(vec![]),
+        1 => (any::<bool>(), json()).prop_map(|(ek, v)| vec![("model".to_owned(), ek, v)]),
+        1 => (model(), model()).prop_map(|(a, b)| vec![a, b]),
+    ]
+}
+
+fn key() -> impl Strategy<Value = String> {
+    prop_oneof![
+        3 => prop::sample::select(vec!["model", "messages", "stream", "max_tokens", "Model", "model "])
+            .prop_map(str::to_owned),
+        1 => tricky_text(),
+    ]
+}
+
+/// Writes `s` as a JSON string; with `escape_all`, every character as a `\u` escape (so a key
+/// that decodes to `model` need not read `"model"`).
+fn write_str(out: &mut String, s: &str, escape_all: bool) {
+    if !escape_all {
+        out.push_str(&serde_json::Value::String(s.to_owned()).to_string());
+        return;
+    }
+    out.push('"');
+    for unit in s.encode_utf16() {
+        out.push_str(&format!("\\u{unit:04x}"));
+    }
+    out.push('"');
+}
+
+fn space(out: &mut String, ws: &mut dyn Iterator<Item = &'static str>) {
+    out.push_str(ws.next().unwrap_or(""));
+}
+
+fn write_json(out: &mut String, v: &Json, ws: &mut dyn Iterator<Item = &'static str>) {
+    match v {
+        Json::Null => out.push_str("null"),
+        Json::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Json::Num(n) => out.push_str(n),
+        Json::Str(s, e) => write_str(out, s, *e),
+        Json::Arr(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                space(out, ws);
+                if i > 0 {
+                    out.push(',');
+                    space(out, ws);
+                }
+                write_json(out, item, ws);
+            }
+            space(out, ws);
+            out.push(']');
+        }
+        Json::Obj(fields) => {
+            out.push('{');
+            for (i, (k, e, value)) in fields.iter().enumerate() {
+                space(out, ws);
+                if i > 0 {
+                    out.push(',');
+                    space(out, ws);
+                }
+                write_str(out, k, *e);
+                space(out, ws);
+                out.push(':');
+                space(out, ws);
+                write_json(out, value, ws);
+            }
+            space(out, ws);
+            out.push('}');
+        }
+    }
+}
+
+const NEW_MODEL: &str = "backup \"model\" \\ é";
+
+async fn rewrite_replaces_only_the_model(
+    fields: Vec<(String, bool, Json)>,
+    ws: Vec<&'static str>,
+) -> Result<(), TestCaseError> {
+    let mut body = String::new();
+    write_json(
+        &mut body,
+        &Json::Obj(fields.clone()),
+        &mut ws.into_iter().cycle(),
+    );
+    let original: serde_json::Value = serde_json::from_str(&body)
+        .map_err(|e| TestCaseError::fail(format!("generated invalid JSON {body}: {e}")))?;
+    let models: Vec<&Json> = fields
+        .iter()
+        .filter(|(k, _, _)| k == "model")
+        .map(|(_, _, v)| v)
+        .collect();
+    let rewritable = matches!(models.as_slice(), [Json::Str(..)]);
+
+    let mut policy = Policy::interactive();
+    policy.fallback.routes = vec![RouteConfig::new("backup").model(NEW_MODEL)];
+    let layer = tower_llm_resilience::fallback::FallbackLayer::from_policy(&policy)
+        .map_err(|e| TestCaseError::fail(format!("policy: {e}")))?;
+    let received: Arc<Mutex<Option<Bytes>>> = Arc::default();
+    let seen = received.clone();
+    let transport = tower::service_fn(move |req: Request<Full<Bytes>>| {
+        let backup = RouteName::of_request(&req).as_str() == "backup";
+        let seen = seen.clone();
+        async move {
+            let mut response = Response::new(Full::new(Bytes::new()));
+            if backup {
+                let bytes = req.into_body().collect().await.map(|b| b.to_bytes());
+                *lock(&seen) = bytes.ok();
+            } else {
+                *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            }
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let mut req = Request::new(Full::new(Bytes::from(body.clone())));
+    *req.method_mut() = http::Method::POST;
+    *req.uri_mut() = http::Uri::from_static("http://127.0.0.1:9/v1/chat/completions");
+    let _ = layer.layer(transport).oneshot(req).await;
+
+    let received = lock(&received).clone();
+    match (rewritable, received) {
+        (true, Some(bytes)) => {
+            let rewritten: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+                TestCaseError::fail(format!(
+                    "rewrote {body} into invalid JSON {}: {e}",
+                    String::from_utf8_lossy(&bytes)
+                ))
+            })?;
+            let mut expected = original;
+            expected["model"] = serde_json::Value::String(NEW_MODEL.to_owned());
+            prop_assert_eq!(rewritten, expected, "from {}", body);
+        }
+        (true, None) => {
+            return Err(TestCaseError::fail(format!(
+                "{body}: the backup was not called"
+            )));
+        }
+        (false, Some(bytes)) => {
+            return Err(TestCaseError::fail(format!(
+                "{body}: rewritten to {} although its model is not one string",
+                String::from_utf8_lossy(&bytes)
+            )));
+        }
+        (false, None) => {}
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// A backup route's rewrite replaces the top-level `model` string of any JSON body, however
+    /// written (escaped keys, nested look-alikes, brackets and quotes inside strings,
+    /// whitespace anywhere), and changes nothing else; a body without exactly one such field is
+    /// not sent to the route.
+    #[test]
+    fn the_route_rewrite_replaces_only_the_model(
+        mut fields in prop::collection::vec((key(), any::<bool>(), json()), 0..6),
+        models in model_fields(),
+        at in any::<prop::sample::Index>(),
+        ws in prop::collection::vec(prop::sample::select(vec!["", " ", "\n", "\t", "\r\n  "]), 1..8),
+    ) {
+        for m in models {
+            fields.insert(at.index(fields.len() + 1), m);
+        }
+        runtime().block_on(rewrite_replaces_only_the_model(fields, ws))?;
+    }
+}
