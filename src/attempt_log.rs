@@ -5,6 +5,30 @@
 //! by every crate [`Error`](crate::Error). The layer nearest the transport records each attempt;
 //! the layers above annotate it with their decisions. Metadata only: statuses, classes, timings,
 //! route names, provider request ids — never bodies, never credentials.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_llm_resilience::attempt_log::{Attempt, AttemptLog, Decision, StopReason};
+//! use tower_llm_resilience::{Classification, FailureClass};
+//!
+//! let log = AttemptLog::new();
+//! let mut overloaded = Classification::failure(FailureClass::Overloaded);
+//! overloaded.status = Some(http::StatusCode::SERVICE_UNAVAILABLE);
+//! let i = log.record(Attempt::new(
+//!     Some("primary".into()),
+//!     Duration::ZERO,
+//!     Duration::from_millis(120),
+//!     &overloaded,
+//! ));
+//! log.decide(i, Decision::Stop(StopReason::AttemptsExhausted));
+//! log.decide(i, Decision::Fallback { to: "backup".into() });
+//!
+//! let table = log.to_string();
+//! assert!(table.contains("overloaded"));
+//! assert!(table.contains("stop: attempts_exhausted; fallback to backup"));
+//! ```
 
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
