@@ -1094,7 +1094,7 @@ async fn cut_after_tokens_interactive(run: &mut Run) -> Result<(), BoxError> {
             && log.attempts[0].stream.as_ref().map(|s| s.bytes) == Some(delivered),
     );
     run.observed = format!(
-        "{}; the provider received {}",
+        "{}; 60s later the provider had still received {}",
         call.result.describe(),
         count(mock.request_count(), "request")
     );
@@ -1216,8 +1216,12 @@ async fn spend_cap(run: &mut Run) -> Result<(), BoxError> {
         after_second.spent == after_first.spent,
     );
     run.observed = format!(
-        "request 1: {}; request 2: {}",
-        first.result.describe(),
+        "request 1: {}, charged {} units; request 2: {}, never sent",
+        first
+            .result
+            .status()
+            .map_or("no answer".to_owned(), |s| s.to_string()),
+        units(after_first.spent),
         second.result.describe()
     );
     Ok(())
