@@ -362,6 +362,7 @@ pub struct LocalEvent {
     #[cfg_attr(feature = "serde", serde(serialize_with = "display_opt"))]
     pub route: Option<RouteName>,
     /// What happened.
+    #[cfg_attr(feature = "serde", serde(flatten))]
     pub kind: LocalEventKind,
 }
 

@@ -206,7 +206,7 @@ async fn auth_failures_never_switch() -> Result<(), BoxError> {
         assert_eq!(log.attempts[0].class, Some(FailureClass::Auth));
         assert_eq!(
             log.attempts[0].decisions,
-            [Decision::Stop(StopReason::NotRetryable)]
+            [Decision::Stop(StopReason::NoApprovedRoute)]
         );
         assert_eq!(log.selected_route, Some("primary".into()));
         // The provider's own error body reaches the caller intact.
@@ -230,7 +230,7 @@ async fn content_filters_never_switch() -> Result<(), BoxError> {
         assert_eq!(log.attempts[0].class, Some(FailureClass::PolicyBlock));
         assert_eq!(
             log.attempts[0].decisions,
-            [Decision::Stop(StopReason::NotRetryable)]
+            [Decision::Stop(StopReason::NoApprovedRoute)]
         );
     }
     Ok(())
@@ -402,7 +402,7 @@ async fn every_route_failing_returns_the_primarys_failure() -> Result<(), BoxErr
     );
     assert_eq!(
         log.attempts[2].decisions,
-        [Decision::Stop(StopReason::NotRetryable)]
+        [Decision::Stop(StopReason::NoApprovedRoute)]
     );
     assert_eq!(log.selected_route, Some("primary".into()));
     // The primary's body, intact — not a backup's.

@@ -84,6 +84,7 @@ where
             .cloned()
             .or_else(|| shared.primary.clone())
             .unwrap_or_else(|| RouteName::of_request(&req));
+        log.set_requested_route(route.clone());
         let mut ctx = Ctx::new(shared.clone(), log, created, route.clone(), deadline);
 
         let owner = match &shared.spend {

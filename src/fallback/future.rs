@@ -356,7 +356,8 @@ impl<S, B: ReplayBody> Chain<S, B> {
                 let owner = self.budget_owner();
                 self.spent_owners.push(owner);
             }
-            _ => return self.stop(idx, StopReason::NotRetryable),
+            // The class never switches: no route is approved for it.
+            _ => return self.stop(idx, StopReason::NoApprovedRoute),
         }
         let Some(template) = &self.template else {
             return self.stop(idx, StopReason::NotReplayable);
