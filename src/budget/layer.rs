@@ -46,8 +46,9 @@ impl BudgetLayer {
     /// A layer as the budget section describes; invalid values are a [`PolicyError`].
     ///
     /// Requests are keyed and priced by their route: the `RouteName` extension, else the URI's
-    /// authority. Use [`from_policy`](Self::from_policy) to key them by the policy's route
-    /// names when a `FallbackLayer` is inside.
+    /// authority; the hops of a `FallbackLayer` inside are priced by its route names. Use
+    /// [`from_policy`](Self::from_policy) to key them by the policy's route names when a
+    /// `FallbackLayer` is inside.
     pub fn new(policy: BudgetPolicy) -> Result<Self, PolicyError> {
         policy.validate()?;
         let retry_budget = RetryBudget::new(&policy.retry_budget)?;
