@@ -1253,3 +1253,92 @@ fn both_presets_build() {
         assert!(layer.is_ok(), "{}: {:?}", policy.workflow, layer.err());
     }
 }
+
+/// An [`AttemptAdmission`] of the test's own: admits `room` attempts, records every call.
+#[derive(Clone, Default)]
+struct Ledger {
+    room: Arc<AtomicUsize>,
+    calls: Arc<Mutex<Vec<String>>>,
+}
+
+impl AttemptAdmission for Ledger {
+    fn admit(&self, route: &RouteName) -> Result<(), SpendDenied> {
+        let granted = self
+            .room
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        let verb = if granted { "admit" } else { "deny" };
+        self.calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(format!("{verb} {route}"));
+        if granted {
+            Ok(())
+        } else {
+            Err(SpendDenied::new("team"))
+        }
+    }
+
+    fn release(&self, route: &RouteName) {
+        self.room.fetch_add(1, Ordering::SeqCst);
+        self.calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(format!("release {route}"));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_rejected_without_a_call_gives_its_spend_back() {
+    // The retry layer alone, under a spend gate of the caller's own: the first attempt is
+    // overloaded, the retry meets an open circuit (no call), which returns its reservation.
+    let policy = recovery_policy(1_000, ChargeRule::ReportedOnly, 100);
+    let retry = crate::retry::RetryLayer::from_policy(&policy).unwrap_or_else(|e| panic!("{e}"));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = retry.layer(service_fn({
+        let calls = calls.clone();
+        move |_req: Req| {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    Ok(overloaded())
+                } else {
+                    Err(Error::new(ErrorKind::CircuitOpen {
+                        route: RouteName::new("h"),
+                        retry_in: Duration::from_secs(5),
+                    }))
+                }
+            }
+        }
+    }));
+    let ledger = Ledger::default();
+    ledger.room.store(5, Ordering::SeqCst);
+    let mut req = chat("h", 98);
+    req.extensions_mut().insert(SpendGate::new(ledger.clone()));
+    let r = svc.oneshot(req).await;
+    assert!(matches!(kind(&r), Some(ErrorKind::CircuitOpen { .. })));
+    assert_eq!(
+        *ledger.calls.lock().unwrap_or_else(|p| p.into_inner()),
+        ["admit h", "release h"]
+    );
+    assert_eq!(ledger.room.load(Ordering::SeqCst), 5);
+
+    // With no room, the retry is not made and the caller gets the 503.
+    let retry = crate::retry::RetryLayer::from_policy(&policy).unwrap_or_else(|e| panic!("{e}"));
+    let (calls, provider) = always_overloaded();
+    let ledger = Ledger::default();
+    let mut req = chat("h", 98);
+    req.extensions_mut().insert(SpendGate::new(ledger.clone()));
+    let resp = retry
+        .layer(provider)
+        .oneshot(req)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), 503);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(last_decision(&log_of(&resp)), spend_stop());
+    assert_eq!(
+        *ledger.calls.lock().unwrap_or_else(|p| p.into_inner()),
+        ["deny h"]
+    );
+}
