@@ -78,6 +78,9 @@ pub enum StopReason {
     NoApprovedRoute,
     /// The hop limit or the total-attempts cap of the chain.
     ChainLimit,
+    /// The spend cap of the request's budget owner could not hold the reservation of one more
+    /// attempt (see [`SpendGate`](crate::context::SpendGate)).
+    SpendCapReached,
     /// The answer was already committed to the caller.
     Committed,
 }
@@ -96,6 +99,7 @@ impl StopReason {
             StopReason::ServerWaitAboveCap => "server_wait_above_cap",
             StopReason::NoApprovedRoute => "no_approved_route",
             StopReason::ChainLimit => "chain_limit",
+            StopReason::SpendCapReached => "spend_cap_reached",
             StopReason::Committed => "committed",
         }
     }
@@ -303,7 +307,8 @@ pub enum LocalEventKind {
         #[cfg_attr(feature = "serde", serde(with = "millis"))]
         retry_in: Duration,
     },
-    /// The spend cap denied the request.
+    /// The spend cap denied the request (at admission) or one more attempt of it (a retry or
+    /// a hop).
     BudgetDenied,
     /// The retry budget denied a retry or a hop.
     RetryBudgetDenied,

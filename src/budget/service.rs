@@ -109,11 +109,15 @@ where
                 &shared.store,
                 owner.clone(),
                 &route,
-                &shared.routes,
                 estimate.unwrap_or_default(),
                 &ctx.log,
             ) {
-                Ok(ticket) => ctx.ticket = Some(ticket),
+                Ok(ticket) => {
+                    // The first attempt is reserved; the inner layers reserve every further
+                    // one through the gate.
+                    req.extensions_mut().insert(ticket.gate());
+                    ctx.ticket = Some(ticket);
+                }
                 Err(e) => {
                     ctx.log
                         .event(Some(route.clone()), LocalEventKind::BudgetDenied);

@@ -16,7 +16,7 @@ use super::route::Route;
 use super::{LAST_RESORT_HEADER, ROUTE_HEADER};
 use crate::attempt_log::{Attempt, Decision, LocalEventKind, Outcome, StopReason};
 use crate::classify::{Classification, ClassifyResponse, FailureClass};
-use crate::context::{AttemptCap, Deadline, FallbackAvailable, RouteName};
+use crate::context::{AttemptCap, Deadline, FallbackAvailable, RouteName, SpendGate};
 use crate::policy::FallbackRule;
 use crate::replay::{ReplayBody, try_clone_request};
 use crate::{AttemptLog, Body, BoxError, Error, ErrorKind, RetryBudget};
@@ -65,6 +65,9 @@ struct Chain<S, B> {
     /// An exhausted quota was seen: every later route must have an approved, unspent owner.
     need_owner: bool,
     spent_owners: Vec<Option<String>>,
+    /// The spend gate that admitted the current hop's first attempt, until that attempt has
+    /// made a call: a hop that ends without one gives its reservation back.
+    admitted: Option<SpendGate>,
     primary_failure: Option<Failure>,
     primary_rule: Option<FallbackRule>,
 }
@@ -112,6 +115,7 @@ where
                 need_larger: false,
                 need_owner: false,
                 spent_owners: Vec::new(),
+                admitted: None,
                 primary_failure: None,
                 primary_rule: None,
             },
@@ -249,6 +253,7 @@ impl<S, B: ReplayBody> Chain<S, B> {
 
     /// A route answered with success: it serves the request.
     fn served(&mut self, mut response: Response<Body>, c: &Classification) -> Response<Body> {
+        self.admitted = None;
         self.log.record_since(self.mark, || self.attempt(c));
         let route = self.route_name().clone();
         response
@@ -266,6 +271,7 @@ impl<S, B: ReplayBody> Chain<S, B> {
     }
 
     fn on_failed_response(&mut self, response: Response<Body>, c: &Classification) -> Step {
+        self.admitted = None;
         let idx = self.log.record_since(self.mark, || self.attempt(c));
         self.after_failure(Failure::Response(response), c.class, false, Some(idx))
     }
@@ -298,6 +304,13 @@ impl<S, B: ReplayBody> Chain<S, B> {
         } else {
             None
         };
+        // A hop that made no call (an open circuit, a readiness failure) spent nothing: give
+        // back what the spend gate reserved for it.
+        if let Some(gate) = self.admitted.take() {
+            if idx.is_none() {
+                gate.release(self.route_name());
+            }
+        }
         let class = error.class();
         self.after_failure(Failure::Error(error), class, circuit_open, idx)
     }
@@ -410,12 +423,26 @@ impl<S, B: ReplayBody> Chain<S, B> {
             self.log.event(Some(to), LocalEventKind::DeadlineExceeded);
             return self.stop(idx, StopReason::DeadlineExceeded);
         }
+        // Reserve the hop's spend (for the request's own owner, at the price of the route it
+        // goes to) after every other check, and withdraw from the retry budget last: a hop
+        // refused for any reason costs neither.
+        let gate = req.extensions().get::<SpendGate>().cloned();
+        if let Some(gate) = &gate {
+            if gate.admit(&to).is_err() {
+                self.log.event(Some(to), LocalEventKind::BudgetDenied);
+                return self.stop(idx, StopReason::SpendCapReached);
+            }
+        }
         if let Some(budget) = req.extensions().get::<RetryBudget>() {
             if !budget.withdraw() {
+                if let Some(gate) = &gate {
+                    gate.release(&to);
+                }
                 self.log.event(Some(to), LocalEventKind::RetryBudgetDenied);
                 return self.stop(idx, StopReason::RetryBudgetDenied);
             }
         }
+        self.admitted = gate;
         if let Some(idx) = idx {
             self.log.decide(idx, Decision::Fallback { to: to.clone() });
         }
