@@ -172,7 +172,12 @@ fn response_is_success(status: u16) -> bool {
 /// `choices[0].delta.content` of an OpenAI chunk, when non-empty.
 fn content_token(payload: &str) -> Option<String> {
     let v: serde_json::Value = serde_json::from_str(payload).ok()?;
-    let token = v.get("choices")?.get(0)?.get("delta")?.get("content")?.as_str()?;
+    let token = v
+        .get("choices")?
+        .get(0)?
+        .get("delta")?
+        .get("content")?
+        .as_str()?;
     (!token.is_empty()).then(|| token.to_owned())
 }
 
@@ -231,9 +236,11 @@ fn parse_args() -> Result<Args, String> {
         .as_deref()
         .is_some_and(|u| u.starts_with("https:"))
     {
-        return Err("this example's HttpConnector speaks plain HTTP only: use a TLS connector \
+        return Err(
+            "this example's HttpConnector speaks plain HTTP only: use a TLS connector \
                     (hyper-rustls) or the reqwest_client example for https upstreams"
-            .to_owned());
+                .to_owned(),
+        );
     }
     Ok(args)
 }
@@ -271,7 +278,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         print!("{token}");
         let _ = std::io::stdout().flush();
     };
-    match stream_chat(client, &base_url, api_key.as_deref(), &model, &args.prompt, print).await {
+    match stream_chat(
+        client,
+        &base_url,
+        api_key.as_deref(),
+        &model,
+        &args.prompt,
+        print,
+    )
+    .await
+    {
         Ok(streamed) => {
             println!();
             if let Some(body) = &streamed.error_body {

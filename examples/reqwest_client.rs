@@ -223,7 +223,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         None => {
             let mock = start_mock().await?;
-            println!("embedded mock provider on {} (503 once, then 200)", mock.url());
+            println!(
+                "embedded mock provider on {} (503 once, then 200)",
+                mock.url()
+            );
             let upstream = Upstream {
                 base_url: mock.url(),
                 api_key: None,

@@ -1,4 +1,4 @@
-//! A [`reqwest::Client`](::reqwest::Client) as the transport under the stack (feature `reqwest`).
+//! A [`reqwest::Client`] as the transport under the stack (feature `reqwest`).
 //!
 //! [`ReqwestService`] makes a `reqwest::Client` a tower
 //! `Service<http::Request<B>>` returning `http::Response<reqwest::Body>`, so the crate's layers
@@ -7,13 +7,13 @@
 //!
 //! - **Request body**: any [`http_body::Body`] whose data converts into [`Bytes`] — the
 //!   replayable bodies the stack resends (`Full<Bytes>`, `String`, …) included. It is handed to
-//!   reqwest as a stream ([`reqwest::Body::wrap`](::reqwest::Body::wrap)), not collected first; its
+//!   reqwest as a stream ([`reqwest::Body::wrap`]), not collected first; its
 //!   exact size hint (a `Full<Bytes>` has one) becomes the `content-length`. Because reqwest sees
 //!   a stream, it does not resend the body by itself (on a 307/308 redirect, for example):
 //!   resending is the job of the retry and fallback layers above, which keep a copy.
 //! - **Response body**: reqwest's own [`http_body::Body`] implementation, streamed as it
 //!   arrives — the stream guard above sees every SSE event when it comes.
-//! - **Errors**: [`reqwest::Error`](::reqwest::Error), source chain intact, so the
+//! - **Errors**: [`reqwest::Error`], source chain intact, so the
 //!   [`DefaultClassifier`](crate::classify::DefaultClassifier) sees what happened: a refused or
 //!   reset connection is [`Connect`](crate::FailureClass::Connect), a timeout set on the
 //!   client (`timeout`, `read_timeout`) is [`Timeout`](crate::FailureClass::Timeout), a body
@@ -76,7 +76,7 @@ use tower_service::Service;
 
 use crate::BoxError;
 
-/// A [`reqwest::Client`](::reqwest::Client) as a tower `Service<http::Request<B>>`.
+/// A [`reqwest::Client`] as a tower `Service<http::Request<B>>`.
 ///
 /// Cheap to clone (the client is an `Arc` inside); clones share the connection pool. Always
 /// ready: reqwest has no backpressure of its own.

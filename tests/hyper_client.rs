@@ -37,7 +37,10 @@ async fn tokens_arrive_as_streamed_after_the_503_is_retried() {
     assert!(streamed.error_body.is_none());
     // Each token is handed over when it arrives: 150 ms apart, not all at the end.
     let gaps: Vec<Duration> = arrivals.windows(2).map(|w| w[1].1 - w[0].1).collect();
-    assert_eq!(gaps, vec![Duration::from_millis(150); example::MOCK_TOKENS.len() - 1]);
+    assert_eq!(
+        gaps,
+        vec![Duration::from_millis(150); example::MOCK_TOKENS.len() - 1]
+    );
 
     let log = &streamed.log;
     assert_eq!(log.attempts.len(), 2, "{log}");

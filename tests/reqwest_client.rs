@@ -84,7 +84,11 @@ async fn the_example_returns_a_provider_error_as_an_answer() {
 
     assert_eq!(answer.status, 401);
     assert!(answer.text.contains("Incorrect API key"), "{}", answer.text);
-    assert_eq!(answer.log.attempts.len(), 1, "auth failures are not retried");
+    assert_eq!(
+        answer.log.attempts.len(),
+        1,
+        "auth failures are not retried"
+    );
     assert_eq!(mock.requests()[0].path, "/v1/chat/completions");
 }
 
@@ -96,15 +100,14 @@ async fn a_refused_connect_classifies_as_connect() {
     let error = service
         .oneshot(chat_request(&format!("http://{addr}"), "gpt-4o", false))
         .await
-        .err()
-        .expect("nothing listens");
+        .expect_err("nothing listens");
 
     assert!(error.is_connect(), "{error:?}");
     let c = DefaultClassifier::new().classify_error(&error);
     assert_eq!(c.class, Some(FailureClass::Connect));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_refused_connect_through_the_stack_is_retried_then_a_transport_error() {
     let addr = closed_port().await;
     let mut policy = Policy::interactive();
@@ -116,8 +119,7 @@ async fn a_refused_connect_through_the_stack_is_retried_then_a_transport_error()
     let error = client
         .oneshot(chat_request(&format!("http://{addr}"), "gpt-4o", false))
         .await
-        .err()
-        .expect("nothing listens");
+        .expect_err("nothing listens");
 
     assert_eq!(error.kind(), &ErrorKind::Transport);
     assert_eq!(error.class(), Some(FailureClass::Connect));
@@ -143,8 +145,7 @@ async fn a_client_read_timeout_classifies_as_timeout() {
     let error = service
         .oneshot(chat_request(&mock.url(), "gpt-4o", false))
         .await
-        .err()
-        .expect("never answered");
+        .expect_err("never answered");
 
     assert!(error.is_timeout(), "{error:?}");
     let c = DefaultClassifier::new().classify_error(&error);
@@ -198,8 +199,7 @@ async fn a_body_cut_after_the_head_is_a_transport_failure_not_connect() {
         .into_body()
         .collect()
         .await
-        .err()
-        .expect("the body breaks");
+        .expect_err("the body breaks");
 
     let c = DefaultClassifier::new().classify_error(&error);
     assert_eq!(c.class, Some(FailureClass::Transport), "{error:?}");
