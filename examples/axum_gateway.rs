@@ -2,7 +2,7 @@
 //! front of its upstream.
 //!
 //! ```text
-//! cargo run --example axum_gateway --features reqwest,testing
+//! cargo run --example axum_gateway --features reqwest
 //! ```
 //!
 //! By default the upstream is an embedded `MockProvider` on loopback, scripted per model so
@@ -22,7 +22,7 @@
 //!
 //! ```text
 //! OPENAI_API_KEY=... cargo run --example axum_gateway \
-//!     --features reqwest,testing,reqwest/rustls-tls -- \
+//!     --features reqwest,reqwest/rustls-tls -- \
 //!     --upstream https://api.openai.com --listen 127.0.0.1:8080
 //! ```
 //!

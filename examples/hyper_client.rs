@@ -2,7 +2,7 @@
 //! transport. Tokens are printed as they arrive, then the attempt log.
 //!
 //! ```text
-//! cargo run --example hyper_client --features testing
+//! cargo run --example hyper_client
 //! ```
 //!
 //! By default the example starts an embedded `MockProvider` on loopback that is overloaded once
@@ -13,7 +13,7 @@
 //! `OPENAI_API_KEY`:
 //!
 //! ```text
-//! cargo run --example hyper_client --features testing -- \
+//! cargo run --example hyper_client -- \
 //!     --upstream http://127.0.0.1:11434 --model llama3.2 --prompt "Tell me a joke"
 //! ```
 //!

@@ -1,7 +1,7 @@
 //! The whole recovery ladder with `reqwest` as the transport.
 //!
 //! ```text
-//! cargo run --example reqwest_client --features reqwest,testing
+//! cargo run --example reqwest_client --features reqwest
 //! ```
 //!
 //! By default the example starts an embedded `MockProvider` on loopback that is overloaded once
@@ -12,7 +12,7 @@
 //!
 //! ```text
 //! OPENAI_API_KEY=... cargo run --example reqwest_client \
-//!     --features reqwest,testing,reqwest/rustls-tls -- \
+//!     --features reqwest,reqwest/rustls-tls -- \
 //!     --upstream https://api.openai.com --model gpt-4o-mini --prompt "Say hello"
 //! ```
 //!

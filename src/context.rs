@@ -1,4 +1,24 @@
 //! What the layers hand each other through request and response extensions.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_llm_resilience::{Deadline, RouteName};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! let mut req = http::Request::post("https://api.example/v1/chat/completions").body(()).unwrap_or_default();
+//! assert_eq!(RouteName::of_request(&req).as_str(), "api.example");
+//! req.extensions_mut().insert(RouteName::new("primary"));
+//! assert_eq!(RouteName::of_request(&req).as_str(), "primary");
+//!
+//! Deadline::after(Duration::from_secs(30)).tighten(&mut req);
+//! Deadline::after(Duration::from_secs(60)).tighten(&mut req); // a later deadline never loosens it
+//! let left = req.extensions().get::<Deadline>().map(Deadline::remaining);
+//! assert_eq!(left, Some(Duration::from_secs(30)));
+//! # }
+//! ```
 
 use std::fmt;
 use std::sync::Arc;
