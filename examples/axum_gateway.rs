@@ -46,6 +46,7 @@
 //!   (the connection is closed before the end), so the client sees an incomplete body rather
 //!   than a short answer that looks whole.
 //!
+//! Requests are held in memory (the ladder resends them), up to [`MAX_REQUEST_BYTES`].
 //! The client's own `authorization` is not forwarded: the gateway calls the upstream with its
 //! own key. Only `content-type`, `accept` and `idempotency-key` are passed on. A real gateway
 //! authenticates its clients and sets their `BudgetOwner` on the request for per-client spend
@@ -58,7 +59,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
@@ -73,6 +74,10 @@ use tower_llm_resilience::testing::{MockProvider, Reply, ScriptKey};
 use tower_llm_resilience::{
     AttemptLog, Error, ErrorKind, FailureClass, Policy, PolicyError, ResilienceLayer, Resilient,
 };
+
+/// Largest request body accepted (axum's default of 2 MiB is small for prompts with images);
+/// a larger one is answered 413 before anything is sent upstream.
+pub const MAX_REQUEST_BYTES: usize = 20 * 1024 * 1024;
 
 /// Response header: transport attempts the answer took.
 pub const ATTEMPTS_HEADER: &str = "x-llm-attempts";
@@ -136,6 +141,7 @@ pub fn app(config: Config) -> Router {
     };
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(Arc::new(gateway))
 }
 
