@@ -156,6 +156,7 @@ mod error;
 pub mod fallback;
 pub mod policy;
 pub mod replay;
+pub mod reqwest;
 pub mod retry;
 pub mod retry_budget;
 mod stack;

@@ -236,6 +236,17 @@ fn error_class(error: &(dyn StdError + 'static), depth: usize) -> Option<Failure
         if is_legacy_connect_error(e) {
             return Some(FailureClass::Connect);
         }
+        // reqwest's own timeout error is private; only `reqwest::Error` can tell. A connect
+        // that timed out was never sent: `Connect`, like hyper-util's.
+        #[cfg(feature = "reqwest")]
+        if let Some(r) = e.downcast_ref::<::reqwest::Error>() {
+            if r.is_connect() {
+                return Some(FailureClass::Connect);
+            }
+            if r.is_timeout() {
+                return Some(FailureClass::Timeout);
+            }
+        }
         if let Some(io) = e.downcast_ref::<io::Error>() {
             if let Some(class) = io_class(io.kind()) {
                 return Some(class);
