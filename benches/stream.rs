@@ -2,7 +2,10 @@
 //! read to the end through `StreamGuardLayer` and straight from the transport.
 //!
 //! Two chunkings: one event per chunk (a provider flushing every token — the guard's worst
-//! case) and 16 KiB chunks (events coalesced by the network).
+//! case) and 16 KiB chunks (events coalesced by the network). The in-memory "raw body" hands
+//! over prepared chunks and does no work at all, so it measures the guard's own cost; the
+//! loopback pair sends the same stream over HTTP/1.1 on 127.0.0.1 (hyper server, hyper-util
+//! client, one thread for both), which is what a caller's raw body really costs.
 //!
 //! ```text
 //! cargo bench --bench stream
@@ -163,9 +166,80 @@ where
     n
 }
 
+/// Serves the event stream over HTTP/1.1 on loopback; returns the request URI.
+async fn loopback_server(chunks: Arc<[Bytes]>) -> http::Uri {
+    use hyper_util::rt::TokioIo;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("local address");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let chunks = chunks.clone();
+            let service =
+                hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                    let mut resp = Response::new(ChunkBody {
+                        chunks: chunks.clone(),
+                        next: 0,
+                    });
+                    resp.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("text/event-stream"),
+                    );
+                    std::future::ready(Ok::<_, Infallible>(resp))
+                });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    format!("http://{addr}/v1/chat/completions")
+        .parse()
+        .expect("a valid URI")
+}
+
+/// The hyper-util client, with the request pointed at the loopback server.
+type LoopbackClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+>;
+
+fn loopback_client() -> LoopbackClient {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+/// Sends one request to `uri` and reads the whole stream; returns the bytes read.
+async fn read_all_at<S, RB>(svc: &mut S, uri: &http::Uri) -> usize
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<RB>>,
+    S::Error: std::fmt::Debug,
+    RB: http_body::Body<Data = Bytes> + Unpin,
+    RB::Error: std::fmt::Debug,
+{
+    let mut req = chat_request();
+    *req.uri_mut() = uri.clone();
+    let resp = svc
+        .ready()
+        .await
+        .expect("ready")
+        .call(req)
+        .await
+        .expect("a stream");
+    let mut body = resp.into_body();
+    let mut n = 0;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.expect("no error in the stream").into_data() {
+            n += data.len();
+        }
+    }
+    n
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
+        .enable_all()
         .build()
         .expect("runtime");
     let full = common::full_run();
@@ -178,7 +252,10 @@ fn main() {
     let policy = Policy::interactive();
     let mut table = Vec::new();
 
-    for (label, per_event) in [("one event per chunk", true), ("16 KiB chunks", false)] {
+    for (label, per_event) in [
+        ("in memory, one event per chunk", true),
+        ("in memory, 16 KiB chunks", false),
+    ] {
         let chunks = chunks(&stream, per_event);
         let n_chunks = chunks.len();
         let raw = transport(chunks.clone());
@@ -244,6 +321,80 @@ fn main() {
         table.push((
             label,
             n_chunks,
+            raw_mbs,
+            raw_allocs,
+            guard_mbs,
+            guard_allocs,
+        ));
+    }
+
+    for (label, per_event) in [("one event per chunk", true), ("16 KiB chunks", false)] {
+        let chunks = chunks(&stream, per_event);
+        let uri = rt.block_on(loopback_server(chunks.clone()));
+        let raw = loopback_client();
+        let guarded = {
+            let _guard = rt.enter();
+            StreamGuardLayer::from_policy(&policy)
+                .expect("policy")
+                .layer(loopback_client())
+        };
+        let mut group = c.benchmark_group(format!("loopback HTTP/1.1 stream 10 MB, {label}"));
+        group.throughput(Throughput::Bytes(stream.len() as u64));
+        group.bench_function("raw body", |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let mut svc = raw.clone();
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        assert_eq!(read_all_at(&mut svc, &uri).await, stream.len());
+                    }
+                    start.elapsed()
+                })
+            })
+        });
+        group.bench_function("StreamGuardLayer", |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let mut svc = guarded.clone();
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        assert_eq!(read_all_at(&mut svc, &uri).await, stream.len());
+                    }
+                    start.elapsed()
+                })
+            })
+        });
+        group.finish();
+        let runs = if full { 5 } else { 1 };
+        let pass = |guard: bool| {
+            rt.block_on(async {
+                let mut best = f64::INFINITY;
+                let mut allocs = 0;
+                for _ in 0..runs {
+                    let (a0, _) = common::allocations();
+                    let start = Instant::now();
+                    let n = if guard {
+                        read_all_at(&mut guarded.clone(), &uri).await
+                    } else {
+                        read_all_at(&mut raw.clone(), &uri).await
+                    };
+                    let t = start.elapsed().as_secs_f64();
+                    assert_eq!(n, stream.len());
+                    allocs = common::allocations().0 - a0;
+                    best = best.min(t);
+                }
+                (stream.len() as f64 / best / 1e6, allocs)
+            })
+        };
+        let (raw_mbs, raw_allocs) = pass(false);
+        let (guard_mbs, guard_allocs) = pass(true);
+        table.push((
+            if per_event {
+                "loopback HTTP/1.1, one event per chunk"
+            } else {
+                "loopback HTTP/1.1, 16 KiB chunks"
+            },
+            chunks.len(),
             raw_mbs,
             raw_allocs,
             guard_mbs,
