@@ -674,15 +674,16 @@ fn worst(v: &[Option<Duration>]) -> String {
 }
 
 /// The report's table header.
-pub const TABLE_HEADER: &str = "| scenario | setup | logical requests | attempts / request (primary) | success rate | p50 | p99 | time to detect | back on primary |\n|---|---|---:|---:|---:|---:|---:|---:|---:|";
+pub const TABLE_HEADER: &str = "| scenario | setup | logical requests | succeeded | attempts / request (primary) | success rate | p50 | p99 | time to detect | back on primary |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|";
 
 /// One table row.
 pub fn table_row(scenario: &Scenario, setup: Setup, r: &Report) -> String {
     format!(
-        "| {} | {} | {} | {:.3} ({:.3}) | {:.2} % | {} | {} | {} | {} |",
+        "| {} | {} | {} | {} | {:.3} ({:.3}) | {:.2} % | {} | {} | {} | {} |",
         scenario.name,
         setup,
         r.logical,
+        r.successes,
         r.amplification(),
         r.primary_amplification(),
         r.success_rate() * 100.0,
