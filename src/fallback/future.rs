@@ -14,6 +14,9 @@ use tower_service::Service;
 use super::layer::Config;
 use super::route::Route;
 use super::{LAST_RESORT_HEADER, ROUTE_HEADER};
+
+/// [`ROUTE_HEADER`] built at compile time: inserting by `&str` would parse it on every response.
+const ROUTE_HEADER_NAME: http::HeaderName = http::HeaderName::from_static(ROUTE_HEADER);
 use crate::attempt_log::{Attempt, Decision, LocalEventKind, Outcome, StopReason};
 use crate::classify::{Classification, ClassifyResponse, FailureClass};
 use crate::context::{AttemptCap, Deadline, FallbackAvailable, RouteName, SpendGate};
@@ -258,7 +261,7 @@ impl<S, B: ReplayBody> Chain<S, B> {
         let route = self.route_name().clone();
         response
             .headers_mut()
-            .insert(ROUTE_HEADER, self.route_header().clone());
+            .insert(ROUTE_HEADER_NAME, self.route_header().clone());
         response.extensions_mut().insert(route.clone());
         self.log.set_selected_route(route);
         if self.owns_log {
@@ -496,7 +499,7 @@ impl<S, B: ReplayBody> Chain<S, B> {
             Some(Failure::Response(mut response)) => {
                 response
                     .headers_mut()
-                    .insert(ROUTE_HEADER, self.config.primary_header.clone());
+                    .insert(ROUTE_HEADER_NAME, self.config.primary_header.clone());
                 response
                     .extensions_mut()
                     .insert(self.config.primary.clone());
