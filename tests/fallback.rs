@@ -5,6 +5,7 @@
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
+use std::time::Duration;
 use tower::{Layer, ServiceExt};
 use tower_llm_resilience::attempt_log::{Decision, LocalEventKind, LogSnapshot, StopReason};
 use tower_llm_resilience::circuit_breaker::{CircuitBreakerLayer, CircuitState};
@@ -12,7 +13,9 @@ use tower_llm_resilience::fallback::{Fallback, FallbackLayer, LAST_RESORT_HEADER
 use tower_llm_resilience::policy::{FallbackPolicy, Policy, RouteConfig, StaticResponse};
 use tower_llm_resilience::retry::RetryLayer;
 use tower_llm_resilience::testing::{self, MockProvider, Reply, ScriptKey};
-use tower_llm_resilience::{AttemptLog, Body, BoxError, FailureClass, RouteName};
+
+use tower_llm_resilience::policy::RetryBudgetPolicy;
+use tower_llm_resilience::{AttemptLog, Body, BoxError, FailureClass, RetryBudget, RouteName};
 
 type Client = hyper_util::client::legacy::Client<
     hyper_util::client::legacy::connect::HttpConnector,
@@ -567,6 +570,59 @@ async fn an_open_circuit_on_the_primary_moves_on_at_once() -> Result<(), BoxErro
         && matches!(e.kind, LocalEventKind::CircuitOpen { .. })));
     Ok(())
 }
+#[tokio::test(start_paused = true)]
+async fn a_hop_away_from_an_open_circuit_costs_no_retry_budget() -> Result<(), BoxError> {
+    let mock = MockProvider::start().await?;
+    let mut policy = Policy::interactive();
+    policy.fallback = chain(vec![route(&mock, "backup")]);
+    let breaker = CircuitBreakerLayer::from_policy(&policy)?;
+    breaker.handle().force_open("primary");
+    let service = tower::ServiceBuilder::new()
+        .layer(FallbackLayer::from_policy(&policy)?)
+        .layer(breaker)
+        .service(testing::client());
+    // An empty budget: no retry or hop that adds a call may be made.
+    let budget = RetryBudget::new(&RetryBudgetPolicy::Ratio {
+        ratio: 0.0,
+        min_per_sec: 0,
+        ttl: Duration::from_secs(10),
+    })?;
+    for _ in 0..3 {
+        let mut request = testing::chat_request(&mock.url(), PRIMARY_MODEL, false);
+        request.extensions_mut().insert(budget.clone());
+        let response = service.clone().oneshot(request).await?;
+        // The primary made no call, so the hop replaces it: the backup serves every request.
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()[ROUTE_HEADER], "backup");
+    }
+    assert_eq!(mock.request_count(), 3);
+
+    // A primary that was called and failed still needs the budget to hop.
+    let breaker = CircuitBreakerLayer::from_policy(&policy)?;
+    let service = tower::ServiceBuilder::new()
+        .layer(FallbackLayer::from_policy(&policy)?)
+        .layer(breaker)
+        .service(testing::client());
+    mock.script(
+        ScriptKey::model(PRIMARY_MODEL),
+        [Reply::openai_overloaded()],
+    );
+    let mut request = testing::chat_request(&mock.url(), PRIMARY_MODEL, false);
+    request.extensions_mut().insert(budget.clone());
+    let response = service.oneshot(request).await?;
+    assert_eq!(response.status(), 503);
+    let log = response
+        .extensions()
+        .get::<AttemptLog>()
+        .ok_or("log")?
+        .snapshot();
+    assert_eq!(
+        log.attempts[0].decisions,
+        [Decision::Stop(StopReason::RetryBudgetDenied)]
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_tripped_circuit_on_the_primary_keeps_every_call_off_it() -> Result<(), BoxError> {
     let mock = MockProvider::start().await?;

@@ -436,7 +436,11 @@ impl<S, B: ReplayBody> Chain<S, B> {
                 return self.stop(idx, StopReason::SpendCapReached);
             }
         }
-        if let Some(budget) = req.extensions().get::<RetryBudget>() {
+        // A hop away from a route that made no call (its circuit is open) replaces that call
+        // rather than adding one, so it costs no retry budget: under a full outage of the
+        // primary a healthy backup keeps serving every request.
+        let budget = idx.and(req.extensions().get::<RetryBudget>());
+        if let Some(budget) = budget {
             if !budget.withdraw() {
                 if let Some(gate) = &gate {
                     gate.release(&to);

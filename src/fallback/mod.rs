@@ -56,8 +56,10 @@
 //! `LocalEventKind::BudgetDenied`) and the caller gets what it would get with no route left.
 //! The retries on that route reserve their own attempts in `RetryLayer`.
 //!
-//! Last, each hop withdraws one unit from the [`RetryBudget`](crate::RetryBudget) in the
-//! request extensions, if there is one; a denial stops the chain
+//! Last, each hop away from a route that was called withdraws one unit from the
+//! [`RetryBudget`](crate::RetryBudget) in the request extensions, if there is one (a hop away
+//! from an open circuit replaces a call rather than adding one, so it is free: under a full
+//! outage of the primary a healthy backup keeps serving every request); a denial stops the chain
 //! (`LocalEventKind::RetryBudgetDenied`) and gives the hop's spend reservation back, as does a
 //! hop whose route then makes no call (an open circuit).
 //!
