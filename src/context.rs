@@ -91,7 +91,7 @@ pub struct Deadline(pub Instant);
 impl Deadline {
     /// The deadline `after` from now.
     pub fn after(after: std::time::Duration) -> Self {
-        Self(Instant::now() + after)
+        Self(crate::duration::saturating_add(Instant::now(), after))
     }
 
     /// Time left, zero once passed.

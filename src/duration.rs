@@ -7,6 +7,18 @@ use std::time::Duration;
 /// The largest duration either source may express; anything longer is treated as garbage.
 const MAX: Duration = Duration::from_secs(366 * 24 * 3600);
 
+/// About thirty years: the stand-in for "never" when an instant plus a duration from outside
+/// (a policy value, a caller's deadline) would not fit the clock.
+const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+
+/// `at + d`, or about thirty years after `at` when that overflows: a huge duration from a
+/// policy or a caller means "practically never", not a panic.
+pub(crate) fn saturating_add(at: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
+    at.checked_add(d)
+        .or_else(|| at.checked_add(FAR_FUTURE))
+        .unwrap_or(at)
+}
+
 /// Parses a duration string, or `None` if it is empty, negative, non-ASCII, malformed or absurd.
 pub(crate) fn parse(input: &str) -> Option<Duration> {
     let s = input.trim();

@@ -145,6 +145,13 @@ impl BudgetLayer {
             store: self.shared.store.clone(),
         })
     }
+
+    /// How many requests wait in the rate-limit queue right now, across every service built
+    /// from this layer; `0` without a rate limit or pacing. A request leaves the queue when it
+    /// is admitted, refused, or abandoned by its caller.
+    pub fn queued(&self) -> usize {
+        self.shared.gate.as_ref().map_or(0, |g| g.queued())
+    }
 }
 
 impl Shared {

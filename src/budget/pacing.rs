@@ -23,7 +23,7 @@ impl Pacer {
         let Some(pause) = exhausted_for(headers, SystemTime::now()) else {
             return;
         };
-        let until = Instant::now() + pause;
+        let until = crate::duration::saturating_add(Instant::now(), pause);
         let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         paused.retain(|_, t| *t > now);

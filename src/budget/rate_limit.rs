@@ -136,6 +136,11 @@ impl Gate {
         self.lines.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Requests waiting in line right now.
+    pub(crate) fn queued(&self) -> usize {
+        self.lines().queued
+    }
+
     /// Capacity right now: the route must not be paused and every bucket must have room.
     fn try_now(&self, ask: &Ask) -> Result<(), Duration> {
         if let Some(left) = self.pacer.as_ref().and_then(|p| p.remaining(&ask.route)) {
@@ -178,12 +183,12 @@ impl Gate {
         if lines.queued >= max_queued as usize {
             return Admit::Refused(Refusal::RateLimited(retry_in));
         }
-        let wait_limit = now + max_wait;
+        let wait_limit = crate::duration::saturating_add(now, max_wait);
         let (until, by_deadline) = match ask.deadline {
             Some(d) if d < wait_limit => (d, true),
             _ => (wait_limit, false),
         };
-        if !waiting && now + retry_in > until {
+        if !waiting && crate::duration::saturating_add(now, retry_in) > until {
             // Known now that the wait would be too long: say so at once.
             return Admit::Refused(if by_deadline {
                 Refusal::Deadline
@@ -196,7 +201,7 @@ impl Gate {
         lines.queued += 1;
         let line = lines.by_key.entry(ask.line.clone()).or_default();
         if !waiting {
-            line.head_ready_at = Some(now + retry_in);
+            line.head_ready_at = Some(crate::duration::saturating_add(now, retry_in));
         }
         line.waiters.push_back((id, None));
         Admit::Queued(Waiter {
@@ -274,7 +279,7 @@ impl Waiter {
                         return Poll::Ready(Ok(now.saturating_duration_since(self.since)));
                     }
                     Err(retry_in) => {
-                        let at = now + retry_in;
+                        let at = crate::duration::saturating_add(now, retry_in);
                         if at > self.until {
                             let next = Gate::leave(&mut lines, &self.ask.line, self.id);
                             drop(lines);

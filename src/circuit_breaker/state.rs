@@ -473,7 +473,7 @@ impl RouteState {
             .unwrap_or(p.open_cap)
             .min(p.open_cap);
         let open_for = shared.jitter_open(exp);
-        c.open_until = Some(now + open_for);
+        c.open_until = Some(crate::duration::saturating_add(now, open_for));
         c.trips = c.trips.saturating_add(1);
         c.probes = 0;
         self.set_state(OPEN);

@@ -276,7 +276,8 @@ pub(crate) fn replace_model(body: &[u8], model_json: &[u8]) -> Result<Bytes, Ski
 /// The byte range (quotes included) of the string value of the top-level `model` field.
 fn find_model(body: &[u8]) -> Result<Range<usize>, SkipReason> {
     // The scanner below only has to be right on valid JSON; serde checks validity first.
-    serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(|_| SkipReason::NotJson)?;
+    serde_json::from_slice::<&serde_json::value::RawValue>(body)
+        .map_err(|_| SkipReason::NotJson)?;
     let mut i = skip_ws(body, 0);
     if body.get(i) != Some(&b'{') {
         return Err(SkipReason::NotJson);

@@ -39,7 +39,7 @@ pin_project! {
         S: Service<Request<B>>,
     {
         #[pin]
-        state: State<S::Future>,
+        state: State<S::Future, B>,
         service: S,
         attempts: Attempts<B>,
     }
@@ -47,9 +47,12 @@ pin_project! {
 
 pin_project! {
     #[project = StateProj]
-    enum State<F> {
-        // Waiting for the inner service to be ready for the next attempt.
-        Ready,
+    #[project_replace = StateProjReplace]
+    enum State<F, B> {
+        // Waiting for the inner service to be ready for the next attempt, with its request.
+        Ready {
+            request: Request<B>,
+        },
         // An attempt is in flight.
         Calling {
             #[pin]
@@ -65,6 +68,7 @@ pin_project! {
             sleep: Sleep,
             drain: Option<Body>,
             drained: usize,
+            next: Request<B>,
         },
         Done,
     }
@@ -75,8 +79,6 @@ pub(super) struct Attempts<B> {
     shared: Arc<Shared>,
     // The request every retry copies; `None` when its body cannot be replayed.
     template: Option<Request<B>>,
-    // The copy for the next attempt, once a retry has been decided.
-    next: Option<Request<B>>,
     log: AttemptLog,
     owns_log: bool,
     route: RouteName,
@@ -119,7 +121,6 @@ impl<B> Attempts<B> {
         Self {
             shared,
             template,
-            next: None,
             log,
             owns_log,
             route,
@@ -170,22 +171,21 @@ impl<B> Attempts<B> {
 }
 
 impl<B: ReplayBody> Attempts<B> {
-    /// Decides what follows attempt `idx` that ended as `c`: `Some(wait)` when a retry was
-    /// granted (its request is in `self.next`), `None` when the answer goes up as it is.
-    fn decide(&mut self, idx: usize, c: &Classification) -> Option<Duration> {
+    /// Decides what follows attempt `idx` that ended as `c`: the wait and the request of the
+    /// next attempt when a retry was granted, `None` when the answer goes up as it is.
+    fn decide(&mut self, idx: usize, c: &Classification) -> Option<(Duration, Request<B>)> {
         let Some(class) = c.class else {
             self.log.decide(idx, Decision::Accept);
             return None;
         };
         match self.plan(class, c) {
             Ok((wait, source, next)) => {
-                self.next = Some(next);
                 self.previous_wait = Some(wait);
                 if let Some(n) = class_index(class) {
                     self.retried[n] += 1;
                 }
                 self.log.decide(idx, Decision::Retry { wait, source });
-                Some(wait)
+                Some((wait, next))
             }
             Err(reason) => {
                 self.log.decide(idx, Decision::Stop(reason));
@@ -369,20 +369,21 @@ where
         let attempts = this.attempts;
         loop {
             match this.state.as_mut().project() {
-                StateProj::Ready => {
+                StateProj::Ready { .. } => {
                     if let Err(e) = ready!(this.service.poll_ready(cx)) {
                         attempts.called(false);
                         let e = attempts.shared.classifier.error(e);
                         this.state.set(State::Done);
                         return Poll::Ready(Err(attempts.finish_error(e)));
                     }
-                    let mut req = attempts
-                        .next
-                        .take()
-                        .expect("a retry is always decided together with its request");
-                    attempts.sending(&mut req);
-                    let future = this.service.call(req);
-                    this.state.set(State::Calling { future });
+                    // The request travels in the state, so only `Ready` can hand it over.
+                    if let StateProjReplace::Ready { mut request } =
+                        this.state.as_mut().project_replace(State::Done)
+                    {
+                        attempts.sending(&mut request);
+                        let future = this.service.call(request);
+                        this.state.set(State::Calling { future });
+                    }
                 }
                 StateProj::Calling { future } => {
                     let result = ready!(future.poll(cx));
@@ -417,10 +418,11 @@ where
                                 }
                             };
                             match decision {
-                                Some(wait) => this.state.set(State::Sleeping {
+                                Some((wait, next)) => this.state.set(State::Sleeping {
                                     sleep: tokio::time::sleep(wait),
                                     drain: None,
                                     drained: 0,
+                                    next,
                                 }),
                                 None => {
                                     this.state.set(State::Done);
@@ -434,10 +436,11 @@ where
                     let (response, c) = ready!(Pin::new(future).poll(cx));
                     let idx = attempts.record(&c, None);
                     match attempts.decide(idx, &c) {
-                        Some(wait) => this.state.set(State::Sleeping {
+                        Some((wait, next)) => this.state.set(State::Sleeping {
                             sleep: tokio::time::sleep(wait),
                             drain: Some(response.into_body()),
                             drained: 0,
+                            next,
                         }),
                         None => {
                             this.state.set(State::Done);
@@ -449,12 +452,16 @@ where
                     sleep,
                     drain,
                     drained,
+                    ..
                 } => {
                     drain_some(drain, drained, cx);
                     ready!(sleep.poll(cx));
                     // Whatever did not arrive during the wait is dropped with its connection.
-                    *drain = None;
-                    this.state.set(State::Ready);
+                    if let StateProjReplace::Sleeping { next, .. } =
+                        this.state.as_mut().project_replace(State::Done)
+                    {
+                        this.state.set(State::Ready { request: next });
+                    }
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             }
@@ -488,7 +495,7 @@ where
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
-            State::Ready => "ready",
+            State::Ready { .. } => "ready",
             State::Calling { .. } => "calling",
             State::Classifying { .. } => "classifying",
             State::Sleeping { .. } => "sleeping",

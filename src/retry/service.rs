@@ -111,7 +111,7 @@ where
             budget.deposit();
         }
 
-        let mut deadline = start + shared.retry.max_elapsed;
+        let mut deadline = crate::duration::saturating_add(start, shared.retry.max_elapsed);
         if let Some(d) = req.extensions().get::<Deadline>() {
             deadline = deadline.min(d.0);
         }
