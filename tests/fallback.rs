@@ -571,6 +571,57 @@ async fn an_open_circuit_on_the_primary_moves_on_at_once() -> Result<(), BoxErro
     Ok(())
 }
 #[tokio::test(start_paused = true)]
+async fn the_callers_key_never_follows_the_request_to_another_host_unapproved()
+-> Result<(), BoxError> {
+    let mock = MockProvider::start().await?;
+    mock.script(
+        ScriptKey::model(PRIMARY_MODEL),
+        [Reply::openai_overloaded()],
+    );
+    // `localhost` is another authority than `127.0.0.1`, on the same loopback mock.
+    let other_host = format!("http://localhost:{}", mock.addr().port());
+    for approved in [false, true] {
+        let mut backup = RouteConfig::new("backup")
+            .base_url(format!("{other_host}/backup/v1"))
+            .model("backup-model");
+        backup.credentials_approved = approved;
+        let same_host = RouteConfig::new("same-host")
+            .base_url(format!("{}/same/v1", mock.url()))
+            .model("same-model");
+        mock.script(
+            ScriptKey::model("backup-model"),
+            [Reply::openai_overloaded()],
+        );
+        let mut policy = chain(vec![backup, same_host]);
+        policy.max_total_attempts = 10;
+        let mut request = testing::chat_request(&mock.url(), PRIMARY_MODEL, false);
+        request
+            .headers_mut()
+            .insert("authorization", "Bearer sk-primary-only".parse()?);
+        request
+            .headers_mut()
+            .insert("x-api-key", "sk-primary-only".parse()?);
+        let before = mock.request_count();
+        let response = stack(policy)?.oneshot(request).await?;
+        assert_eq!(response.status(), 200);
+        let seen = &mock.requests()[before..];
+        let key_of = |model: &str| {
+            seen.iter()
+                .find(|r| r.model.as_deref() == Some(model))
+                .map(|r| {
+                    r.headers.contains_key("authorization") || r.headers.contains_key("x-api-key")
+                })
+        };
+        assert_eq!(key_of(PRIMARY_MODEL), Some(true));
+        // Another host gets the caller's key only when the route's credentials are approved.
+        assert_eq!(key_of("backup-model"), Some(approved));
+        // The same host keeps it: the key was meant for it.
+        assert_eq!(key_of("same-model"), Some(true));
+    }
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_hop_away_from_an_open_circuit_costs_no_retry_budget() -> Result<(), BoxError> {
     let mock = MockProvider::start().await?;
     let mut policy = Policy::interactive();
