@@ -189,3 +189,61 @@ async fn an_open_circuit_on_every_route_is_a_circuit_open_error() -> Result<(), 
     assert_eq!(mock.request_count(), 0);
     Ok(())
 }
+
+/// Everything the fmt subscriber writes, in one buffer.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_policys_tracing_switch_governs_the_whole_stack() -> Result<(), BoxError> {
+    let mock = MockProvider::start().await?;
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        [Reply::openai_overloaded(), Reply::ok()],
+    );
+    for tracing_on in [false, true] {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let mut policy = policy_with_backup(&mock);
+        policy.logging.tracing = tracing_on;
+        mock.script(
+            ScriptKey::model("gpt-4o"),
+            [Reply::openai_overloaded(), Reply::ok()],
+        );
+        let service = ServiceBuilder::new()
+            .llm_resilience(&policy)?
+            .service(testing::client());
+        let response = service
+            .oneshot(testing::chat_request(&mock.url(), "gpt-4o", false))
+            .await?;
+        assert_eq!(response.status(), 200);
+        let text = String::from_utf8_lossy(&captured.0.lock().unwrap_or_else(|p| p.into_inner()))
+            .into_owned();
+        assert_eq!(
+            text.contains("tower_llm_resilience::attempt"),
+            tracing_on,
+            "tracing {tracing_on}: {text}"
+        );
+    }
+    Ok(())
+}

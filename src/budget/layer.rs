@@ -12,7 +12,7 @@ use super::spend::{SpendConfig, SpendHandle};
 use super::store::{BudgetStore, MemoryStore};
 use crate::classify::SharedClassifier;
 use crate::context::RouteName;
-use crate::policy::{AdmissionMode, BudgetPolicy, Policy, PolicyError};
+use crate::policy::{AdmissionMode, BudgetPolicy, LoggingPolicy, Policy, PolicyError};
 use crate::retry_budget::RetryBudget;
 
 /// Applies [`Budget`] to a service: admission (rate limits, paced routes, spend caps), the
@@ -40,6 +40,8 @@ pub(crate) struct Shared {
     pub(crate) owner_header: HeaderName,
     /// The route of requests that carry no `RouteName` (the primary of the policy's chain).
     pub(crate) primary: Option<RouteName>,
+    /// Applied to the attempt logs this layer creates.
+    pub(crate) logging: LoggingPolicy,
 }
 
 impl BudgetLayer {
@@ -78,6 +80,7 @@ impl BudgetLayer {
             classifier: SharedClassifier::default(),
             owner_header,
             primary: None,
+            logging: LoggingPolicy::default(),
         };
         shared.rebuild_gate();
         Ok(Self {
@@ -106,7 +109,9 @@ impl BudgetLayer {
                 }
             }
         }
-        Arc::make_mut(&mut layer.shared).primary = Some(RouteName::new(&policy.fallback.primary));
+        let shared = Arc::make_mut(&mut layer.shared);
+        shared.primary = Some(RouteName::new(&policy.fallback.primary));
+        shared.logging = policy.logging.clone();
         Ok(layer)
     }
 

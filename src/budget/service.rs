@@ -71,6 +71,9 @@ where
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let shared = self.shared.clone();
         let (log, created) = AttemptLog::get_or_insert(&mut req);
+        if created {
+            log.set_tracing(shared.logging.tracing);
+        }
         // One deposit per logical request; the inner layers withdraw per retry and per hop.
         shared.retry_budget.deposit();
         req.extensions_mut().insert(shared.retry_budget.clone());
