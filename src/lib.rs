@@ -139,6 +139,8 @@
 //! - `serde` — deserialise [`Policy`] (durations written `"250ms"`, `"9s"`), serialise the
 //!   attempt log.
 //! - `testing` — [`testing::MockProvider`], a scripted model-API server on loopback for tests.
+//! - `reqwest` — `reqwest::ReqwestService`, which makes a `reqwest::Client` a tower service
+//!   (reqwest is built without a TLS stack; enable your own).
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
