@@ -19,7 +19,7 @@ use crate::attempt_log::{
 use crate::backoff::{NextWait, ceil_millis, next_wait};
 use crate::classify::{Classification, ClassifyResponse, FailureClass};
 use crate::context::{AttemptCap, RouteName, SpendGate};
-use crate::policy::{ReplayRule, RetryRule};
+use crate::policy::{FallbackRule, ReplayRule, RetryRule};
 use crate::replay::{ReplayBody, try_clone_request};
 use crate::retry_budget::RetryBudget;
 use crate::{Body, BoxError, Error, ErrorKind};
@@ -211,7 +211,10 @@ impl<B: ReplayBody> Attempts<B> {
             RetryRule::Yes => u32::MAX,
             RetryRule::Once => 1,
             // The backup is the better bet than a second wait on a silent route.
-            RetryRule::OnceUnlessFallback if self.fallback_available => {
+            RetryRule::OnceUnlessFallback
+                if self.fallback_available
+                    && shared.actions.get(class).fallback != FallbackRule::Never =>
+            {
                 return Err(StopReason::NotRetryable);
             }
             RetryRule::OnceUnlessFallback => 1,
