@@ -103,6 +103,10 @@ impl SseEvent {
     }
 }
 
+/// The longest line or event payload the scanner holds. A provider's longer event is dropped and
+/// reported as malformed, so a stream can never make the guard's memory grow without bound.
+pub(crate) const MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
+
 /// The incremental SSE scanner.
 #[derive(Debug, Default)]
 pub(crate) struct Scanner {
@@ -115,6 +119,10 @@ pub(crate) struct Scanner {
     has_data: bool,
     /// The last chunk ended with `\r`: a `\n` starting the next one belongs to it.
     after_cr: bool,
+    /// The current line outgrew `MAX_EVENT_BYTES`: the rest of it is dropped.
+    skip_line: bool,
+    /// The event being built outgrew `MAX_EVENT_BYTES`: it ends as a malformed event.
+    oversized: bool,
     /// Classifies in-band errors; the default classifier's rules when `None`.
     classifier: Option<SharedClassifier>,
 }
@@ -157,22 +165,43 @@ impl Scanner {
             self.end_line(&chunk[..pos], on_event);
             chunk = &chunk[next..];
         }
-        self.line.extend_from_slice(chunk);
+        if self.skip_line {
+            return;
+        }
+        if self.line.len() + chunk.len() > MAX_EVENT_BYTES {
+            self.drop_line();
+        } else {
+            self.line.extend_from_slice(chunk);
+        }
+    }
+
+    /// Drops the current, oversized line, and with it the event it belongs to.
+    fn drop_line(&mut self) {
+        self.line.clear();
+        self.skip_line = true;
+        self.oversized = true;
     }
 
     /// The stream ended: an unterminated last line and a last event without its blank line are
     /// still scanned (servers that close right after `data: [DONE]` are common).
     pub(crate) fn finish(&mut self, on_event: &mut impl FnMut(SseEvent)) {
         self.after_cr = false;
-        if !self.line.is_empty() {
+        if !self.line.is_empty() || self.skip_line {
             self.end_line(&[], on_event);
         }
-        if self.has_data || !self.event.is_empty() {
+        if self.has_data || !self.event.is_empty() || self.oversized {
             self.dispatch(on_event);
         }
     }
 
     fn end_line(&mut self, tail: &[u8], on_event: &mut impl FnMut(SseEvent)) {
+        if self.skip_line || self.line.len() + tail.len() > MAX_EVENT_BYTES {
+            // The end of a line too long to hold: nothing of it is scanned.
+            self.line.clear();
+            self.skip_line = false;
+            self.oversized = true;
+            return;
+        }
         if self.line.is_empty() {
             self.process_line(tail, on_event);
         } else {
@@ -187,7 +216,7 @@ impl Scanner {
 
     fn process_line(&mut self, line: &[u8], on_event: &mut impl FnMut(SseEvent)) {
         if line.is_empty() {
-            if self.has_data || !self.event.is_empty() {
+            if self.has_data || !self.event.is_empty() || self.oversized {
                 self.dispatch(on_event);
             }
             return;
@@ -205,10 +234,15 @@ impl Scanner {
         };
         match field {
             b"data" => {
-                if self.has_data {
-                    self.data.push(b'\n');
+                if self.data.len() + value.len() + 1 > MAX_EVENT_BYTES {
+                    self.data.clear();
+                    self.oversized = true;
+                } else if !self.oversized {
+                    if self.has_data {
+                        self.data.push(b'\n');
+                    }
+                    self.data.extend_from_slice(value);
                 }
-                self.data.extend_from_slice(value);
                 self.has_data = true;
             }
             b"event" => {
@@ -221,6 +255,14 @@ impl Scanner {
     }
 
     fn dispatch(&mut self, on_event: &mut impl FnMut(SseEvent)) {
+        if self.oversized {
+            self.data.clear();
+            self.event.clear();
+            self.has_data = false;
+            self.oversized = false;
+            on_event(SseEvent::of(EventKind::Malformed));
+            return;
+        }
         let classifier = self.classifier.as_ref();
         let in_band = |data: &[u8]| match classifier {
             Some(c) => c.classify_stream_error(data),
@@ -925,6 +967,35 @@ mod tests {
             0xff, 0xfe, b'\n', b'\n', b'd', b'a', b't', b'a', b':', 0xff, b'\n', b'\n',
         ]]);
         assert_eq!(kinds(&bytes), [Other]);
+    }
+
+    #[test]
+    fn an_oversized_event_is_malformed_and_memory_stays_bounded() {
+        let big = vec![b'x'; MAX_EVENT_BYTES + 10];
+        let mut stream = b"data: {\"choices\":[{\"delta\":{\"content\":\"".to_vec();
+        stream.extend_from_slice(&big);
+        stream.extend_from_slice(b"\"}}]}\n\ndata: [DONE]\n\n");
+        // Whole, in small chunks and in big ones: the same events, and the buffers stay bounded.
+        for size in [stream.len(), 7, 64 * 1024] {
+            let mut s = Scanner::new();
+            let mut events = Vec::new();
+            for chunk in stream.chunks(size) {
+                s.feed(chunk, &mut |e| events.push(e));
+                assert!(s.line.capacity() <= 2 * MAX_EVENT_BYTES);
+                assert!(s.data.capacity() <= 2 * MAX_EVENT_BYTES);
+            }
+            s.finish(&mut |e| events.push(e));
+            assert_eq!(
+                kinds(&events),
+                [EventKind::Malformed, EventKind::Other],
+                "{size}"
+            );
+            assert!(events[1].terminal);
+        }
+        // Many data lines that add up past the bound: malformed too.
+        let line = format!("data: {}\n", "y".repeat(1024 * 1024));
+        let many = format!("{}\ndata: [DONE]\n\n", line.repeat(5));
+        assert_eq!(kinds(&one(&many)), [EventKind::Malformed, EventKind::Other]);
     }
 
     #[test]
