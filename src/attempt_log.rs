@@ -5,6 +5,30 @@
 //! by every crate [`Error`](crate::Error). The layer nearest the transport records each attempt;
 //! the layers above annotate it with their decisions. Metadata only: statuses, classes, timings,
 //! route names, provider request ids — never bodies, never credentials.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_llm_resilience::attempt_log::{Attempt, AttemptLog, Decision, StopReason};
+//! use tower_llm_resilience::{Classification, FailureClass};
+//!
+//! let log = AttemptLog::new();
+//! let mut overloaded = Classification::failure(FailureClass::Overloaded);
+//! overloaded.status = Some(http::StatusCode::SERVICE_UNAVAILABLE);
+//! let i = log.record(Attempt::new(
+//!     Some("primary".into()),
+//!     Duration::ZERO,
+//!     Duration::from_millis(120),
+//!     &overloaded,
+//! ));
+//! log.decide(i, Decision::Stop(StopReason::AttemptsExhausted));
+//! log.decide(i, Decision::Fallback { to: "backup".into() });
+//!
+//! let table = log.to_string();
+//! assert!(table.contains("overloaded"));
+//! assert!(table.contains("stop: attempts_exhausted; fallback to backup"));
+//! ```
 
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -54,6 +78,9 @@ pub enum StopReason {
     NoApprovedRoute,
     /// The hop limit or the total-attempts cap of the chain.
     ChainLimit,
+    /// The spend cap of the request's budget owner could not hold the reservation of one more
+    /// attempt (see [`SpendGate`](crate::context::SpendGate)).
+    SpendCapReached,
     /// The answer was already committed to the caller.
     Committed,
 }
@@ -72,6 +99,7 @@ impl StopReason {
             StopReason::ServerWaitAboveCap => "server_wait_above_cap",
             StopReason::NoApprovedRoute => "no_approved_route",
             StopReason::ChainLimit => "chain_limit",
+            StopReason::SpendCapReached => "spend_cap_reached",
             StopReason::Committed => "committed",
         }
     }
@@ -161,6 +189,18 @@ pub enum StreamEnd {
     Interrupted(#[cfg_attr(feature = "serde", serde(serialize_with = "display"))] StreamCause),
     /// The caller dropped the body before its end.
     Abandoned,
+}
+
+impl fmt::Display for StreamEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StreamEnd::Complete => f.write_str("complete"),
+            StreamEnd::Blocked => f.write_str("blocked by the provider's policy"),
+            StreamEnd::FailedBeforeCommit(cause) => write!(f, "failed before commit ({cause})"),
+            StreamEnd::Interrupted(cause) => write!(f, "interrupted ({cause})"),
+            StreamEnd::Abandoned => f.write_str("abandoned by the caller"),
+        }
+    }
 }
 
 /// What the stream guard saw of one attempt's body.
@@ -267,7 +307,8 @@ pub enum LocalEventKind {
         #[cfg_attr(feature = "serde", serde(with = "millis"))]
         retry_in: Duration,
     },
-    /// The spend cap denied the request.
+    /// The spend cap denied the request (at admission) or one more attempt of it (a retry or
+    /// a hop).
     BudgetDenied,
     /// The retry budget denied a retry or a hop.
     RetryBudgetDenied,
@@ -295,6 +336,25 @@ pub enum LocalEventKind {
     },
 }
 
+impl fmt::Display for LocalEventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LocalEventKind::CircuitOpen { retry_in } => {
+                write!(f, "circuit open, next probe in {}ms", ceil_ms(*retry_in))
+            }
+            LocalEventKind::BudgetDenied => f.write_str("spend cap denied the request"),
+            LocalEventKind::RetryBudgetDenied => f.write_str("retry budget denied"),
+            LocalEventKind::RateLimited { retry_in } => {
+                write!(f, "rate limited, capacity in {}ms", ceil_ms(*retry_in))
+            }
+            LocalEventKind::Queued { waited } => write!(f, "queued {}ms", waited.as_millis()),
+            LocalEventKind::DeadlineExceeded => f.write_str("deadline exceeded"),
+            LocalEventKind::LastResort => f.write_str("served the last-resort answer"),
+            LocalEventKind::RouteSkipped { reason } => write!(f, "route skipped: {reason}"),
+        }
+    }
+}
+
 /// A local decision, with when and for which route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
@@ -307,6 +367,7 @@ pub struct LocalEvent {
     #[cfg_attr(feature = "serde", serde(serialize_with = "display_opt"))]
     pub route: Option<RouteName>,
     /// What happened.
+    #[cfg_attr(feature = "serde", serde(flatten))]
     pub kind: LocalEventKind,
 }
 
@@ -335,6 +396,22 @@ pub enum Outcome {
         /// Its class.
         class: Option<FailureClass>,
     },
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Success { status } => write!(f, "success {status}"),
+            Outcome::ProviderFailure { status, class } => match class {
+                Some(class) => write!(f, "provider failure {status} ({class})"),
+                None => write!(f, "provider failure {status}"),
+            },
+            Outcome::Error { error, class } => match class {
+                Some(class) => write!(f, "error ({class}): {error}"),
+                None => write!(f, "error: {error}"),
+            },
+        }
+    }
 }
 
 /// A snapshot of the log, for reading at leisure.
@@ -612,7 +689,7 @@ impl fmt::Display for LogSnapshot {
             let mut decisions = decisions.join("; ");
             if let Some(s) = &a.stream {
                 decisions.push_str(&format!(
-                    "{}stream {:?} after {} bytes",
+                    "{}stream {}, {} bytes to the caller",
                     if decisions.is_empty() { "" } else { "; " },
                     s.end,
                     s.bytes
@@ -636,17 +713,23 @@ impl fmt::Display for LogSnapshot {
         for e in &self.events {
             writeln!(
                 f,
-                "  @{}ms {}: {:?}",
+                "  @{}ms {}: {}",
                 e.offset.as_millis(),
                 route(&e.route),
                 e.kind
             )?;
         }
         match &self.outcome {
-            Some(o) => write!(f, "outcome: {o:?}"),
+            Some(o) => write!(f, "outcome: {o}"),
             None => write!(f, "outcome: pending"),
         }
     }
+}
+
+/// Whole milliseconds, rounded up: a wait shown as "next probe in 1195ms" is never shorter than
+/// the real one.
+fn ceil_ms(d: Duration) -> u128 {
+    crate::backoff::ceil_millis(d).as_millis()
 }
 
 #[cfg(feature = "serde")]
@@ -740,6 +823,69 @@ mod tests {
         }
         let counts: Vec<u32> = log.attempts().iter().map(|a| a.route_attempt).collect();
         assert_eq!(counts, [0, 1, 0, 2]);
+    }
+
+    #[test]
+    fn the_table_speaks_in_words_and_milliseconds() {
+        let log = AttemptLog::new();
+        let c = Classification::failure(FailureClass::Transport);
+        let i = log.record(Attempt::new(
+            Some("primary".into()),
+            Duration::ZERO,
+            Duration::from_millis(120),
+            &c,
+        ));
+        log.set_stream(
+            i,
+            StreamRecord {
+                time_to_first_token: None,
+                bytes: 0,
+                events: 1,
+                duration: Duration::from_millis(160),
+                end: StreamEnd::FailedBeforeCommit(StreamCause::Disconnected),
+                usage: None,
+                malformed_events: 0,
+            },
+        );
+        log.event(
+            Some("primary".into()),
+            LocalEventKind::CircuitOpen {
+                retry_in: Duration::from_nanos(1_194_144_175),
+            },
+        );
+        log.set_outcome(Outcome::ProviderFailure {
+            status: 401,
+            class: Some(FailureClass::Auth),
+        });
+        let table = log.to_string();
+        assert!(
+            table.contains("stream failed before commit (connection lost), 0 bytes to the caller"),
+            "{table}"
+        );
+        // Rounded up: never shorter than the real wait.
+        assert!(
+            table.contains("primary: circuit open, next probe in 1195ms"),
+            "{table}"
+        );
+        assert!(
+            table.ends_with("outcome: provider failure 401 (auth)"),
+            "{table}"
+        );
+        assert_eq!(
+            LocalEventKind::Queued {
+                waited: Duration::from_millis(1000)
+            }
+            .to_string(),
+            "queued 1000ms"
+        );
+        assert_eq!(
+            Outcome::Error {
+                error: "deadline exceeded".into(),
+                class: None
+            }
+            .to_string(),
+            "error: deadline exceeded"
+        );
     }
 
     #[test]

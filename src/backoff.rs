@@ -1,4 +1,25 @@
 //! Backoff curves and jitter, shared by every layer that waits.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_llm_resilience::backoff::{JitterSource, NextWait, next_wait};
+//! use tower_llm_resilience::policy::BackoffPolicy;
+//!
+//! let curve = BackoffPolicy::new(Duration::from_millis(500), Duration::from_secs(8));
+//! let jitter = JitterSource::seeded(42);
+//! let cap = Duration::from_secs(20);
+//!
+//! // The server asked for 2 s: never sooner, a little jitter on top.
+//! match next_wait(&curve, 0, None, Some(Duration::from_secs(2)), cap, &jitter) {
+//!     NextWait::Wait { wait, .. } => assert!(wait >= Duration::from_secs(2)),
+//!     NextWait::AboveCap { .. } => unreachable!(),
+//! }
+//! // An hour is beyond the cap: do not retry this route.
+//! let hour = Some(Duration::from_secs(3600));
+//! assert!(matches!(next_wait(&curve, 0, None, hour, cap, &jitter), NextWait::AboveCap { .. }));
+//! ```
 
 use std::fmt;
 use std::sync::{Arc, Mutex};

@@ -1,4 +1,24 @@
 //! What the layers hand each other through request and response extensions.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_llm_resilience::{Deadline, RouteName};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! let mut req = http::Request::post("https://api.example/v1/chat/completions").body(()).unwrap_or_default();
+//! assert_eq!(RouteName::of_request(&req).as_str(), "api.example");
+//! req.extensions_mut().insert(RouteName::new("primary"));
+//! assert_eq!(RouteName::of_request(&req).as_str(), "primary");
+//!
+//! Deadline::after(Duration::from_secs(30)).tighten(&mut req);
+//! Deadline::after(Duration::from_secs(60)).tighten(&mut req); // a later deadline never loosens it
+//! let left = req.extensions().get::<Deadline>().map(Deadline::remaining);
+//! assert_eq!(left, Some(Duration::from_secs(30)));
+//! # }
+//! ```
 
 use std::fmt;
 use std::sync::Arc;
@@ -127,3 +147,86 @@ impl AttemptCap {
         attempts < self.0 as usize
     }
 }
+
+/// Reserves spend for one more attempt of a request: what a [`SpendGate`] asks.
+///
+/// `BudgetLayer` implements it over the request's spend reservation; implement it to put a
+/// spend cap of your own in front of `RetryLayer` and `FallbackLayer`.
+pub trait AttemptAdmission: Send + Sync + 'static {
+    /// Reserves, atomically, the estimated maximum cost of one more attempt of the request on
+    /// `route`, for the request's budget owner. `Err` when the reservation would take the
+    /// owner past its cap (or the route has no price): that attempt must not be made.
+    fn admit(&self, route: &RouteName) -> Result<(), SpendDenied>;
+
+    /// Gives back the latest admission on `route`: its attempt will not be made after all.
+    fn release(&self, route: &RouteName);
+}
+
+/// The spend cap's say on every attempt of a request after the first, as a request extension.
+///
+/// `BudgetLayer` with a spend cap reserves the first attempt when it admits the request and
+/// puts this gate into the request extensions. `RetryLayer` asks it before each retry and
+/// `FallbackLayer` before each hop, for the route the attempt goes to; a denial ends the
+/// retries or the chain with
+/// [`StopReason::SpendCapReached`](crate::attempt_log::StopReason::SpendCapReached) and the
+/// caller gets the failure the layer had. A layer that was admitted an attempt and then does
+/// not make it (another check refused it, or the attempt was rejected locally without a call)
+/// releases it. The owner is always the request's own: a hop to a route of another provider
+/// account still spends the same owner's cap.
+#[derive(Clone)]
+pub struct SpendGate(Arc<dyn AttemptAdmission>);
+
+impl SpendGate {
+    /// A gate asking `admission`.
+    pub fn new(admission: impl AttemptAdmission) -> Self {
+        Self(Arc::new(admission))
+    }
+
+    /// Reserves one more attempt on `route`; see [`AttemptAdmission::admit`].
+    pub fn admit(&self, route: &RouteName) -> Result<(), SpendDenied> {
+        self.0.admit(route)
+    }
+
+    /// Gives back the latest admission on `route`; see [`AttemptAdmission::release`].
+    pub fn release(&self, route: &RouteName) {
+        self.0.release(route);
+    }
+}
+
+impl fmt::Debug for SpendGate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpendGate").finish_non_exhaustive()
+    }
+}
+
+/// A further attempt the spend cap refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpendDenied {
+    owner: String,
+}
+
+impl SpendDenied {
+    /// A denial for `owner`.
+    pub fn new(owner: impl Into<String>) -> Self {
+        Self {
+            owner: owner.into(),
+        }
+    }
+
+    /// The budget owner whose cap refused the attempt.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+}
+
+impl fmt::Display for SpendDenied {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the spend cap of `{}` cannot hold one more attempt",
+            self.owner
+        )
+    }
+}
+
+impl std::error::Error for SpendDenied {}

@@ -42,9 +42,10 @@ impl StreamCause {
             StreamCause::FirstTokenTimeout(_)
             | StreamCause::IdleTimeout(_)
             | StreamCause::TotalTimeout(_) => FailureClass::Timeout,
-            StreamCause::Disconnected | StreamCause::Truncated | StreamCause::BufferExceeded(_) => {
-                FailureClass::Transport
-            }
+            StreamCause::Disconnected | StreamCause::Truncated => FailureClass::Transport,
+            // The same answer would overflow the same buffer on every attempt and route, and
+            // says nothing about the provider's health: fail closed, count for no breaker.
+            StreamCause::BufferExceeded(_) => FailureClass::InvalidRequest,
             StreamCause::InBandError { class, .. } => *class,
         }
     }

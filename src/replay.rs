@@ -4,6 +4,20 @@
 //! that cannot (a streaming upload, `hyper::body::Incoming`) means "no retry", which the layers
 //! record in the attempt log — never a hard error. Implement [`ReplayBody`] for your own body
 //! type to make it replayable.
+//!
+//! # Example
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use tower_llm_resilience::replay::try_clone_request;
+//!
+//! let req = http::Request::post("http://localhost/v1/chat/completions")
+//!     .body(Full::new(Bytes::from_static(b"{}")))
+//!     .unwrap_or_default();
+//! let copy = try_clone_request(&req).expect("a `Full` body replays");
+//! assert_eq!(copy.uri(), req.uri());
+//! ```
 
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};

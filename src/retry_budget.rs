@@ -3,6 +3,30 @@
 //! Every logical request deposits; every retry and every fallback hop withdraws. When the
 //! budget is empty, the retry (or hop) is denied and the denial is logged — under a full outage
 //! the load the service sends stays close to the load it receives.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_llm_resilience::RetryBudget;
+//! use tower_llm_resilience::policy::RetryBudgetPolicy;
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), tower_llm_resilience::PolicyError> {
+//! // 10 % of requests, no floor.
+//! let budget = RetryBudget::new(&RetryBudgetPolicy::Ratio {
+//!     ratio: 0.1,
+//!     min_per_sec: 0,
+//!     ttl: Duration::from_secs(10),
+//! })?;
+//! for _ in 0..50 {
+//!     budget.deposit();
+//! }
+//! let granted = (0..50).filter(|_| budget.withdraw()).count();
+//! assert_eq!(granted, 5);
+//! # Ok(())
+//! # }
+//! ```
 
 use std::fmt;
 use std::sync::{Arc, Mutex};

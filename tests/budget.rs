@@ -12,7 +12,7 @@ use tower::{ServiceExt, service_fn};
 use tower_layer::Layer;
 use tower_llm_resilience::attempt_log::{LocalEventKind, Outcome};
 use tower_llm_resilience::budget::{Budget, BudgetLayer, BudgetOwner, SpendStatus};
-use tower_llm_resilience::policy::{AdmissionMode, BudgetPolicy, Price, SpendPolicy};
+use tower_llm_resilience::policy::{AdmissionMode, BudgetPolicy, ChargeRule, Price, SpendPolicy};
 use tower_llm_resilience::testing::{MockProvider, Reply, ScriptKey, chat_request, client};
 use tower_llm_resilience::{AttemptLog, Deadline, ErrorKind, RouteName};
 
@@ -403,5 +403,205 @@ mod with_recovery_layers {
         assert_eq!(resp.status(), 200);
         let waited = Instant::now() - t0;
         assert!(waited >= Duration::from_secs(2) && waited < Duration::from_secs(5));
+    }
+
+    // ------------------------------------------ the spend cap reserves every attempt
+
+    /// Each attempt of `chat_request` reserves 3 prompt + 64 output tokens at 1 micro unit per
+    /// token.
+    const PER_ATTEMPT: u64 = 67;
+
+    /// Budget → Fallback (primary + `backup` on the same mock) → Retry (3 attempts per route)
+    /// → the hyper-util client, with a spend cap that holds `attempts` attempts' reservations
+    /// and an ample retry budget: without the cap, a request under persistent failure makes 6
+    /// calls.
+    fn spend_stack(
+        mock: &MockProvider,
+        attempts: u64,
+        rule: ChargeRule,
+        edit: impl FnOnce(&mut Policy),
+    ) -> (
+        tower_llm_resilience::budget::SpendHandle,
+        impl tower::Service<
+            http::Request<Full<Bytes>>,
+            Response = http::Response<tower_llm_resilience::Body>,
+            Error = tower_llm_resilience::Error,
+            Future: Send,
+        > + Clone
+        + Send
+        + 'static,
+    ) {
+        let mut policy = Policy::interactive();
+        policy.retry.max_attempts = 3;
+        policy.retry.backoff =
+            BackoffPolicy::new(Duration::from_millis(1), Duration::from_millis(2));
+        policy.retry.seed = Some(7);
+        policy
+            .fallback
+            .routes
+            .push(RouteConfig::new("backup").base_url(format!("{}/backup/v1", mock.url())));
+        policy.fallback.max_hops = 1;
+        policy.budget.retry_budget = RetryBudgetPolicy::Ratio {
+            ratio: 1.0,
+            min_per_sec: 1000,
+            ttl: Duration::from_secs(60),
+        };
+        let mut s = spend();
+        s.cap = (attempts * PER_ATTEMPT) as f64 / 1e6;
+        s.charge_failed = rule;
+        policy.budget.spend = Some(s);
+        edit(&mut policy);
+        let budget = BudgetLayer::from_policy(&policy).expect("budget layer");
+        let handle = budget.spend().expect("spend handle");
+        let fallback = FallbackLayer::from_policy(&policy).expect("fallback layer");
+        let retry = RetryLayer::from_policy(&policy).expect("retry layer");
+        (handle, budget.layer(fallback.layer(retry.layer(client()))))
+    }
+
+    fn stops(log: &AttemptLog) -> Vec<StopReason> {
+        log.attempts()
+            .iter()
+            .flat_map(|a| a.decisions.clone())
+            .filter_map(|d| match d {
+                Decision::Stop(r) => Some(r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn paths(mock: &MockProvider) -> Vec<String> {
+        mock.requests().into_iter().map(|r| r.path).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn under_persistent_failure_a_request_makes_exactly_the_attempts_its_cap_holds() {
+        const PRIMARY: &str = "/v1/chat/completions";
+        const BACKUP: &str = "/backup/v1/chat/completions";
+        for (attempts, rule, calls) in [
+            // One retry on the primary, then neither a second retry nor the hop is admitted.
+            (2, ChargeRule::ReportedOrReserved, vec![PRIMARY; 2]),
+            // Three attempts on the primary, the hop, then no retry on the backup.
+            (
+                4,
+                ChargeRule::ReportedOnly,
+                vec![PRIMARY, PRIMARY, PRIMARY, BACKUP],
+            ),
+            (
+                4,
+                ChargeRule::Reserved,
+                vec![PRIMARY, PRIMARY, PRIMARY, BACKUP],
+            ),
+            // Control: a cap that holds all six attempts.
+            (
+                6,
+                ChargeRule::Reserved,
+                vec![PRIMARY, PRIMARY, PRIMARY, BACKUP, BACKUP, BACKUP],
+            ),
+        ] {
+            let mock = start().await;
+            mock.script(ScriptKey::Any, [Reply::openai_overloaded()]);
+            let (spend, svc) = spend_stack(&mock, attempts, rule, |_| {});
+            let resp = svc
+                .oneshot(chat_request(&mock.url(), "m", false))
+                .await
+                .expect("the primary's failure response");
+            assert_eq!(resp.status(), 503);
+            assert_eq!(paths(&mock), calls, "cap of {attempts}, {rule:?}");
+            let log = log_of(&resp);
+            let denied = log
+                .events()
+                .iter()
+                .filter(|e| e.kind == LocalEventKind::BudgetDenied)
+                .count();
+            let stopped = stops(&log)
+                .iter()
+                .filter(|r| **r == StopReason::SpendCapReached)
+                .count();
+            if attempts < 6 {
+                assert!(denied >= 1, "{log}");
+                assert_eq!(denied, stopped, "{log}");
+                assert!(log.to_string().contains("spend_cap_reached"), "{log}");
+            } else {
+                assert_eq!((denied, stopped), (0, 0), "{log}");
+            }
+            // While the answer is in hand, the reservations of the attempts made are held —
+            // never more than the cap.
+            assert_eq!(
+                spend.status("team"),
+                SpendStatus::new(0, attempts * PER_ATTEMPT)
+            );
+            resp.into_body().collect().await.expect("body");
+            // Settled: a 503 was never accepted, so only `Reserved` charges its reservation.
+            let charged = match rule {
+                ChargeRule::Reserved => attempts * PER_ATTEMPT,
+                _ => 0,
+            };
+            assert_eq!(
+                spend.status("team"),
+                SpendStatus::new(charged, 0),
+                "{rule:?}"
+            );
+            assert!(charged <= spend.cap_micros());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_exhausted_owner_never_hops_to_a_route_of_another_budget_owner() {
+        // The primary's provider account is out of quota; the backup bills another, approved
+        // account. The spend cap is the request owner's: the hop spends `team`'s cap too.
+        let approved = |p: &mut Policy| {
+            p.fallback.primary_budget_owner = Some("main-account".to_owned());
+            p.fallback.approved_budget_owners = vec!["reserve-account".to_owned()];
+            p.fallback.routes[0].budget_owner = Some("reserve-account".to_owned());
+        };
+        let mock = start().await;
+        mock.script(
+            ScriptKey::path("/v1/chat/completions"),
+            [Reply::openai_insufficient_quota()],
+        );
+        mock.script(
+            ScriptKey::path("/backup/v1/chat/completions"),
+            [Reply::openai_chat("m", "Hello there friend")],
+        );
+
+        // `team`'s cap holds one attempt: the quota failure comes back, the backup is never
+        // called, and nothing is booked to anyone.
+        let (spend, svc) = spend_stack(&mock, 1, ChargeRule::Reserved, approved);
+        let resp = svc
+            .oneshot(chat_request(&mock.url(), "m", false))
+            .await
+            .expect("the primary's failure response");
+        assert_eq!(resp.status(), 429);
+        assert_eq!(paths(&mock), ["/v1/chat/completions"]);
+        let log = log_of(&resp);
+        // The retry layer does not retry a quota failure; the chain's hop is refused.
+        assert_eq!(
+            stops(&log),
+            [StopReason::NotRetryable, StopReason::SpendCapReached]
+        );
+        let events = log.events();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].kind, LocalEventKind::BudgetDenied);
+        assert_eq!(events[0].route, Some(RouteName::new("backup")));
+        resp.into_body().collect().await.expect("body");
+        // `Reserved` charges the quota failure's reservation, to `team` alone.
+        assert_eq!(spend.status("team"), SpendStatus::new(PER_ATTEMPT, 0));
+        for other in ["main-account", "reserve-account"] {
+            assert_eq!(spend.status(other), SpendStatus::new(0, 0));
+        }
+
+        // With room for two attempts the approved hop is made, and its answer is booked to
+        // `team` (9 prompt + 3 completion tokens), the failed attempt costing nothing.
+        let (spend, svc) = spend_stack(&mock, 2, ChargeRule::ReportedOnly, approved);
+        let resp = svc
+            .oneshot(chat_request(&mock.url(), "m", false))
+            .await
+            .expect("the backup's answer");
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.expect("body");
+        assert_eq!(spend.status("team"), SpendStatus::new(12, 0));
+        for other in ["main-account", "reserve-account"] {
+            assert_eq!(spend.status(other), SpendStatus::new(0, 0));
+        }
     }
 }

@@ -5,6 +5,7 @@
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
+use std::time::Duration;
 use tower::{Layer, ServiceExt};
 use tower_llm_resilience::attempt_log::{Decision, LocalEventKind, LogSnapshot, StopReason};
 use tower_llm_resilience::circuit_breaker::{CircuitBreakerLayer, CircuitState};
@@ -12,7 +13,9 @@ use tower_llm_resilience::fallback::{Fallback, FallbackLayer, LAST_RESORT_HEADER
 use tower_llm_resilience::policy::{FallbackPolicy, Policy, RouteConfig, StaticResponse};
 use tower_llm_resilience::retry::RetryLayer;
 use tower_llm_resilience::testing::{self, MockProvider, Reply, ScriptKey};
-use tower_llm_resilience::{AttemptLog, Body, BoxError, FailureClass, RouteName};
+
+use tower_llm_resilience::policy::RetryBudgetPolicy;
+use tower_llm_resilience::{AttemptLog, Body, BoxError, FailureClass, RetryBudget, RouteName};
 
 type Client = hyper_util::client::legacy::Client<
     hyper_util::client::legacy::connect::HttpConnector,
@@ -206,7 +209,7 @@ async fn auth_failures_never_switch() -> Result<(), BoxError> {
         assert_eq!(log.attempts[0].class, Some(FailureClass::Auth));
         assert_eq!(
             log.attempts[0].decisions,
-            [Decision::Stop(StopReason::NotRetryable)]
+            [Decision::Stop(StopReason::NoApprovedRoute)]
         );
         assert_eq!(log.selected_route, Some("primary".into()));
         // The provider's own error body reaches the caller intact.
@@ -230,7 +233,7 @@ async fn content_filters_never_switch() -> Result<(), BoxError> {
         assert_eq!(log.attempts[0].class, Some(FailureClass::PolicyBlock));
         assert_eq!(
             log.attempts[0].decisions,
-            [Decision::Stop(StopReason::NotRetryable)]
+            [Decision::Stop(StopReason::NoApprovedRoute)]
         );
     }
     Ok(())
@@ -402,7 +405,7 @@ async fn every_route_failing_returns_the_primarys_failure() -> Result<(), BoxErr
     );
     assert_eq!(
         log.attempts[2].decisions,
-        [Decision::Stop(StopReason::NotRetryable)]
+        [Decision::Stop(StopReason::NoApprovedRoute)]
     );
     assert_eq!(log.selected_route, Some("primary".into()));
     // The primary's body, intact — not a backup's.
@@ -567,6 +570,110 @@ async fn an_open_circuit_on_the_primary_moves_on_at_once() -> Result<(), BoxErro
         && matches!(e.kind, LocalEventKind::CircuitOpen { .. })));
     Ok(())
 }
+#[tokio::test(start_paused = true)]
+async fn the_callers_key_never_follows_the_request_to_another_host_unapproved()
+-> Result<(), BoxError> {
+    let mock = MockProvider::start().await?;
+    mock.script(
+        ScriptKey::model(PRIMARY_MODEL),
+        [Reply::openai_overloaded()],
+    );
+    // `localhost` is another authority than `127.0.0.1`, on the same loopback mock.
+    let other_host = format!("http://localhost:{}", mock.addr().port());
+    for approved in [false, true] {
+        let mut backup = RouteConfig::new("backup")
+            .base_url(format!("{other_host}/backup/v1"))
+            .model("backup-model");
+        backup.credentials_approved = approved;
+        let same_host = RouteConfig::new("same-host")
+            .base_url(format!("{}/same/v1", mock.url()))
+            .model("same-model");
+        mock.script(
+            ScriptKey::model("backup-model"),
+            [Reply::openai_overloaded()],
+        );
+        let mut policy = chain(vec![backup, same_host]);
+        policy.max_total_attempts = 10;
+        let mut request = testing::chat_request(&mock.url(), PRIMARY_MODEL, false);
+        request
+            .headers_mut()
+            .insert("authorization", "Bearer sk-primary-only".parse()?);
+        request
+            .headers_mut()
+            .insert("x-api-key", "sk-primary-only".parse()?);
+        let before = mock.request_count();
+        let response = stack(policy)?.oneshot(request).await?;
+        assert_eq!(response.status(), 200);
+        let seen = &mock.requests()[before..];
+        let key_of = |model: &str| {
+            seen.iter()
+                .find(|r| r.model.as_deref() == Some(model))
+                .map(|r| {
+                    r.headers.contains_key("authorization") || r.headers.contains_key("x-api-key")
+                })
+        };
+        assert_eq!(key_of(PRIMARY_MODEL), Some(true));
+        // Another host gets the caller's key only when the route's credentials are approved.
+        assert_eq!(key_of("backup-model"), Some(approved));
+        // The same host keeps it: the key was meant for it.
+        assert_eq!(key_of("same-model"), Some(true));
+    }
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hop_away_from_an_open_circuit_costs_no_retry_budget() -> Result<(), BoxError> {
+    let mock = MockProvider::start().await?;
+    let mut policy = Policy::interactive();
+    policy.fallback = chain(vec![route(&mock, "backup")]);
+    let breaker = CircuitBreakerLayer::from_policy(&policy)?;
+    breaker.handle().force_open("primary");
+    let service = tower::ServiceBuilder::new()
+        .layer(FallbackLayer::from_policy(&policy)?)
+        .layer(breaker)
+        .service(testing::client());
+    // An empty budget: no retry or hop that adds a call may be made.
+    let budget = RetryBudget::new(&RetryBudgetPolicy::Ratio {
+        ratio: 0.0,
+        min_per_sec: 0,
+        ttl: Duration::from_secs(10),
+    })?;
+    for _ in 0..3 {
+        let mut request = testing::chat_request(&mock.url(), PRIMARY_MODEL, false);
+        request.extensions_mut().insert(budget.clone());
+        let response = service.clone().oneshot(request).await?;
+        // The primary made no call, so the hop replaces it: the backup serves every request.
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()[ROUTE_HEADER], "backup");
+    }
+    assert_eq!(mock.request_count(), 3);
+
+    // A primary that was called and failed still needs the budget to hop.
+    let breaker = CircuitBreakerLayer::from_policy(&policy)?;
+    let service = tower::ServiceBuilder::new()
+        .layer(FallbackLayer::from_policy(&policy)?)
+        .layer(breaker)
+        .service(testing::client());
+    mock.script(
+        ScriptKey::model(PRIMARY_MODEL),
+        [Reply::openai_overloaded()],
+    );
+    let mut request = testing::chat_request(&mock.url(), PRIMARY_MODEL, false);
+    request.extensions_mut().insert(budget.clone());
+    let response = service.oneshot(request).await?;
+    assert_eq!(response.status(), 503);
+    let log = response
+        .extensions()
+        .get::<AttemptLog>()
+        .ok_or("log")?
+        .snapshot();
+    assert_eq!(
+        log.attempts[0].decisions,
+        [Decision::Stop(StopReason::RetryBudgetDenied)]
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_tripped_circuit_on_the_primary_keeps_every_call_off_it() -> Result<(), BoxError> {
     let mock = MockProvider::start().await?;

@@ -9,7 +9,7 @@ use http::Response;
 use http_body_util::{BodyExt, Full};
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
-use tower_llm_resilience::attempt_log::{Decision, StreamEnd, Usage, WaitSource};
+use tower_llm_resilience::attempt_log::{Decision, Outcome, StreamEnd, Usage, WaitSource};
 use tower_llm_resilience::circuit_breaker::{CircuitBreakerLayer, CircuitState};
 use tower_llm_resilience::fallback::{FallbackLayer, ROUTE_HEADER};
 use tower_llm_resilience::policy::{
@@ -506,6 +506,18 @@ async fn interrupted_without_retry(reply: Reply, cause: StreamCause) -> Result<(
     assert_eq!(mock.request_count(), 1);
     assert_eq!(log.attempts().len(), 1);
     assert_eq!(stream_end(&log, 0), Some(StreamEnd::Interrupted(cause)));
+    // The log's outcome is what the caller finally got: the interruption, not the 200 head.
+    assert!(
+        matches!(
+            log.snapshot().outcome,
+            Some(Outcome::Error {
+                class: Some(FailureClass::StreamInterrupted),
+                ..
+            })
+        ),
+        "{:?}",
+        log.snapshot().outcome
+    );
     Ok(())
 }
 

@@ -12,7 +12,7 @@ use super::spend::{SpendConfig, SpendHandle};
 use super::store::{BudgetStore, MemoryStore};
 use crate::classify::SharedClassifier;
 use crate::context::RouteName;
-use crate::policy::{AdmissionMode, BudgetPolicy, Policy, PolicyError};
+use crate::policy::{AdmissionMode, BudgetPolicy, LoggingPolicy, Policy, PolicyError};
 use crate::retry_budget::RetryBudget;
 
 /// Applies [`Budget`] to a service: admission (rate limits, paced routes, spend caps), the
@@ -40,16 +40,17 @@ pub(crate) struct Shared {
     pub(crate) owner_header: HeaderName,
     /// The route of requests that carry no `RouteName` (the primary of the policy's chain).
     pub(crate) primary: Option<RouteName>,
-    /// Every route of the policy's chain: a request may end up on any of them.
-    pub(crate) routes: Vec<RouteName>,
+    /// Applied to the attempt logs this layer creates.
+    pub(crate) logging: LoggingPolicy,
 }
 
 impl BudgetLayer {
     /// A layer as the budget section describes; invalid values are a [`PolicyError`].
     ///
     /// Requests are keyed and priced by their route: the `RouteName` extension, else the URI's
-    /// authority. Use [`from_policy`](Self::from_policy) to key them by the policy's route
-    /// names when a `FallbackLayer` is inside.
+    /// authority; the hops of a `FallbackLayer` inside are priced by its route names. Use
+    /// [`from_policy`](Self::from_policy) to key them by the policy's route names when a
+    /// `FallbackLayer` is inside.
     pub fn new(policy: BudgetPolicy) -> Result<Self, PolicyError> {
         policy.validate()?;
         let retry_budget = RetryBudget::new(&policy.retry_budget)?;
@@ -79,7 +80,7 @@ impl BudgetLayer {
             classifier: SharedClassifier::default(),
             owner_header,
             primary: None,
-            routes: Vec::new(),
+            logging: LoggingPolicy::default(),
         };
         shared.rebuild_gate();
         Ok(Self {
@@ -88,9 +89,10 @@ impl BudgetLayer {
     }
 
     /// A layer from the whole policy: its budget section, with the routes of its fallback
-    /// chain. A request without a `RouteName` counts as the primary route; its spend is
-    /// reserved at the dearest route of the chain, since a fallback may serve it. Every route
-    /// must have a price (or there must be a default price) when a spend cap is set.
+    /// chain. A request without a `RouteName` counts as the primary route: its first attempt
+    /// is reserved at the primary's price, and every retry or hop at the price of the route it
+    /// goes to. Every route must have a price (or there must be a default price) when a spend
+    /// cap is set.
     pub fn from_policy(policy: &Policy) -> Result<Self, PolicyError> {
         let mut layer = Self::new(policy.budget.clone())?;
         let routes: Vec<RouteName> = policy.route_names().map(RouteName::new).collect();
@@ -109,7 +111,7 @@ impl BudgetLayer {
         }
         let shared = Arc::make_mut(&mut layer.shared);
         shared.primary = Some(RouteName::new(&policy.fallback.primary));
-        shared.routes = routes;
+        shared.logging = policy.logging.clone();
         Ok(layer)
     }
 

@@ -29,31 +29,54 @@
 //!   Other routes are unaffected.
 //! - **Spend cap.** Each budget owner ([`BudgetOwner`] extension, else the `owner_header`, else
 //!   the policy's `default_owner`; none fails closed) may spend `cap` cost units per `window`,
-//!   priced per route (input and output tokens per million). Amounts are integer micro units
-//!   internally, so sums are exact.
+//!   priced per route (input and output tokens per million). Every attempt — the first, each
+//!   retry, each hop — reserves its maximum cost before it is sent (see below). Amounts are
+//!   integer micro units internally, so sums are exact.
 //!
 //! # Reservation and settlement
 //!
-//! The layer reserves once per logical request, before anything is sent: the estimated
-//! *maximum* cost of an attempt (prompt estimate plus output bound, at the dearest route the
-//! request may end up on — with [`BudgetLayer::from_policy`], any route of the fallback chain).
-//! The reservation is atomic in the [`BudgetStore`]: when it would take the owner past its cap,
-//! the request fails closed with `ErrorKind::BudgetExhausted { owner }` and a `budget_denied`
-//! event — it is never spent through another owner's budget. Admission therefore never lets
-//! concurrent requests overrun the cap together.
+//! The cap is enforced per **attempt**, before it is sent: each attempt reserves its estimated
+//! *maximum* cost — prompt estimate plus output bound, at the price of the route it goes to —
+//! atomically in the [`BudgetStore`]. A reservation that would take the owner past its cap is
+//! refused; the owner is always the request's own.
 //!
-//! The retries and hops below run under that one reservation. When the request ends it is
-//! settled from its attempt log: the answer is charged its real usage — reported by the
-//! application through the [`SpendReceipt`] in the response extensions, else from the stream
-//! guard's record of the final stream event, else the JSON `usage` of the body within the
-//! classifier's peek bound (or the `usage` of stream events) — and a success whose usage stays
-//! unknown keeps its reservation. Failed and partial attempts are charged as
-//! [`ChargeRule`](crate::policy::ChargeRule) says (their reported usage, else nothing, or the
-//! reservation for attempts the provider may have accepted: timeouts, broken streams). The
-//! unused rest of the reservation is released. Settlement happens when the response body ends
-//! or is dropped, on an error, or when the caller abandons the request. Because booked spend is
-//! what the provider really billed, an owner whose real usage outgrew the estimate can end a
-//! window above the cap; its next requests are denied until the window turns.
+//! - **The first attempt** is reserved here, when the request is admitted, at the price of its
+//!   route (with [`BudgetLayer::from_policy`], the primary of the fallback chain). A request
+//!   that cannot afford it never starts: it fails closed with
+//!   `ErrorKind::BudgetExhausted { owner }` and a `budget_denied` event.
+//! - **Every further attempt** is reserved by the layer that makes it, through the
+//!   [`SpendGate`] this layer puts into the request extensions: `RetryLayer` before each retry,
+//!   `FallbackLayer` before each hop, at the price of the route the attempt goes to. A refused
+//!   reservation means that attempt is not made: the layer logs a `budget_denied` event, stops
+//!   with `spend_cap_reached`, and hands back the failure it had — the request is never spent
+//!   through another owner's budget, and a hop to a route billed to another provider account
+//!   (`budget_owner`, approved for quota failures) still spends the request owner's cap. The
+//!   gate is asked after every other check of the retry or hop, and the retry budget is
+//!   withdrawn from after it: a retry or hop refused for any reason costs neither, and a
+//!   reservation whose attempt is then not made (the retry budget refused it, or a layer
+//!   inside rejected it without a call, such as an open circuit) is given back at once. A
+//!   route without a price is refused like an exhausted cap.
+//!
+//! Reservations are held until the request settles, so concurrent requests of one owner, and
+//! the retries and hops of each, never overrun the cap together.
+//!
+//! When the request ends it is settled from its attempt log. The answer is charged its real
+//! usage — reported by the application through the [`SpendReceipt`] in the response
+//! extensions, else from the stream guard's record of the final stream event, else the JSON
+//! `usage` of the body within the classifier's peek bound (or the `usage` of stream events);
+//! a success whose usage stays unknown keeps its attempt's reservation. Failed and partial
+//! attempts are charged as [`ChargeRule`](crate::policy::ChargeRule) says: their reported
+//! usage, else nothing, or their attempt's reservation (always, or only for attempts the
+//! provider may have accepted: timeouts, broken streams). Everything else reserved for the
+//! request — every attempt's reservation, whatever layer made it — is released. Settlement
+//! happens when the response body ends or is dropped, on an error, or when the caller abandons
+//! the request.
+//!
+//! So booked spend stays within the cap as long as real usage stays within the estimate: a
+//! failed attempt is charged at most its own reservation. Only usage above the estimate (the
+//! provider billed more than the prompt estimate plus the output bound, or an attempt made by a
+//! layer that does not ask the gate) can take an owner above its cap in a window; its next
+//! requests are then denied until the window turns.
 //!
 //! # Example
 //!
@@ -119,7 +142,7 @@ pub use spend::{BudgetOwner, SpendHandle, SpendReceipt};
 pub use store::{BudgetStore, MICROS_PER_UNIT, MemoryStore, RateDemand, SpendStatus};
 
 #[doc(no_inline)]
-pub use crate::context::Deadline;
+pub use crate::context::{AttemptAdmission, Deadline, SpendDenied, SpendGate};
 #[doc(no_inline)]
 pub use crate::retry_budget::RetryBudget;
 

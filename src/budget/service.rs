@@ -71,6 +71,9 @@ where
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let shared = self.shared.clone();
         let (log, created) = AttemptLog::get_or_insert(&mut req);
+        if created {
+            log.set_tracing(shared.logging.tracing);
+        }
         // One deposit per logical request; the inner layers withdraw per retry and per hop.
         shared.retry_budget.deposit();
         req.extensions_mut().insert(shared.retry_budget.clone());
@@ -84,6 +87,7 @@ where
             .cloned()
             .or_else(|| shared.primary.clone())
             .unwrap_or_else(|| RouteName::of_request(&req));
+        log.set_requested_route(route.clone());
         let mut ctx = Ctx::new(shared.clone(), log, created, route.clone(), deadline);
 
         let owner = match &shared.spend {
@@ -108,11 +112,15 @@ where
                 &shared.store,
                 owner.clone(),
                 &route,
-                &shared.routes,
                 estimate.unwrap_or_default(),
                 &ctx.log,
             ) {
-                Ok(ticket) => ctx.ticket = Some(ticket),
+                Ok(ticket) => {
+                    // The first attempt is reserved; the inner layers reserve every further
+                    // one through the gate.
+                    req.extensions_mut().insert(ticket.gate());
+                    ctx.ticket = Some(ticket);
+                }
                 Err(e) => {
                     ctx.log
                         .event(Some(route.clone()), LocalEventKind::BudgetDenied);

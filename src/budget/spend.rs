@@ -1,8 +1,8 @@
-//! The spend cap: reserve before sending, settle with real usage afterwards.
+//! The spend cap: reserve before each attempt, settle with real usage afterwards.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use http::HeaderName;
@@ -11,7 +11,7 @@ use super::estimate::TokenEstimate;
 use super::store::{BudgetStore, MICROS_PER_UNIT, SpendStatus};
 use crate::attempt_log::{Attempt, AttemptLog, StreamEnd, Usage};
 use crate::classify::FailureClass;
-use crate::context::RouteName;
+use crate::context::{AttemptAdmission, RouteName, SpendDenied, SpendGate};
 use crate::error::{Error, ErrorKind};
 use crate::policy::{ChargeRule, PolicyError, Price, SpendPolicy};
 
@@ -155,15 +155,13 @@ impl SpendConfig {
         }
     }
 
-    /// Reserves the estimated maximum cost of `estimate` at the dearest of `route` and the
-    /// `others` it may fall back to, for `owner`, atomically; fails closed when the cap would be
-    /// exceeded.
+    /// Reserves the estimated maximum cost of the first attempt — `estimate` at `route`'s
+    /// price — for `owner`, atomically; fails closed when the cap would be exceeded.
     pub(crate) fn open(
         self: &Arc<Self>,
         store: &Arc<dyn BudgetStore>,
         owner: Option<String>,
         route: &RouteName,
-        others: &[RouteName],
         estimate: TokenEstimate,
         log: &AttemptLog,
     ) -> Result<Arc<Ticket>, Error> {
@@ -177,19 +175,10 @@ impl SpendConfig {
             })
             .with_source(reason)
         };
-        let mut dearest: Option<(u64, MicroPrice)> = None;
-        for r in std::iter::once(route).chain(others) {
-            let Some(price) = self.price(r.as_str()) else {
-                return Err(exhausted(format!("route `{r}` has no price")));
-            };
-            let cost = price.cost(estimate.input_tokens, estimate.max_output_tokens);
-            if dearest.is_none_or(|(c, _)| cost > c) {
-                dearest = Some((cost, price));
-            }
-        }
-        let Some((reserved, price)) = dearest else {
+        let Some(price) = self.price(route.as_str()) else {
             return Err(exhausted(format!("route `{route}` has no price")));
         };
+        let reserved = price.cost(estimate.input_tokens, estimate.max_output_tokens);
         if let Err(status) = store.reserve(&owner, reserved, self.cap, self.window) {
             return Err(exhausted(format!(
                 "reserving {} would exceed the cap of {} ({} spent, {} reserved)",
@@ -203,11 +192,14 @@ impl SpendConfig {
             cfg: self.clone(),
             store: store.clone(),
             owner,
-            reserved,
-            reserve_price: price,
+            estimate,
+            first_price: price,
             route: route.clone(),
             log: log.clone(),
-            state: Mutex::new(TicketState::default()),
+            state: Mutex::new(TicketState {
+                reservations: vec![(route.clone(), reserved)],
+                ..TicketState::default()
+            }),
         }))
     }
 }
@@ -231,7 +223,19 @@ pub(crate) enum End {
 struct TicketState {
     called: bool,
     reported: Option<Usage>,
+    /// Every reservation held for the request, in the order its attempts were admitted: the
+    /// first attempt's at admission, then one per retry or hop its inner layers made.
+    reservations: Vec<(RouteName, u64)>,
     settled: Option<Settled>,
+}
+
+impl TicketState {
+    fn reserved(&self) -> u64 {
+        self.reservations
+            .iter()
+            .map(|(_, a)| *a)
+            .fold(0, u64::saturating_add)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -241,14 +245,15 @@ struct Settled {
     answer_price: MicroPrice,
 }
 
-/// One logical request's reservation. Settles exactly once: at the end of the response body,
+/// One logical request's reservations. Settles exactly once: at the end of the response body,
 /// on an error, or — as a backstop — when the last handle to it is dropped.
 pub(crate) struct Ticket {
     cfg: Arc<SpendConfig>,
     store: Arc<dyn BudgetStore>,
     owner: String,
-    reserved: u64,
-    reserve_price: MicroPrice,
+    estimate: TokenEstimate,
+    /// The price of the first attempt's route: the price of attempts on unpriced routes.
+    first_price: MicroPrice,
     route: RouteName,
     log: AttemptLog,
     state: Mutex<TicketState>,
@@ -258,7 +263,7 @@ impl fmt::Debug for Ticket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Ticket")
             .field("owner", &self.owner)
-            .field("reserved", &self.reserved)
+            .field("reserved", &self.lock().reserved())
             .finish_non_exhaustive()
     }
 }
@@ -273,11 +278,67 @@ impl Ticket {
         self.lock().called = true;
     }
 
-    fn rule(&self, possibly_accepted: bool) -> u64 {
+    /// The gate the inner layers ask before every further attempt. It does not keep the
+    /// ticket alive: once the request has settled, every further attempt is denied.
+    pub(crate) fn gate(self: &Arc<Self>) -> SpendGate {
+        SpendGate::new(TicketGate {
+            ticket: Arc::downgrade(self),
+            owner: self.owner.clone(),
+        })
+    }
+
+    /// Reserves one more attempt on `route`, atomically in the store.
+    fn admit(&self, route: &RouteName) -> Result<(), SpendDenied> {
+        let mut st = self.lock();
+        let denied = || SpendDenied::new(self.owner.as_str());
+        if st.settled.is_some() {
+            return Err(denied());
+        }
+        // A route without a price fails closed, as it does at admission.
+        let Some(price) = self.cfg.price(route.as_str()) else {
+            return Err(denied());
+        };
+        let amount = price.cost(self.estimate.input_tokens, self.estimate.max_output_tokens);
+        match self
+            .store
+            .reserve(&self.owner, amount, self.cfg.cap, self.cfg.window)
+        {
+            Ok(()) => {
+                st.reservations.push((route.clone(), amount));
+                Ok(())
+            }
+            Err(status) => {
+                tracing::debug!(
+                    target: "tower_llm_resilience::budget",
+                    owner = %self.owner,
+                    route = %route,
+                    reservation = to_units(amount),
+                    spent = to_units(status.spent),
+                    reserved = to_units(status.reserved),
+                    "spend cap denied a further attempt"
+                );
+                Err(denied())
+            }
+        }
+    }
+
+    /// Gives back the latest reservation on `route` (its attempt was not made).
+    fn release(&self, route: &RouteName) {
+        let mut st = self.lock();
+        if st.settled.is_some() {
+            return;
+        }
+        if let Some(i) = st.reservations.iter().rposition(|(r, _)| r == route) {
+            let (_, amount) = st.reservations.remove(i);
+            self.store.settle(&self.owner, amount, 0, self.cfg.window);
+        }
+    }
+
+    fn rule(&self, possibly_accepted: bool, reservation: u64) -> u64 {
         match self.cfg.charge {
             ChargeRule::ReportedOnly => 0,
-            ChargeRule::Reserved => self.reserved,
-            ChargeRule::ReportedOrReserved if possibly_accepted => self.reserved,
+            ChargeRule::Reserved => reservation,
+            ChargeRule::ReportedOrReserved if possibly_accepted => reservation,
             _ => 0,
         }
     }
@@ -285,7 +346,13 @@ impl Ticket {
     fn price_of(&self, route: Option<&RouteName>) -> MicroPrice {
         route
             .and_then(|r| self.cfg.price(r.as_str()))
-            .unwrap_or(self.reserve_price)
+            .unwrap_or(self.first_price)
+    }
+
+    /// The reservation of one attempt on `route`: the estimate at its price.
+    fn reservation_at(&self, route: Option<&RouteName>) -> u64 {
+        self.price_of(route)
+            .cost(self.estimate.input_tokens, self.estimate.max_output_tokens)
     }
 
     /// What a failed attempt costs: its reported usage, else what the charge rule says.
@@ -308,10 +375,11 @@ impl Ticket {
                         | FailureClass::StreamInterrupted
                 )
             );
-        self.rule(possibly_accepted)
+        self.rule(possibly_accepted, self.reservation_at(a.route.as_ref()))
     }
 
-    /// Settles the reservation (once; later calls do nothing).
+    /// Settles every reservation of the request (once; later calls do nothing): books what
+    /// its attempts cost and releases the rest.
     pub(crate) fn settle(&self, end: End) {
         let mut st = self.lock();
         if st.settled.is_some() {
@@ -329,7 +397,7 @@ impl Ticket {
             .map(|(_, a)| self.failed_attempt(a))
             .fold(0, u64::saturating_add);
         let mut answer = 0;
-        let mut answer_price = self.reserve_price;
+        let mut answer_price = self.first_price;
         match end {
             End::Response {
                 success,
@@ -343,30 +411,38 @@ impl Ticket {
                     .or(route)
                     .unwrap_or_else(|| self.route.clone());
                 answer_price = self.price_of(Some(&route));
+                let reservation = self.reservation_at(Some(&route));
                 let usage = st
                     .reported
                     .or_else(|| answer_attempt.and_then(|a| a.stream.as_ref()?.usage))
                     .or(usage);
                 answer = match usage {
                     Some(u) => answer_price.cost(u.input_tokens, u.output_tokens),
-                    // A success whose usage is unknown cost something: keep the reservation.
-                    None if success && complete => self.reserved,
-                    None => self.rule(success),
+                    // A success whose usage is unknown cost something: keep its reservation.
+                    None if success && complete => reservation,
+                    None => self.rule(success, reservation),
                 };
             }
             End::Error { in_flight } => {
                 if in_flight && st.called {
-                    total = total.saturating_add(self.rule(true));
+                    // The attempt cut off is the one admitted last.
+                    let reservation = match st.reservations.last() {
+                        Some((_, a)) => *a,
+                        None => self.reservation_at(None),
+                    };
+                    total = total.saturating_add(self.rule(true, reservation));
                 }
             }
         }
         total = total.saturating_add(answer);
+        let reserved = st.reserved();
         self.store
-            .settle(&self.owner, self.reserved, total, self.cfg.window);
+            .settle(&self.owner, reserved, total, self.cfg.window);
         tracing::debug!(
             target: "tower_llm_resilience::budget",
             owner = %self.owner,
-            reserved = to_units(self.reserved),
+            reserved = to_units(reserved),
+            attempts_admitted = st.reservations.len(),
             charged = to_units(total),
             "spend settled"
         );
@@ -400,6 +476,28 @@ impl Drop for Ticket {
     }
 }
 
+/// The [`SpendGate`] of one request: admits further attempts against its ticket.
+struct TicketGate {
+    ticket: Weak<Ticket>,
+    owner: String,
+}
+
+impl AttemptAdmission for TicketGate {
+    fn admit(&self, route: &RouteName) -> Result<(), SpendDenied> {
+        match self.ticket.upgrade() {
+            Some(t) => t.admit(route),
+            // The request has settled: nothing would release a new reservation.
+            None => Err(SpendDenied::new(self.owner.as_str())),
+        }
+    }
+
+    fn release(&self, route: &RouteName) {
+        if let Some(t) = self.ticket.upgrade() {
+            t.release(route);
+        }
+    }
+}
+
 /// The spend record of one request, in its response's extensions.
 ///
 /// The reservation settles by itself when the response body ends or is dropped, with the usage
@@ -415,9 +513,10 @@ impl SpendReceipt {
         &self.0.owner
     }
 
-    /// The amount reserved before sending, in micro cost units.
+    /// The amount reserved for the request's attempts, in micro cost units: the first
+    /// attempt's reservation plus one per retry or hop admitted (less those given back).
     pub fn reserved_micros(&self) -> u64 {
-        self.0.reserved
+        self.0.lock().reserved()
     }
 
     /// The amount charged, in micro cost units, once settled.
@@ -436,7 +535,7 @@ impl fmt::Debug for SpendReceipt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SpendReceipt")
             .field("owner", &self.0.owner)
-            .field("reserved", &self.0.reserved)
+            .field("reserved", &self.reserved_micros())
             .field("charged", &self.charged_micros())
             .finish()
     }

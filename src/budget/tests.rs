@@ -803,38 +803,355 @@ fn invalid_policies_are_errors_not_panics() {
     assert_eq!(e.as_deref(), Some("budget.spend.prices.backup"));
 }
 
-#[tokio::test(start_paused = true)]
-async fn from_policy_reserves_at_the_dearest_route_of_the_chain() {
+fn overloaded() -> Resp {
+    http::Response::builder()
+        .status(503)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(
+            r#"{"error":{"code":"server_is_overloaded"}}"#,
+        )))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A policy whose retry layer would make up to 10 attempts on a route, with a retry budget
+/// of exactly `retries` retries or hops, and whose spend cap (1 micro unit per token; owner
+/// `team`) holds `cap` micro units.
+fn recovery_policy(cap: u64, rule: ChargeRule, retries: u32) -> Policy {
     let mut policy = Policy::interactive();
-    policy.fallback.routes.push(RouteConfig::new("backup"));
-    let mut s = SpendPolicy::default();
-    s.cap = 1.0;
-    s.default_owner = Some("team".to_owned());
-    s.prices.insert("primary".to_owned(), Price::new(1.0, 1.0));
-    s.prices.insert("backup".to_owned(), Price::new(1.0, 3.0));
+    policy.retry.max_attempts = 10;
+    policy.retry.seed = Some(7);
+    policy.budget.retry_budget = RetryBudgetPolicy::TokenBucket {
+        capacity: retries.max(1),
+        refill_per_sec: 0.0,
+        per_request: 0.0,
+    };
+    if retries == 0 {
+        policy.budget.retry_budget = RetryBudgetPolicy::Ratio {
+            ratio: 0.0,
+            min_per_sec: 0,
+            ttl: Duration::from_secs(10),
+        };
+    }
+    let mut s = spend_policy(cap as f64 / 1e6, Price::new(1.0, 1.0));
+    s.charge_failed = rule;
     policy.budget.spend = Some(s);
+    policy
+}
+
+/// Counts the calls that reached the provider, which is always overloaded.
+fn always_overloaded() -> (
+    Arc<AtomicUsize>,
+    impl Service<Req, Response = Resp, Error = Infallible, Future: Send> + Clone + Send + 'static,
+) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = service_fn({
+        let calls = calls.clone();
+        move |_req: Req| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, Infallible>(overloaded()) }
+        }
+    });
+    (calls, svc)
+}
+
+fn log_of(resp: &http::Response<crate::Body>) -> crate::AttemptLog {
+    resp.extensions()
+        .get::<crate::AttemptLog>()
+        .cloned()
+        .unwrap_or_else(|| panic!("log"))
+}
+
+fn last_decision(log: &crate::AttemptLog) -> Option<crate::attempt_log::Decision> {
+    log.attempts().last()?.decisions.last().cloned()
+}
+
+fn spend_stop() -> Option<crate::attempt_log::Decision> {
+    Some(crate::attempt_log::Decision::Stop(
+        crate::attempt_log::StopReason::SpendCapReached,
+    ))
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_retry_reserves_its_attempt_and_the_cap_ends_the_retries() {
+    // Each attempt reserves 2 + 98 = 100; the cap holds exactly three of them.
+    for (rule, charged) in [
+        // A 503 was not accepted: it costs nothing unless the rule charges every reservation.
+        (ChargeRule::ReportedOrReserved, 0),
+        (ChargeRule::ReportedOnly, 0),
+        (ChargeRule::Reserved, 300),
+    ] {
+        let policy = recovery_policy(300, rule, 100);
+        let budget = BudgetLayer::new(policy.budget.clone()).unwrap_or_else(|e| panic!("{e}"));
+        let spend = budget.spend().unwrap_or_else(|| panic!("spend"));
+        let retry =
+            crate::retry::RetryLayer::from_policy(&policy).unwrap_or_else(|e| panic!("{e}"));
+        let (calls, provider) = always_overloaded();
+        let resp = budget
+            .layer(retry.layer(provider))
+            .oneshot(chat("h", 98))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        // The failure the retry layer had is handed back.
+        assert_eq!(resp.status(), 503);
+        assert_eq!(calls.load(Ordering::SeqCst), 3, "{rule:?}");
+        let log = log_of(&resp);
+        assert_eq!(log.attempt_count(), 3);
+        assert_eq!(last_decision(&log), spend_stop());
+        let events: Vec<_> = log.events().into_iter().map(|e| e.kind).collect();
+        assert_eq!(events, [LocalEventKind::BudgetDenied]);
+        // Until the request settles, every attempt's reservation is held: the cap, no more.
+        let receipt = resp
+            .extensions()
+            .get::<SpendReceipt>()
+            .cloned()
+            .unwrap_or_else(|| panic!("receipt"));
+        assert_eq!(receipt.reserved_micros(), 300);
+        assert_eq!(spend.status("team"), SpendStatus::new(0, 300));
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            spend.status("team"),
+            SpendStatus::new(charged, 0),
+            "{rule:?}"
+        );
+        assert_eq!(receipt.charged_micros(), Some(charged));
+        assert!(charged <= spend.cap_micros());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_denied_by_the_spend_cap_costs_no_retry_budget() {
+    // Five retries in the budget; the cap holds two attempts: one retry is made, the second
+    // is refused by the spend cap before anything is withdrawn.
+    let policy = recovery_policy(200, ChargeRule::ReportedOnly, 5);
+    let budget = BudgetLayer::new(policy.budget.clone()).unwrap_or_else(|e| panic!("{e}"));
+    let retry = crate::retry::RetryLayer::from_policy(&policy).unwrap_or_else(|e| panic!("{e}"));
+    let (calls, provider) = always_overloaded();
+    let resp = budget
+        .layer(retry.layer(provider))
+        .oneshot(chat("h", 98))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(last_decision(&log_of(&resp)), spend_stop());
+    assert_eq!(budget.retry_budget().available(), 5 - 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_the_retry_budget_refuses_gives_its_spend_back() {
+    // The spend cap would hold the retry, the retry budget is empty: the retry's
+    // reservation is released at once, not when the request settles.
+    let policy = recovery_policy(1_000, ChargeRule::Reserved, 0);
+    let budget = BudgetLayer::new(policy.budget.clone()).unwrap_or_else(|e| panic!("{e}"));
+    let spend = budget.spend().unwrap_or_else(|| panic!("spend"));
+    let retry = crate::retry::RetryLayer::from_policy(&policy).unwrap_or_else(|e| panic!("{e}"));
+    let (calls, provider) = always_overloaded();
+    let resp = budget
+        .layer(retry.layer(provider))
+        .oneshot(chat("h", 98))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        last_decision(&log_of(&resp)),
+        Some(crate::attempt_log::Decision::Stop(
+            crate::attempt_log::StopReason::RetryBudgetDenied
+        ))
+    );
+    assert_eq!(spend.status("team"), SpendStatus::new(0, 100));
+    drop(resp);
+    assert_eq!(spend.status("team"), SpendStatus::new(100, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_requests_with_retries_never_make_more_attempts_than_the_cap_holds() {
+    // 1 000 requests at once against an overloaded provider, each allowed 10 attempts; the
+    // cap holds 100 attempts' reservations. Exactly 100 calls are made: the first attempts of
+    // the 100 admitted requests hold the whole cap, so none of their retries is admitted.
+    for (rule, charged) in [
+        (ChargeRule::ReportedOnly, 0),
+        (ChargeRule::Reserved, 10_000),
+    ] {
+        let policy = recovery_policy(10_000, rule, 10_000);
+        let budget = BudgetLayer::new(policy.budget.clone()).unwrap_or_else(|e| panic!("{e}"));
+        let spend = budget.spend().unwrap_or_else(|| panic!("spend"));
+        let retry =
+            crate::retry::RetryLayer::from_policy(&policy).unwrap_or_else(|e| panic!("{e}"));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(Semaphore::new(0));
+        let svc = budget.layer(retry.layer(service_fn({
+            let (calls, gate) = (calls.clone(), gate.clone());
+            move |_req: Req| {
+                let (calls, gate) = (calls.clone(), gate.clone());
+                async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    let _permit = gate.acquire().await;
+                    Ok::<_, Infallible>(overloaded())
+                }
+            }
+        })));
+        let tasks: Vec<_> = (0..1000)
+            .map(|_| tokio::spawn(svc.clone().oneshot(chat("h", 98))))
+            .collect();
+        settle_tasks().await;
+        assert_eq!(calls.load(Ordering::SeqCst), 100);
+        gate.add_permits(10_000);
+        // Every response is held until all requests have ended, so no settlement frees room.
+        let (mut answered, mut denied) = (Vec::new(), 0);
+        for t in tasks {
+            match t.await.unwrap_or_else(|e| panic!("{e}")) {
+                Ok(resp) => {
+                    assert_eq!(resp.status(), 503);
+                    let log = log_of(&resp);
+                    assert_eq!(log.attempt_count(), 1);
+                    assert_eq!(last_decision(&log), spend_stop());
+                    answered.push(resp);
+                }
+                Err(e) => {
+                    assert!(matches!(e.kind(), ErrorKind::BudgetExhausted { .. }));
+                    denied += 1;
+                }
+            }
+        }
+        assert_eq!((answered.len(), denied), (100, 900));
+        assert_eq!(spend.status("team"), SpendStatus::new(0, 10_000));
+        for resp in answered {
+            resp.into_body()
+                .collect()
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 100, "{rule:?}");
+        assert_eq!(
+            spend.status("team"),
+            SpendStatus::new(charged, 0),
+            "{rule:?}"
+        );
+    }
+}
+
+/// A backup route for the unit-level chains: no rewrite beyond its name.
+fn chain_policy(cap: u64, backup_price: Price) -> Policy {
+    let mut policy = recovery_policy(cap, ChargeRule::ReportedOrReserved, 100);
+    policy.retry.max_attempts = 1;
+    policy.fallback.routes.push(RouteConfig::new("backup"));
+    if let Some(s) = policy.budget.spend.as_mut() {
+        s.default_price = None;
+        s.prices.insert("primary".to_owned(), Price::new(1.0, 1.0));
+        s.prices.insert("backup".to_owned(), backup_price);
+    }
+    policy
+}
+
+fn route_of(req: &Req) -> String {
+    req.extensions()
+        .get::<RouteName>()
+        .map(|r| r.as_str().to_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_attempt_is_reserved_at_the_price_of_its_route() {
+    // The primary (1 per token) is overloaded; the backup (3 per output token) answers.
+    let policy = chain_policy(1_000, Price::new(1.0, 3.0));
     let layer = BudgetLayer::from_policy(&policy).unwrap_or_else(|e| panic!("{e}"));
     let spend = layer.spend().unwrap_or_else(|| panic!("spend"));
-    let svc = layer.layer(service_fn(|_req: Req| async {
-        Ok::<_, Infallible>(answer(Some((2, 10))))
-    }));
+    let fallback =
+        crate::fallback::FallbackLayer::from_policy(&policy).unwrap_or_else(|e| panic!("{e}"));
+    let svc = layer.layer(fallback.layer(service_fn(|req: Req| {
+        let resp = if route_of(&req) == "backup" {
+            answer(Some((2, 10)))
+        } else {
+            overloaded()
+        };
+        async { Ok::<_, Infallible>(resp) }
+    })));
     let resp = svc
         .oneshot(chat("h", 98))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), 200);
     let receipt = resp
         .extensions()
         .get::<SpendReceipt>()
         .cloned()
         .unwrap_or_else(|| panic!("receipt"));
-    // 2 input + 98 output tokens at the backup's price.
-    assert_eq!(receipt.reserved_micros(), 2 + 98 * 3);
+    // 2 + 98 at the primary's price, then 2 + 98 × 3 at the backup's for the hop.
+    assert_eq!(receipt.reserved_micros(), 100 + 296);
+    assert_eq!(spend.status("team"), SpendStatus::new(0, 396));
     resp.into_body()
         .collect()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    // Served by the primary (no fallback inside): charged at its price.
-    assert_eq!(spend.status("team"), SpendStatus::new(12, 0));
+    // The answer at the backup's price; the 503 costs nothing; the rest is released.
+    assert_eq!(spend.status("team"), SpendStatus::new(2 + 30, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_spend_cap_ends_the_chain_and_a_hop_without_a_call_gives_its_spend_back() {
+    // The cap holds the primary's attempt but not the backup's.
+    let policy = chain_policy(300, Price::new(1.0, 3.0));
+    let layer = BudgetLayer::from_policy(&policy).unwrap_or_else(|e| panic!("{e}"));
+    let spend = layer.spend().unwrap_or_else(|| panic!("spend"));
+    let fallback =
+        crate::fallback::FallbackLayer::from_policy(&policy).unwrap_or_else(|e| panic!("{e}"));
+    let routes = Arc::new(Mutex::new(Vec::new()));
+    let svc = layer.clone().layer(fallback.layer(service_fn({
+        let routes = routes.clone();
+        move |req: Req| {
+            routes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(route_of(&req));
+            async { Ok::<_, Infallible>(overloaded()) }
+        }
+    })));
+    let resp = svc
+        .oneshot(chat("h", 98))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The primary's failure comes back; the backup was never called.
+    assert_eq!(resp.status(), 503);
+    assert_eq!(
+        *routes.lock().unwrap_or_else(|p| p.into_inner()),
+        ["primary"]
+    );
+    let log = log_of(&resp);
+    assert_eq!(last_decision(&log), spend_stop());
+    let events = log.events();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].kind, LocalEventKind::BudgetDenied);
+    assert_eq!(events[0].route, Some(RouteName::new("backup")));
+    drop(resp);
+    assert_eq!(spend.status("team"), SpendStatus::new(0, 0));
+
+    // A hop whose route rejects it without a call (an open circuit) releases its reservation
+    // at once; the request still holds only the primary's.
+    let policy = chain_policy(1_000, Price::new(1.0, 3.0));
+    let layer = BudgetLayer::from_policy(&policy).unwrap_or_else(|e| panic!("{e}"));
+    let spend = layer.spend().unwrap_or_else(|| panic!("spend"));
+    let fallback =
+        crate::fallback::FallbackLayer::from_policy(&policy).unwrap_or_else(|e| panic!("{e}"));
+    let svc = layer.layer(fallback.layer(service_fn(|req: Req| async move {
+        if route_of(&req) == "backup" {
+            Err(Error::new(ErrorKind::CircuitOpen {
+                route: RouteName::new("backup"),
+                retry_in: Duration::from_secs(5),
+            }))
+        } else {
+            Ok(overloaded())
+        }
+    })));
+    let resp = svc
+        .oneshot(chat("h", 98))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), 503);
+    assert_eq!(spend.status("team"), SpendStatus::new(0, 100));
+    drop(resp);
+    assert_eq!(spend.status("team"), SpendStatus::new(0, 0));
 }
 
 /// An inner layer that records attempts as a retry layer with a stream guard below would:
@@ -935,4 +1252,93 @@ fn both_presets_build() {
         let layer = BudgetLayer::from_policy(&policy);
         assert!(layer.is_ok(), "{}: {:?}", policy.workflow, layer.err());
     }
+}
+
+/// An [`AttemptAdmission`] of the test's own: admits `room` attempts, records every call.
+#[derive(Clone, Default)]
+struct Ledger {
+    room: Arc<AtomicUsize>,
+    calls: Arc<Mutex<Vec<String>>>,
+}
+
+impl AttemptAdmission for Ledger {
+    fn admit(&self, route: &RouteName) -> Result<(), SpendDenied> {
+        let granted = self
+            .room
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        let verb = if granted { "admit" } else { "deny" };
+        self.calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(format!("{verb} {route}"));
+        if granted {
+            Ok(())
+        } else {
+            Err(SpendDenied::new("team"))
+        }
+    }
+
+    fn release(&self, route: &RouteName) {
+        self.room.fetch_add(1, Ordering::SeqCst);
+        self.calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(format!("release {route}"));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_rejected_without_a_call_gives_its_spend_back() {
+    // The retry layer alone, under a spend gate of the caller's own: the first attempt is
+    // overloaded, the retry meets an open circuit (no call), which returns its reservation.
+    let policy = recovery_policy(1_000, ChargeRule::ReportedOnly, 100);
+    let retry = crate::retry::RetryLayer::from_policy(&policy).unwrap_or_else(|e| panic!("{e}"));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = retry.layer(service_fn({
+        let calls = calls.clone();
+        move |_req: Req| {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    Ok(overloaded())
+                } else {
+                    Err(Error::new(ErrorKind::CircuitOpen {
+                        route: RouteName::new("h"),
+                        retry_in: Duration::from_secs(5),
+                    }))
+                }
+            }
+        }
+    }));
+    let ledger = Ledger::default();
+    ledger.room.store(5, Ordering::SeqCst);
+    let mut req = chat("h", 98);
+    req.extensions_mut().insert(SpendGate::new(ledger.clone()));
+    let r = svc.oneshot(req).await;
+    assert!(matches!(kind(&r), Some(ErrorKind::CircuitOpen { .. })));
+    assert_eq!(
+        *ledger.calls.lock().unwrap_or_else(|p| p.into_inner()),
+        ["admit h", "release h"]
+    );
+    assert_eq!(ledger.room.load(Ordering::SeqCst), 5);
+
+    // With no room, the retry is not made and the caller gets the 503.
+    let retry = crate::retry::RetryLayer::from_policy(&policy).unwrap_or_else(|e| panic!("{e}"));
+    let (calls, provider) = always_overloaded();
+    let ledger = Ledger::default();
+    let mut req = chat("h", 98);
+    req.extensions_mut().insert(SpendGate::new(ledger.clone()));
+    let resp = retry
+        .layer(provider)
+        .oneshot(req)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), 503);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(last_decision(&log_of(&resp)), spend_stop());
+    assert_eq!(
+        *ledger.calls.lock().unwrap_or_else(|p| p.into_inner()),
+        ["deny h"]
+    );
 }

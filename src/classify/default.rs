@@ -3,7 +3,7 @@ use std::fmt;
 use std::io;
 use std::time::SystemTime;
 
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, HeaderName, StatusCode};
 use serde_json::Value;
 
 use super::providers;
@@ -51,7 +51,7 @@ use super::{Classification, Classifier, FailureClass, hints};
 /// HTTP equivalent.
 ///
 /// ```
-/// use http::{HeaderMap, StatusCode};
+/// use http::{HeaderMap, HeaderName, StatusCode};
 /// use tower_llm_resilience::classify::{Classifier, DefaultClassifier, FailureClass};
 ///
 /// let body = br#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
@@ -202,16 +202,18 @@ pub fn classify_stream_error(data: &[u8]) -> Option<Classification> {
 
 /// The provider's request id from the response headers.
 fn request_id(headers: &HeaderMap) -> Option<String> {
-    [
-        "x-request-id",
-        "request-id",
-        "x-amzn-requestid",
-        "x-generation-id",
-        "apim-request-id",
-    ]
-    .iter()
-    .filter_map(|name| headers.get(*name)?.to_str().ok())
-    .find_map(providers::bounded)
+    // Names built at compile time: a lookup by `&str` would parse the name on every response.
+    const NAMES: [HeaderName; 5] = [
+        HeaderName::from_static("x-request-id"),
+        HeaderName::from_static("request-id"),
+        HeaderName::from_static("x-amzn-requestid"),
+        HeaderName::from_static("x-generation-id"),
+        HeaderName::from_static("apim-request-id"),
+    ];
+    NAMES
+        .iter()
+        .filter_map(|name| headers.get(name)?.to_str().ok())
+        .find_map(providers::bounded)
 }
 
 /// How deep a source chain is followed (a cycle or a pathological chain stops here).
@@ -235,6 +237,17 @@ fn error_class(error: &(dyn StdError + 'static), depth: usize) -> Option<Failure
         }
         if is_legacy_connect_error(e) {
             return Some(FailureClass::Connect);
+        }
+        // reqwest's own timeout error is private; only `reqwest::Error` can tell. A connect
+        // that timed out was never sent: `Connect`, like hyper-util's.
+        #[cfg(feature = "reqwest")]
+        if let Some(r) = e.downcast_ref::<::reqwest::Error>() {
+            if r.is_connect() {
+                return Some(FailureClass::Connect);
+            }
+            if r.is_timeout() {
+                return Some(FailureClass::Timeout);
+            }
         }
         if let Some(io) = e.downcast_ref::<io::Error>() {
             if let Some(class) = io_class(io.kind()) {

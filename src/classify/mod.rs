@@ -8,6 +8,22 @@
 //! [`DefaultClassifier`] knows the error shapes of OpenAI, Azure OpenAI, Anthropic,
 //! Gemini/Vertex, Bedrock, Mistral, Groq and OpenRouter; implement [`Classifier`] to refine or
 //! replace it.
+//!
+//! # Example
+//!
+//! ```
+//! use tower_llm_resilience::classify::{Classifier, DefaultClassifier, FailureClass};
+//!
+//! let headers = http::HeaderMap::new();
+//! let quota = br#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}"#;
+//! let rate = br#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#;
+//! let c = DefaultClassifier::default();
+//! // Same status, different contract: only the body tells them apart.
+//! assert_eq!(c.classify_response(http::StatusCode::TOO_MANY_REQUESTS, &headers, quota).class,
+//!            Some(FailureClass::QuotaExhausted));
+//! assert_eq!(c.classify_response(http::StatusCode::TOO_MANY_REQUESTS, &headers, rate).class,
+//!            Some(FailureClass::RateLimited));
+//! ```
 
 mod class;
 mod default;

@@ -14,9 +14,12 @@ use tower_service::Service;
 use super::layer::Config;
 use super::route::Route;
 use super::{LAST_RESORT_HEADER, ROUTE_HEADER};
+
+/// [`ROUTE_HEADER`] built at compile time: inserting by `&str` would parse it on every response.
+const ROUTE_HEADER_NAME: http::HeaderName = http::HeaderName::from_static(ROUTE_HEADER);
 use crate::attempt_log::{Attempt, Decision, LocalEventKind, Outcome, StopReason};
 use crate::classify::{Classification, ClassifyResponse, FailureClass};
-use crate::context::{AttemptCap, Deadline, FallbackAvailable, RouteName};
+use crate::context::{AttemptCap, Deadline, FallbackAvailable, RouteName, SpendGate};
 use crate::policy::FallbackRule;
 use crate::replay::{ReplayBody, try_clone_request};
 use crate::{AttemptLog, Body, BoxError, Error, ErrorKind, RetryBudget};
@@ -65,6 +68,9 @@ struct Chain<S, B> {
     /// An exhausted quota was seen: every later route must have an approved, unspent owner.
     need_owner: bool,
     spent_owners: Vec<Option<String>>,
+    /// The spend gate that admitted the current hop's first attempt, until that attempt has
+    /// made a call: a hop that ends without one gives its reservation back.
+    admitted: Option<SpendGate>,
     primary_failure: Option<Failure>,
     primary_rule: Option<FallbackRule>,
 }
@@ -112,6 +118,7 @@ where
                 need_larger: false,
                 need_owner: false,
                 spent_owners: Vec::new(),
+                admitted: None,
                 primary_failure: None,
                 primary_rule: None,
             },
@@ -249,11 +256,12 @@ impl<S, B: ReplayBody> Chain<S, B> {
 
     /// A route answered with success: it serves the request.
     fn served(&mut self, mut response: Response<Body>, c: &Classification) -> Response<Body> {
+        self.admitted = None;
         self.log.record_since(self.mark, || self.attempt(c));
         let route = self.route_name().clone();
         response
             .headers_mut()
-            .insert(ROUTE_HEADER, self.route_header().clone());
+            .insert(ROUTE_HEADER_NAME, self.route_header().clone());
         response.extensions_mut().insert(route.clone());
         self.log.set_selected_route(route);
         if self.owns_log {
@@ -266,6 +274,7 @@ impl<S, B: ReplayBody> Chain<S, B> {
     }
 
     fn on_failed_response(&mut self, response: Response<Body>, c: &Classification) -> Step {
+        self.admitted = None;
         let idx = self.log.record_since(self.mark, || self.attempt(c));
         self.after_failure(Failure::Response(response), c.class, false, Some(idx))
     }
@@ -298,6 +307,13 @@ impl<S, B: ReplayBody> Chain<S, B> {
         } else {
             None
         };
+        // A hop that made no call (an open circuit, a readiness failure) spent nothing: give
+        // back what the spend gate reserved for it.
+        if let Some(gate) = self.admitted.take() {
+            if idx.is_none() {
+                gate.release(self.route_name());
+            }
+        }
         let class = error.class();
         self.after_failure(Failure::Error(error), class, circuit_open, idx)
     }
@@ -356,7 +372,8 @@ impl<S, B: ReplayBody> Chain<S, B> {
                 let owner = self.budget_owner();
                 self.spent_owners.push(owner);
             }
-            _ => return self.stop(idx, StopReason::NotRetryable),
+            // The class never switches: no route is approved for it.
+            _ => return self.stop(idx, StopReason::NoApprovedRoute),
         }
         let Some(template) = &self.template else {
             return self.stop(idx, StopReason::NotReplayable);
@@ -409,12 +426,30 @@ impl<S, B: ReplayBody> Chain<S, B> {
             self.log.event(Some(to), LocalEventKind::DeadlineExceeded);
             return self.stop(idx, StopReason::DeadlineExceeded);
         }
-        if let Some(budget) = req.extensions().get::<RetryBudget>() {
+        // Reserve the hop's spend (for the request's own owner, at the price of the route it
+        // goes to) after every other check, and withdraw from the retry budget last: a hop
+        // refused for any reason costs neither.
+        let gate = req.extensions().get::<SpendGate>().cloned();
+        if let Some(gate) = &gate {
+            if gate.admit(&to).is_err() {
+                self.log.event(Some(to), LocalEventKind::BudgetDenied);
+                return self.stop(idx, StopReason::SpendCapReached);
+            }
+        }
+        // A hop away from a route that made no call (its circuit is open) replaces that call
+        // rather than adding one, so it costs no retry budget: under a full outage of the
+        // primary a healthy backup keeps serving every request.
+        let budget = idx.and(req.extensions().get::<RetryBudget>());
+        if let Some(budget) = budget {
             if !budget.withdraw() {
+                if let Some(gate) = &gate {
+                    gate.release(&to);
+                }
                 self.log.event(Some(to), LocalEventKind::RetryBudgetDenied);
                 return self.stop(idx, StopReason::RetryBudgetDenied);
             }
         }
+        self.admitted = gate;
         if let Some(idx) = idx {
             self.log.decide(idx, Decision::Fallback { to: to.clone() });
         }
@@ -468,7 +503,7 @@ impl<S, B: ReplayBody> Chain<S, B> {
             Some(Failure::Response(mut response)) => {
                 response
                     .headers_mut()
-                    .insert(ROUTE_HEADER, self.config.primary_header.clone());
+                    .insert(ROUTE_HEADER_NAME, self.config.primary_header.clone());
                 response
                     .extensions_mut()
                     .insert(self.config.primary.clone());

@@ -9,7 +9,7 @@ use super::Fallback;
 use super::route::{Route, header_value_of_name};
 use crate::classify::SharedClassifier;
 use crate::context::RouteName;
-use crate::policy::{ClassActions, FallbackPolicy, Policy, PolicyError};
+use crate::policy::{ClassActions, FallbackPolicy, LoggingPolicy, Policy, PolicyError};
 
 /// Applies [`Fallback`] to a service: the route chain of the recovery ladder.
 ///
@@ -52,6 +52,8 @@ pub(crate) struct Config {
     pub(crate) last_resort: Option<LastResort>,
     pub(crate) actions: ClassActions,
     pub(crate) classifier: SharedClassifier,
+    /// Applied to the attempt logs this layer creates.
+    pub(crate) logging: LoggingPolicy,
 }
 
 #[derive(Clone)]
@@ -90,6 +92,7 @@ impl Config {
             last_resort,
             actions,
             classifier: SharedClassifier::default(),
+            logging: LoggingPolicy::default(),
             policy,
         })
     }
@@ -109,11 +112,10 @@ impl FallbackLayer {
     /// A layer for `policy.fallback`, switching per `policy.actions` (the fallback column of the
     /// per-class table, with the policy's overrides).
     pub fn from_policy(policy: &Policy) -> Result<Self, PolicyError> {
+        let mut config = Config::new(policy.fallback.clone(), policy.actions.clone())?;
+        config.logging = policy.logging.clone();
         Ok(Self {
-            config: Arc::new(Config::new(
-                policy.fallback.clone(),
-                policy.actions.clone(),
-            )?),
+            config: Arc::new(config),
         })
     }
 

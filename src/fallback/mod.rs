@@ -46,9 +46,22 @@
 //! # Bounds
 //!
 //! No hop after `max_hops` switches, nor once the [`AttemptLog`](crate::AttemptLog) holds
-//! `max_total_attempts` attempts, nor after the request's [`Deadline`](crate::Deadline). Each
-//! hop withdraws one unit from the [`RetryBudget`](crate::RetryBudget) in the request
-//! extensions, if there is one; a denial stops the chain (`LocalEventKind::RetryBudgetDenied`).
+//! `max_total_attempts` attempts, nor after the request's [`Deadline`](crate::Deadline).
+//!
+//! When the request carries a [`SpendGate`](crate::context::SpendGate) (`BudgetLayer` with a
+//! spend cap puts one in), each hop then reserves the estimated maximum cost of the next
+//! route's first attempt, at that route's price, for the request's own budget owner — the
+//! route's `budget_owner` names the provider account it bills, which is what `ApprovedOwner`
+//! is about, never whose spend cap pays. A refusal stops the chain (`spend_cap_reached`,
+//! `LocalEventKind::BudgetDenied`) and the caller gets what it would get with no route left.
+//! The retries on that route reserve their own attempts in `RetryLayer`.
+//!
+//! Last, each hop away from a route that was called withdraws one unit from the
+//! [`RetryBudget`](crate::RetryBudget) in the request extensions, if there is one (a hop away
+//! from an open circuit replaces a call rather than adding one, so it is free: under a full
+//! outage of the primary a healthy backup keeps serving every request); a denial stops the chain
+//! (`LocalEventKind::RetryBudgetDenied`) and gives the hop's spend reservation back, as does a
+//! hop whose route then makes no call (an open circuit).
 //!
 //! # What the caller gets
 //!

@@ -25,6 +25,7 @@ pub(crate) struct Route {
     remove_headers: Vec<HeaderName>,
     pub(crate) larger_context: bool,
     pub(crate) budget_owner: Option<String>,
+    credentials_approved: bool,
 }
 
 impl fmt::Debug for Route {
@@ -143,6 +144,7 @@ impl Route {
             remove_headers,
             larger_context: config.larger_context,
             budget_owner: config.budget_owner.clone(),
+            credentials_approved: config.credentials_approved,
         })
     }
 
@@ -160,8 +162,16 @@ impl Route {
             }
         }
         if let Some(base) = &self.base {
+            let moved = req.uri().authority() != Some(&base.authority);
             let uri = rebase(base, req.uri()).ok_or(SkipReason::InvalidUri)?;
             *req.uri_mut() = uri;
+            // The caller's credentials were meant for the primary's host: they follow the
+            // request to another host only when the policy approved the route's credentials.
+            if moved && !self.credentials_approved {
+                for name in CREDENTIAL_HEADERS {
+                    req.headers_mut().remove(name);
+                }
+            }
             if req.headers().contains_key(HOST) {
                 let host = HeaderValue::from_str(base.authority.as_str())
                     .map_err(|_| SkipReason::InvalidUri)?;

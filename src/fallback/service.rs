@@ -80,6 +80,9 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let config = self.config.clone();
         let (log, owns_log) = AttemptLog::get_or_insert(&mut req);
+        if owns_log {
+            log.set_tracing(config.logging.tracing);
+        }
         log.set_requested_route(config.primary.clone());
         AttemptCap(config.policy.max_total_attempts).tighten(&mut req);
         // The copy every backup's request is made from, taken before the primary's marks.

@@ -257,7 +257,7 @@ async fn auth_invalid_request_and_policy_block_never_switch() {
         assert_eq!(routes_of(&seen), ["primary"], "{class}");
         assert_eq!(
             decisions(&log),
-            [vec![Decision::Stop(StopReason::NotRetryable)]]
+            [vec![Decision::Stop(StopReason::NoApprovedRoute)]]
         );
         assert_eq!(log.selected_route, Some("primary".into()));
         assert_eq!(
@@ -427,7 +427,7 @@ async fn every_route_failing_returns_the_primarys_response() {
         [
             vec![fallback("b1")],
             vec![fallback("b2")],
-            vec![Decision::Stop(StopReason::NotRetryable)]
+            vec![Decision::Stop(StopReason::NoApprovedRoute)]
         ]
     );
     assert_eq!(log.selected_route, Some("primary".into()));

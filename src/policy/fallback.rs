@@ -4,7 +4,17 @@ use std::fmt;
 use super::error::{PolicyError, check};
 
 /// Headers that carry credentials; a route that sets or removes one must be approved.
-pub const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "x-api-key", "api-key"];
+///
+/// A route whose `base_url` moves the request to another host strips these from the caller's
+/// request unless the route's credentials are approved: a key meant for one provider never
+/// reaches another by accident.
+pub const CREDENTIAL_HEADERS: [&str; 5] = [
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+    "proxy-authorization",
+];
 
 /// One backup route: a name and how the request is rewritten for it.
 #[derive(Clone, PartialEq, Eq, Default)]
@@ -40,8 +50,10 @@ pub struct RouteConfig {
     /// Whose budget the route spends; exhausted quota may only switch to a route whose owner is
     /// listed in [`FallbackPolicy::approved_budget_owners`].
     pub budget_owner: Option<String>,
-    /// The route changes credentials (sets or removes `authorization`, `x-api-key`, `api-key`)
-    /// and the policy approves it. Without this, such a route is rejected.
+    /// The route changes credentials (sets or removes a [`CREDENTIAL_HEADERS`] header) and the
+    /// policy approves it; without this, such a route is rejected. It also lets the caller's
+    /// credentials follow the request to a `base_url` on another host; without it they are
+    /// stripped there.
     pub credentials_approved: bool,
 }
 

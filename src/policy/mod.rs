@@ -2,7 +2,10 @@
 //!
 //! Build it in code from a preset ([`Policy::interactive`], [`Policy::batch`]) or load it from a
 //! file (feature `serde`; durations are written `"250ms"`, `"9s"`, `"1m30s"`; unknown fields are
-//! errors, so a typo never silently falls back to a default). Every layer validates its section
+//! errors, so a typo never silently falls back to a default). In a file, a section left out
+//! comes from the interactive preset, while a section that is written starts from that
+//! section's own `Default` with the written values on top: write out every value you rely on in
+//! a section you touch. Every layer validates its section
 //! when it is built; [`Policy::validate`] checks the whole record at once.
 //!
 //! ```
@@ -47,7 +50,8 @@ pub use stream::{CommitPoint, StreamPolicy, StreamSettings};
 #[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
 #[non_exhaustive]
 pub struct Policy {
-    /// Name of the workflow the policy is for (`"chat"`, `"nightly-summaries"`); appears in logs.
+    /// Name of the workflow the policy is for (`"chat"`, `"nightly-summaries"`), for the people
+    /// who review it.
     pub workflow: String,
     /// Same-route retries.
     pub retry: RetryPolicy,

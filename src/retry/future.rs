@@ -18,8 +18,8 @@ use crate::attempt_log::{
 };
 use crate::backoff::{NextWait, ceil_millis, next_wait};
 use crate::classify::{Classification, ClassifyResponse, FailureClass};
-use crate::context::{AttemptCap, RouteName};
-use crate::policy::{ReplayRule, RetryRule};
+use crate::context::{AttemptCap, RouteName, SpendGate};
+use crate::policy::{FallbackRule, ReplayRule, RetryRule};
 use crate::replay::{ReplayBody, try_clone_request};
 use crate::retry_budget::RetryBudget;
 use crate::{Body, BoxError, Error, ErrorKind};
@@ -83,6 +83,10 @@ pub(super) struct Attempts<B> {
     owns_log: bool,
     route: RouteName,
     budget: RetryBudget,
+    // The spend cap's gate, when a `BudgetLayer` with a spend cap is outside.
+    spend: Option<SpendGate>,
+    // The gate admitted the next (or current) attempt and it has made no call yet.
+    admitted: bool,
     deadline: Instant,
     idempotent: bool,
     fallback_available: bool,
@@ -110,6 +114,10 @@ impl<B> Attempts<B> {
         idempotent: bool,
         fallback_available: bool,
     ) -> Self {
+        let spend = template
+            .as_ref()
+            .and_then(|t| t.extensions().get::<SpendGate>())
+            .cloned();
         Self {
             shared,
             template,
@@ -117,6 +125,8 @@ impl<B> Attempts<B> {
             owns_log,
             route,
             budget,
+            spend,
+            admitted: false,
             deadline,
             idempotent,
             fallback_available,
@@ -201,7 +211,10 @@ impl<B: ReplayBody> Attempts<B> {
             RetryRule::Yes => u32::MAX,
             RetryRule::Once => 1,
             // The backup is the better bet than a second wait on a silent route.
-            RetryRule::OnceUnlessFallback if self.fallback_available => {
+            RetryRule::OnceUnlessFallback
+                if self.fallback_available
+                    && shared.actions.get(class).fallback != FallbackRule::Never =>
+            {
                 return Err(StopReason::NotRetryable);
             }
             RetryRule::OnceUnlessFallback => 1,
@@ -255,17 +268,39 @@ impl<B: ReplayBody> Attempts<B> {
         if deadline_hit {
             return Err(StopReason::DeadlineExceeded);
         }
-        // Withdraw last, so that a retry refused for another reason costs no budget.
+        // Reserve the retry's spend after every other check, and withdraw from the retry budget
+        // last: a retry refused for any reason costs neither.
+        if let Some(gate) = &self.spend {
+            if gate.admit(&self.route).is_err() {
+                self.log
+                    .event(Some(self.route.clone()), LocalEventKind::BudgetDenied);
+                return Err(StopReason::SpendCapReached);
+            }
+        }
         if !self.budget.withdraw() {
+            if let Some(gate) = &self.spend {
+                gate.release(&self.route);
+            }
             self.log
                 .event(Some(self.route.clone()), LocalEventKind::RetryBudgetDenied);
             return Err(StopReason::RetryBudgetDenied);
         }
+        self.admitted = self.spend.is_some();
         Ok((wait, source, next))
     }
 }
 
 impl<B> Attempts<B> {
+    /// The retry's call was made (`true`) or the retry ended without one (`false`: readiness
+    /// failed, or a layer inside rejected it locally): only then is its spend given back.
+    fn called(&mut self, made: bool) {
+        if std::mem::take(&mut self.admitted) && !made {
+            if let Some(gate) = &self.spend {
+                gate.release(&self.route);
+            }
+        }
+    }
+
     fn finish_response(&self, mut response: Response<Body>) -> Response<Body> {
         if self.owns_log {
             let c = response.extensions().get::<Classification>();
@@ -339,6 +374,7 @@ where
             match this.state.as_mut().project() {
                 StateProj::Ready { .. } => {
                     if let Err(e) = ready!(this.service.poll_ready(cx)) {
+                        attempts.called(false);
                         let e = attempts.shared.classifier.error(e);
                         this.state.set(State::Done);
                         return Poll::Ready(Err(attempts.finish_error(e)));
@@ -357,12 +393,15 @@ where
                     attempts.latency = attempts.sent_at.elapsed();
                     match result {
                         Ok(response) => {
+                            attempts.called(true);
                             let future = attempts.shared.classifier.classify_response(response);
                             this.state.set(State::Classifying { future });
                         }
                         Err(e) => {
                             let e = attempts.shared.classifier.error(e);
-                            if is_local_rejection(&e) {
+                            let local = is_local_rejection(&e);
+                            attempts.called(!local);
+                            if local {
                                 this.state.set(State::Done);
                                 return Poll::Ready(Err(attempts.finish_error(e)));
                             }

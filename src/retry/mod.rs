@@ -30,6 +30,15 @@
 //!   is a `retry_budget_denied` stop and a local event in the log. The layer deposits into its
 //!   own budget once per logical request; a budget that came in the extensions is deposited
 //!   into by the layer that put it there.
+//! - **The spend cap.** When the request carries a [`SpendGate`](crate::context::SpendGate)
+//!   (`BudgetLayer` with a spend cap puts one in), each retry first reserves its estimated
+//!   maximum cost at the route's price for the request's budget owner. A refusal is a
+//!   `spend_cap_reached` stop and a `budget_denied` event, and the caller gets the failure the
+//!   layer had. The gate is asked after every other check and before the retry budget is
+//!   withdrawn from: a retry refused by the spend cap withdraws nothing, and one refused by the
+//!   retry budget gives its reservation back, as does one that an inner layer rejects without
+//!   a call (an open circuit). The first attempt is never asked for: whoever sent the request
+//!   here (`BudgetLayer`, or `FallbackLayer` for a hop) reserved it.
 //! - **`max_attempts`**, the first attempt included.
 //!
 //! Waits follow the class's backoff curve ([`RetryPolicy::backoff_for`](crate::policy::RetryPolicy::backoff_for):

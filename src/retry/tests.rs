@@ -542,6 +542,24 @@ async fn timeout_is_not_retried_when_a_fallback_remains() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_fallback_that_may_not_take_the_class_does_not_cost_the_retry() {
+    // Timeouts may not switch route in this policy, so the remaining route is no reason to
+    // give up the one retry.
+    let actions = ClassActions::default().with(
+        FailureClass::Timeout,
+        ClassAction::new(RetryRule::OnceUnlessFallback, FallbackRule::Never, true),
+    );
+    let p = Provider::new([Step::Fail(FailureClass::Timeout), Step::Status(200)]);
+    let mut req = Request::get("http://api.test/v1/models")
+        .body(Full::new(Bytes::new()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    req.extensions_mut().insert(FallbackAvailable);
+    let out = send(&layer(retry_policy()).actions(actions), &p, req).await;
+    assert_eq!(p.count(), 2);
+    assert_eq!(last_decision(&log_of(&out)), Some(Decision::Accept));
+}
+
+#[tokio::test(start_paused = true)]
 async fn policy_actions_override_the_table() {
     let actions = ClassActions::default().with(
         FailureClass::Auth,

@@ -522,7 +522,12 @@ impl Core {
         if let Some(source) = f.source {
             e = e.with_source(source);
         }
-        self.tracker.set_error_outcome(&e);
+        // After the commit point every layer above has already answered with the head; what
+        // the caller finally got is this error, whoever owns the log.
+        self.tracker.log.set_outcome(Outcome::Error {
+            error: e.kind().to_string(),
+            class: e.class(),
+        });
         e
     }
 }

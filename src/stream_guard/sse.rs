@@ -103,6 +103,10 @@ impl SseEvent {
     }
 }
 
+/// The longest line or event payload the scanner holds. A provider's longer event is dropped and
+/// reported as malformed, so a stream can never make the guard's memory grow without bound.
+pub(crate) const MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
+
 /// The incremental SSE scanner.
 #[derive(Debug, Default)]
 pub(crate) struct Scanner {
@@ -115,6 +119,10 @@ pub(crate) struct Scanner {
     has_data: bool,
     /// The last chunk ended with `\r`: a `\n` starting the next one belongs to it.
     after_cr: bool,
+    /// The current line outgrew `MAX_EVENT_BYTES`: the rest of it is dropped.
+    skip_line: bool,
+    /// The event being built outgrew `MAX_EVENT_BYTES`: it ends as a malformed event.
+    oversized: bool,
     /// Classifies in-band errors; the default classifier's rules when `None`.
     classifier: Option<SharedClassifier>,
 }
@@ -145,7 +153,7 @@ impl Scanner {
                 chunk = rest;
             }
         }
-        while let Some(pos) = chunk.iter().position(|&b| b == b'\n' || b == b'\r') {
+        while let Some(pos) = memchr::memchr2(b'\n', b'\r', chunk) {
             let mut next = pos + 1;
             if chunk[pos] == b'\r' {
                 match chunk.get(next) {
@@ -157,22 +165,43 @@ impl Scanner {
             self.end_line(&chunk[..pos], on_event);
             chunk = &chunk[next..];
         }
-        self.line.extend_from_slice(chunk);
+        if self.skip_line {
+            return;
+        }
+        if self.line.len() + chunk.len() > MAX_EVENT_BYTES {
+            self.drop_line();
+        } else {
+            self.line.extend_from_slice(chunk);
+        }
+    }
+
+    /// Drops the current, oversized line, and with it the event it belongs to.
+    fn drop_line(&mut self) {
+        self.line.clear();
+        self.skip_line = true;
+        self.oversized = true;
     }
 
     /// The stream ended: an unterminated last line and a last event without its blank line are
     /// still scanned (servers that close right after `data: [DONE]` are common).
     pub(crate) fn finish(&mut self, on_event: &mut impl FnMut(SseEvent)) {
         self.after_cr = false;
-        if !self.line.is_empty() {
+        if !self.line.is_empty() || self.skip_line {
             self.end_line(&[], on_event);
         }
-        if self.has_data || !self.event.is_empty() {
+        if self.has_data || !self.event.is_empty() || self.oversized {
             self.dispatch(on_event);
         }
     }
 
     fn end_line(&mut self, tail: &[u8], on_event: &mut impl FnMut(SseEvent)) {
+        if self.skip_line || self.line.len() + tail.len() > MAX_EVENT_BYTES {
+            // The end of a line too long to hold: nothing of it is scanned.
+            self.line.clear();
+            self.skip_line = false;
+            self.oversized = true;
+            return;
+        }
         if self.line.is_empty() {
             self.process_line(tail, on_event);
         } else {
@@ -187,7 +216,7 @@ impl Scanner {
 
     fn process_line(&mut self, line: &[u8], on_event: &mut impl FnMut(SseEvent)) {
         if line.is_empty() {
-            if self.has_data || !self.event.is_empty() {
+            if self.has_data || !self.event.is_empty() || self.oversized {
                 self.dispatch(on_event);
             }
             return;
@@ -196,7 +225,7 @@ impl Scanner {
             on_event(SseEvent::of(EventKind::Comment));
             return;
         }
-        let (field, value) = match line.iter().position(|&b| b == b':') {
+        let (field, value) = match memchr::memchr(b':', line) {
             Some(i) => {
                 let v = &line[i + 1..];
                 (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
@@ -205,10 +234,15 @@ impl Scanner {
         };
         match field {
             b"data" => {
-                if self.has_data {
-                    self.data.push(b'\n');
+                if self.data.len() + value.len() + 1 > MAX_EVENT_BYTES {
+                    self.data.clear();
+                    self.oversized = true;
+                } else if !self.oversized {
+                    if self.has_data {
+                        self.data.push(b'\n');
+                    }
+                    self.data.extend_from_slice(value);
                 }
-                self.data.extend_from_slice(value);
                 self.has_data = true;
             }
             b"event" => {
@@ -221,6 +255,14 @@ impl Scanner {
     }
 
     fn dispatch(&mut self, on_event: &mut impl FnMut(SseEvent)) {
+        if self.oversized {
+            self.data.clear();
+            self.event.clear();
+            self.has_data = false;
+            self.oversized = false;
+            on_event(SseEvent::of(EventKind::Malformed));
+            return;
+        }
         let classifier = self.classifier.as_ref();
         let in_band = |data: &[u8]| match classifier {
             Some(c) => c.classify_stream_error(data),
@@ -244,7 +286,9 @@ pub(crate) fn classify_event(name: &[u8], data: &[u8], in_band: &InBand<'_>) -> 
         b"" | b"message" => leading_type(data).unwrap_or(b""),
         n => n,
     };
-    if json_like && !well_formed(data) && data != b"[DONE]" {
+    // One pass tells whether a JSON-like payload is well formed and what its keys say.
+    let facts = if json_like { Facts::of(data) } else { None };
+    if json_like && facts.is_none() && data != b"[DONE]" {
         // An error event stays an error even when its payload is cut short.
         if name == b"error" {
             return SseEvent::error(in_band_classification(in_band, data));
@@ -252,7 +296,7 @@ pub(crate) fn classify_event(name: &[u8], data: &[u8], in_band: &InBand<'_>) -> 
         return SseEvent::of(EventKind::Malformed);
     }
     match name {
-        b"" => generic_event(data, json_like, in_band),
+        b"" => generic_event(data, facts, in_band),
         b"ping" => SseEvent::of(EventKind::KeepAlive),
         b"error" | b"response.failed" => SseEvent::error(in_band_classification(in_band, data)),
         b"message_start" => SseEvent {
@@ -277,14 +321,15 @@ pub(crate) fn classify_event(name: &[u8], data: &[u8], in_band: &InBand<'_>) -> 
 }
 
 /// OpenAI-compatible chunks, Gemini chunks, `[DONE]`, and anything else without a type.
-fn generic_event(data: &[u8], json_like: bool, in_band: &InBand<'_>) -> SseEvent {
+///
+/// `facts` is `None` when the payload is not JSON-like.
+fn generic_event(data: &[u8], facts: Option<Facts<'_>>, in_band: &InBand<'_>) -> SseEvent {
     if data == b"[DONE]" {
         return SseEvent::terminal();
     }
-    if !json_like {
+    let Some(facts) = facts else {
         return SseEvent::of(EventKind::Other);
-    }
-    let facts = Facts::of(data);
+    };
     // A top-level `error` object (OpenAI-compatible, OpenRouter, Gemini, Vertex's array wrap).
     if facts.error_object {
         match parse(data) {
@@ -340,34 +385,71 @@ struct Facts<'a> {
 impl<'a> Facts<'a> {
     /// One pass over `data`: every string is skipped whole, so a key-like text inside a string
     /// value never counts; each string followed by `:` is a key, looked at with its value.
-    fn of(data: &'a [u8]) -> Self {
+    /// `None` when `data` is not one balanced JSON object or array: brackets matched outside
+    /// strings, strings closed, nothing after the end. Not a full validation (the few payloads
+    /// the guard acts on are parsed for real), and no allocation.
+    fn of(data: &'a [u8]) -> Option<Self> {
         let mut facts = Facts::default();
-        let mut at = 0;
-        while let Some(q) = data[at..].iter().position(|&b| b == b'"') {
-            let start = at + q + 1;
-            let Some(len) = string_len(&data[start..]) else {
-                break;
-            };
-            let key = &data[start..start + len];
-            at = start + len + 1;
-            let Some(value) = data[at..].trim_ascii_start().strip_prefix(b":") else {
+        // One bit per open bracket: 1 for `{`, 0 for `[`; deeper than 64 levels is not
+        // type-checked.
+        let mut stack: u64 = 0;
+        let mut depth: u32 = 0;
+        let mut closed = false;
+        let mut i = 0;
+        while let Some(&b) = data.get(i) {
+            i += 1;
+            if closed {
+                if !b.is_ascii_whitespace() {
+                    return None;
+                }
                 continue;
-            };
-            facts.key(key, value.trim_ascii_start());
+            }
+            match b {
+                b'"' => {
+                    let len = string_len(&data[i..])?;
+                    let key = &data[i..i + len];
+                    i += len + 1;
+                    if let Some(value) = data[i..].trim_ascii_start().strip_prefix(b":") {
+                        facts.key(key, value.trim_ascii_start());
+                    }
+                }
+                b'{' | b'[' => {
+                    if depth < 64 {
+                        stack = (stack << 1) | u64::from(b == b'{');
+                    }
+                    depth += 1;
+                }
+                b'}' | b']' => {
+                    if depth == 0 {
+                        return None;
+                    }
+                    depth -= 1;
+                    if depth < 64 {
+                        let object = stack & 1 == 1;
+                        if object != (b == b'}') {
+                            return None;
+                        }
+                        stack >>= 1;
+                    }
+                    closed = depth == 0;
+                }
+                _ => {}
+            }
         }
-        facts
+        closed.then_some(facts)
     }
 
     fn key(&mut self, key: &[u8], value: &'a [u8]) {
-        let object = matches!(value.first(), Some(b'{' | b'['));
-        let non_empty = string_value(value).is_some_and(|s| !s.is_empty());
         match key {
             b"error" => self.error_object |= value.first() == Some(&b'{'),
             b"usage" => self.usage_object |= value.first() == Some(&b'{'),
             b"content" | b"text" | b"reasoning_content" | b"reasoning" | b"refusal" => {
-                self.content |= non_empty;
+                // A non-empty string; once one is seen, the others need no look.
+                self.content = self.content || string_value(value).is_some_and(|s| !s.is_empty());
             }
-            b"tool_calls" | b"function_call" | b"functionCall" => self.content |= object,
+            b"tool_calls" | b"function_call" | b"functionCall" => {
+                self.content |= matches!(value.first(), Some(b'{' | b'['));
+            }
             b"finish_reason" => {
                 self.finish_reason = self.finish_reason.or_else(|| string_value(value));
             }
@@ -509,16 +591,25 @@ fn leading_type(data: &[u8]) -> Option<&[u8]> {
 /// The length of the JSON string whose contents start `s` (after its opening quote), up to its
 /// closing quote; `None` if it is not closed.
 fn string_len(s: &[u8]) -> Option<usize> {
-    let mut escaped = false;
-    for (i, &b) in s.iter().enumerate() {
-        match b {
-            _ if escaped => escaped = false,
-            b'\\' => escaped = true,
-            b'"' => return Some(i),
-            _ => {}
+    let mut i = 0;
+    loop {
+        // Most keys and many values end within a few bytes: look at those one by one, and
+        // hand longer strings to memchr, jumping from one quote or backslash to the next.
+        let short = (i + 16).min(s.len());
+        while i < short {
+            match s[i] {
+                b'"' => return Some(i),
+                // A backslash escapes the byte after it.
+                b'\\' => i += 2,
+                _ => i += 1,
+            }
         }
+        let at = i + memchr::memchr2(b'"', b'\\', s.get(i..)?)?;
+        if s[at] == b'"' {
+            return Some(at);
+        }
+        i = at + 2;
     }
-    None
 }
 
 /// The raw contents of the JSON string `v` starts with (escapes left as they are).
@@ -527,58 +618,10 @@ fn string_value(v: &[u8]) -> Option<&[u8]> {
     string_len(body).map(|n| &body[..n])
 }
 
-/// Whether `data` is one balanced JSON object or array: brackets matched outside strings, strings
-/// closed, nothing after the end. A single pass without allocation; not a full validation (the
-/// few payloads the guard acts on are parsed for real).
+/// Whether `data` is one balanced JSON object or array (see [`Facts::of`]).
+#[cfg(test)]
 fn well_formed(data: &[u8]) -> bool {
-    // One bit per open bracket: 1 for `{`, 0 for `[`; deeper than 64 levels is not type-checked.
-    let mut stack: u64 = 0;
-    let mut depth: u32 = 0;
-    let mut in_string = false;
-    let mut escaped = false;
-    let mut closed = false;
-    for &b in data {
-        if in_string {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        if closed {
-            if !b.is_ascii_whitespace() {
-                return false;
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'{' | b'[' => {
-                if depth < 64 {
-                    stack = (stack << 1) | u64::from(b == b'{');
-                }
-                depth += 1;
-            }
-            b'}' | b']' => {
-                if depth == 0 {
-                    return false;
-                }
-                depth -= 1;
-                if depth < 64 {
-                    let object = stack & 1 == 1;
-                    if object != (b == b'}') {
-                        return false;
-                    }
-                    stack >>= 1;
-                }
-                closed = depth == 0;
-            }
-            _ => {}
-        }
-    }
-    closed && !in_string
+    Facts::of(data).is_some()
 }
 
 #[cfg(test)]
@@ -927,6 +970,35 @@ mod tests {
     }
 
     #[test]
+    fn an_oversized_event_is_malformed_and_memory_stays_bounded() {
+        let big = vec![b'x'; MAX_EVENT_BYTES + 10];
+        let mut stream = b"data: {\"choices\":[{\"delta\":{\"content\":\"".to_vec();
+        stream.extend_from_slice(&big);
+        stream.extend_from_slice(b"\"}}]}\n\ndata: [DONE]\n\n");
+        // Whole, in small chunks and in big ones: the same events, and the buffers stay bounded.
+        for size in [stream.len(), 7, 64 * 1024] {
+            let mut s = Scanner::new();
+            let mut events = Vec::new();
+            for chunk in stream.chunks(size) {
+                s.feed(chunk, &mut |e| events.push(e));
+                assert!(s.line.capacity() <= 2 * MAX_EVENT_BYTES);
+                assert!(s.data.capacity() <= 2 * MAX_EVENT_BYTES);
+            }
+            s.finish(&mut |e| events.push(e));
+            assert_eq!(
+                kinds(&events),
+                [EventKind::Malformed, EventKind::Other],
+                "{size}"
+            );
+            assert!(events[1].terminal);
+        }
+        // Many data lines that add up past the bound: malformed too.
+        let line = format!("data: {}\n", "y".repeat(1024 * 1024));
+        let many = format!("{}\ndata: [DONE]\n\n", line.repeat(5));
+        assert_eq!(kinds(&one(&many)), [EventKind::Malformed, EventKind::Other]);
+    }
+
+    #[test]
     fn last_event_without_blank_line_is_scanned_at_the_end() {
         assert_eq!(scan(&[b"data: [DONE]"]), vec![SseEvent::terminal()]);
         assert_eq!(scan(&[b"data: [DONE]\n"]), vec![SseEvent::terminal()]);
@@ -1015,6 +1087,80 @@ mod tests {
                 }
                 chunks.push(&stream[from..]);
                 prop_assert_eq!(scan(&chunks), whole);
+            }
+        }
+
+        /// The byte-at-a-time scans the fast ones replaced, kept as the reference.
+        fn reference_string_len(s: &[u8]) -> Option<usize> {
+            let mut escaped = false;
+            for (i, &b) in s.iter().enumerate() {
+                match b {
+                    _ if escaped => escaped = false,
+                    b'\\' => escaped = true,
+                    b'"' => return Some(i),
+                    _ => {}
+                }
+            }
+            None
+        }
+
+        fn reference_well_formed(data: &[u8]) -> bool {
+            let mut stack: u64 = 0;
+            let mut depth: u32 = 0;
+            let (mut in_string, mut escaped, mut closed) = (false, false, false);
+            for &b in data {
+                if in_string {
+                    match b {
+                        _ if escaped => escaped = false,
+                        b'\\' => escaped = true,
+                        b'"' => in_string = false,
+                        _ => {}
+                    }
+                    continue;
+                }
+                if closed {
+                    if !b.is_ascii_whitespace() {
+                        return false;
+                    }
+                    continue;
+                }
+                match b {
+                    b'"' => in_string = true,
+                    b'{' | b'[' => {
+                        if depth < 64 {
+                            stack = (stack << 1) | u64::from(b == b'{');
+                        }
+                        depth += 1;
+                    }
+                    b'}' | b']' => {
+                        if depth == 0 {
+                            return false;
+                        }
+                        depth -= 1;
+                        if depth < 64 {
+                            if (stack & 1 == 1) != (b == b'}') {
+                                return false;
+                            }
+                            stack >>= 1;
+                        }
+                        closed = depth == 0;
+                    }
+                    _ => {}
+                }
+            }
+            closed && !in_string
+        }
+
+        proptest! {
+            #[test]
+            fn fast_scans_agree_with_the_reference(
+                bytes in proptest::collection::vec(
+                    prop::sample::select(b"{}[]\"\\:, ax0".to_vec()),
+                    0..80,
+                ),
+            ) {
+                prop_assert_eq!(string_len(&bytes), reference_string_len(&bytes));
+                prop_assert_eq!(well_formed(&bytes), reference_well_formed(&bytes));
             }
         }
 

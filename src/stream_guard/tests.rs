@@ -632,6 +632,8 @@ async fn holding_back_more_than_max_buffer_fails() {
             cause: StreamCause::BufferExceeded(100)
         }
     );
+    // Never retried, never switched, never counted against the route's health.
+    assert_eq!(err.class(), Some(FailureClass::InvalidRequest));
 }
 
 #[tokio::test(start_paused = true)]

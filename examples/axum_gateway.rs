@@ -1,0 +1,553 @@
+//! An OpenAI-compatible gateway: `POST /v1/chat/completions`, with the whole recovery ladder in
+//! front of its upstream.
+//!
+//! ```text
+//! cargo run --example axum_gateway --features reqwest
+//! ```
+//!
+//! By default the upstream is an embedded `MockProvider` on loopback, scripted per model so
+//! each behaviour can be tried with `curl` (the gateway prints the commands when it starts):
+//!
+//! | model | what the mock does | what the client sees |
+//! |---|---|---|
+//! | `mock-flaky` | 503 once, then answers | the answer (`x-llm-attempts: 2`) |
+//! | `mock-rate-limited` | 429 with `retry-after: 1` once, then answers | the answer, a second later |
+//! | `mock-stream` | a stream, token by token | the stream, passed through as it comes |
+//! | `mock-cut` | a stream cut after two tokens | the tokens, then a final `data: {"error":…}` event |
+//! | `mock-unauthorized` | 401 | the provider's 401, unchanged |
+//! | `mock-down` | 500, always | the provider's 500 once the retries are spent; a few requests later the route's circuit opens: 503 with `Retry-After`, for every model of the route |
+//! | any other | answers `ok` | the answer |
+//!
+//! Pointed at a real provider (no mock), with the key in `OPENAI_API_KEY`:
+//!
+//! ```text
+//! OPENAI_API_KEY=... cargo run --example axum_gateway \
+//!     --features reqwest,reqwest/rustls-tls -- \
+//!     --upstream https://api.openai.com --listen 127.0.0.1:8080
+//! ```
+//!
+//! The upstream client is reqwest (through [`ReqwestService`]); the crate compiles it without a
+//! TLS stack, so an `https` upstream needs `reqwest/rustls-tls` (or `native-tls`) as above. A
+//! local plain-HTTP server (vLLM, llama.cpp, Ollama) needs neither TLS nor a key.
+//!
+//! # What the gateway answers
+//!
+//! - **A provider answer** (success or error: 200, 400, 401, 429 after the ladder gave up, …)
+//!   passes through unchanged — status, headers (less hop-by-hop ones), body — streamed as it
+//!   arrives. It carries `x-llm-attempts` (transport attempts made) and `x-llm-route` (the route
+//!   whose answer it is, set by the fallback layer).
+//! - **A crate error** (no provider answer to hand back) becomes an honest HTTP status with an
+//!   OpenAI-shaped JSON body, `{"error":{"message","type","param","code"}}`: see
+//!   [`error_answer`] for each kind.
+//! - **A stream that fails after its commit point** cannot change its status any more (the 200
+//!   and the first tokens are on their way). For `text/event-stream` the gateway sends one last
+//!   event, `data: {"error":{…,"type":"stream_interrupted"}}`, and ends the stream without
+//!   `data: [DONE]` — OpenAI-compatible clients raise that in-band error. Any other body is cut
+//!   (the connection is closed before the end), so the client sees an incomplete body rather
+//!   than a short answer that looks whole.
+//!
+//! Requests are held in memory (the ladder resends them), up to [`MAX_REQUEST_BYTES`].
+//! The client's own `authorization` is not forwarded: the gateway calls the upstream with its
+//! own key. Only `content-type`, `accept` and `idempotency-key` are passed on. A real gateway
+//! authenticates its clients and sets their `BudgetOwner` on the request for per-client spend
+//! caps; this one charges every request to the policy's `default_owner`.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use bytes::Bytes;
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
+use http_body::Frame;
+use http_body_util::Full;
+use pin_project_lite::pin_project;
+use tower::{ServiceBuilder, ServiceExt};
+use tower_llm_resilience::reqwest::ReqwestService;
+use tower_llm_resilience::testing::{MockProvider, Reply, ScriptKey};
+use tower_llm_resilience::{
+    AttemptLog, Error, ErrorKind, FailureClass, Policy, PolicyError, ResilienceLayer, Resilient,
+};
+
+/// Largest request body accepted (axum's default of 2 MiB is small for prompts with images);
+/// a larger one is answered 413 before anything is sent upstream.
+pub const MAX_REQUEST_BYTES: usize = 20 * 1024 * 1024;
+
+/// Response header: transport attempts the answer took.
+pub const ATTEMPTS_HEADER: &str = "x-llm-attempts";
+
+/// The gateway's configuration.
+pub struct Config {
+    /// Base URL of the upstream; `/v1/chat/completions` is appended (a trailing `/v1` is not
+    /// repeated).
+    pub upstream: String,
+    /// Sent upstream as `authorization: Bearer KEY` when set.
+    pub api_key: Option<String>,
+    /// The stack in front of the upstream. Keep its [`ResilienceLayer::circuit_breaker`] handle
+    /// to watch or force circuits.
+    pub layer: ResilienceLayer,
+    /// Print one attempt log per request to stderr when its answer ends.
+    pub log_requests: bool,
+}
+
+impl Config {
+    /// A configuration for `upstream` with the whole ladder built from `policy`.
+    pub fn new(upstream: impl Into<String>, policy: &Policy) -> Result<Self, PolicyError> {
+        Ok(Self {
+            upstream: upstream.into(),
+            api_key: None,
+            layer: policy.layer()?,
+            log_requests: false,
+        })
+    }
+}
+
+/// The policy the gateway runs with by default: the interactive preset (no queueing, streams
+/// committed at the first token, a 60 s deadline).
+pub fn default_policy() -> Policy {
+    let mut policy = Policy::interactive();
+    policy.workflow = "gateway".to_owned();
+    policy
+}
+
+struct Gateway {
+    client: Resilient<ReqwestService>,
+    url: String,
+    authorization: Option<HeaderValue>,
+    log_requests: bool,
+}
+
+/// The gateway's router: `POST /v1/chat/completions`.
+pub fn app(config: Config) -> Router {
+    let client = ServiceBuilder::new()
+        .layer(config.layer)
+        .service(ReqwestService::new(reqwest::Client::new()));
+    let authorization = config.api_key.as_deref().and_then(|key| {
+        let mut value = HeaderValue::try_from(format!("Bearer {key}")).ok()?;
+        value.set_sensitive(true);
+        Some(value)
+    });
+    let gateway = Gateway {
+        client,
+        url: chat_url(&config.upstream),
+        authorization,
+        log_requests: config.log_requests,
+    };
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+        .with_state(Arc::new(gateway))
+}
+
+/// The chat completion URL for `base_url`.
+pub fn chat_url(base_url: &str) -> String {
+    let base = base_url.trim_end_matches('/');
+    if base.ends_with("/v1") {
+        format!("{base}/chat/completions")
+    } else {
+        format!("{base}/v1/chat/completions")
+    }
+}
+
+/// Request headers passed on to the upstream.
+const FORWARDED: [HeaderName; 2] = [CONTENT_TYPE, ACCEPT];
+
+async fn chat_completions(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut request = Request::new(Full::new(body));
+    *request.method_mut() = Method::POST;
+    match gateway.url.parse() {
+        Ok(uri) => *request.uri_mut() = uri,
+        Err(_) => {
+            let message = "the gateway's upstream URL is not valid";
+            return openai_error(StatusCode::BAD_GATEWAY, message, "gateway_error", None);
+        }
+    }
+    let out = request.headers_mut();
+    for name in FORWARDED
+        .iter()
+        .chain([&HeaderName::from_static("idempotency-key")])
+    {
+        if let Some(value) = headers.get(name) {
+            out.insert(name.clone(), value.clone());
+        }
+    }
+    if let Some(auth) = &gateway.authorization {
+        out.insert(AUTHORIZATION, auth.clone());
+    }
+    match gateway.client.clone().oneshot(request).await {
+        Ok(response) => pass_through(response, gateway.log_requests),
+        Err(error) => {
+            if gateway.log_requests {
+                eprintln!("-> {error}");
+                if let Some(log) = error.attempt_log() {
+                    eprintln!("{log}\n");
+                }
+            }
+            error_response(&error)
+        }
+    }
+}
+
+/// Hop-by-hop headers: they describe one connection, not the answer.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn pass_through(response: http::Response<tower_llm_resilience::Body>, log: bool) -> Response {
+    let (mut parts, body) = response.into_parts();
+    for name in HOP_BY_HOP {
+        parts.headers.remove(name);
+    }
+    let attempts = parts.extensions.get::<AttemptLog>().cloned();
+    let count = attempts.as_ref().map_or(0, AttemptLog::attempt_count);
+    parts
+        .headers
+        .insert(ATTEMPTS_HEADER, HeaderValue::from(count));
+    let sse = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+    if sse {
+        // The body may gain a final error event.
+        parts.headers.remove(CONTENT_LENGTH);
+    }
+    let body = GatewayBody {
+        inner: body,
+        sse,
+        ended: false,
+        report: if log { attempts } else { None },
+    };
+    Response::from_parts(parts, axum::body::Body::new(body))
+}
+
+pin_project! {
+    /// The upstream body, passed through; a failure after the commit point becomes a final SSE
+    /// error event (event streams) or a cut connection (anything else).
+    struct GatewayBody {
+        #[pin]
+        inner: tower_llm_resilience::Body,
+        sse: bool,
+        ended: bool,
+        report: Option<AttemptLog>,
+    }
+}
+
+impl http_body::Body for GatewayBody {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let this = self.project();
+        if *this.ended {
+            return Poll::Ready(None);
+        }
+        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        match frame {
+            Some(Ok(frame)) => Poll::Ready(Some(Ok(frame))),
+            Some(Err(error)) => {
+                *this.ended = true;
+                if let Some(log) = this.report.take() {
+                    eprintln!("-> stream failed: {error}\n{log}\n");
+                }
+                if *this.sse {
+                    Poll::Ready(Some(Ok(Frame::data(error_event(&error)))))
+                } else {
+                    Poll::Ready(Some(Err(error)))
+                }
+            }
+            None => {
+                *this.ended = true;
+                if let Some(log) = this.report.take() {
+                    eprintln!("{log}\n");
+                }
+                Poll::Ready(None)
+            }
+        }
+    }
+}
+
+/// The last event of a stream that failed after its commit point.
+fn error_event(error: &Error) -> Bytes {
+    let answer = error_answer(error);
+    let body = error_json(&error.to_string(), answer.error_type, answer.code);
+    Bytes::from(format!("data: {body}\n\n"))
+}
+
+/// How the gateway answers a crate error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorAnswer {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// `error.type` of the body.
+    pub error_type: &'static str,
+    /// `error.code` of the body: the failure class, when the error has one.
+    pub code: Option<&'static str>,
+    /// `Retry-After`, in whole seconds rounded up.
+    pub retry_after: Option<u64>,
+}
+
+/// Maps a crate [`Error`] to the gateway's answer.
+///
+/// | [`ErrorKind`] | status | `error.type` | `Retry-After` |
+/// |---|---|---|---|
+/// | `CircuitOpen { retry_in }` | 503 Service Unavailable | `circuit_open` | `retry_in`, seconds rounded up |
+/// | `RateLimited { retry_in }` (the gateway's own limit rejected it) | 429 Too Many Requests | `rate_limited` | `retry_in`, seconds rounded up |
+/// | `BudgetExhausted` | 402 Payment Required | `budget_exhausted` | — |
+/// | `DeadlineExceeded` | 504 Gateway Timeout | `deadline_exceeded` | — |
+/// | `FailedClosed { class }` | the class's status, below | `failed_closed` | — |
+/// | `StreamFailed` (every attempt failed before its commit point) | 504 for a timeout, else 502 | `upstream_stream_failed` | — |
+/// | `StreamInterrupted` | 502 Bad Gateway (in a stream: the final error event) | `stream_interrupted` | — |
+/// | `Transport` (connect refused, reset, timeout) | 504 for a timeout, else 502 | `upstream_unreachable` | — |
+/// | any later kind | 502 Bad Gateway | `gateway_error` | — |
+///
+/// A spend cap is answered 402 rather than 429: the request is refused for money, not for
+/// speed, and retrying it soon cannot succeed until the budget window turns; a 429 would invite
+/// exactly the retries a cap exists to stop.
+///
+/// The status of a failed-closed class: 400 for invalid request, context overflow and policy
+/// block; 401 for auth; 402 for exhausted quota; 409 for a conflict; 429 for rate limited;
+/// 503 for overloaded; 504 for timeout; 502 for the rest. `error.code` is the failure class
+/// (`connect`, `timeout`, `policy_block`, …) when the error has one.
+pub fn error_answer(error: &Error) -> ErrorAnswer {
+    let code = error.class().map(FailureClass::as_str);
+    let answer = |status, error_type| ErrorAnswer {
+        status,
+        error_type,
+        code,
+        retry_after: None,
+    };
+    let timeout_or_bad_gateway = |error_type| {
+        let status = if error.class() == Some(FailureClass::Timeout) {
+            StatusCode::GATEWAY_TIMEOUT
+        } else {
+            StatusCode::BAD_GATEWAY
+        };
+        answer(status, error_type)
+    };
+    match error.kind() {
+        ErrorKind::CircuitOpen { retry_in, .. } => ErrorAnswer {
+            retry_after: Some(ceil_secs(*retry_in)),
+            ..answer(StatusCode::SERVICE_UNAVAILABLE, "circuit_open")
+        },
+        ErrorKind::RateLimited { retry_in } => ErrorAnswer {
+            retry_after: Some(ceil_secs(*retry_in)),
+            ..answer(StatusCode::TOO_MANY_REQUESTS, "rate_limited")
+        },
+        ErrorKind::BudgetExhausted { .. } => {
+            answer(StatusCode::PAYMENT_REQUIRED, "budget_exhausted")
+        }
+        ErrorKind::DeadlineExceeded => answer(StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded"),
+        ErrorKind::FailedClosed { class } => answer(class_status(*class), "failed_closed"),
+        ErrorKind::StreamFailed { .. } => timeout_or_bad_gateway("upstream_stream_failed"),
+        ErrorKind::StreamInterrupted { .. } => {
+            answer(StatusCode::BAD_GATEWAY, "stream_interrupted")
+        }
+        ErrorKind::Transport => timeout_or_bad_gateway("upstream_unreachable"),
+        _ => answer(StatusCode::BAD_GATEWAY, "gateway_error"),
+    }
+}
+
+/// The status a failure class stands for, when the gateway fails closed on it.
+fn class_status(class: FailureClass) -> StatusCode {
+    match class {
+        FailureClass::InvalidRequest
+        | FailureClass::ContextOverflow
+        | FailureClass::PolicyBlock => StatusCode::BAD_REQUEST,
+        FailureClass::Auth => StatusCode::UNAUTHORIZED,
+        FailureClass::QuotaExhausted => StatusCode::PAYMENT_REQUIRED,
+        FailureClass::Conflict => StatusCode::CONFLICT,
+        FailureClass::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        FailureClass::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+        FailureClass::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::BAD_GATEWAY,
+    }
+}
+
+/// Whole seconds, rounded up: `Retry-After` must never ask for less than the real wait.
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// The gateway's answer to a crate error: see [`error_answer`].
+pub fn error_response(error: &Error) -> Response {
+    let answer = error_answer(error);
+    let mut response = openai_error(
+        answer.status,
+        &error.to_string(),
+        answer.error_type,
+        answer.code,
+    );
+    let headers = response.headers_mut();
+    if let Some(secs) = answer.retry_after {
+        headers.insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    let attempts = error.attempt_log().map_or(0, AttemptLog::attempt_count);
+    headers.insert(ATTEMPTS_HEADER, HeaderValue::from(attempts));
+    response
+}
+
+/// `{"error":{"message","type","param":null,"code"}}`, as OpenAI writes its errors.
+fn error_json(message: &str, error_type: &str, code: Option<&str>) -> String {
+    serde_json::json!({
+        "error": {"message": message, "type": error_type, "param": null, "code": code}
+    })
+    .to_string()
+}
+
+fn openai_error(
+    status: StatusCode,
+    message: &str,
+    error_type: &str,
+    code: Option<&str>,
+) -> Response {
+    let body = error_json(message, error_type, code);
+    (
+        status,
+        [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        body,
+    )
+        .into_response()
+}
+
+/// Starts the embedded provider, scripted per model (see the module docs).
+pub async fn start_mock() -> std::io::Result<MockProvider> {
+    let mock = MockProvider::start().await?;
+    let answer = |model: &str| Reply::openai_chat(model, "Hello from the mock provider!");
+    let tokens = ["The", " ladder", " keeps", " streams", " honest", "."];
+    let delay = Duration::from_millis(120);
+    mock.script(
+        ScriptKey::model("mock-flaky"),
+        [Reply::openai_overloaded(), answer("mock-flaky")],
+    );
+    mock.script(
+        ScriptKey::model("mock-rate-limited"),
+        [
+            Reply::openai_rate_limited(Some("1")),
+            answer("mock-rate-limited"),
+        ],
+    );
+    mock.script(
+        ScriptKey::model("mock-stream"),
+        [Reply::openai_stream("mock-stream", &tokens).event_delay(delay)],
+    );
+    mock.script(
+        ScriptKey::model("mock-cut"),
+        [Reply::openai_stream("mock-cut", &tokens)
+            .event_delay(delay)
+            .cut_after(3)],
+    );
+    mock.script(
+        ScriptKey::model("mock-unauthorized"),
+        [Reply::unauthorized()],
+    );
+    mock.script(
+        ScriptKey::model("mock-down"),
+        [Reply::openai_server_error()],
+    );
+    Ok(mock)
+}
+
+struct Args {
+    upstream: Option<String>,
+    listen: SocketAddr,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        upstream: None,
+        listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
+        match arg.as_str() {
+            "--upstream" => args.upstream = Some(value("--upstream")?),
+            "--listen" => {
+                let v = value("--listen")?;
+                args.listen = v
+                    .parse()
+                    .map_err(|e| format!("--listen {v:?}: {e} (expected e.g. 127.0.0.1:8080)"))?;
+            }
+            "-h" | "--help" => {
+                return Err(
+                    "usage: axum_gateway [--upstream URL] [--listen 127.0.0.1:8080]\n\
+                     the API key for --upstream is read from OPENAI_API_KEY"
+                        .to_owned(),
+                );
+            }
+            other => return Err(format!("unknown argument {other:?} (try --help)")),
+        }
+    }
+    Ok(args)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(message) => {
+            eprintln!("{message}");
+            std::process::exit(2);
+        }
+    };
+
+    // The mock lives as long as `_mock`.
+    let (upstream, api_key, _mock) = match args.upstream {
+        Some(url) => {
+            let key = std::env::var("OPENAI_API_KEY").ok();
+            if key.is_none() {
+                eprintln!("note: OPENAI_API_KEY is not set; calling {url} without a key");
+            }
+            (url, key, None)
+        }
+        None => {
+            let mock = start_mock().await?;
+            (mock.url(), None, Some(mock))
+        }
+    };
+
+    let mut config = Config::new(upstream.clone(), &default_policy())?;
+    config.api_key = api_key;
+    config.log_requests = true;
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let addr = listener.local_addr()?;
+    println!("gateway on http://{addr}/v1/chat/completions -> {upstream}");
+    if _mock.is_some() {
+        println!("embedded mock provider; try:");
+        for (model, stream) in [
+            ("mock-flaky", false),
+            ("mock-stream", true),
+            ("mock-cut", true),
+            ("mock-unauthorized", false),
+            ("mock-down", false),
+        ] {
+            println!(
+                "  curl -si http://{addr}/v1/chat/completions -H 'content-type: application/json' \
+                 -d '{{\"model\":\"{model}\",\"stream\":{stream},\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'"
+            );
+        }
+    }
+    axum::serve(listener, app(config)).await?;
+    Ok(())
+}
