@@ -1,7 +1,7 @@
 //! Request replay: retries and fallbacks need a second copy of the request.
 //!
 //! Try-clone semantics: a body that can be copied (`Full<Bytes>`, `String`, `Empty`) replays; one
-//! that cannot (a streaming upload, `hyper::body::Incoming`) means "no retry", which the layers
+//! that cannot (a streaming upload, `hyper::body::Incoming`, a `BoxBody`) means "no retry", which the layers
 //! record in the attempt log — never a hard error. Implement [`ReplayBody`] for your own body
 //! type to make it replayable.
 //!
@@ -24,6 +24,7 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use http_body::Body as _;
+use http_body_util::combinators::{BoxBody, UnsyncBoxBody};
 use http_body_util::{Empty, Full};
 
 /// A request body that may be copied for another attempt.
@@ -99,6 +100,20 @@ impl ReplayBody for crate::Body {
     }
 }
 
+// Boxed bodies hide what they hold, so they cannot be copied: a request with one gets a single
+// attempt and `NotReplayable` in its log, instead of failing to compile.
+impl<E> ReplayBody for BoxBody<Bytes, E> {
+    fn try_clone(&self) -> Option<Self> {
+        None
+    }
+}
+
+impl<E> ReplayBody for UnsyncBoxBody<Bytes, E> {
+    fn try_clone(&self) -> Option<Self> {
+        None
+    }
+}
+
 /// A copy of `req` for another attempt (method, URI, version, headers, extensions and body), or
 /// `None` when its body cannot be replayed.
 pub fn try_clone_request<B: ReplayBody>(req: &http::Request<B>) -> Option<http::Request<B>> {
@@ -131,6 +146,17 @@ mod tests {
     #[test]
     fn crate_body_does_not_replay() {
         assert!(crate::Body::from("x").try_clone().is_none());
+    }
+
+    #[test]
+    fn boxed_bodies_do_not_replay() {
+        use http_body_util::BodyExt as _;
+        let full = Full::new(Bytes::from_static(b"x"));
+        let boxed = full.clone().map_err(|never| match never {}).boxed();
+        assert!(ReplayBody::try_clone(&boxed).is_none());
+        let unsync = full.map_err(|never| match never {}).boxed_unsync();
+        let unsync: UnsyncBoxBody<Bytes, std::convert::Infallible> = unsync;
+        assert!(ReplayBody::try_clone(&unsync).is_none());
     }
 
     #[test]

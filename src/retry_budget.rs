@@ -157,6 +157,28 @@ impl RetryBudget {
         }
     }
 
+    /// Gives back one withdrawal whose retry (or hop) was never sent: an open circuit refused
+    /// it, readiness failed, or the request was dropped while it waited. Never raises the
+    /// budget above what it would hold had the withdrawal not happened.
+    pub fn refund(&self) {
+        match &mut *self.lock() {
+            State::Ratio(r) => {
+                r.rotate();
+                // Undo the newest withdrawal still in the window; one that aged out is gone.
+                let newest = (0..SLOTS)
+                    .map(|back| (r.current + SLOTS - back) % SLOTS)
+                    .find(|&i| r.slots[i].1 >= UNIT);
+                if let Some(i) = newest {
+                    r.slots[i].1 -= UNIT;
+                }
+            }
+            State::Bucket(b) => {
+                b.refill();
+                b.tokens = b.tokens.saturating_add(UNIT).min(b.capacity);
+            }
+        }
+    }
+
     /// Retries the budget would allow right now.
     pub fn available(&self) -> u64 {
         match &mut *self.lock() {
@@ -274,6 +296,36 @@ mod tests {
             b.deposit();
         }
         assert_eq!((0..10).filter(|_| b.withdraw()).count(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refund_gives_back_exactly_one_withdrawal() {
+        let b = ratio(0.0, 1, 10);
+        assert_eq!((0..20).filter(|_| b.withdraw()).count(), 10);
+        b.refund();
+        assert_eq!(b.available(), 1);
+        assert!(b.withdraw());
+        assert!(!b.withdraw());
+        // Nothing withdrawn in the window: a refund adds nothing.
+        let fresh = ratio(0.0, 1, 10);
+        fresh.refund();
+        assert_eq!(fresh.available(), 10);
+        // A withdrawal that aged out is not refunded into the new window.
+        assert!(fresh.withdraw());
+        tokio::time::advance(Duration::from_secs(11)).await;
+        fresh.refund();
+        assert_eq!(fresh.available(), 10);
+
+        let bucket = RetryBudget::new(&RetryBudgetPolicy::TokenBucket {
+            capacity: 2,
+            refill_per_sec: 0.0,
+            per_request: 0.0,
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(bucket.withdraw());
+        bucket.refund();
+        bucket.refund();
+        assert_eq!(bucket.available(), 2, "never above capacity");
     }
 
     #[tokio::test(start_paused = true)]

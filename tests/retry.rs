@@ -233,6 +233,50 @@ async fn a_wait_past_the_deadline_returns_the_429_at_once() {
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn an_attempt_in_flight_at_the_deadline_is_cut_there() {
+    let mut p = retry_policy();
+    p.max_elapsed = Duration::from_secs(4);
+    // A 500 after 1 s, then a retry that is never answered.
+    let m = mock([
+        Reply::openai_server_error().delay_head(Duration::from_secs(1)),
+        Reply::never(),
+    ])
+    .await;
+    let start = Instant::now();
+    let out = send(&layer(p), &m).await;
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_secs(4),
+        "cut at the deadline"
+    );
+    assert_eq!(m.request_count(), 2);
+    let log = log_of(&out);
+    let attempts = log.attempts();
+    assert_eq!(attempts.len(), 2, "the cut attempt is in the log");
+    assert_eq!(attempts[1].class, Some(FailureClass::Timeout));
+    stopped(&log, StopReason::DeadlineExceeded);
+    assert!(matches!(
+        out.err().map(|e| e.kind().clone()),
+        Some(tower_llm_resilience::ErrorKind::DeadlineExceeded)
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_head_that_never_comes_is_bounded_by_the_deadline() {
+    let mut p = retry_policy();
+    p.max_elapsed = Duration::from_millis(2500);
+    let m = mock([Reply::never()]).await;
+    let start = Instant::now();
+    let out = send(&layer(p), &m).await;
+    assert_eq!(start.elapsed(), Duration::from_millis(2500));
+    assert_eq!(m.request_count(), 1);
+    let log = log_of(&out);
+    assert_eq!(log.attempt_count(), 1);
+    stopped(&log, StopReason::DeadlineExceeded);
+    assert!(out.is_err());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Transient failures.
 

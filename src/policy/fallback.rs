@@ -110,9 +110,19 @@ impl RouteConfig {
 
     /// Whether the route sets or removes a credential header.
     pub fn changes_credentials(&self) -> bool {
+        self.credential_change().is_some()
+    }
+
+    /// The list (`set_headers` or `remove_headers`) that changes a credential header, if any.
+    fn credential_change(&self) -> Option<&'static str> {
         let is_cred = |h: &str| CREDENTIAL_HEADERS.iter().any(|c| c.eq_ignore_ascii_case(h));
-        self.set_headers.keys().any(|h| is_cred(h))
-            || self.remove_headers.iter().any(|h| is_cred(h))
+        if self.set_headers.keys().any(|h| is_cred(h)) {
+            Some("set_headers")
+        } else if self.remove_headers.iter().any(|h| is_cred(h)) {
+            Some("remove_headers")
+        } else {
+            None
+        }
     }
 }
 
@@ -269,9 +279,9 @@ impl FallbackPolicy {
             for name in &r.remove_headers {
                 check::header_name(&at("remove_headers"), name)?;
             }
-            if r.changes_credentials() && !r.credentials_approved {
+            if let Some(list) = r.credential_change().filter(|_| !r.credentials_approved) {
                 return Err(PolicyError::new(
-                    at("set_headers"),
+                    at(list),
                     format!(
                         "route {:?} changes credentials; set `credentials_approved = true` to allow it",
                         r.name

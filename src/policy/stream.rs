@@ -57,7 +57,8 @@ pub struct StreamSettings {
     pub total_timeout: Option<Duration>,
     /// Commit point.
     pub commit: CommitPoint,
-    /// Most bytes held back before the commit point; a stream that needs more fails (retryably).
+    /// Most bytes held back before the commit point. A stream that needs more fails closed
+    /// (class `invalid_request`): the same request would outgrow the buffer again.
     pub max_buffer: u64,
 }
 

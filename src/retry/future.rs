@@ -40,6 +40,11 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future, B>,
+        // Fires at the deadline: bounds the time to a committed response, the attempt in
+        // flight included, not only the waits between attempts. Made the first time the
+        // inner service makes the request wait, so an answer that comes at once costs no timer.
+        #[pin]
+        deadline: Option<Sleep>,
         service: S,
         attempts: Attempts<B>,
     }
@@ -87,6 +92,8 @@ pub(super) struct Attempts<B> {
     spend: Option<SpendGate>,
     // The gate admitted the next (or current) attempt and it has made no call yet.
     admitted: bool,
+    // The retry budget paid for the next attempt and it has made no call yet.
+    withdrawn: bool,
     deadline: Instant,
     idempotent: bool,
     fallback_available: bool,
@@ -127,6 +134,7 @@ impl<B> Attempts<B> {
             budget,
             spend,
             admitted: false,
+            withdrawn: false,
             deadline,
             idempotent,
             fallback_available,
@@ -286,18 +294,28 @@ impl<B: ReplayBody> Attempts<B> {
             return Err(StopReason::RetryBudgetDenied);
         }
         self.admitted = self.spend.is_some();
+        self.withdrawn = true;
         Ok((wait, source, next))
     }
 }
 
 impl<B> Attempts<B> {
     /// The retry's call was made (`true`) or the retry ended without one (`false`: readiness
-    /// failed, or a layer inside rejected it locally): only then is its spend given back.
+    /// failed, a layer inside rejected it locally, or the request was dropped while waiting):
+    /// only then are its spend reservation and its retry budget given back.
     fn called(&mut self, made: bool) {
-        if std::mem::take(&mut self.admitted) && !made {
+        let admitted = std::mem::take(&mut self.admitted);
+        let withdrawn = std::mem::take(&mut self.withdrawn);
+        if made {
+            return;
+        }
+        if admitted {
             if let Some(gate) = &self.spend {
                 gate.release(&self.route);
             }
+        }
+        if withdrawn {
+            self.budget.refund();
         }
     }
 
@@ -315,6 +333,23 @@ impl<B> Attempts<B> {
         response
     }
 
+    /// The deadline passed before a response could be handed up. An attempt in flight is
+    /// recorded as a timeout (unless a layer nearer the transport recorded it) and stopped.
+    fn deadline_passed(&mut self, in_flight: bool) -> Error {
+        self.called(in_flight);
+        let e = Error::new(ErrorKind::DeadlineExceeded);
+        if in_flight {
+            self.latency = self.sent_at.elapsed();
+            let idx = self.record(&Classification::failure(FailureClass::Timeout), Some(&e));
+            self.log
+                .decide(idx, Decision::Stop(StopReason::DeadlineExceeded));
+        } else {
+            self.log
+                .event(Some(self.route.clone()), LocalEventKind::DeadlineExceeded);
+        }
+        self.finish_error(e)
+    }
+
     fn finish_error(&self, error: Error) -> Error {
         if self.owns_log {
             self.log.set_outcome(Outcome::Error {
@@ -323,6 +358,13 @@ impl<B> Attempts<B> {
             });
         }
         error.with_log(&self.log)
+    }
+}
+
+impl<B> Drop for Attempts<B> {
+    fn drop(&mut self) {
+        // Dropped between a granted retry and its call (during the wait, say).
+        self.called(false);
     }
 }
 
@@ -351,6 +393,7 @@ where
         let future = service.call(first);
         Self {
             state: State::Calling { future },
+            deadline: None,
             service,
             attempts,
         }
@@ -373,7 +416,15 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Ready { .. } => {
-                    if let Err(e) = ready!(this.service.poll_ready(cx)) {
+                    let ready = match this.service.poll_ready(cx) {
+                        Poll::Ready(r) => r,
+                        Poll::Pending => {
+                            ready!(poll_deadline(this.deadline.as_mut(), attempts.deadline, cx));
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(attempts.deadline_passed(false)));
+                        }
+                    };
+                    if let Err(e) = ready {
                         attempts.called(false);
                         let e = attempts.shared.classifier.error(e);
                         this.state.set(State::Done);
@@ -389,7 +440,15 @@ where
                     }
                 }
                 StateProj::Calling { future } => {
-                    let result = ready!(future.poll(cx));
+                    let result = match future.poll(cx) {
+                        Poll::Ready(r) => r,
+                        Poll::Pending => {
+                            ready!(poll_deadline(this.deadline.as_mut(), attempts.deadline, cx));
+                            // Dropping the attempt's future cancels it.
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(attempts.deadline_passed(true)));
+                        }
+                    };
                     attempts.latency = attempts.sent_at.elapsed();
                     match result {
                         Ok(response) => {
@@ -436,7 +495,15 @@ where
                     }
                 }
                 StateProj::Classifying { future } => {
-                    let (response, c) = ready!(Pin::new(future).poll(cx));
+                    let (response, c) = match Pin::new(future).poll(cx) {
+                        Poll::Ready(r) => r,
+                        // The head came, but its error body is still arriving.
+                        Poll::Pending => {
+                            ready!(poll_deadline(this.deadline.as_mut(), attempts.deadline, cx));
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(attempts.deadline_passed(true)));
+                        }
+                    };
                     let idx = attempts.record(&c, None);
                     match attempts.decide(idx, &c) {
                         Some((wait, next)) => this.state.set(State::Sleeping {
@@ -469,6 +536,21 @@ where
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             }
         }
+    }
+}
+
+/// Polls the deadline's timer, making it on first use.
+fn poll_deadline(
+    mut timer: Pin<&mut Option<Sleep>>,
+    at: Instant,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    if timer.is_none() {
+        timer.set(Some(tokio::time::sleep_until(at)));
+    }
+    match timer.as_pin_mut() {
+        Some(sleep) => sleep.poll(cx),
+        None => Poll::Pending,
     }
 }
 

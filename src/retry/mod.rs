@@ -23,11 +23,16 @@
 //!   (`server_wait_above_cap`), so a fallback can act instead of the caller sleeping.
 //! - **The deadline.** `start + max_elapsed`, tightened by a [`Deadline`](crate::Deadline) in the
 //!   request extensions. A wait that would reach it ends the retries at once
-//!   (`deadline_exceeded`); the layer never sleeps past it and starts no attempt after it.
-//!   (Bounding a single attempt in flight is the work of `StreamGuardLayer`'s timeouts.)
+//!   (`deadline_exceeded`); the layer never sleeps past it and starts no attempt after it. An
+//!   attempt still in flight at the deadline (no response head, or its error body still
+//!   arriving) is cancelled, logged as a timeout stopped by the deadline, and the caller gets
+//!   [`ErrorKind::DeadlineExceeded`](crate::ErrorKind::DeadlineExceeded). (Bounding the time
+//!   to a first token, and a stream after its head, is the work of `StreamGuardLayer`.)
 //! - **The retry budget.** Each retry withdraws from a shared [`RetryBudget`](crate::RetryBudget):
 //!   the one `BudgetLayer` put into the request extensions, else the layer's own. A denied retry
-//!   is a `retry_budget_denied` stop and a local event in the log. The layer deposits into its
+//!   is a `retry_budget_denied` stop and a local event in the log. A granted retry that makes no
+//!   call — an open circuit inside refused it, readiness failed, or the request was dropped
+//!   while it waited — gives its withdrawal back. The layer deposits into its
 //!   own budget once per logical request; a budget that came in the extensions is deposited
 //!   into by the layer that put it there.
 //! - **The spend cap.** When the request carries a [`SpendGate`](crate::context::SpendGate)

@@ -984,6 +984,76 @@ async fn an_open_circuit_inside_stops_at_once_without_an_attempt() {
     ));
 }
 
+/// A budget holding exactly `n` retries, with no deposits.
+fn budget_of(n: u32) -> RetryBudget {
+    RetryBudget::new(&crate::policy::RetryBudgetPolicy::TokenBucket {
+        capacity: n,
+        refill_per_sec: 0.0,
+        per_request: 0.0,
+    })
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_an_open_circuit_refuses_gives_its_budget_back() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    // The first attempt gets a 503; the retry finds the circuit open and makes no call.
+    let inner = tower::service_fn(move |_req: Request<Full<Bytes>>| {
+        let n = seen.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                Ok(respond(503, TestBody::full(body_of(503))))
+            } else {
+                Err(Error::new(ErrorKind::CircuitOpen {
+                    route: "api.test".into(),
+                    retry_in: Duration::from_secs(5),
+                }))
+            }
+        }
+    });
+    let budget = budget_of(1);
+    let mut svc = tower::Layer::layer(&layer(retry_policy()).retry_budget(budget.clone()), inner);
+    let out = svc
+        .ready()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .call(post("{}"))
+        .await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert!(matches!(
+        out.as_ref().err().map(|e| e.kind().clone()),
+        Some(ErrorKind::CircuitOpen { .. })
+    ));
+    assert_eq!(log_of(&out).attempt_count(), 1);
+    assert_eq!(budget.available(), 1, "the refused retry cost nothing");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_dropped_during_its_backoff_gives_the_retry_back() {
+    let budget = budget_of(1);
+    let p = Provider::new([Step::Status(503)]);
+    let mut svc = tower::Layer::layer(
+        &layer(retry_policy()).retry_budget(budget.clone()),
+        p.clone(),
+    );
+    let call = ServiceExt::<Request<Full<Bytes>>>::ready(&mut svc)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .call(post("{}"));
+    // One poll: the 503 is in, the retry is granted and the future sleeps.
+    let mut call = Box::pin(call);
+    let waker = std::task::Waker::noop();
+    assert!(
+        call.as_mut()
+            .poll(&mut Context::from_waker(waker))
+            .is_pending()
+    );
+    assert_eq!((p.count(), budget.available()), (1, 0));
+    drop(call);
+    assert_eq!(budget.available(), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn from_policy_uses_the_whole_policy() {
     let mut policy = Policy::batch();

@@ -37,7 +37,7 @@
 //! | the body broke | `StreamFailed`, class `transport` |
 //! | an in-band error event | `StreamFailed`, classified like its HTTP equivalent (an `overloaded_error` is `overloaded`) |
 //! | the stream ended with neither terminal marker nor finish reason | `StreamFailed`, class `transport` |
-//! | more than `max_buffer` bytes held back | `StreamFailed`, class `transport` |
+//! | more than `max_buffer` bytes held back | `StreamFailed`, class `invalid_request`: the same request would outgrow the buffer again, so it is not retried |
 //! | a policy or safety block (`finish_reason: content_filter`, `stop_reason: refusal`, `finishReason: SAFETY`, `blockReason`) | [`ErrorKind::FailedClosed`](crate::ErrorKind::FailedClosed) with class `policy_block`: not retried, no other route |
 //!
 //! # After the commit point
