@@ -663,6 +663,14 @@ impl fmt::Debug for AttemptLog {
     }
 }
 
+/// The log as its [`LogSnapshot`] serializes it, taken at the moment of serializing.
+#[cfg(feature = "serde")]
+impl serde::Serialize for AttemptLog {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.snapshot().serialize(serializer)
+    }
+}
+
 /// A compact table: one line per attempt, then the local decisions and the outcome.
 impl fmt::Display for AttemptLog {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -894,5 +902,23 @@ mod tests {
         let (a, created) = AttemptLog::get_or_insert(&mut req);
         let (b, again) = AttemptLog::get_or_insert(&mut req);
         assert!(created && !again && a.ptr_eq(&b));
+    }
+
+    #[cfg(feature = "serde")]
+    #[test]
+    fn the_log_serializes_as_its_snapshot() {
+        let log = AttemptLog::new();
+        log.set_requested_route(RouteName::new("primary"));
+        log.event(
+            Some(RouteName::new("primary")),
+            LocalEventKind::RetryBudgetDenied,
+        );
+        let direct = serde_json::to_value(&log).unwrap_or_default();
+        assert_eq!(
+            direct,
+            serde_json::to_value(log.snapshot()).unwrap_or_default()
+        );
+        assert_eq!(direct["requested_route"], "primary");
+        assert_eq!(direct["events"].as_array().map(Vec::len), Some(1));
     }
 }

@@ -176,3 +176,8 @@ pub use error::{BoxError, Error, ErrorKind, StreamCause};
 pub use policy::{Policy, PolicyError};
 pub use retry_budget::RetryBudget;
 pub use stack::{ResilienceLayer, Resilient, ServiceBuilderExt};
+
+// The README's code compiles, as the crate docs' does.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -116,6 +116,29 @@ impl<S> Layer<S> for ResilienceLayer {
 
 impl Policy {
     /// The whole stack for this policy: [`ResilienceLayer::new`].
+    ///
+    /// A policy file (feature `serde`) and the stack around a client, in two lines:
+    ///
+    /// ```
+    /// # #[cfg(feature = "serde")]
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tower::ServiceBuilder;
+    /// use tower_llm_resilience::Policy;
+    /// # let client = tower::service_fn(|_req: http::Request<String>| async {
+    /// #     Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+    /// # });
+    ///
+    /// let policy = toml::from_str::<Policy>(&std::fs::read_to_string("examples/policy.toml")?)?;
+    /// let service = ServiceBuilder::new().layer(policy.layer()?).service(client);
+    /// # drop(service);
+    /// # Ok(())
+    /// # }
+    /// # #[cfg(not(feature = "serde"))]
+    /// # fn main() {}
+    /// ```
+    ///
+    /// `layer` validates the policy first, so a bad value in the file is a [`PolicyError`]
+    /// naming its field.
     pub fn layer(&self) -> Result<ResilienceLayer, PolicyError> {
         ResilienceLayer::new(self)
     }

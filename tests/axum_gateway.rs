@@ -540,17 +540,24 @@ fn every_error_kind_maps_to_its_documented_answer() {
         answer(Error::new(ErrorKind::DeadlineExceeded)),
         (504, "deadline_exceeded", None, None)
     );
-    for (class, status) in [
-        (FailureClass::PolicyBlock, 400),
-        (FailureClass::InvalidRequest, 400),
-        (FailureClass::ContextOverflow, 400),
-        (FailureClass::Auth, 401),
-        (FailureClass::QuotaExhausted, 402),
-        (FailureClass::RateLimited, 429),
-        (FailureClass::Overloaded, 503),
-        (FailureClass::Timeout, 504),
-        (FailureClass::ServerError, 502),
-    ] {
+    // Every class, so a new one cannot go unmapped unnoticed.
+    for class in FailureClass::ALL {
+        let status = match class {
+            FailureClass::PolicyBlock
+            | FailureClass::InvalidRequest
+            | FailureClass::ContextOverflow => 400,
+            FailureClass::Auth => 401,
+            FailureClass::QuotaExhausted => 402,
+            FailureClass::Conflict => 409,
+            FailureClass::RateLimited => 429,
+            FailureClass::Overloaded => 503,
+            FailureClass::Timeout => 504,
+            FailureClass::Connect
+            | FailureClass::Transport
+            | FailureClass::ServerError
+            | FailureClass::StreamInterrupted => 502,
+            other => panic!("{other} has no documented answer"),
+        };
         let e = Error::new(ErrorKind::FailedClosed { class });
         assert_eq!(
             answer(e),

@@ -4,6 +4,8 @@
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,8 +13,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Full};
 use proptest::prelude::*;
 use tower_llm_resilience::classify::{
-    Classification, Classifier, DefaultClassifier, FailureClass, HintSource, SharedClassifier,
-    classify_stream_error,
+    Classification, Classifier, DEFAULT_PEEK_LIMIT, DefaultClassifier, FailureClass, HintSource,
+    SharedClassifier, classify_stream_error,
 };
 
 use FailureClass::*;
@@ -1352,4 +1354,295 @@ fn ordinary_events_are_not_errors() {
     ] {
         assert_eq!(classify_stream_error(data.as_bytes()), None, "{data}");
     }
+}
+
+// ------------------------------------------------------------- the error-body peek bound
+
+/// A body of fixed chunks that counts how often it was polled and how many frames it gave,
+/// optionally answering `Pending` (and waking itself) before every chunk.
+struct CountingBody {
+    chunks: std::collections::VecDeque<Bytes>,
+    polls: Arc<AtomicUsize>,
+    frames: Arc<AtomicUsize>,
+    pending_first: bool,
+    pending_now: bool,
+}
+
+impl CountingBody {
+    fn new(chunks: impl IntoIterator<Item = Bytes>, pending_first: bool) -> Self {
+        Self {
+            chunks: chunks.into_iter().collect(),
+            polls: Arc::default(),
+            frames: Arc::default(),
+            pending_first,
+            pending_now: pending_first,
+        }
+    }
+}
+
+impl http_body::Body for CountingBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.polls.fetch_add(1, Ordering::SeqCst);
+        if self.pending_now {
+            self.pending_now = false;
+            cx.waker().wake_by_ref();
+            return std::task::Poll::Pending;
+        }
+        self.pending_now = self.pending_first;
+        match self.chunks.pop_front() {
+            Some(chunk) => {
+                self.frames.fetch_add(1, Ordering::SeqCst);
+                std::task::Poll::Ready(Some(Ok(http_body::Frame::data(chunk))))
+            }
+            None => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.chunks.is_empty() && !self.pending_now
+    }
+}
+
+/// A classifier that records the length of the body prefix it was given, then defers to the
+/// default one.
+#[derive(Clone, Default)]
+struct Recording(Arc<std::sync::Mutex<Vec<usize>>>);
+
+impl Classifier for Recording {
+    fn classify_response(
+        &self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Classification {
+        self.0.lock().unwrap().push(body.len());
+        DefaultClassifier::default().classify_response(status, headers, body)
+    }
+
+    fn classify_error(&self, error: &(dyn StdError + 'static)) -> Classification {
+        DefaultClassifier::default().classify_error(error)
+    }
+}
+
+/// An OpenAI quota body of exactly `len` bytes whose deciding fields come after a padded
+/// message: `{"error":{"message":"xxx…","type":"insufficient_quota","code":"insufficient_quota"}}`.
+fn quota_body_after_message(len: usize) -> Vec<u8> {
+    let head = r#"{"error":{"message":""#;
+    let tail = r#"","type":"insufficient_quota","code":"insufficient_quota"}}"#;
+    let pad = len - head.len() - tail.len();
+    let body = format!("{head}{}{tail}", "x".repeat(pad));
+    assert_eq!(body.len(), len);
+    body.into_bytes()
+}
+
+fn response_429<B>(body: B) -> http::Response<B> {
+    http::Response::builder()
+        .status(429)
+        .header("x-request-id", "req_big")
+        .body(body)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_error_body_past_the_peek_bound_is_classified_by_status_and_kept_whole() {
+    assert_eq!(DEFAULT_PEEK_LIMIT, 64 * 1024);
+    assert_eq!(SharedClassifier::default().peek_limit(), DEFAULT_PEEK_LIMIT);
+    // the deciding fields start beyond the bound: the JSON the classifier sees is cut
+    let body = quota_body_after_message(DEFAULT_PEEK_LIMIT + 4096);
+    let type_at = memchr_find(&body, b"insufficient_quota");
+    assert!(type_at > DEFAULT_PEEK_LIMIT, "{type_at}");
+    // the same bytes, whole, are a quota error: only the bound makes the difference
+    assert_eq!(classify(429, &[], &body).class, Some(QuotaExhausted));
+
+    let rec = Recording::default();
+    let shared = SharedClassifier::new(rec.clone());
+    let (resp, c) = shared
+        .classify_response(response_429(Full::new(Bytes::from(body.clone()))))
+        .await;
+    assert_eq!(
+        *rec.0.lock().unwrap(),
+        [DEFAULT_PEEK_LIMIT],
+        "saw exactly the bound"
+    );
+    assert_eq!(c.class, Some(RateLimited));
+    assert_eq!(c.status, Some(StatusCode::TOO_MANY_REQUESTS));
+    assert_eq!(c.error_type, None);
+    assert_eq!(c.error_code, None);
+    assert_eq!(c.request_id.as_deref(), Some("req_big"));
+    assert_eq!(resp.extensions().get::<Classification>(), Some(&c));
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(bytes.len(), body.len());
+    assert_eq!(&bytes[..], &body[..], "handed back byte for byte");
+
+    // a raised bound reads it all and finds the quota
+    let (resp, c) = SharedClassifier::default()
+        .with_peek_limit(1 << 20)
+        .classify_response(response_429(Full::new(Bytes::from(body.clone()))))
+        .await;
+    assert_eq!(c.class, Some(QuotaExhausted));
+    assert_eq!(c.error_code.as_deref(), Some("insufficient_quota"));
+    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), body);
+}
+
+#[tokio::test]
+async fn the_peek_bound_is_exact_to_the_byte() {
+    // exactly 64 KiB: all of it is seen, the quota is found
+    let fits = quota_body_after_message(DEFAULT_PEEK_LIMIT);
+    let (resp, c) = SharedClassifier::default()
+        .classify_response(response_429(Full::new(Bytes::from(fits.clone()))))
+        .await;
+    assert_eq!(c.class, Some(QuotaExhausted));
+    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), fits);
+    // one byte more: the closing brace falls past the bound, the JSON is cut
+    let cut = quota_body_after_message(DEFAULT_PEEK_LIMIT + 1);
+    let (resp, c) = SharedClassifier::default()
+        .classify_response(response_429(Full::new(Bytes::from(cut.clone()))))
+        .await;
+    assert_eq!(c.class, Some(RateLimited));
+    assert_eq!(c.error_code, None);
+    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), cut);
+}
+
+#[tokio::test]
+async fn a_complete_json_before_the_bound_still_decides_whatever_follows() {
+    // the JSON ends early; whitespace padding runs far past the bound
+    let json = r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}"#;
+    let body = format!("{json}{}", " ".repeat(3 * DEFAULT_PEEK_LIMIT)).into_bytes();
+    let rec = Recording::default();
+    let (resp, c) = SharedClassifier::new(rec.clone())
+        .classify_response(response_429(Full::new(Bytes::from(body.clone()))))
+        .await;
+    assert_eq!(*rec.0.lock().unwrap(), [DEFAULT_PEEK_LIMIT]);
+    assert_eq!(c.class, Some(QuotaExhausted));
+    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), body);
+}
+
+#[tokio::test]
+async fn many_small_chunks_past_the_bound_are_read_only_up_to_it_and_kept_whole() {
+    const CHUNK: usize = 1000;
+    for pending in [false, true] {
+        let body = quota_body_after_message(200 * CHUNK + 17);
+        let chunks: Vec<Bytes> = body.chunks(CHUNK).map(Bytes::copy_from_slice).collect();
+        assert_eq!(chunks.len(), 201);
+        let counting = CountingBody::new(chunks, pending);
+        let (polls, frames) = (counting.polls.clone(), counting.frames.clone());
+        let rec = Recording::default();
+        let (resp, c) = SharedClassifier::new(rec.clone())
+            .classify_response(response_429(counting))
+            .await;
+        assert_eq!(
+            *rec.0.lock().unwrap(),
+            [DEFAULT_PEEK_LIMIT],
+            "pending: {pending}"
+        );
+        assert_eq!(c.class, Some(RateLimited), "pending: {pending}");
+        assert_eq!(c.error_code, None);
+        // it stopped at the first chunk that reached the bound: 66 × 1000 ≥ 65 536 > 65 × 1000
+        let needed = DEFAULT_PEEK_LIMIT.div_ceil(CHUNK);
+        assert_eq!(needed, 66);
+        assert_eq!(frames.load(Ordering::SeqCst), needed, "pending: {pending}");
+        let expected_polls = if pending { 2 * needed } else { needed };
+        assert_eq!(
+            polls.load(Ordering::SeqCst),
+            expected_polls,
+            "pending: {pending}"
+        );
+        // the rest is still there, in order
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(frames.load(Ordering::SeqCst), 201);
+        assert_eq!(bytes.len(), body.len(), "pending: {pending}");
+        assert_eq!(&bytes[..], &body[..], "pending: {pending}");
+    }
+}
+
+#[tokio::test]
+async fn a_success_body_is_never_read_by_the_classifier() {
+    // a quota JSON inside a 200 must not even be looked at
+    let json = r#"{"error":{"type":"insufficient_quota","code":"insufficient_quota"}}"#;
+    let mut body = json.as_bytes().to_vec();
+    body.extend(std::iter::repeat_n(b' ', 2 * DEFAULT_PEEK_LIMIT));
+    let chunks: Vec<Bytes> = body.chunks(4096).map(Bytes::copy_from_slice).collect();
+    let n = chunks.len();
+    let counting = CountingBody::new(chunks, true);
+    let (polls, frames) = (counting.polls.clone(), counting.frames.clone());
+    let rec = Recording::default();
+    let resp = http::Response::builder()
+        .status(200)
+        .header("x-request-id", "req_ok")
+        .body(counting)
+        .unwrap();
+    let (resp, c) = SharedClassifier::new(rec.clone())
+        .classify_response(resp)
+        .await;
+    assert_eq!(
+        polls.load(Ordering::SeqCst),
+        0,
+        "polled before being handed back"
+    );
+    assert_eq!(frames.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        *rec.0.lock().unwrap(),
+        [0],
+        "the classifier got an empty body"
+    );
+    assert!(c.is_success());
+    assert_eq!(c.status, Some(StatusCode::OK));
+    assert_eq!(c.request_id.as_deref(), Some("req_ok"));
+    assert_eq!(resp.extensions().get::<Classification>(), Some(&c));
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(frames.load(Ordering::SeqCst), n);
+    assert_eq!(&bytes[..], &body[..]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_success_body_that_would_stall_is_handed_back_at_once() {
+    // a body that never yields a frame: if the classifier polled it, this would hang
+    let polls = Arc::new(AtomicUsize::new(0));
+    let stalled = StallBody(polls.clone());
+    let resp = http::Response::builder().status(200).body(stalled).unwrap();
+    let (resp, c) = tokio::time::timeout(
+        Duration::from_secs(1),
+        SharedClassifier::default().classify_response(resp),
+    )
+    .await
+    .expect("the classifier waited on a success body");
+    assert!(c.is_success());
+    assert_eq!(polls.load(Ordering::SeqCst), 0);
+    // the body is the caller's: it is still the stalled one
+    let mut body = resp.into_body();
+    let next = tokio::time::timeout(Duration::from_secs(5), body.frame()).await;
+    assert!(next.is_err(), "a stalled body yields nothing");
+    // the caller's polls reach the stalled body itself (tokio's timeout polls it again when
+    // the timer fires)
+    assert!(polls.load(Ordering::SeqCst) >= 1);
+}
+
+/// A body that counts its polls and never yields a frame (nor wakes anyone).
+struct StallBody(Arc<AtomicUsize>);
+
+impl http_body::Body for StallBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        std::task::Poll::Pending
+    }
+}
+
+/// The first position of `needle` in `haystack` (panics when absent).
+fn memchr_find(haystack: &[u8], needle: &[u8]) -> usize {
+    haystack
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("needle present")
 }

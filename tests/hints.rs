@@ -5,6 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use proptest::prelude::*;
+use tower_llm_resilience::attempt_log::WaitSource;
 use tower_llm_resilience::backoff::{JitterSource, NextWait, next_wait};
 use tower_llm_resilience::classify::hints::{
     HintSource, MAX_HINT, WaitHint, rate_limit_status, should_retry, wait_hint,
@@ -661,15 +662,32 @@ proptest! {
         let jitter_source = JitterSource::seeded(seed);
         for r in [0, retry] {
             match next_wait(&curve, r, None, hint.map(|h| h.wait), cap, &jitter_source) {
-                NextWait::Wait { wait, .. } => {
-                    prop_assert!(wait <= cap.max(curve.cap), "{:?} > cap {:?}", wait, cap);
-                    if let Some(h) = hint {
-                        prop_assert!(wait >= h.wait, "a server hint is a floor");
-                    }
+                NextWait::Wait { wait, source: WaitSource::Server } => {
+                    let Some(h) = hint else {
+                        return Err(TestCaseError::fail(format!("server wait {wait:?} without a hint")));
+                    };
+                    // the hint is whole milliseconds (asserted above), so it is its own floor
+                    prop_assert!(wait >= h.wait, "a server hint is a floor: {:?} < {:?}", wait, h.wait);
+                    prop_assert!(wait <= cap, "server wait {:?} > max_server_wait {:?}", wait, cap);
+                    prop_assert!(
+                        wait <= h.wait + h.wait / 5,
+                        "server wait {:?} > hint {:?} plus a fifth",
+                        wait,
+                        h.wait
+                    );
+                }
+                NextWait::Wait { wait, source: WaitSource::Backoff } => {
+                    prop_assert!(hint.is_none(), "backoff wait {:?} despite hint {:?}", wait, hint);
+                    prop_assert!(wait <= curve.cap, "backoff wait {:?} > curve cap {:?}", wait, curve.cap);
                 }
                 NextWait::AboveCap { hint: asked } => {
                     prop_assert_eq!(Some(asked), hint.map(|h| h.wait));
                     prop_assert!(asked > cap);
+                }
+                NextWait::Wait { wait, source } => {
+                    return Err(TestCaseError::fail(format!(
+                        "wait {wait:?} from an unknown source {source:?}"
+                    )));
                 }
             }
         }
@@ -681,4 +699,89 @@ proptest! {
             prop_assert!(h.wait > Duration::ZERO && h.wait <= MAX_HINT);
         }
     }
+}
+
+/// `d` rounded up to the whole millisecond (what `next_wait` documents for a server floor).
+fn ceil_ms(d: Duration) -> Duration {
+    match d.subsec_nanos() % 1_000_000 {
+        0 => d,
+        rem => d + Duration::from_nanos(u64::from(1_000_000 - rem)),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2048))]
+
+    /// Any hint (not only whole milliseconds from headers): the wait is the hint rounded up to
+    /// the millisecond, plus at most a fifth of the hint, never past `max_server_wait`.
+    #[test]
+    fn server_wait_is_the_rounded_hint_plus_at_most_a_fifth(
+        hint_ns in 1u64..3_600_000_000_000,
+        cap_extra_ns in prop_oneof![Just(0u64), 0u64..1_000_000, 0u64..1_000_000_000_000],
+        base_ms in 1u64..10_000,
+        seed in any::<u64>(),
+    ) {
+        let hint = Duration::from_nanos(hint_ns);
+        let cap = hint + Duration::from_nanos(cap_extra_ns);
+        // a tiny curve: a server wait must not be bounded by (or confused with) the curve
+        let curve = BackoffPolicy::new(ms(base_ms), ms(base_ms)).jitter(Jitter::Full);
+        let jitter_source = JitterSource::seeded(seed);
+        let lo = ceil_ms(hint).min(cap);
+        let hi = (ceil_ms(hint) + hint / 5).min(cap);
+        for retry in 0..4 {
+            match next_wait(&curve, retry, None, Some(hint), cap, &jitter_source) {
+                NextWait::Wait { wait, source } => {
+                    prop_assert_eq!(source, WaitSource::Server);
+                    prop_assert!(wait >= hint, "{:?} < hint {:?}", wait, hint);
+                    prop_assert!(wait >= lo, "{:?} < rounded floor {:?}", wait, lo);
+                    prop_assert!(wait <= hi, "{:?} > bound {:?} (hint {:?}, cap {:?})", wait, hi, hint, cap);
+                }
+                other => return Err(TestCaseError::fail(format!("{other:?} for hint {hint:?} <= cap {cap:?}"))),
+            }
+        }
+        // one nanosecond above the cap: no wait at all
+        let above = cap + Duration::from_nanos(1);
+        prop_assert_eq!(
+            next_wait(&curve, 0, None, Some(above), cap, &jitter_source),
+            NextWait::AboveCap { hint: above }
+        );
+    }
+}
+
+#[test]
+fn server_jitter_is_added_but_stops_at_the_cap() {
+    let curve = BackoffPolicy::new(ms(100), ms(100));
+    let hint = ms(10_000);
+    // room for the whole fifth: some jitter shows up, none beyond 12 s
+    let j = JitterSource::seeded(11);
+    let waits: Vec<Duration> = (0..200)
+        .map(
+            |_| match next_wait(&curve, 0, None, Some(hint), ms(60_000), &j) {
+                NextWait::Wait { wait, .. } => wait,
+                other => panic!("{other:?}"),
+            },
+        )
+        .collect();
+    assert!(
+        waits.iter().all(|w| *w >= hint && *w <= ms(12_000)),
+        "{waits:?}"
+    );
+    assert!(
+        waits.iter().any(|w| *w > ms(11_000)),
+        "jitter reaches into the fifth"
+    );
+    // the cap leaves 500 ms of room: jitter is clipped there, never past
+    let waits: Vec<Duration> = (0..200)
+        .map(
+            |_| match next_wait(&curve, 0, None, Some(hint), ms(10_500), &j) {
+                NextWait::Wait { wait, .. } => wait,
+                other => panic!("{other:?}"),
+            },
+        )
+        .collect();
+    assert!(
+        waits.iter().all(|w| *w >= hint && *w <= ms(10_500)),
+        "{waits:?}"
+    );
+    assert!(waits.contains(&ms(10_500)), "clipped at the cap");
 }

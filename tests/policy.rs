@@ -90,6 +90,15 @@ const CASES: &[Case] = &[
         p.circuit_breaker.half_open_probes = 0
     }),
     ("fallback.primary", |p| p.fallback.primary = String::new()),
+    ("fallback.primary", |p| {
+        p.fallback.primary = "caf\u{e9}".into()
+    }),
+    ("fallback.primary", |p| {
+        p.fallback.primary = "gpt\t4o".into()
+    }),
+    ("fallback.routes[0].name", |p| {
+        p.fallback.routes = vec![RouteConfig::new("backup\u{7f}")]
+    }),
     ("fallback.max_total_attempts", |p| {
         p.fallback.max_total_attempts = 0
     }),
@@ -120,7 +129,7 @@ const CASES: &[Case] = &[
     ("fallback.routes[0].set_headers", |p| {
         p.fallback.routes = vec![RouteConfig::new("b").set_header("Authorization", "Bearer other")];
     }),
-    ("fallback.routes[0].set_headers", |p| {
+    ("fallback.routes[0].remove_headers", |p| {
         p.fallback.routes = vec![RouteConfig::new("b").remove_header("x-api-key")];
     }),
     ("fallback.routes[0].model", |p| {
@@ -304,6 +313,97 @@ fn every_policy_error_names_its_field() {
 }
 
 #[test]
+fn a_primary_route_name_must_be_visible_ascii() {
+    // it travels in the `x-llm-route` response header
+    for bad in [
+        "gpt-4o\u{e9}",
+        "\u{1f916}-route",
+        "gpt\t4o",
+        "line\nbreak",
+        "nul\0",
+        "del\u{7f}",
+        "nbsp\u{a0}x",
+    ] {
+        let mut p = Policy::interactive();
+        p.fallback.primary = bad.to_owned();
+        let e = p.validate().expect_err(bad);
+        assert_eq!(e.field(), "fallback.primary", "{bad:?}: {e}");
+        assert_eq!(
+            e.reason(),
+            format!("{bad:?} must be visible ASCII (it is sent in a header)"),
+            "{bad:?}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("invalid policy: `fallback.primary` "),
+            "{e}"
+        );
+    }
+    // visible ASCII and the space are fine
+    let mut p = Policy::interactive();
+    p.fallback.primary = "openai gpt-4o (eu) ~#1".to_owned();
+    assert_eq!(p.validate(), Ok(()));
+}
+
+#[cfg(feature = "serde")]
+#[test]
+fn from_json_reports_a_non_ascii_primary_by_its_field() {
+    let e = Policy::from_json(r#"{"fallback":{"primary":"gpt-4o\u00e9"}}"#)
+        .expect_err("non-ASCII primary");
+    assert_eq!(e.field(), "fallback.primary", "{e}");
+    assert!(e.reason().contains("visible ASCII"), "{e}");
+}
+
+#[cfg(feature = "serde")]
+#[test]
+fn from_json_names_json_as_the_field_and_says_why() {
+    let cases: &[(&str, &[&str])] = &[
+        ("{not json", &["key must be a string", "line 1 column 2"]),
+        ("{\"retry\":", &["EOF while parsing", "line 1 column 9"]),
+        ("", &["a policy is a JSON object"]),
+        ("42", &["a policy is a JSON object"]),
+        // serde's derive would read an array as the fields in order
+        ("[\"support\"]", &["a policy is a JSON object"]),
+        (
+            "{\"retry\":{\"max_attempts\":\"three\"}}",
+            &["invalid type: string \"three\"", "expected u32"],
+        ),
+        ("{\"workflow\":\"a\"} trailing", &["trailing characters"]),
+        // unknown keys: at the top, and inside a section
+        (
+            "{\"retyr\":{}}",
+            &["unknown field `retyr`", "expected one of"],
+        ),
+        (
+            "{\"retry\":{\"max_atempts\":3}}",
+            &["unknown field `max_atempts`", "max_attempts"],
+        ),
+        (
+            "{\"fallback\":{\"routes\":[{\"name\":\"b\",\"modle\":\"x\"}]}}",
+            &["unknown field `modle`"],
+        ),
+    ];
+    for (json, why) in cases {
+        let e = Policy::from_json(json).expect_err(json);
+        assert_eq!(e.field(), "<json>", "{json}: {e}");
+        for w in *why {
+            assert!(
+                e.reason().contains(w),
+                "{json}: {:?} lacks {w:?}",
+                e.reason()
+            );
+        }
+        assert!(
+            e.to_string().starts_with("invalid policy: `<json>` "),
+            "{e}"
+        );
+    }
+    // the same keys spelled right are accepted: the errors above are about the typos
+    assert!(Policy::from_json("{\"retry\":{\"max_attempts\":3}}").is_ok());
+    assert!(Policy::from_json("{}").is_ok());
+}
+
+#[test]
 fn presets_are_valid_and_differ_where_the_workflows_do() {
     let i = Policy::interactive()
         .validated()
@@ -383,8 +483,35 @@ mod files {
     }
 
     #[test]
-    fn example_json_loads_and_validates() {
-        let p = Policy::from_json(&example("policy.json")).unwrap_or_else(|e| panic!("{e}"));
+    fn example_json_is_the_twin_of_the_toml() {
+        let from_toml: Policy =
+            toml::from_str(&example("policy.toml")).unwrap_or_else(|e| panic!("{e}"));
+        let from_toml = from_toml.validated().unwrap_or_else(|e| panic!("{e}"));
+        let from_json =
+            Policy::from_json(&example("policy.json")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(from_json, from_toml);
+        assert_eq!(format!("{from_json:?}"), format!("{from_toml:?}"));
+        assert_eq!(
+            serde_json::to_value(&from_json).unwrap(),
+            serde_json::to_value(&from_toml).unwrap()
+        );
+        // not only the same policy: the same keys and values written, section by section
+        let toml_tree: toml::Value =
+            toml::from_str(&example("policy.toml")).unwrap_or_else(|e| panic!("{e}"));
+        let toml_tree = serde_json::to_value(toml_tree).unwrap();
+        let json_tree: serde_json::Value =
+            serde_json::from_str(&example("policy.json")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(json_tree, toml_tree);
+        // and it is the support-chat policy, not a preset
+        assert_eq!(from_json.workflow, "support-chat");
+        assert_ne!(from_json, Policy::interactive());
+        assert_eq!(from_json.fallback.primary, "openai-gpt-4o");
+        assert_eq!(from_json.fallback.routes.len(), 2);
+    }
+
+    #[test]
+    fn example_batch_json_loads_and_validates() {
+        let p = Policy::from_json(&example("policy-batch.json")).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(p.workflow, "nightly-summaries");
         assert_eq!(p.stream.commit, CommitPoint::End);
         assert_eq!(
@@ -402,6 +529,33 @@ mod files {
             p.stream.for_route(Some("bedrock-sonnet")).idle_timeout,
             Some(Duration::from_secs(90))
         );
+        let twin = Policy::from_json(&example("policy.json")).unwrap_or_else(|e| panic!("{e}"));
+        assert_ne!(p, twin);
+    }
+
+    #[test]
+    fn every_example_policy_file_validates() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let mut seen = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let p = match path.extension().and_then(|e| e.to_str()) {
+                Some("json") => Policy::from_json(&example(&name)),
+                Some("toml") => toml::from_str::<Policy>(&example(&name))
+                    .map_err(|e| PolicyError::new("<toml>", e.to_string()))
+                    .and_then(Policy::validated),
+                _ => continue,
+            };
+            p.unwrap_or_else(|e| panic!("{name}: {e}"));
+            seen.push(name);
+        }
+        for name in ["policy-batch.json", "policy.json", "policy.toml"] {
+            assert!(
+                seen.iter().any(|s| s == name),
+                "{name} missing from {seen:?}"
+            );
+        }
     }
 
     #[test]

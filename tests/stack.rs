@@ -247,3 +247,129 @@ async fn the_policys_tracing_switch_governs_the_whole_stack() -> Result<(), BoxE
     }
     Ok(())
 }
+
+#[tokio::test(start_paused = true)]
+async fn each_attempt_is_one_tracing_event_with_stable_fields() -> Result<(), BoxError> {
+    let mock = MockProvider::start().await?;
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        [Reply::openai_overloaded(), Reply::ok()],
+    );
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let service = ServiceBuilder::new()
+        .llm_resilience(&policy_with_backup(&mock))?
+        .service(testing::client());
+    let response = service
+        .oneshot(testing::chat_request(&mock.url(), "gpt-4o", false))
+        .await?;
+    assert_eq!(response.status(), 200);
+    let text =
+        String::from_utf8_lossy(&captured.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    let attempts: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("tower_llm_resilience::attempt: attempt "))
+        .collect();
+    assert_eq!(attempts.len(), 2, "{text}");
+    for (n, line) in attempts.iter().enumerate() {
+        for field in [
+            format!("attempt={n} "),
+            format!("http.request.resend_count={n} "),
+            "route=\"primary\"".to_owned(),
+            "offset_ms=".to_owned(),
+            "latency_ms=".to_owned(),
+        ] {
+            assert!(line.contains(&field), "{field} in {line}");
+        }
+    }
+    assert!(
+        attempts[0].contains("status=503") && attempts[0].contains("class=\"overloaded\""),
+        "{}",
+        attempts[0]
+    );
+    assert!(attempts[1].contains("status=200"), "{}", attempts[1]);
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_five_builder_methods_make_the_same_ladder_as_resilience_layer() -> Result<(), BoxError>
+{
+    let mock = MockProvider::start().await?;
+    let policy = policy_with_backup(&mock);
+    let chained = ServiceBuilder::new()
+        .llm_budget(&policy)?
+        .llm_fallback(&policy)?
+        .llm_retry(&policy)?
+        .llm_circuit_breaker(&policy)?
+        .llm_stream_guard(&policy)?
+        .service(testing::client());
+    let whole = ServiceBuilder::new()
+        .llm_resilience(&policy)?
+        .service(testing::client());
+    let mut seen = Vec::new();
+    // The same type, `Resilient<S>`, whichever way it is built.
+    for service in [chained, whole] {
+        // Overload twice, then a stream that stalls before its first token: retried, then
+        // the backup serves once the primary's attempts are spent.
+        mock.script(
+            ScriptKey::model("gpt-4o"),
+            [
+                Reply::openai_overloaded(),
+                Reply::openai_overloaded(),
+                Reply::openai_stream("gpt-4o", &["never"]).stall_after(0),
+            ],
+        );
+        mock.script(
+            ScriptKey::model("backup-model"),
+            [Reply::openai_stream("backup-model", &["Hel", "lo"])],
+        );
+        let before = mock.request_count();
+        let response = service
+            .oneshot(testing::chat_request(&mock.url(), "gpt-4o", true))
+            .await?;
+        let log = response
+            .extensions()
+            .get::<AttemptLog>()
+            .ok_or("log")?
+            .clone();
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        let snap = log.snapshot();
+        let chain: Vec<(String, Option<FailureClass>)> = snap
+            .attempts
+            .iter()
+            .map(|a| {
+                let route = a.route.as_ref().map(RouteName::as_str).unwrap_or("?");
+                (route.to_owned(), a.class)
+            })
+            .collect();
+        // The mock numbers its answers; the rest of the bytes must match.
+        let text = String::from_utf8_lossy(&body)
+            .split("chatcmpl-mock-")
+            .map(|part| part.trim_start_matches(|c: char| c.is_ascii_digit()))
+            .collect::<Vec<_>>()
+            .join("chatcmpl-mock-");
+        seen.push((status, text, chain, mock.request_count() - before));
+    }
+    assert_eq!(seen[0], seen[1], "one ladder, however it is built");
+    let (status, body, chain, calls) = &seen[0];
+    assert_eq!(*status, 200);
+    assert!(body.contains("\"model\":\"backup-model\"") && body.ends_with("data: [DONE]\n\n"));
+    assert_eq!(
+        chain,
+        &[
+            ("primary".to_owned(), Some(FailureClass::Overloaded)),
+            ("primary".to_owned(), Some(FailureClass::Overloaded)),
+            ("primary".to_owned(), Some(FailureClass::Timeout)),
+            ("backup".to_owned(), None),
+        ]
+    );
+    assert_eq!(*calls, 4);
+    Ok(())
+}

@@ -209,6 +209,11 @@ impl Policy {
     /// Parses and validates a JSON policy.
     #[cfg(feature = "serde")]
     pub fn from_json(json: &str) -> Result<Self, PolicyError> {
+        // serde's derive would also take an array of fields by position: a policy file is an
+        // object of named sections.
+        if !json.trim_start().starts_with('{') {
+            return Err(PolicyError::new("<json>", "a policy is a JSON object"));
+        }
         let policy: Policy =
             serde_json::from_str(json).map_err(|e| PolicyError::new("<json>", e.to_string()))?;
         policy.validated()
