@@ -10,6 +10,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 use tokio::time::{Instant, timeout};
+use tower_llm_resilience::classify::{Classifier, DefaultClassifier, FailureClass};
 use tower_llm_resilience::testing::{
     MockProvider, RecordedRequest, Reply, ScriptKey, chat_request, client,
 };
@@ -664,20 +665,36 @@ async fn delayed_reset() {
 
 // ------------------------------------------------------------------------------- failures
 
+/// Stands for the request's `req_mock_{n}` in expected headers and bodies.
+const REQ: &str = "{REQ}";
+
+const JSON: &str = "application/json";
+const HTML: &str = "text/html";
+
 struct Preset {
     name: &'static str,
     reply: Reply,
     status: u16,
+    content_type: &'static str,
     headers: &'static [(&'static str, &'static str)],
     absent: &'static [&'static str],
+    /// The exact body, with [`REQ`] for the request id.
+    body: &'static str,
+    /// What `DefaultClassifier` must make of the real response.
+    class: FailureClass,
+    /// The wait hint the classifier must find, in milliseconds.
+    wait_ms: Option<u128>,
 }
 
 fn presets() -> Vec<Preset> {
+    use FailureClass::*;
     vec![
+        // ------------------------------------------------------------------------ OpenAI
         Preset {
             name: "openai_rate_limited(Some)",
             reply: Reply::openai_rate_limited(Some("2")),
             status: 429,
+            content_type: JSON,
             headers: &[
                 ("retry-after", "2"),
                 ("x-ratelimit-limit-requests", "500"),
@@ -685,189 +702,761 @@ fn presets() -> Vec<Preset> {
                 ("x-ratelimit-reset-requests", "2s"),
                 ("x-ratelimit-limit-tokens", "30000"),
                 ("x-ratelimit-remaining-tokens", "29950"),
-                ("x-request-id", "REQ"),
+                ("x-request-id", REQ),
             ],
             absent: &["retry-after-ms", "x-ratelimit-reset-tokens"],
+            body: concat!(
+                r#"{"error":{"message":"Rate limit reached for gpt-4o in organization org-mock on requests per min (RPM): "#,
+                r#"Limit 500, Used 500, Requested 1. Visit https://platform.openai.com/account/rate-limits to learn more.","#,
+                r#""type":"requests","param":null,"code":"rate_limit_exceeded"}}"#
+            ),
+            class: RateLimited,
+            wait_ms: Some(2000),
         },
         Preset {
             name: "openai_rate_limited(None)",
             reply: Reply::openai_rate_limited(None),
             status: 429,
+            content_type: JSON,
             headers: &[
                 ("x-ratelimit-remaining-requests", "0"),
-                ("x-request-id", "REQ"),
+                ("x-request-id", REQ),
             ],
             absent: &["retry-after", "x-ratelimit-reset-requests"],
+            body: concat!(
+                r#"{"error":{"message":"Rate limit reached for gpt-4o in organization org-mock on requests per min (RPM): "#,
+                r#"Limit 500, Used 500, Requested 1. Visit https://platform.openai.com/account/rate-limits to learn more.","#,
+                r#""type":"requests","param":null,"code":"rate_limit_exceeded"}}"#
+            ),
+            class: RateLimited,
+            wait_ms: None,
+        },
+        Preset {
+            name: "openai_slow_down",
+            reply: Reply::openai_slow_down(),
+            status: 429,
+            content_type: JSON,
+            headers: &[("x-request-id", REQ)],
+            absent: &["retry-after", "retry-after-ms"],
+            body: r#"{"error":{"message":"Please reduce your rate of requests.","type":"rate_limit_error","param":null,"code":"slow_down"}}"#,
+            class: RateLimited,
+            wait_ms: None,
         },
         Preset {
             name: "openai_request_too_large",
             reply: Reply::openai_request_too_large(),
             status: 429,
-            headers: &[("x-request-id", "REQ")],
+            content_type: JSON,
+            headers: &[("x-request-id", REQ)],
             absent: &["retry-after"],
+            body: concat!(
+                r#"{"error":{"message":"Request too large for gpt-4o in organization org-mock on tokens per min (TPM): "#,
+                r#"Limit 30000, Requested 42000. The input or output tokens must be reduced in order to run successfully. "#,
+                r#"Visit https://platform.openai.com/account/rate-limits to learn more.","#,
+                r#""type":"tokens","param":null,"code":"rate_limit_exceeded"}}"#
+            ),
+            class: InvalidRequest,
+            wait_ms: None,
         },
         Preset {
             name: "openai_insufficient_quota",
             reply: Reply::openai_insufficient_quota(),
             status: 429,
-            headers: &[("x-request-id", "REQ")],
+            content_type: JSON,
+            headers: &[("x-request-id", REQ)],
             absent: &["retry-after"],
+            body: concat!(
+                r#"{"error":{"message":"You exceeded your current quota, please check your plan and billing details. "#,
+                r#"For more information on this error, read the docs: https://platform.openai.com/docs/guides/error-codes/api-errors.","#,
+                r#""type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#
+            ),
+            class: QuotaExhausted,
+            wait_ms: None,
+        },
+        Preset {
+            name: "openai_credit_balance_exhausted",
+            reply: Reply::openai_credit_balance_exhausted(),
+            status: 429,
+            content_type: JSON,
+            headers: &[("x-request-id", REQ)],
+            absent: &["retry-after"],
+            body: concat!(
+                r#"{"error":{"message":"Your credit balance is exhausted. Add credits at "#,
+                r#"https://platform.openai.com/settings/organization/billing to continue.","#,
+                r#""type":"invalid_request_error","param":null,"code":"credit_balance_exhausted"}}"#
+            ),
+            class: QuotaExhausted,
+            wait_ms: None,
+        },
+        Preset {
+            name: "openai_spend_limit(organization_spend_limit_exceeded)",
+            reply: Reply::openai_spend_limit("organization_spend_limit_exceeded"),
+            status: 429,
+            content_type: JSON,
+            headers: &[("x-request-id", REQ)],
+            absent: &["retry-after"],
+            body: concat!(
+                r#"{"error":{"message":"Your organization has reached its spend limit. Raise the limit at "#,
+                r#"https://platform.openai.com/settings/organization/limits to continue.","#,
+                r#""type":"invalid_request_error","param":null,"code":"organization_spend_limit_exceeded"}}"#
+            ),
+            class: QuotaExhausted,
+            wait_ms: None,
+        },
+        Preset {
+            name: "openai_spend_limit(project_spend_limit_exceeded)",
+            reply: Reply::openai_spend_limit("project_spend_limit_exceeded"),
+            status: 429,
+            content_type: JSON,
+            headers: &[("x-request-id", REQ)],
+            absent: &["retry-after"],
+            body: concat!(
+                r#"{"error":{"message":"Your project has reached its spend limit. Raise the project's budget at "#,
+                r#"https://platform.openai.com/settings/proj/limits to continue.","#,
+                r#""type":"invalid_request_error","param":null,"code":"project_spend_limit_exceeded"}}"#
+            ),
+            class: QuotaExhausted,
+            wait_ms: None,
+        },
+        Preset {
+            name: "openai_spend_limit(organization_usage_limit_exceeded)",
+            reply: Reply::openai_spend_limit("organization_usage_limit_exceeded"),
+            status: 429,
+            content_type: JSON,
+            headers: &[("x-request-id", REQ)],
+            absent: &["retry-after"],
+            body: concat!(
+                r#"{"error":{"message":"Your organization has reached its usage limit. Raise the limit at "#,
+                r#"https://platform.openai.com/settings/organization/limits to continue.","#,
+                r#""type":"invalid_request_error","param":null,"code":"organization_usage_limit_exceeded"}}"#
+            ),
+            class: QuotaExhausted,
+            wait_ms: None,
         },
         Preset {
             name: "openai_overloaded",
             reply: Reply::openai_overloaded(),
             status: 503,
-            headers: &[("x-request-id", "REQ")],
+            content_type: JSON,
+            headers: &[("x-request-id", REQ)],
             absent: &[],
+            body: r#"{"error":{"message":"The server is overloaded or not ready yet.","type":"server_error","param":null,"code":"server_is_overloaded"}}"#,
+            class: Overloaded,
+            wait_ms: None,
         },
         Preset {
             name: "openai_server_error",
             reply: Reply::openai_server_error(),
             status: 500,
-            headers: &[("x-request-id", "REQ")],
+            content_type: JSON,
+            headers: &[("x-request-id", REQ)],
             absent: &[],
+            body: concat!(
+                r#"{"error":{"message":"The server had an error while processing your request. Sorry about that!","#,
+                r#""type":"server_error","param":null,"code":null}}"#
+            ),
+            class: ServerError,
+            wait_ms: None,
         },
         Preset {
             name: "openai_context_length",
             reply: Reply::openai_context_length(),
             status: 400,
-            headers: &[("x-request-id", "REQ")],
+            content_type: JSON,
+            headers: &[("x-request-id", REQ)],
             absent: &[],
+            body: concat!(
+                r#"{"error":{"message":"This model's maximum context length is 128000 tokens. However, your messages "#,
+                r#"resulted in 130532 tokens. Please reduce the length of the messages.","#,
+                r#""type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#
+            ),
+            class: ContextOverflow,
+            wait_ms: None,
         },
         Preset {
             name: "openai_content_policy",
             reply: Reply::openai_content_policy(),
             status: 400,
-            headers: &[("x-request-id", "REQ")],
+            content_type: JSON,
+            headers: &[("x-request-id", REQ)],
             absent: &[],
+            body: concat!(
+                r#"{"error":{"message":"Your request was rejected as a result of our safety system. Your prompt may "#,
+                r#"contain text that is not allowed by our safety system.","#,
+                r#""type":"invalid_request_error","param":null,"code":"content_policy_violation"}}"#
+            ),
+            class: PolicyBlock,
+            wait_ms: None,
+        },
+        Preset {
+            name: "openai_bad_request",
+            reply: Reply::openai_bad_request(),
+            status: 400,
+            content_type: JSON,
+            headers: &[("x-request-id", REQ)],
+            absent: &[],
+            body: concat!(
+                r#"{"error":{"message":"Invalid value for 'temperature': expected a number <= 2.","#,
+                r#""type":"invalid_request_error","param":"temperature","code":"invalid_value"}}"#
+            ),
+            class: InvalidRequest,
+            wait_ms: None,
+        },
+        Preset {
+            name: "openai_model_not_found",
+            reply: Reply::openai_model_not_found(),
+            status: 404,
+            content_type: JSON,
+            headers: &[("x-request-id", REQ)],
+            absent: &[],
+            body: concat!(
+                r#"{"error":{"message":"The model `gpt-9` does not exist or you do not have access to it.","#,
+                r#""type":"invalid_request_error","param":null,"code":"model_not_found"}}"#
+            ),
+            class: InvalidRequest,
+            wait_ms: None,
         },
         Preset {
             name: "unauthorized",
             reply: Reply::unauthorized(),
             status: 401,
-            headers: &[("x-request-id", "REQ")],
+            content_type: JSON,
+            headers: &[("x-request-id", REQ)],
             absent: &[],
+            body: concat!(
+                r#"{"error":{"message":"Incorrect API key provided: sk-mock***************0000. You can find your API "#,
+                r#"key at https://platform.openai.com/account/api-keys.","#,
+                r#""type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#
+            ),
+            class: Auth,
+            wait_ms: None,
         },
+        Preset {
+            name: "openai_unsupported_region",
+            reply: Reply::openai_unsupported_region(),
+            status: 403,
+            content_type: JSON,
+            headers: &[("x-request-id", REQ)],
+            absent: &[],
+            body: concat!(
+                r#"{"error":{"message":"Country, region, or territory not supported","#,
+                r#""type":"request_forbidden","param":null,"code":"unsupported_country_region_territory"}}"#
+            ),
+            class: Auth,
+            wait_ms: None,
+        },
+        // ------------------------------------------------------------------ Azure OpenAI
         Preset {
             name: "azure_rate_limited",
             reply: Reply::azure_rate_limited("1500"),
             status: 429,
-            headers: &[("retry-after-ms", "1500"), ("x-request-id", "REQ")],
+            content_type: JSON,
+            headers: &[("retry-after-ms", "1500"), ("x-request-id", REQ)],
             absent: &["retry-after"],
+            body: concat!(
+                r#"{"error":{"code":"429","message":"Requests to the ChatCompletions_Create Operation under Azure OpenAI "#,
+                r#"API version 2024-10-21 have exceeded token rate limit of your current OpenAI S0 pricing tier. "#,
+                r#"Please retry after 2 seconds. Please go here: https://aka.ms/oai/quotaincrease if you would like to "#,
+                r#"further increase the default rate limit."}}"#
+            ),
+            class: RateLimited,
+            wait_ms: Some(1500),
         },
         Preset {
             name: "azure_content_filter",
             reply: Reply::azure_content_filter(),
             status: 400,
-            headers: &[("x-request-id", "REQ")],
+            content_type: JSON,
+            headers: &[("x-request-id", REQ)],
             absent: &[],
+            body: concat!(
+                r#"{"error":{"message":"The response was filtered due to the prompt triggering Azure OpenAI's content "#,
+                r#"management policy. Please modify your prompt and retry. To learn more about our content filtering "#,
+                r#"policies please read our documentation: https://go.microsoft.com/fwlink/?linkid=2198766","#,
+                r#""type":null,"param":"prompt","code":"content_filter","status":400,"#,
+                r#""innererror":{"code":"ResponsibleAIPolicyViolation","content_filter_result":{"#,
+                r#""hate":{"filtered":false,"severity":"safe"},"self_harm":{"filtered":false,"severity":"safe"},"#,
+                r#""sexual":{"filtered":false,"severity":"safe"},"violence":{"filtered":true,"severity":"medium"}}}}}"#
+            ),
+            class: PolicyBlock,
+            wait_ms: None,
         },
+        // --------------------------------------------------------------------- Anthropic
         Preset {
             name: "anthropic_rate_limited",
             reply: Reply::anthropic_rate_limited("7"),
             status: 429,
+            content_type: JSON,
             headers: &[
                 ("retry-after", "7"),
                 ("anthropic-ratelimit-requests-limit", "50"),
                 ("anthropic-ratelimit-requests-remaining", "0"),
-                ("request-id", "REQ"),
+                ("request-id", REQ),
             ],
             absent: &["x-request-id"],
+            body: concat!(
+                r#"{"type":"error","error":{"type":"rate_limit_error","message":"This request would exceed the rate "#,
+                r#"limit for your organization of 50 requests per minute. For details, refer to: "#,
+                r#"https://docs.anthropic.com/en/api/rate-limits. You can see the response headers for current usage."},"#,
+                r#""request_id":"{REQ}"}"#
+            ),
+            class: RateLimited,
+            wait_ms: Some(7000),
         },
         Preset {
             name: "anthropic_overloaded",
             reply: Reply::anthropic_overloaded(),
             status: 529,
-            headers: &[("request-id", "REQ")],
+            content_type: JSON,
+            headers: &[("request-id", REQ)],
             absent: &["retry-after", "x-should-retry"],
+            body: r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"},"request_id":"{REQ}"}"#,
+            class: Overloaded,
+            wait_ms: None,
+        },
+        Preset {
+            name: "anthropic_api_overloaded",
+            reply: Reply::anthropic_api_overloaded(),
+            status: 500,
+            content_type: JSON,
+            headers: &[("request-id", REQ)],
+            absent: &["retry-after"],
+            body: r#"{"type":"error","error":{"type":"api_error","message":"Overloaded"},"request_id":"{REQ}"}"#,
+            class: Overloaded,
+            wait_ms: None,
+        },
+        Preset {
+            name: "anthropic_server_error",
+            reply: Reply::anthropic_server_error(),
+            status: 500,
+            content_type: JSON,
+            headers: &[("request-id", REQ)],
+            absent: &[],
+            body: r#"{"type":"error","error":{"type":"api_error","message":"Internal server error"},"request_id":"{REQ}"}"#,
+            class: ServerError,
+            wait_ms: None,
+        },
+        Preset {
+            name: "anthropic_timeout",
+            reply: Reply::anthropic_timeout(),
+            status: 504,
+            content_type: JSON,
+            headers: &[("request-id", REQ)],
+            absent: &[],
+            body: r#"{"type":"error","error":{"type":"timeout_error","message":"Request timed out"},"request_id":"{REQ}"}"#,
+            class: ServerError,
+            wait_ms: None,
         },
         Preset {
             name: "anthropic_spend_limit",
             reply: Reply::anthropic_spend_limit(),
             status: 429,
-            headers: &[("request-id", "REQ")],
+            content_type: JSON,
+            headers: &[("request-id", REQ)],
             absent: &["retry-after"],
+            body: concat!(
+                r#"{"type":"error","error":{"type":"rate_limit_error","message":"You have reached your specified "#,
+                r#"workspace API usage limits. You will regain access on 2025-09-01 at 00:00 UTC.","#,
+                r#""details":{"error_code":"enforced_spend_limit_reached"}},"request_id":"{REQ}"}"#
+            ),
+            class: QuotaExhausted,
+            wait_ms: None,
+        },
+        Preset {
+            name: "anthropic_usage_limit",
+            reply: Reply::anthropic_usage_limit(),
+            status: 400,
+            content_type: JSON,
+            headers: &[("request-id", REQ)],
+            absent: &["retry-after"],
+            body: concat!(
+                r#"{"type":"error","error":{"type":"invalid_request_error","message":"You have reached your specified "#,
+                r#"API usage limits. You will regain access on 2025-09-01 at 00:00 UTC."},"request_id":"{REQ}"}"#
+            ),
+            class: QuotaExhausted,
+            wait_ms: None,
         },
         Preset {
             name: "anthropic_prompt_too_long",
             reply: Reply::anthropic_prompt_too_long(),
             status: 400,
-            headers: &[("request-id", "REQ")],
+            content_type: JSON,
+            headers: &[("request-id", REQ)],
             absent: &[],
+            body: concat!(
+                r#"{"type":"error","error":{"type":"invalid_request_error","#,
+                r#""message":"prompt is too long: 210000 tokens > 200000 maximum"},"request_id":"{REQ}"}"#
+            ),
+            class: ContextOverflow,
+            wait_ms: None,
+        },
+        Preset {
+            name: "anthropic_request_too_large",
+            reply: Reply::anthropic_request_too_large(),
+            status: 413,
+            content_type: JSON,
+            headers: &[("request-id", REQ)],
+            absent: &[],
+            body: concat!(
+                r#"{"type":"error","error":{"type":"request_too_large","#,
+                r#""message":"Request exceeds the maximum allowed number of bytes."},"request_id":"{REQ}"}"#
+            ),
+            class: InvalidRequest,
+            wait_ms: None,
         },
         Preset {
             name: "anthropic_billing",
             reply: Reply::anthropic_billing(),
             status: 402,
-            headers: &[("request-id", "REQ")],
+            content_type: JSON,
+            headers: &[("request-id", REQ)],
             absent: &[],
+            body: concat!(
+                r#"{"type":"error","error":{"type":"billing_error","message":"Your credit balance is too low to access "#,
+                r#"the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits."},"request_id":"{REQ}"}"#
+            ),
+            class: QuotaExhausted,
+            wait_ms: None,
+        },
+        Preset {
+            name: "anthropic_unauthorized",
+            reply: Reply::anthropic_unauthorized(),
+            status: 401,
+            content_type: JSON,
+            headers: &[("request-id", REQ)],
+            absent: &["x-request-id"],
+            body: r#"{"type":"error","error":{"type":"authentication_error","message":"invalid x-api-key"},"request_id":"{REQ}"}"#,
+            class: Auth,
+            wait_ms: None,
         },
         Preset {
             name: "forbidden",
             reply: Reply::forbidden(),
             status: 403,
-            headers: &[("request-id", "REQ")],
+            content_type: JSON,
+            headers: &[("request-id", REQ)],
             absent: &[],
+            body: concat!(
+                r#"{"type":"error","error":{"type":"permission_error","message":"Your API key does not have permission "#,
+                r#"to use the specified resource."},"request_id":"{REQ}"}"#
+            ),
+            class: Auth,
+            wait_ms: None,
         },
+        // ---------------------------------------------------------------- Gemini, Vertex
         Preset {
             name: "gemini_resource_exhausted",
             reply: Reply::gemini_resource_exhausted("15s"),
             status: 429,
+            content_type: JSON,
             headers: &[],
             absent: &["retry-after"],
+            body: concat!(
+                r#"{"error":{"code":429,"message":"You exceeded your current quota, please check your plan and billing "#,
+                r#"details. For more information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits.","#,
+                r#""status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","#,
+                r#""violations":[{"quotaMetric":"generativelanguage.googleapis.com/generate_content_free_tier_requests","#,
+                r#""quotaId":"GenerateRequestsPerMinutePerProjectPerModel-FreeTier","#,
+                r#""quotaDimensions":{"location":"global","model":"gemini-2.0-flash"},"quotaValue":"15"}]},"#,
+                r#"{"@type":"type.googleapis.com/google.rpc.Help","links":[{"description":"Learn more about Gemini API "#,
+                r#"quotas","url":"https://ai.google.dev/gemini-api/docs/rate-limits"}]},"#,
+                r#"{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"15s"}]}}"#
+            ),
+            class: RateLimited,
+            wait_ms: Some(15_000),
         },
         Preset {
             name: "gemini_daily_quota",
             reply: Reply::gemini_daily_quota(),
             status: 429,
+            content_type: JSON,
             headers: &[],
             absent: &["retry-after"],
+            body: concat!(
+                r#"{"error":{"code":429,"message":"You exceeded your current quota, please check your plan and billing "#,
+                r#"details. For more information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits.","#,
+                r#""status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","#,
+                r#""violations":[{"quotaMetric":"generativelanguage.googleapis.com/generate_content_free_tier_requests","#,
+                r#""quotaId":"GenerateRequestsPerDayPerProjectPerModel-FreeTier","#,
+                r#""quotaDimensions":{"location":"global","model":"gemini-2.0-flash"},"quotaValue":"15"}]},"#,
+                r#"{"@type":"type.googleapis.com/google.rpc.Help","links":[{"description":"Learn more about Gemini API "#,
+                r#"quotas","url":"https://ai.google.dev/gemini-api/docs/rate-limits"}]}]}}"#
+            ),
+            class: QuotaExhausted,
+            wait_ms: None,
+        },
+        Preset {
+            name: "gemini_payment_required",
+            reply: Reply::gemini_payment_required(),
+            status: 402,
+            content_type: JSON,
+            headers: &[],
+            absent: &[],
+            body: concat!(
+                r#"{"error":{"code":402,"message":"Your prepayment credits are depleted. Please go to AI Studio at "#,
+                r#"https://ai.studio/projects to manage your project and billing.","status":"FAILED_PRECONDITION"}}"#
+            ),
+            class: QuotaExhausted,
+            wait_ms: None,
         },
         Preset {
             name: "gemini_unavailable",
             reply: Reply::gemini_unavailable(),
             status: 503,
+            content_type: JSON,
             headers: &[],
             absent: &[],
+            body: r#"{"error":{"code":503,"message":"The model is overloaded. Please try again later.","status":"UNAVAILABLE"}}"#,
+            class: Overloaded,
+            wait_ms: None,
         },
+        Preset {
+            name: "gemini_internal",
+            reply: Reply::gemini_internal(),
+            status: 500,
+            content_type: JSON,
+            headers: &[],
+            absent: &[],
+            body: concat!(
+                r#"{"error":{"code":500,"message":"An internal error has occurred. Please retry or report in "#,
+                r#"https://developers.generativeai.google/guide/troubleshooting","status":"INTERNAL"}}"#
+            ),
+            class: ServerError,
+            wait_ms: None,
+        },
+        Preset {
+            name: "gemini_deadline_exceeded",
+            reply: Reply::gemini_deadline_exceeded(),
+            status: 504,
+            content_type: JSON,
+            headers: &[],
+            absent: &[],
+            body: r#"{"error":{"code":504,"message":"Deadline expired before operation could complete.","status":"DEADLINE_EXCEEDED"}}"#,
+            class: ServerError,
+            wait_ms: None,
+        },
+        Preset {
+            name: "gemini_context_overflow",
+            reply: Reply::gemini_context_overflow(),
+            status: 400,
+            content_type: JSON,
+            headers: &[],
+            absent: &[],
+            body: concat!(
+                r#"{"error":{"code":400,"message":"The input token count (1231284) exceeds the maximum number of "#,
+                r#"tokens allowed (1048576).","status":"INVALID_ARGUMENT"}}"#
+            ),
+            class: ContextOverflow,
+            wait_ms: None,
+        },
+        Preset {
+            name: "gemini_api_key_invalid",
+            reply: Reply::gemini_api_key_invalid(),
+            status: 400,
+            content_type: JSON,
+            headers: &[],
+            absent: &[],
+            body: concat!(
+                r#"{"error":{"code":400,"message":"API key not valid. Please pass a valid API key.","#,
+                r#""status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","#,
+                r#""reason":"API_KEY_INVALID","domain":"googleapis.com","#,
+                r#""metadata":{"service":"generativelanguage.googleapis.com"}}]}}"#
+            ),
+            class: Auth,
+            wait_ms: None,
+        },
+        Preset {
+            name: "gemini_permission_denied",
+            reply: Reply::gemini_permission_denied(),
+            status: 403,
+            content_type: JSON,
+            headers: &[],
+            absent: &[],
+            body: concat!(
+                r#"{"error":{"code":403,"message":"Method doesn't allow unregistered callers (callers without "#,
+                r#"established identity). Please use API Key or other form of API consumer identity to call this API.","#,
+                r#""status":"PERMISSION_DENIED"}}"#
+            ),
+            class: Auth,
+            wait_ms: None,
+        },
+        Preset {
+            name: "vertex_resource_exhausted",
+            reply: Reply::vertex_resource_exhausted(),
+            status: 429,
+            content_type: JSON,
+            headers: &[],
+            absent: &["retry-after"],
+            body: concat!(
+                r#"[{"error":{"code":429,"message":"Quota exceeded for aiplatform.googleapis.com/"#,
+                r#"online_prediction_requests_per_base_model with base model: anthropic-claude-3-5-sonnet. "#,
+                r#"Please submit a quota increase request.","status":"RESOURCE_EXHAUSTED"}}]"#
+            ),
+            class: RateLimited,
+            wait_ms: None,
+        },
+        // ------------------------------------------------------------------------ others
         Preset {
             name: "bedrock_throttling",
             reply: Reply::bedrock_throttling(),
             status: 429,
+            content_type: JSON,
             headers: &[
                 (
                     "x-amzn-errortype",
                     "ThrottlingException:http://internal.amazon.com/coral/com.amazon.bedrock/",
                 ),
-                ("x-amzn-requestid", "REQ"),
+                ("x-amzn-requestid", REQ),
             ],
             absent: &["retry-after"],
+            body: r#"{"message":"Too many requests, please wait before trying again."}"#,
+            class: RateLimited,
+            wait_ms: None,
+        },
+        Preset {
+            name: "bedrock_unavailable",
+            reply: Reply::bedrock_unavailable(),
+            status: 503,
+            content_type: JSON,
+            headers: &[
+                (
+                    "x-amzn-errortype",
+                    "ServiceUnavailableException:http://internal.amazon.com/coral/com.amazon.bedrock/",
+                ),
+                ("x-amzn-requestid", REQ),
+            ],
+            absent: &["retry-after"],
+            body: r#"{"message":"Bedrock is unable to process your request."}"#,
+            class: Overloaded,
+            wait_ms: None,
         },
         Preset {
             name: "groq_capacity_exceeded",
             reply: Reply::groq_capacity_exceeded(),
             status: 498,
-            headers: &[("x-request-id", "REQ")],
+            content_type: JSON,
+            headers: &[("x-request-id", REQ)],
             absent: &[],
+            body: concat!(
+                r#"{"error":{"message":"The flex tier is at capacity for this model. Please try again later.","#,
+                r#""type":"capacity_exceeded","param":null,"code":"capacity_exceeded"}}"#
+            ),
+            class: Overloaded,
+            wait_ms: None,
         },
         Preset {
             name: "mistral_rate_limited",
             reply: Reply::mistral_rate_limited(),
             status: 429,
-            headers: &[("x-request-id", "REQ")],
+            content_type: JSON,
+            headers: &[("x-request-id", REQ)],
             absent: &[],
+            body: r#"{"error":{"message":"Requests rate limit exceeded","type":"rate_limited","param":null,"code":null}}"#,
+            class: RateLimited,
+            wait_ms: None,
         },
         Preset {
             name: "openrouter_no_credits",
             reply: Reply::openrouter_no_credits(),
             status: 402,
+            content_type: JSON,
             headers: &[],
             absent: &[],
+            body: concat!(
+                r#"{"error":{"message":"Insufficient credits. Add more using https://openrouter.ai/settings/credits","#,
+                r#""code":402,"metadata":{}},"user_id":"user_mock"}"#
+            ),
+            class: QuotaExhausted,
+            wait_ms: None,
+        },
+        Preset {
+            name: "openrouter_moderation",
+            reply: Reply::openrouter_moderation(),
+            status: 403,
+            content_type: JSON,
+            headers: &[],
+            absent: &[],
+            body: concat!(
+                r#"{"error":{"code":403,"message":"openai/gpt-4o requires moderation on OpenRouter. Your input was "#,
+                r#"flagged for \"harassment\". No credits were charged.","metadata":{"reasons":["harassment"],"#,
+                r#""flagged_input":"...","provider_name":"OpenAI","model_slug":"openai/gpt-4o"}}}"#
+            ),
+            class: PolicyBlock,
+            wait_ms: None,
+        },
+        Preset {
+            name: "unprocessable",
+            reply: Reply::unprocessable(),
+            status: 422,
+            content_type: JSON,
+            headers: &[],
+            absent: &[],
+            body: concat!(
+                r#"{"object":"error","message":{"detail":[{"type":"missing","loc":["body","messages"],"#,
+                r#""msg":"Field required","input":{"model":"mistral-large-latest"}}]},"#,
+                r#""type":"invalid_request_error","param":null,"code":null}"#
+            ),
+            class: InvalidRequest,
+            wait_ms: None,
+        },
+        Preset {
+            name: "conflict",
+            reply: Reply::conflict(),
+            status: 409,
+            content_type: JSON,
+            headers: &[("x-request-id", REQ)],
+            absent: &["retry-after"],
+            body: concat!(
+                r#"{"error":{"message":"Another request with the same idempotency key is in progress.","#,
+                r#""type":"invalid_request_error","param":null,"code":"conflict"}}"#
+            ),
+            class: Conflict,
+            wait_ms: None,
+        },
+        // -------------------------------------------------------------- gateways and CDNs
+        Preset {
+            name: "bad_gateway",
+            reply: Reply::bad_gateway(),
+            status: 502,
+            content_type: HTML,
+            headers: &[],
+            absent: &["x-request-id"],
+            body: "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n\
+                   <center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n\
+                   </body>\r\n</html>\r\n",
+            class: ServerError,
+            wait_ms: None,
+        },
+        Preset {
+            name: "gateway_timeout",
+            reply: Reply::gateway_timeout(),
+            status: 504,
+            content_type: HTML,
+            headers: &[],
+            absent: &["x-request-id"],
+            body: "<html>\r\n<head><title>504 Gateway Time-out</title></head>\r\n<body>\r\n\
+                   <center><h1>504 Gateway Time-out</h1></center>\r\n<hr><center>nginx</center>\r\n\
+                   </body>\r\n</html>\r\n",
+            class: ServerError,
+            wait_ms: None,
+        },
+        Preset {
+            name: "cdn_request_too_large",
+            reply: Reply::cdn_request_too_large(),
+            status: 413,
+            content_type: HTML,
+            headers: &[],
+            absent: &["x-request-id"],
+            body: "<html>\r\n<head><title>413 Request Entity Too Large</title></head>\r\n<body>\r\n\
+                   <center><h1>413 Request Entity Too Large</h1></center>\r\n\
+                   <hr><center>cloudflare</center>\r\n</body>\r\n</html>\r\n",
+            class: InvalidRequest,
+            wait_ms: None,
         },
     ]
 }
 
-/// The class-deciding parts of each preset's body, by JSON pointer.
+/// The class-deciding parts of each JSON preset's body, by JSON pointer.
 fn expected_fields(name: &str) -> Vec<(&'static str, Value)> {
     let s = |v: &str| Value::String(v.to_owned());
     match name {
@@ -876,11 +1465,27 @@ fn expected_fields(name: &str) -> Vec<(&'static str, Value)> {
             ("/error/type", s("requests")),
             ("/error/param", Value::Null),
         ],
+        "openai_slow_down" => vec![
+            ("/error/code", s("slow_down")),
+            ("/error/type", s("rate_limit_error")),
+        ],
         "openai_request_too_large" => vec![("/error/code", s("rate_limit_exceeded"))],
         "openai_insufficient_quota" => vec![
             ("/error/code", s("insufficient_quota")),
             ("/error/type", s("insufficient_quota")),
         ],
+        "openai_credit_balance_exhausted" => {
+            vec![("/error/code", s("credit_balance_exhausted"))]
+        }
+        "openai_spend_limit(organization_spend_limit_exceeded)" => {
+            vec![("/error/code", s("organization_spend_limit_exceeded"))]
+        }
+        "openai_spend_limit(project_spend_limit_exceeded)" => {
+            vec![("/error/code", s("project_spend_limit_exceeded"))]
+        }
+        "openai_spend_limit(organization_usage_limit_exceeded)" => {
+            vec![("/error/code", s("organization_usage_limit_exceeded"))]
+        }
         "openai_overloaded" => vec![("/error/code", s("server_is_overloaded"))],
         "openai_server_error" => vec![
             ("/error/type", s("server_error")),
@@ -888,7 +1493,15 @@ fn expected_fields(name: &str) -> Vec<(&'static str, Value)> {
         ],
         "openai_context_length" => vec![("/error/code", s("context_length_exceeded"))],
         "openai_content_policy" => vec![("/error/code", s("content_policy_violation"))],
+        "openai_bad_request" => vec![
+            ("/error/type", s("invalid_request_error")),
+            ("/error/code", s("invalid_value")),
+        ],
+        "openai_model_not_found" => vec![("/error/code", s("model_not_found"))],
         "unauthorized" => vec![("/error/code", s("invalid_api_key"))],
+        "openai_unsupported_region" => {
+            vec![("/error/code", s("unsupported_country_region_territory"))]
+        }
         "azure_rate_limited" => vec![("/error/code", s("429"))],
         "azure_content_filter" => vec![
             ("/error/code", s("content_filter")),
@@ -904,6 +1517,12 @@ fn expected_fields(name: &str) -> Vec<(&'static str, Value)> {
             ("/error/type", s("overloaded_error")),
             ("/error/message", s("Overloaded")),
         ],
+        "anthropic_api_overloaded" => vec![
+            ("/error/type", s("api_error")),
+            ("/error/message", s("Overloaded")),
+        ],
+        "anthropic_server_error" => vec![("/error/type", s("api_error"))],
+        "anthropic_timeout" => vec![("/error/type", s("timeout_error"))],
         "anthropic_spend_limit" => vec![
             ("/error/type", s("rate_limit_error")),
             (
@@ -911,6 +1530,7 @@ fn expected_fields(name: &str) -> Vec<(&'static str, Value)> {
                 s("enforced_spend_limit_reached"),
             ),
         ],
+        "anthropic_usage_limit" => vec![("/error/type", s("invalid_request_error"))],
         "anthropic_prompt_too_long" => vec![
             ("/error/type", s("invalid_request_error")),
             (
@@ -918,7 +1538,9 @@ fn expected_fields(name: &str) -> Vec<(&'static str, Value)> {
                 s("prompt is too long: 210000 tokens > 200000 maximum"),
             ),
         ],
+        "anthropic_request_too_large" => vec![("/error/type", s("request_too_large"))],
         "anthropic_billing" => vec![("/error/type", s("billing_error"))],
+        "anthropic_unauthorized" => vec![("/error/type", s("authentication_error"))],
         "forbidden" => vec![("/error/type", s("permission_error"))],
         "gemini_resource_exhausted" => vec![
             ("/error/code", json!(429)),
@@ -944,64 +1566,176 @@ fn expected_fields(name: &str) -> Vec<(&'static str, Value)> {
                 s("GenerateRequestsPerDayPerProjectPerModel-FreeTier"),
             ),
         ],
+        "gemini_payment_required" => vec![("/error/code", json!(402))],
         "gemini_unavailable" => vec![
             ("/error/code", json!(503)),
             ("/error/status", s("UNAVAILABLE")),
+        ],
+        "gemini_internal" => vec![("/error/status", s("INTERNAL"))],
+        "gemini_deadline_exceeded" => vec![("/error/status", s("DEADLINE_EXCEEDED"))],
+        "gemini_context_overflow" => vec![
+            ("/error/code", json!(400)),
+            ("/error/status", s("INVALID_ARGUMENT")),
+        ],
+        "gemini_api_key_invalid" => vec![
+            ("/error/status", s("INVALID_ARGUMENT")),
+            (
+                "/error/details/0/@type",
+                s("type.googleapis.com/google.rpc.ErrorInfo"),
+            ),
+            ("/error/details/0/reason", s("API_KEY_INVALID")),
+        ],
+        "gemini_permission_denied" => vec![
+            ("/error/code", json!(403)),
+            ("/error/status", s("PERMISSION_DENIED")),
+        ],
+        "vertex_resource_exhausted" => vec![
+            ("/0/error/code", json!(429)),
+            ("/0/error/status", s("RESOURCE_EXHAUSTED")),
         ],
         "bedrock_throttling" => vec![(
             "/message",
             s("Too many requests, please wait before trying again."),
         )],
+        "bedrock_unavailable" => {
+            vec![("/message", s("Bedrock is unable to process your request."))]
+        }
         "groq_capacity_exceeded" => vec![("/error/code", s("capacity_exceeded"))],
         "mistral_rate_limited" => vec![("/error/type", s("rate_limited"))],
         "openrouter_no_credits" => vec![("/error/code", json!(402))],
+        "openrouter_moderation" => vec![
+            ("/error/code", json!(403)),
+            ("/error/metadata/reasons/0", s("harassment")),
+        ],
+        "unprocessable" => vec![
+            ("/object", s("error")),
+            ("/type", s("invalid_request_error")),
+        ],
+        "conflict" => vec![("/error/code", s("conflict"))],
         other => panic!("no expectations for {other}"),
     }
+}
+
+/// The head and exact body bytes of a preset's real response, fetched over loopback.
+async fn fetch(
+    client: &Client,
+    mock: &MockProvider,
+    reply: Reply,
+) -> (http::StatusCode, http::HeaderMap, Bytes) {
+    mock.script(ScriptKey::Any, [reply]);
+    let resp = chat(client, mock, "m").await;
+    let (head, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    (head.status, head.headers, body)
 }
 
 #[tokio::test]
 async fn every_provider_failure_preset() {
     let (mock, client) = start().await;
     let presets = presets();
-    assert_eq!(presets.len(), 24);
+    assert_eq!(presets.len(), 52);
     for (i, preset) in presets.into_iter().enumerate() {
         let request_id = format!("req_mock_{}", i + 1);
-        mock.script(ScriptKey::Any, [preset.reply]);
-        let resp = chat(&client, &mock, "m").await;
         let name = preset.name;
-        assert_eq!(resp.status(), preset.status, "{name}");
-        assert_eq!(resp.headers()["content-type"], "application/json", "{name}");
+        let (status, headers, body) = fetch(&client, &mock, preset.reply).await;
+        assert_eq!(status, preset.status, "{name}");
+        assert_eq!(headers["content-type"], preset.content_type, "{name}");
+        assert_eq!(
+            headers["content-length"],
+            body.len().to_string().as_str(),
+            "{name}: a complete body"
+        );
         for (header, value) in preset.headers {
-            let value = if *value == "REQ" {
+            let value = if *value == REQ {
                 request_id.as_str()
             } else {
                 value
             };
             assert_eq!(
-                resp.headers()
-                    .get(*header)
-                    .map(|v| v.to_str().expect("ascii")),
+                headers.get(*header).map(|v| v.to_str().expect("ascii")),
                 Some(value),
                 "{name}: {header}"
             );
         }
         for header in preset.absent {
             assert!(
-                resp.headers().get(*header).is_none(),
+                headers.get(*header).is_none(),
                 "{name}: {header} must be absent"
             );
         }
         assert!(
-            resp.headers().get("x-should-retry").is_none(),
+            headers.get("x-should-retry").is_none(),
             "{name}: no retry override"
         );
-        let body = json_body(resp).await;
-        for (pointer, value) in expected_fields(name) {
-            assert_eq!(body.pointer(pointer), Some(&value), "{name}: {pointer}");
+        // The exact bytes, not just an equal JSON value.
+        let expected = preset.body.replace(REQ, &request_id);
+        assert_eq!(
+            std::str::from_utf8(&body).expect("utf-8"),
+            expected,
+            "{name}: exact body"
+        );
+        if preset.content_type == JSON {
+            let json: Value = serde_json::from_slice(&body).expect("json body");
+            for (pointer, value) in expected_fields(name) {
+                assert_eq!(json.pointer(pointer), Some(&value), "{name}: {pointer}");
+            }
+            if name.starts_with("anthropic") || name == "forbidden" {
+                assert_eq!(json["request_id"], request_id.as_str(), "{name}");
+            }
+        } else {
+            assert!(
+                serde_json::from_slice::<Value>(&body).is_err(),
+                "{name}: not JSON"
+            );
         }
-        if name.starts_with("anthropic") || name == "forbidden" {
-            assert_eq!(body["request_id"], request_id.as_str(), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn every_preset_classifies_as_intended() {
+    let (mock, client) = start().await;
+    let classifier = DefaultClassifier::default();
+    let mut failures = Vec::new();
+    for (i, preset) in presets().into_iter().enumerate() {
+        let request_id = format!("req_mock_{}", i + 1);
+        let carries_id = preset.headers.iter().any(|(_, v)| *v == REQ) || preset.body.contains(REQ);
+        let (status, headers, body) = fetch(&client, &mock, preset.reply).await;
+        let c = classifier.classify_response(status, &headers, &body);
+        let got = (
+            c.class,
+            c.status.map(|s| s.as_u16()),
+            c.wait_hint.map(|h| h.wait.as_millis()),
+            c.request_id,
+        );
+        let want = (
+            Some(preset.class),
+            Some(preset.status),
+            preset.wait_ms,
+            carries_id.then_some(request_id),
+        );
+        if got != want {
+            failures.push(format!("{}:\n   got {got:?}\n  want {want:?}", preset.name));
         }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn presets_cover_every_response_class() {
+    for class in FailureClass::ALL {
+        if matches!(
+            class,
+            FailureClass::Connect
+                | FailureClass::Timeout
+                | FailureClass::Transport
+                | FailureClass::StreamInterrupted
+        ) {
+            continue; // transport behaviours, not error responses
+        }
+        assert!(
+            presets().iter().any(|p| p.class == class),
+            "no preset for {class}"
+        );
     }
 }
 

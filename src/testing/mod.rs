@@ -16,12 +16,19 @@
 //! - transport behaviours: a delayed response head ([`Reply::delay_head`]), a request that is
 //!   never answered ([`Reply::never`]), a connection reset before any response byte
 //!   ([`Reply::reset`]);
-//! - every provider failure with its real status, headers and body: OpenAI rate limit,
-//!   "Request too large", `insufficient_quota`, overload, server error, context length, content
-//!   policy, 401; Azure rate limit (`retry-after-ms`) and content filter; Anthropic rate limit,
-//!   529 overload, spend limit, prompt too long, billing, 403; Gemini `RESOURCE_EXHAUSTED`
-//!   (per-minute with `RetryInfo`, per-day), `UNAVAILABLE`; Bedrock throttling; Groq 498; Mistral
-//!   rate limit; OpenRouter 402.
+//! - every provider failure of the classifier's table with its real status, headers and body:
+//!   - OpenAI: rate limit (`Retry-After`), `slow_down`, "Request too large", `insufficient_quota`,
+//!     credit balance and spend or usage limits, overload, server error, context length, content
+//!     policy, 400, 404, 401, unsupported region (403);
+//!   - Azure OpenAI: rate limit with `retry-after-ms`, content filter;
+//!   - Anthropic: rate limit, 529 and `api_error` "Overloaded", spend and usage limits, billing,
+//!     prompt too long, 413, 500, 504, 401, 403;
+//!   - Gemini and Vertex: `RESOURCE_EXHAUSTED` per minute (with `RetryInfo`) and per day, the
+//!     Vertex one-element array, `UNAVAILABLE`, `INTERNAL`, `DEADLINE_EXCEEDED`, 402, invalid API
+//!     key, token limit, `PERMISSION_DENIED`;
+//!   - Bedrock throttling and 503, Groq 498, Mistral rate limit, OpenRouter 402 and moderation
+//!     403;
+//!   - gateways and CDNs: 502 and 504 HTML pages, a 413 HTML page, 409, 422.
 //!
 //! All waits use `tokio::time` and the server runs no timer of its own, so tests under
 //! `#[tokio::test(start_paused = true)]` can assert exact times: a head delayed by 2 s arrives

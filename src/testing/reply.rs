@@ -514,6 +514,96 @@ impl Reply {
         )
     }
 
+    /// `429` OpenAI "slow down" (a transient rate limit after a sudden rise in traffic):
+    /// `code: slow_down`, `type: rate_limit_error`, no wait hint.
+    pub fn openai_slow_down() -> Self {
+        Self::openai_error(
+            429,
+            "Please reduce your rate of requests.",
+            r#""rate_limit_error""#,
+            "null",
+            r#""slow_down""#,
+        )
+    }
+
+    /// `429` OpenAI prepaid credits used up (terminal): `code: credit_balance_exhausted`,
+    /// `type: invalid_request_error`, no wait hint.
+    pub fn openai_credit_balance_exhausted() -> Self {
+        Self::openai_error(
+            429,
+            "Your credit balance is exhausted. Add credits at \
+             https://platform.openai.com/settings/organization/billing to continue.",
+            r#""invalid_request_error""#,
+            "null",
+            r#""credit_balance_exhausted""#,
+        )
+    }
+
+    /// `429` OpenAI spend or usage cap reached (terminal): `code: {code}`,
+    /// `type: invalid_request_error`, no wait hint. `code` is one of
+    /// `organization_spend_limit_exceeded`, `project_spend_limit_exceeded` and
+    /// `organization_usage_limit_exceeded`; the message names the organisation or the project
+    /// to match (any other code gets a generic spend-limit message).
+    pub fn openai_spend_limit(code: &str) -> Self {
+        let message = match code {
+            "organization_spend_limit_exceeded" => {
+                "Your organization has reached its spend limit. Raise the limit at \
+                 https://platform.openai.com/settings/organization/limits to continue."
+            }
+            "project_spend_limit_exceeded" => {
+                "Your project has reached its spend limit. Raise the project's budget at \
+                 https://platform.openai.com/settings/proj/limits to continue."
+            }
+            "organization_usage_limit_exceeded" => {
+                "Your organization has reached its usage limit. Raise the limit at \
+                 https://platform.openai.com/settings/organization/limits to continue."
+            }
+            _ => "You have reached your spend limit.",
+        };
+        Self::openai_error(
+            429,
+            message,
+            r#""invalid_request_error""#,
+            "null",
+            &json_str(code),
+        )
+    }
+
+    /// `400` OpenAI caller defect: `code: invalid_value`, `type: invalid_request_error`,
+    /// `param: temperature`.
+    pub fn openai_bad_request() -> Self {
+        Self::openai_error(
+            400,
+            "Invalid value for 'temperature': expected a number <= 2.",
+            r#""invalid_request_error""#,
+            r#""temperature""#,
+            r#""invalid_value""#,
+        )
+    }
+
+    /// `404` OpenAI unknown model: `code: model_not_found`, `type: invalid_request_error`.
+    pub fn openai_model_not_found() -> Self {
+        Self::openai_error(
+            404,
+            "The model `gpt-9` does not exist or you do not have access to it.",
+            r#""invalid_request_error""#,
+            "null",
+            r#""model_not_found""#,
+        )
+    }
+
+    /// `403` OpenAI region not supported: `code: unsupported_country_region_territory`,
+    /// `type: request_forbidden`.
+    pub fn openai_unsupported_region() -> Self {
+        Self::openai_error(
+            403,
+            "Country, region, or territory not supported",
+            r#""request_forbidden""#,
+            "null",
+            r#""unsupported_country_region_territory""#,
+        )
+    }
+
     // ---------------------------------------------------------------- Azure OpenAI
 
     /// `429` Azure OpenAI rate limit: `{"error":{"code":"429","message":"… Please retry after N
@@ -635,6 +725,48 @@ impl Reply {
         )
     }
 
+    /// `401` Anthropic invalid key: `authentication_error`, message `invalid x-api-key`.
+    pub fn anthropic_unauthorized() -> Self {
+        Self::anthropic_error(401, "authentication_error", "invalid x-api-key", None)
+    }
+
+    /// `400` Anthropic self-set spend limit (terminal): `invalid_request_error` whose message
+    /// begins `You have reached your specified API usage limits`.
+    pub fn anthropic_usage_limit() -> Self {
+        Self::anthropic_error(
+            400,
+            "invalid_request_error",
+            "You have reached your specified API usage limits. You will regain access on \
+             2025-09-01 at 00:00 UTC.",
+            None,
+        )
+    }
+
+    /// `500` Anthropic overload reported as `api_error` with message `Overloaded` (not a 529).
+    pub fn anthropic_api_overloaded() -> Self {
+        Self::anthropic_error(500, "api_error", "Overloaded", None)
+    }
+
+    /// `500` Anthropic server error: `api_error`, message `Internal server error`.
+    pub fn anthropic_server_error() -> Self {
+        Self::anthropic_error(500, "api_error", "Internal server error", None)
+    }
+
+    /// `504` Anthropic `timeout_error`, message `Request timed out`.
+    pub fn anthropic_timeout() -> Self {
+        Self::anthropic_error(504, "timeout_error", "Request timed out", None)
+    }
+
+    /// `413` Anthropic `request_too_large` (the request exceeds the API's byte limit).
+    pub fn anthropic_request_too_large() -> Self {
+        Self::anthropic_error(
+            413,
+            "request_too_large",
+            "Request exceeds the maximum allowed number of bytes.",
+            None,
+        )
+    }
+
     // ---------------------------------------------------------------- Gemini
 
     fn gemini_quota(quota_id: &str, metric: &str, retry_delay: Option<&str>) -> Self {
@@ -696,6 +828,105 @@ impl Reply {
         )
     }
 
+    /// `{"error":{"code":STATUS,"message":…,"status":…[,"details":[…]]}}` without headers.
+    fn gemini_error(status: u16, message: &str, kind: &str, details: Option<&str>) -> Self {
+        let details = details
+            .map(|d| format!(r#","details":{d}"#))
+            .unwrap_or_default();
+        let body = format!(
+            r#"{{"error":{{"code":{status},"message":{},"status":"{kind}"{details}}}}}"#,
+            json_str(message)
+        );
+        Self::full(status, body, false, "application/json")
+    }
+
+    /// `402` Gemini prepayment credits depleted (terminal): `status: FAILED_PRECONDITION`.
+    pub fn gemini_payment_required() -> Self {
+        Self::gemini_error(
+            402,
+            "Your prepayment credits are depleted. Please go to AI Studio at \
+             https://ai.studio/projects to manage your project and billing.",
+            "FAILED_PRECONDITION",
+            None,
+        )
+    }
+
+    /// `400` Gemini invalid key: `status: INVALID_ARGUMENT` with an `ErrorInfo` whose `reason`
+    /// is `API_KEY_INVALID`.
+    pub fn gemini_api_key_invalid() -> Self {
+        Self::gemini_error(
+            400,
+            "API key not valid. Please pass a valid API key.",
+            "INVALID_ARGUMENT",
+            Some(concat!(
+                r#"[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID","#,
+                r#""domain":"googleapis.com","metadata":{"service":"generativelanguage.googleapis.com"}}]"#
+            )),
+        )
+    }
+
+    /// `400` Gemini context overflow: `status: INVALID_ARGUMENT`, message `The input token count
+    /// (1231284) exceeds the maximum number of tokens allowed (1048576).`
+    pub fn gemini_context_overflow() -> Self {
+        Self::gemini_error(
+            400,
+            "The input token count (1231284) exceeds the maximum number of tokens allowed \
+             (1048576).",
+            "INVALID_ARGUMENT",
+            None,
+        )
+    }
+
+    /// `403` Gemini `PERMISSION_DENIED`.
+    pub fn gemini_permission_denied() -> Self {
+        Self::gemini_error(
+            403,
+            "Method doesn't allow unregistered callers (callers without established identity). \
+             Please use API Key or other form of API consumer identity to call this API.",
+            "PERMISSION_DENIED",
+            None,
+        )
+    }
+
+    /// `500` Gemini `INTERNAL`.
+    pub fn gemini_internal() -> Self {
+        Self::gemini_error(
+            500,
+            "An internal error has occurred. Please retry or report in \
+             https://developers.generativeai.google/guide/troubleshooting",
+            "INTERNAL",
+            None,
+        )
+    }
+
+    /// `504` Gemini `DEADLINE_EXCEEDED`.
+    pub fn gemini_deadline_exceeded() -> Self {
+        Self::gemini_error(
+            504,
+            "Deadline expired before operation could complete.",
+            "DEADLINE_EXCEEDED",
+            None,
+        )
+    }
+
+    /// `429` Vertex AI (e.g. Vertex-hosted Claude) quota: the Google error object wrapped in a
+    /// one-element JSON array, `[{"error":{"code":429,…,"status":"RESOURCE_EXHAUSTED"}}]`, no
+    /// `details`, no wait hint.
+    pub fn vertex_resource_exhausted() -> Self {
+        Self::full(
+            429,
+            concat!(
+                r#"[{"error":{"code":429,"message":"Quota exceeded for "#,
+                r#"aiplatform.googleapis.com/online_prediction_requests_per_base_model with base model: "#,
+                r#"anthropic-claude-3-5-sonnet. Please submit a quota increase request.","#,
+                r#""status":"RESOURCE_EXHAUSTED"}}]"#
+            )
+            .to_owned(),
+            false,
+            "application/json",
+        )
+    }
+
     // ---------------------------------------------------------------- others
 
     /// `429` Bedrock throttling: `{"message":"Too many requests, please wait before trying
@@ -749,6 +980,98 @@ impl Reply {
             false,
             "application/json",
         )
+    }
+
+    /// `503` Bedrock unavailable: `{"message":"Bedrock is unable to process your request."}`
+    /// with `x-amzn-ErrorType: ServiceUnavailableException:http://internal.amazon.com/coral/com.amazon.bedrock/`
+    /// and an `x-amzn-RequestId` header.
+    pub fn bedrock_unavailable() -> Self {
+        Self::full(
+            503,
+            r#"{"message":"Bedrock is unable to process your request."}"#.to_owned(),
+            false,
+            "application/json",
+        )
+        .with_static(
+            "x-amzn-errortype",
+            "ServiceUnavailableException:http://internal.amazon.com/coral/com.amazon.bedrock/",
+        )
+        .with_request_id("x-amzn-requestid")
+    }
+
+    /// `403` OpenRouter moderation: numeric `code: 403` and `metadata` with the flagged
+    /// `reasons` and `flagged_input`.
+    pub fn openrouter_moderation() -> Self {
+        Self::full(
+            403,
+            concat!(
+                r#"{"error":{"code":403,"message":"openai/gpt-4o requires moderation on OpenRouter. "#,
+                r#"Your input was flagged for \"harassment\". No credits were charged.","#,
+                r#""metadata":{"reasons":["harassment"],"flagged_input":"...","provider_name":"OpenAI","#,
+                r#""model_slug":"openai/gpt-4o"}}}"#
+            )
+            .to_owned(),
+            false,
+            "application/json",
+        )
+    }
+
+    /// `422` unprocessable request: Mistral's flat body (`object: error`,
+    /// `type: invalid_request_error`, `code: null`) whose `message` is a validation object.
+    pub fn unprocessable() -> Self {
+        Self::full(
+            422,
+            concat!(
+                r#"{"object":"error","message":{"detail":[{"type":"missing","loc":["body","messages"],"#,
+                r#""msg":"Field required","input":{"model":"mistral-large-latest"}}]},"#,
+                r#""type":"invalid_request_error","param":null,"code":null}"#
+            )
+            .to_owned(),
+            false,
+            "application/json",
+        )
+    }
+
+    /// `409` conflict (OpenAI-style body, `code: conflict`, `type: invalid_request_error`) with
+    /// an `x-request-id` header; the official SDKs retry it.
+    pub fn conflict() -> Self {
+        Self::openai_error(
+            409,
+            "Another request with the same idempotency key is in progress.",
+            r#""invalid_request_error""#,
+            "null",
+            r#""conflict""#,
+        )
+    }
+
+    // ---------------------------------------------------------------- gateways and CDNs
+
+    /// An nginx-style HTML error page (`content-type: text/html`) for `status` and `title`.
+    fn html_page(status: u16, title: &str, server: &str) -> Self {
+        let body = format!(
+            "<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n\
+             <center><h1>{title}</h1></center>\r\n<hr><center>{server}</center>\r\n\
+             </body>\r\n</html>\r\n"
+        );
+        Self::full(status, body, false, "text/html")
+    }
+
+    /// `502` from a gateway in front of the provider: nginx's HTML page
+    /// (`content-type: text/html`, title `502 Bad Gateway`), no provider fields.
+    pub fn bad_gateway() -> Self {
+        Self::html_page(502, "502 Bad Gateway", "nginx")
+    }
+
+    /// `504` from a gateway in front of the provider: nginx's HTML page
+    /// (`content-type: text/html`, title `504 Gateway Time-out`), no provider fields.
+    pub fn gateway_timeout() -> Self {
+        Self::html_page(504, "504 Gateway Time-out", "nginx")
+    }
+
+    /// `413` from a CDN before the request reaches the provider: Cloudflare's non-JSON HTML
+    /// page (`content-type: text/html`, title `413 Request Entity Too Large`).
+    pub fn cdn_request_too_large() -> Self {
+        Self::html_page(413, "413 Request Entity Too Large", "cloudflare")
     }
 }
 
