@@ -12,7 +12,9 @@ use tower::{ServiceExt, service_fn};
 use tower_layer::Layer;
 use tower_llm_resilience::attempt_log::{LocalEventKind, Outcome};
 use tower_llm_resilience::budget::{Budget, BudgetLayer, BudgetOwner, SpendStatus};
-use tower_llm_resilience::policy::{AdmissionMode, BudgetPolicy, ChargeRule, Price, SpendPolicy};
+use tower_llm_resilience::policy::{
+    AdmissionMode, BudgetPolicy, ChargeRule, Price, RateKey, RateLimitPolicy, SpendPolicy,
+};
 use tower_llm_resilience::testing::{MockProvider, Reply, ScriptKey, chat_request, client};
 use tower_llm_resilience::{AttemptLog, Deadline, ErrorKind, RouteName};
 
@@ -47,7 +49,7 @@ fn log_of<B>(resp: &http::Response<B>) -> AttemptLog {
         .expect("attempt log")
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn spend_settles_with_the_usage_the_provider_reports() {
     let mock = start().await;
     mock.script(
@@ -97,7 +99,7 @@ async fn spend_settles_with_the_usage_the_provider_reports() {
     assert_eq!(spend.status("team"), SpendStatus::new(23, 0));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_exhausted_owner_sends_nothing() {
     let mock = start().await;
     let mut s = spend();
@@ -175,6 +177,71 @@ async fn pacing_waits_for_the_reset_the_provider_announced() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_rate_limit_keyed_by_owner_gives_each_owner_its_own_bucket() {
+    let mock = start().await;
+    let mut rate = RateLimitPolicy::default();
+    rate.requests_per_second = Some(1.0);
+    rate.burst = 1;
+    rate.key = RateKey::Owner;
+    let mut policy = BudgetPolicy::default();
+    policy.rate_limit = Some(rate);
+    policy.admission = AdmissionMode::Reject;
+    let (_, svc) = budget(policy);
+    // Owner `a` is named by the owner header the layer reads, owner `b` by the extension.
+    let of_a = || {
+        let mut req = chat_request(&mock.url(), "m", false);
+        req.headers_mut()
+            .insert("x-llm-budget-owner", http::HeaderValue::from_static("a"));
+        req
+    };
+    let of_b = || {
+        let mut req = chat_request(&mock.url(), "m", false);
+        req.extensions_mut().insert(BudgetOwner::new("b"));
+        req
+    };
+    let refused =
+        |r: Result<http::Response<tower_llm_resilience::Body>, tower_llm_resilience::Error>,
+         retry_in: Duration| {
+            let e = r.expect_err("over the owner's rate");
+            assert_eq!(e.kind(), &ErrorKind::RateLimited { retry_in });
+            let log = e.attempt_log().expect("log");
+            assert_eq!(log.attempt_count(), 0);
+            let events: Vec<LocalEventKind> = log.events().into_iter().map(|ev| ev.kind).collect();
+            assert_eq!(events, [LocalEventKind::RateLimited { retry_in }]);
+        };
+    let t0 = Instant::now();
+
+    let first_a = svc.clone().oneshot(of_a()).await.expect("a's first");
+    assert_eq!(first_a.status(), 200);
+    // A's second, at once: its bucket of one is empty for exactly one second.
+    refused(svc.clone().oneshot(of_a()).await, Duration::from_secs(1));
+    // The bucket is the owner's, not the route's: `a` on another route is refused too.
+    let mut elsewhere = of_a();
+    elsewhere.extensions_mut().insert(RouteName::new("other"));
+    refused(svc.clone().oneshot(elsewhere).await, Duration::from_secs(1));
+    // B's first request on the same route is admitted; its second is not.
+    let first_b = svc.clone().oneshot(of_b()).await.expect("b's first");
+    assert_eq!(first_b.status(), 200);
+    refused(svc.clone().oneshot(of_b()).await, Duration::from_secs(1));
+    assert_eq!(mock.request_count(), 2);
+
+    // The exact time until A's capacity returns, then A is admitted again.
+    tokio::time::advance(Duration::from_millis(400)).await;
+    refused(
+        svc.clone().oneshot(of_a()).await,
+        Duration::from_millis(600),
+    );
+    tokio::time::advance(Duration::from_millis(600)).await;
+    let again = svc.clone().oneshot(of_a()).await.expect("a after a second");
+    assert_eq!(again.status(), 200);
+    let arrivals: Vec<Duration> = mock.requests().iter().map(|r| r.at - t0).collect();
+    assert_eq!(
+        arrivals,
+        [Duration::ZERO, Duration::ZERO, Duration::from_secs(1)]
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_deadline_ends_a_request_the_provider_never_answers() {
     let mock = start().await;
     mock.script(ScriptKey::Any, [Reply::never()]);
@@ -193,7 +260,7 @@ async fn the_deadline_ends_a_request_the_provider_never_answers() {
     assert_eq!(mock.request_count(), 1);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn inner_layers_see_the_deadline_and_the_retry_budget() {
     let mock = start().await;
     let mut policy = BudgetPolicy::default();
@@ -208,7 +275,11 @@ async fn inner_layers_see_the_deadline_and_the_retry_budget() {
             .cloned();
         let http = http.clone();
         async move {
-            assert!(deadline.is_some_and(|d| d.remaining() <= Duration::from_secs(30)));
+            // Paused time: the deadline is exactly 30 s away when the inner service is called.
+            assert_eq!(
+                deadline.map(|d| d.remaining()),
+                Some(Duration::from_secs(30))
+            );
             assert!(budget.is_some());
             http.oneshot(req).await
         }
@@ -228,7 +299,7 @@ async fn inner_layers_see_the_deadline_and_the_retry_budget() {
 
 mod with_recovery_layers {
     use super::*;
-    use tower_llm_resilience::attempt_log::{Decision, StopReason};
+    use tower_llm_resilience::attempt_log::{Decision, StopReason, WaitSource};
     use tower_llm_resilience::fallback::FallbackLayer;
     use tower_llm_resilience::policy::{BackoffPolicy, Policy, RetryBudgetPolicy, RouteConfig};
     use tower_llm_resilience::retry::RetryLayer;
@@ -344,19 +415,40 @@ mod with_recovery_layers {
         );
         // The budget is spent to the last whole retry, never beyond.
         assert_eq!(calls, 100 + 20 + 60);
-        // Every retry or hop the budget refused is logged as such: each request that made
-        // fewer than its 6 calls stopped on a budget denial, recorded both as an event and as
-        // the stop decision on the attempt it followed.
-        for log in &logs {
-            if log.attempt_count() < 6 {
-                assert!(budget_denials(log) >= 1, "{log}");
-                assert_eq!(budget_denials(log), stopped_by_budget(log), "{log}");
-            }
-        }
-        // 80 retries and hops granted, at most 5 per request: at least 84 requests were
-        // refused one.
+        // The budget holds 60 (1 per second over 60 s) plus 0.2 per request seen. The first 12
+        // requests take 5 retries and hops each (60); after 13 deposits it holds 62.6, so the
+        // 13th gets two retries and its hop is refused. From then on every fifth request's
+        // deposit completes one more whole retry: requests 15, 20, …, 100 make 2 calls, the
+        // others 1 — 62 + 18 = 80 granted.
+        let expected: Vec<usize> = (1..=100)
+            .map(|n| match n {
+                1..=12 => 6,
+                13 => 3,
+                n if n % 5 == 0 => 2,
+                _ => 1,
+            })
+            .collect();
+        let counts: Vec<usize> = logs.iter().map(AttemptLog::attempt_count).collect();
+        assert_eq!(counts, expected);
+        assert_eq!(expected.iter().sum::<usize>(), 180);
+        // Every retry or hop the budget refused is logged as such, both as an event and as the
+        // stop decision on the attempt it followed: none for the first 12, one for the 13th
+        // (its hop), two for every later request (its retry on the primary, then its hop).
+        let denials: Vec<usize> = logs.iter().map(budget_denials).collect();
+        let expected: Vec<usize> = (1..=100)
+            .map(|n| match n {
+                1..=12 => 0,
+                13 => 1,
+                _ => 2,
+            })
+            .collect();
+        assert_eq!(denials, expected);
+        assert_eq!(
+            logs.iter().map(stopped_by_budget).collect::<Vec<_>>(),
+            expected
+        );
         let short = logs.iter().filter(|l| l.attempt_count() < 6).count();
-        assert!(short >= 84, "{short} requests stopped early");
+        assert_eq!(short, 88);
     }
 
     #[tokio::test(start_paused = true)]
@@ -401,8 +493,16 @@ mod with_recovery_layers {
             .await
             .expect("response");
         assert_eq!(resp.status(), 200);
-        let waited = Instant::now() - t0;
-        assert!(waited >= Duration::from_secs(2) && waited < Duration::from_secs(5));
+        // The server's 2 s floor plus the seeded jitter on top (at most a fifth of the hint):
+        // 69 ms with seed 7. The wait logged is the wait that happened, and the retry is sent
+        // exactly then.
+        let wait = Duration::from_millis(2069);
+        assert_eq!(Instant::now() - t0, wait);
+        let log = log_of(&resp);
+        assert_eq!(log.attempt_count(), 2);
+        assert_eq!(log.attempts()[0].wait(), Some((wait, WaitSource::Server)));
+        let arrivals: Vec<Duration> = mock.requests()[1..].iter().map(|r| r.at - t0).collect();
+        assert_eq!(arrivals, [Duration::ZERO, wait]);
     }
 
     // ------------------------------------------ the spend cap reserves every attempt
@@ -602,6 +702,160 @@ mod with_recovery_layers {
         assert_eq!(spend.status("team"), SpendStatus::new(12, 0));
         for other in ["main-account", "reserve-account"] {
             assert_eq!(spend.status(other), SpendStatus::new(0, 0));
+        }
+    }
+}
+
+// ------------------------------------- settlement through the whole stack, from the stream
+
+mod through_the_whole_stack {
+    use super::*;
+    use std::collections::BTreeMap;
+    use tower_llm_resilience::attempt_log::{StreamEnd, Usage};
+    use tower_llm_resilience::budget::SpendReceipt;
+    use tower_llm_resilience::classify::SharedClassifier;
+    use tower_llm_resilience::policy::RouteConfig;
+    use tower_llm_resilience::{Policy, ResilienceLayer};
+
+    /// Micro units per token in and out, per route.
+    const PRIMARY_PRICE: (u64, u64) = (2, 10);
+    const BACKUP_PRICE: (u64, u64) = (3, 15);
+    /// What `chat_request` reserves per attempt: 3 prompt tokens + 64 output tokens.
+    const fn reservation((input, output): (u64, u64)) -> u64 {
+        3 * input + 64 * output
+    }
+
+    /// The whole ladder with a spend cap and a price table (no default price): `primary`
+    /// and a `backup` route on the same mock, failed attempts charged only reported usage.
+    /// With `peek_limit`, the budget layer's own scan of the stream skips every line longer
+    /// than it, so only the stream guard's record can say what the stream used.
+    fn stack(
+        mock: &MockProvider,
+        peek_limit: Option<usize>,
+    ) -> (
+        tower_llm_resilience::budget::SpendHandle,
+        tower_llm_resilience::Resilient<Client>,
+    ) {
+        let mut policy = Policy::interactive();
+        policy.retry.seed = Some(7);
+        policy.fallback.routes.push(
+            RouteConfig::new("backup")
+                .base_url(format!("{}/backup/v1", mock.url()))
+                .model("backup-model"),
+        );
+        let price = |(i, o): (u64, u64)| Price::new(i as f64, o as f64);
+        let mut s = SpendPolicy::default();
+        s.cap = 1.0;
+        s.default_owner = Some("team".to_owned());
+        s.prices = BTreeMap::from([
+            ("primary".to_owned(), price(PRIMARY_PRICE)),
+            ("backup".to_owned(), price(BACKUP_PRICE)),
+        ]);
+        s.charge_failed = ChargeRule::ReportedOnly;
+        policy.budget.spend = Some(s);
+        let mut layer: ResilienceLayer = policy.layer().expect("valid policy");
+        if let Some(limit) = peek_limit {
+            layer = layer.classifier(SharedClassifier::default().with_peek_limit(limit));
+        }
+        let spend = layer.spend().expect("spend handle");
+        (spend, layer.layer(client()))
+    }
+
+    async fn read_to_end(resp: http::Response<tower_llm_resilience::Body>) -> String {
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        String::from_utf8(bytes.to_vec()).expect("utf-8")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_openai_stream_settles_with_the_usage_of_its_final_chunk() {
+        for peek_limit in [None, Some(32)] {
+            let mock = start().await;
+            mock.script(
+                ScriptKey::model("gpt-4o"),
+                [Reply::openai_stream("gpt-4o", &["Hel", "lo"])],
+            );
+            let (spend, svc) = stack(&mock, peek_limit);
+            let resp = svc
+                .oneshot(chat_request(&mock.url(), "gpt-4o", true))
+                .await
+                .expect("response");
+            assert_eq!(resp.status(), 200);
+            let receipt = resp
+                .extensions()
+                .get::<SpendReceipt>()
+                .cloned()
+                .expect("receipt");
+            let log = log_of(&resp);
+            // Committed on the first event, not yet settled: the primary's reservation is held.
+            let reserved = reservation(PRIMARY_PRICE);
+            assert_eq!(reserved, 646);
+            assert_eq!(receipt.owner(), "team");
+            assert_eq!(receipt.reserved_micros(), reserved);
+            assert_eq!(receipt.charged_micros(), None);
+            assert_eq!(spend.status("team"), SpendStatus::new(0, reserved));
+
+            let text = read_to_end(resp).await;
+            assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+            // The final chunk reports 9 prompt + 2 completion tokens, recorded by the guard.
+            let attempts = log.attempts();
+            assert_eq!(attempts.len(), 1);
+            let record = attempts[0].stream.clone().expect("stream record");
+            assert_eq!(record.end, StreamEnd::Complete);
+            assert_eq!(record.usage, Some(Usage::new(9, 2)));
+            // Charged exactly that at the primary's price; nothing stays reserved.
+            let charge = 9 * PRIMARY_PRICE.0 + 2 * PRIMARY_PRICE.1;
+            assert_eq!(charge, 38);
+            assert_eq!(receipt.charged_micros(), Some(charge), "{peek_limit:?}");
+            assert_eq!(spend.status("team"), SpendStatus::new(charge, 0));
+            assert_eq!(spend.remaining_micros("team"), 1_000_000 - charge);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_anthropic_stream_on_the_backup_settles_at_the_backups_price() {
+        for peek_limit in [None, Some(32)] {
+            let mock = start().await;
+            mock.script(ScriptKey::model("gpt-4o"), [Reply::openai_overloaded()]);
+            mock.script(
+                ScriptKey::model("backup-model"),
+                [Reply::anthropic_stream("backup-model", &["Hel", "lo", "!"])],
+            );
+            let (spend, svc) = stack(&mock, peek_limit);
+            let resp = svc
+                .oneshot(chat_request(&mock.url(), "gpt-4o", true))
+                .await
+                .expect("response");
+            assert_eq!(resp.status(), 200);
+            let receipt = resp
+                .extensions()
+                .get::<SpendReceipt>()
+                .cloned()
+                .expect("receipt");
+            let log = log_of(&resp);
+            // Three attempts on the primary, then the hop: each reserved at its route's price.
+            let reserved = 3 * reservation(PRIMARY_PRICE) + reservation(BACKUP_PRICE);
+            assert_eq!(reserved, 3 * 646 + 969);
+            assert_eq!(receipt.reserved_micros(), reserved);
+            assert_eq!(spend.status("team"), SpendStatus::new(0, reserved));
+
+            let text = read_to_end(resp).await;
+            assert!(text.contains("event: message_stop"), "{text}");
+            let attempts = log.attempts();
+            let routes: Vec<&str> = attempts
+                .iter()
+                .map(|a| a.route.as_ref().map_or("-", RouteName::as_str))
+                .collect();
+            assert_eq!(routes, ["primary", "primary", "primary", "backup"]);
+            // `message_start` reports 9 input tokens, the final `message_delta` 3 output tokens.
+            let record = attempts[3].stream.clone().expect("stream record");
+            assert_eq!(record.end, StreamEnd::Complete);
+            assert_eq!(record.usage, Some(Usage::new(9, 3)));
+            // The 503s reported no usage and cost nothing (`ReportedOnly`); the answer is charged
+            // at the backup's price, and every reservation is released.
+            let charge = 9 * BACKUP_PRICE.0 + 3 * BACKUP_PRICE.1;
+            assert_eq!(charge, 72);
+            assert_eq!(receipt.charged_micros(), Some(charge), "{peek_limit:?}");
+            assert_eq!(spend.status("team"), SpendStatus::new(charge, 0));
         }
     }
 }

@@ -87,12 +87,33 @@ fn routes_tried(log: &LogSnapshot) -> Vec<&str> {
         .collect()
 }
 
+/// The backup's scripted answer: `openai_chat` reports 9 prompt tokens and one completion
+/// token per word of its text.
+const BACKUP_TEXT: &str = "Served by the backup";
+
+fn backup_usage() -> serde_json::Value {
+    serde_json::json!({"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13})
+}
+
+/// The two chain shapes every "never switch" and "open circuit" scenario runs over: primary +
+/// one backup, and primary + two backups.
+fn chain_shapes(mock: &MockProvider) -> [Vec<RouteConfig>; 2] {
+    [
+        vec![route(mock, "backup")],
+        vec![route(mock, "backup"), route(mock, "backup2")],
+    ]
+}
+
 #[tokio::test]
 async fn a_persistent_503_switches_to_the_backup() -> Result<(), BoxError> {
     let mock = MockProvider::start().await?;
     mock.script(
         ScriptKey::model(PRIMARY_MODEL),
         [Reply::openai_overloaded()],
+    );
+    mock.script(
+        ScriptKey::model("backup-model"),
+        [Reply::openai_chat("backup-model", BACKUP_TEXT)],
     );
     let (response, log) = send(chain(vec![route(&mock, "backup")]), &mock).await?;
 
@@ -125,11 +146,8 @@ async fn a_persistent_503_switches_to_the_backup() -> Result<(), BoxError> {
     // The answer is the backup's: its model and its usage.
     let body = json(response).await?;
     assert_eq!(body["model"], "backup-model");
-    assert!(
-        body["usage"]["total_tokens"]
-            .as_u64()
-            .is_some_and(|n| n > 0)
-    );
+    assert_eq!(body["choices"][0]["message"]["content"], BACKUP_TEXT);
+    assert_eq!(body["usage"], backup_usage());
     Ok(())
 }
 
@@ -164,7 +182,11 @@ async fn three_routes_go_on_until_one_serves() -> Result<(), BoxError> {
     assert_eq!(log.selected_route, Some("b2".into()));
     let body = json(response).await?;
     assert_eq!(body["model"], "b2-model");
-    assert!(body["usage"]["output_tokens"].as_u64().is_some());
+    // `anthropic_message`: 9 input tokens, one output token per word of "hello".
+    assert_eq!(
+        body["usage"],
+        serde_json::json!({"input_tokens": 9, "output_tokens": 1})
+    );
     Ok(())
 }
 
@@ -198,43 +220,67 @@ async fn a_refused_connection_switches_to_the_backup() -> Result<(), BoxError> {
 
 #[tokio::test]
 async fn auth_failures_never_switch() -> Result<(), BoxError> {
-    for reply in [Reply::unauthorized(), Reply::forbidden()] {
-        let mock = MockProvider::start().await?;
-        mock.script(ScriptKey::model(PRIMARY_MODEL), [reply]);
-        let (response, log) = send(chain(vec![route(&mock, "backup")]), &mock).await?;
-        let status = response.status();
-        assert!(status == 401 || status == 403, "{status}");
-        assert_eq!(response.headers()[ROUTE_HEADER], "primary");
-        assert_eq!(received(&mock), [at(PRIMARY_PATH, PRIMARY_MODEL)]);
-        assert_eq!(log.attempts[0].class, Some(FailureClass::Auth));
-        assert_eq!(
-            log.attempts[0].decisions,
-            [Decision::Stop(StopReason::NoApprovedRoute)]
-        );
-        assert_eq!(log.selected_route, Some("primary".into()));
-        // The provider's own error body reaches the caller intact.
-        let body = json(response).await?;
-        assert!(body["error"].is_object(), "{body}");
+    for (reply, status) in [(Reply::unauthorized(), 401), (Reply::forbidden(), 403)] {
+        for shape in 0..2 {
+            let mock = MockProvider::start().await?;
+            mock.script(ScriptKey::model(PRIMARY_MODEL), [reply.clone()]);
+            let [two, three] = chain_shapes(&mock);
+            let routes = if shape == 0 { two } else { three };
+            let backups = routes.len();
+            let (response, log) = send(chain(routes), &mock).await?;
+            assert_eq!(response.status(), status, "{backups} backups");
+            assert_eq!(response.headers()[ROUTE_HEADER], "primary");
+            // No backup is ever called: the provider saw the primary's request alone.
+            assert_eq!(
+                received(&mock),
+                [at(PRIMARY_PATH, PRIMARY_MODEL)],
+                "{backups} backups"
+            );
+            assert_eq!(routes_tried(&log), ["primary"]);
+            assert_eq!(log.attempts[0].class, Some(FailureClass::Auth));
+            assert_eq!(
+                log.attempts[0].decisions,
+                [Decision::Stop(StopReason::NoApprovedRoute)]
+            );
+            assert_eq!(log.selected_route, Some("primary".into()));
+            // The provider's own error body reaches the caller intact.
+            let body = json(response).await?;
+            assert!(body["error"].is_object(), "{body}");
+        }
     }
     Ok(())
 }
 
 #[tokio::test]
 async fn content_filters_never_switch() -> Result<(), BoxError> {
-    for reply in [
-        Reply::openai_content_policy(),
-        Reply::azure_content_filter(),
+    for (reply, code) in [
+        (Reply::openai_content_policy(), "content_policy_violation"),
+        (Reply::azure_content_filter(), "content_filter"),
     ] {
-        let mock = MockProvider::start().await?;
-        mock.script(ScriptKey::model(PRIMARY_MODEL), [reply]);
-        let (response, log) = send(chain(vec![route(&mock, "backup")]), &mock).await?;
-        assert_eq!(response.status(), 400);
-        assert_eq!(received(&mock), [at(PRIMARY_PATH, PRIMARY_MODEL)]);
-        assert_eq!(log.attempts[0].class, Some(FailureClass::PolicyBlock));
-        assert_eq!(
-            log.attempts[0].decisions,
-            [Decision::Stop(StopReason::NoApprovedRoute)]
-        );
+        for shape in 0..2 {
+            let mock = MockProvider::start().await?;
+            mock.script(ScriptKey::model(PRIMARY_MODEL), [reply.clone()]);
+            let [two, three] = chain_shapes(&mock);
+            let routes = if shape == 0 { two } else { three };
+            let backups = routes.len();
+            let (response, log) = send(chain(routes), &mock).await?;
+            assert_eq!(response.status(), 400, "{backups} backups");
+            assert_eq!(response.headers()[ROUTE_HEADER], "primary");
+            // No backup is ever called: the provider saw the primary's request alone.
+            assert_eq!(
+                received(&mock),
+                [at(PRIMARY_PATH, PRIMARY_MODEL)],
+                "{backups} backups"
+            );
+            assert_eq!(routes_tried(&log), ["primary"]);
+            assert_eq!(log.attempts[0].class, Some(FailureClass::PolicyBlock));
+            assert_eq!(
+                log.attempts[0].decisions,
+                [Decision::Stop(StopReason::NoApprovedRoute)]
+            );
+            assert_eq!(log.selected_route, Some("primary".into()));
+            assert_eq!(json(response).await?["error"]["code"], code);
+        }
     }
     Ok(())
 }
@@ -546,28 +592,50 @@ fn open_circuit_on(
 
 #[tokio::test]
 async fn an_open_circuit_on_the_primary_moves_on_at_once() -> Result<(), BoxError> {
-    let mock = MockProvider::start().await?;
-    let service = FallbackLayer::new(chain(vec![route(&mock, "backup")]))?
-        .layer(open_circuit_on("primary", testing::client()));
-    let request = testing::chat_request(&mock.url(), PRIMARY_MODEL, false);
-    let response = service.oneshot(request).await?;
-    assert_eq!(response.status(), 200);
-    assert_eq!(response.headers()[ROUTE_HEADER], "backup");
-    // Zero calls reached the primary.
-    assert_eq!(
-        received(&mock),
-        [at("/backup/v1/chat/completions", "backup-model")]
-    );
-    let log = response
-        .extensions()
-        .get::<AttemptLog>()
-        .ok_or("log")?
-        .snapshot();
-    assert_eq!(routes_tried(&log), ["backup"]);
-    assert_eq!(log.requested_route, Some("primary".into()));
-    assert_eq!(log.selected_route, Some("backup".into()));
-    assert!(log.events.iter().any(|e| e.route == Some("primary".into())
-        && matches!(e.kind, LocalEventKind::CircuitOpen { .. })));
+    for shape in 0..2 {
+        let mock = MockProvider::start().await?;
+        mock.script(
+            ScriptKey::model("backup-model"),
+            [Reply::openai_chat("backup-model", BACKUP_TEXT)],
+        );
+        let [two, three] = chain_shapes(&mock);
+        let routes = if shape == 0 { two } else { three };
+        let backups = routes.len();
+        let service =
+            FallbackLayer::new(chain(routes))?.layer(open_circuit_on("primary", testing::client()));
+        let request = testing::chat_request(&mock.url(), PRIMARY_MODEL, false);
+        let response = service.oneshot(request).await?;
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response.headers()[ROUTE_HEADER],
+            "backup",
+            "{backups} backups"
+        );
+        // Zero calls reached the primary; the first backup serves (the second is never asked).
+        assert_eq!(
+            received(&mock),
+            [at("/backup/v1/chat/completions", "backup-model")],
+            "{backups} backups"
+        );
+        let log = response
+            .extensions()
+            .get::<AttemptLog>()
+            .ok_or("log")?
+            .snapshot();
+        assert_eq!(routes_tried(&log), ["backup"]);
+        assert_eq!(log.requested_route, Some("primary".into()));
+        assert_eq!(log.selected_route, Some("backup".into()));
+        let open: Vec<_> = log
+            .events
+            .iter()
+            .filter(|e| matches!(e.kind, LocalEventKind::CircuitOpen { .. }))
+            .map(|e| e.route.clone())
+            .collect();
+        assert_eq!(open, [Some(RouteName::new("primary"))]);
+        let body = json(response).await?;
+        assert_eq!(body["model"], "backup-model");
+        assert_eq!(body["usage"], backup_usage());
+    }
     Ok(())
 }
 #[tokio::test(start_paused = true)]
@@ -676,86 +744,130 @@ async fn a_hop_away_from_an_open_circuit_costs_no_retry_budget() -> Result<(), B
 
 #[tokio::test]
 async fn a_tripped_circuit_on_the_primary_keeps_every_call_off_it() -> Result<(), BoxError> {
-    let mock = MockProvider::start().await?;
-    mock.script(
-        ScriptKey::model(PRIMARY_MODEL),
-        [Reply::openai_overloaded()],
-    );
-    let mut policy = Policy::interactive();
-    policy.fallback = chain(vec![route(&mock, "backup")]);
-    let breaker = CircuitBreakerLayer::from_policy(&policy)?;
-    let breakers = breaker.handle();
-    let service = tower::ServiceBuilder::new()
-        .layer(FallbackLayer::from_policy(&policy)?)
-        .layer(breaker)
-        .service(testing::client());
-    let primary_calls = |mock: &MockProvider| {
-        mock.requests()
-            .iter()
-            .filter(|r| r.model.as_deref() == Some(PRIMARY_MODEL))
-            .count()
-    };
+    for shape in 0..2 {
+        let mock = MockProvider::start().await?;
+        mock.script(
+            ScriptKey::model(PRIMARY_MODEL),
+            [Reply::openai_overloaded()],
+        );
+        let [two, three] = chain_shapes(&mock);
+        let routes = if shape == 0 { two } else { three };
+        let backups: Vec<String> = routes.iter().map(|r| r.name.clone()).collect();
+        let mut policy = Policy::interactive();
+        policy.fallback = chain(routes);
+        let breaker = CircuitBreakerLayer::from_policy(&policy)?;
+        let breakers = breaker.handle();
+        let service = tower::ServiceBuilder::new()
+            .layer(FallbackLayer::from_policy(&policy)?)
+            .layer(breaker)
+            .service(testing::client());
+        let calls_to = |mock: &MockProvider, model: &str| {
+            mock.requests()
+                .iter()
+                .filter(|r| r.model.as_deref() == Some(model))
+                .count()
+        };
 
-    // The default breaker trips after 5 consecutive provider failures; the backup serves each.
-    for _ in 0..5 {
-        let request = testing::chat_request(&mock.url(), PRIMARY_MODEL, false);
-        let response = service.clone().oneshot(request).await?;
-        assert_eq!(response.headers()[ROUTE_HEADER], "backup");
-        json(response).await?;
-    }
-    assert_eq!(breakers.state("primary"), CircuitState::Open);
-    assert_eq!(primary_calls(&mock), 5);
+        // The default breaker trips after 5 consecutive provider failures; the first backup
+        // serves each.
+        for _ in 0..5 {
+            let request = testing::chat_request(&mock.url(), PRIMARY_MODEL, false);
+            let response = service.clone().oneshot(request).await?;
+            assert_eq!(response.headers()[ROUTE_HEADER], "backup");
+            json(response).await?;
+        }
+        assert_eq!(breakers.state("primary"), CircuitState::Open);
+        assert_eq!(calls_to(&mock, PRIMARY_MODEL), 5);
+        assert_eq!(calls_to(&mock, "backup-model"), 5);
 
-    // Open: zero calls reach the primary; the backup serves at once.
-    for _ in 0..3 {
+        // Open: zero calls reach the primary; the first backup serves at once.
+        for _ in 0..3 {
+            let request = testing::chat_request(&mock.url(), PRIMARY_MODEL, false);
+            let response = service.clone().oneshot(request).await?;
+            assert_eq!(response.status(), 200);
+            assert_eq!(response.headers()[ROUTE_HEADER], "backup");
+            let log = response
+                .extensions()
+                .get::<AttemptLog>()
+                .ok_or("log")?
+                .snapshot();
+            assert_eq!(routes_tried(&log), ["backup"]);
+            let open_events: Vec<_> = log
+                .events
+                .iter()
+                .filter(|e| matches!(e.kind, LocalEventKind::CircuitOpen { .. }))
+                .collect();
+            // Logged once (by the breaker), for the primary.
+            assert_eq!(open_events.len(), 1);
+            assert_eq!(open_events[0].route, Some("primary".into()));
+            assert_eq!(json(response).await?["model"], "backup-model");
+        }
+        assert_eq!(calls_to(&mock, PRIMARY_MODEL), 5);
+        assert_eq!(calls_to(&mock, "backup-model"), 5 + 3);
+        assert_eq!(calls_to(&mock, "backup2-model"), 0);
+        assert_eq!(mock.request_count(), 5 + 5 + 3);
+
+        let mut calls = mock.request_count();
+        if backups.len() == 2 {
+            // With the first backup's circuit forced open too, the second serves: still no
+            // call reaches the primary, nor the first backup.
+            breakers.force_open("backup");
+            let request = testing::chat_request(&mock.url(), PRIMARY_MODEL, false);
+            let response = service.clone().oneshot(request).await?;
+            assert_eq!(response.status(), 200);
+            assert_eq!(response.headers()[ROUTE_HEADER], "backup2");
+            let log = response
+                .extensions()
+                .get::<AttemptLog>()
+                .ok_or("log")?
+                .snapshot();
+            assert_eq!(routes_tried(&log), ["backup2"]);
+            let open: Vec<_> = log.events.iter().filter_map(|e| e.route.as_ref()).collect();
+            assert_eq!(
+                open,
+                [&RouteName::new("primary"), &RouteName::new("backup")]
+            );
+            assert_eq!(json(response).await?["model"], "backup2-model");
+            calls += 1;
+            assert_eq!(
+                received(&mock).last(),
+                Some(&at("/backup2/v1/chat/completions", "backup2-model"))
+            );
+            assert_eq!(mock.request_count(), calls);
+        }
+
+        // With every backup's circuit forced open too, no call is made at all, and the caller
+        // gets the primary's failure: its open circuit.
+        for backup in &backups {
+            breakers.force_open(backup.as_str());
+        }
         let request = testing::chat_request(&mock.url(), PRIMARY_MODEL, false);
-        let response = service.clone().oneshot(request).await?;
-        assert_eq!(response.status(), 200);
-        assert_eq!(response.headers()[ROUTE_HEADER], "backup");
-        let log = response
-            .extensions()
-            .get::<AttemptLog>()
-            .ok_or("log")?
+        let error = service
+            .clone()
+            .oneshot(request)
+            .await
+            .err()
+            .ok_or("every circuit open")?;
+        assert!(
+            matches!(error.kind(), tower_llm_resilience::ErrorKind::CircuitOpen { route, .. } if route.as_str() == "primary"),
+            "{error}"
+        );
+        assert_eq!(mock.request_count(), calls);
+        let log = error
+            .attempt_log()
+            .ok_or("the error carries the log")?
             .snapshot();
-        assert_eq!(routes_tried(&log), ["backup"]);
-        let open_events: Vec<_> = log
+        assert!(log.attempts.is_empty());
+        let open: Vec<&str> = log
             .events
             .iter()
-            .filter(|e| matches!(e.kind, LocalEventKind::CircuitOpen { .. }))
+            .filter_map(|e| e.route.as_ref().map(RouteName::as_str))
             .collect();
-        // Logged once (by the breaker), for the primary.
-        assert_eq!(open_events.len(), 1);
-        assert_eq!(open_events[0].route, Some("primary".into()));
-        assert_eq!(json(response).await?["model"], "backup-model");
+        let expected: Vec<&str> = std::iter::once("primary")
+            .chain(backups.iter().map(String::as_str))
+            .collect();
+        assert_eq!(open, expected);
     }
-    assert_eq!(primary_calls(&mock), 5);
-    assert_eq!(mock.request_count(), 5 + 5 + 3);
-
-    // With the backup's circuit forced open too, no call is made at all, and the caller gets
-    // the primary's failure: its open circuit.
-    breakers.force_open("backup");
-    let request = testing::chat_request(&mock.url(), PRIMARY_MODEL, false);
-    let error = service
-        .clone()
-        .oneshot(request)
-        .await
-        .err()
-        .ok_or("both circuits open")?;
-    assert!(
-        matches!(error.kind(), tower_llm_resilience::ErrorKind::CircuitOpen { route, .. } if route.as_str() == "primary"),
-        "{error}"
-    );
-    assert_eq!(mock.request_count(), 13);
-    let log = error
-        .attempt_log()
-        .ok_or("the error carries the log")?
-        .snapshot();
-    assert!(log.attempts.is_empty());
-    let open: Vec<_> = log.events.iter().filter_map(|e| e.route.as_ref()).collect();
-    assert_eq!(
-        open,
-        [&RouteName::new("primary"), &RouteName::new("backup")]
-    );
     Ok(())
 }
 
@@ -807,6 +919,10 @@ async fn the_route_switches_only_after_its_retries_are_spent() -> Result<(), Box
     policy.retry.max_attempts = 3;
     policy.retry.seed = Some(7);
     policy.fallback = chain(vec![route(&mock, "backup")]);
+    mock.script(
+        ScriptKey::model("backup-model"),
+        [Reply::openai_chat("backup-model", BACKUP_TEXT)],
+    );
     let service = tower::ServiceBuilder::new()
         .layer(FallbackLayer::from_policy(&policy)?)
         .layer(RetryLayer::from_policy(&policy)?)
@@ -850,5 +966,9 @@ async fn the_route_switches_only_after_its_retries_are_spent() -> Result<(), Box
             at("/backup/v1/chat/completions", "backup-model")
         ]
     );
+    // The answer is the backup's: its model and its usage.
+    let body = json(response).await?;
+    assert_eq!(body["model"], "backup-model");
+    assert_eq!(body["usage"], backup_usage());
     Ok(())
 }
