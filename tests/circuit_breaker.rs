@@ -315,3 +315,94 @@ async fn a_flapping_provider_is_tripped_probed_and_back_within_10s() {
         .collect();
     assert_eq!(after.len(), 30 - (back.as_secs() / 4) as usize);
 }
+
+/// Everything a fmt subscriber writes, in one buffer.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_transition_is_a_tracing_event() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let mock = MockProvider::start().await.unwrap();
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        [
+            Reply::openai_overloaded(),
+            Reply::openai_chat("gpt-4o", "hi"),
+        ],
+    );
+    let mut policy = Policy::interactive().circuit_breaker;
+    policy.consecutive_failures = Some(1);
+    let layer = CircuitBreakerLayer::new(policy).unwrap().without_jitter();
+    let mut svc = layer.layer(client());
+    let url = mock.url();
+    // Trips on the 503, refuses while open, probes after 2 s and closes on the 200.
+    assert_eq!(
+        send(&mut svc, routed(&url, "gpt-4o", "primary")).await.ok(),
+        Some(503)
+    );
+    assert!(
+        send(&mut svc, routed(&url, "gpt-4o", "primary"))
+            .await
+            .is_err()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        send(&mut svc, routed(&url, "gpt-4o", "primary")).await.ok(),
+        Some(200)
+    );
+
+    let text =
+        String::from_utf8_lossy(&captured.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    let transitions: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("tower_llm_resilience::circuit_breaker:"))
+        .collect();
+    assert_eq!(transitions.len(), 3, "{text}");
+    let expect = [
+        (
+            "WARN",
+            "circuit opened",
+            "from=\"closed\" to=\"open\" open_ms=2000 trips=1",
+        ),
+        (
+            "INFO",
+            "circuit state changed",
+            "from=\"open\" to=\"half_open\" trips=1",
+        ),
+        // A probe that succeeds closes the circuit and forgets the escalation.
+        (
+            "INFO",
+            "circuit state changed",
+            "from=\"half_open\" to=\"closed\" trips=0",
+        ),
+    ];
+    for (line, (level, message, fields)) in transitions.iter().zip(expect) {
+        assert!(line.contains(level), "{level} in {line}");
+        assert!(line.contains(message), "{message} in {line}");
+        assert!(line.contains("route=\"primary\""), "route in {line}");
+        assert!(line.contains(fields), "{fields} in {line}");
+    }
+}
