@@ -859,3 +859,126 @@ mod through_the_whole_stack {
         }
     }
 }
+
+/// Pacing with `FallbackLayer` inside: every route's answer is noted, and a hop to a route the
+/// provider paused is skipped, as admission holds a new request off a paused primary.
+mod pacing_across_routes {
+    use super::*;
+    use tower_llm_resilience::ResilienceLayer;
+    use tower_llm_resilience::policy::{Policy, RouteConfig};
+
+    fn policy(mock: &MockProvider) -> Policy {
+        let mut policy = Policy::interactive();
+        policy.retry.max_attempts = 1;
+        policy.budget.pacing = true;
+        policy.fallback.routes = vec![
+            RouteConfig::new("backup")
+                .base_url(format!("{}/backup", mock.url()))
+                .model("backup-model"),
+        ];
+        policy
+    }
+
+    fn backup_calls(mock: &MockProvider) -> usize {
+        mock.requests()
+            .iter()
+            .filter(|r| r.path.starts_with("/backup"))
+            .count()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hop_to_a_paused_backup_is_skipped_until_its_reset() {
+        let mock = start().await;
+        mock.script(ScriptKey::model("gpt-4o"), [Reply::openai_server_error()]);
+        mock.script(
+            ScriptKey::model("backup-model"),
+            [
+                Reply::openai_chat("backup-model", "one")
+                    .header("x-ratelimit-remaining-requests", "0")
+                    .header("x-ratelimit-reset-requests", "5s"),
+                Reply::openai_chat("backup-model", "two"),
+            ],
+        );
+        let svc = ResilienceLayer::new(&policy(&mock))
+            .expect("policy")
+            .layer(client());
+        let send = || {
+            svc.clone()
+                .oneshot(chat_request(&mock.url(), "gpt-4o", false))
+        };
+
+        let first = send().await.expect("response");
+        assert_eq!(first.status(), 200, "the backup served");
+        assert_eq!(backup_calls(&mock), 1);
+
+        // One second later the backup is paused for four more: the hop is skipped and the
+        // caller gets the primary's own failure.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let second = send().await.expect("response");
+        assert_eq!(second.status(), 500);
+        assert_eq!(backup_calls(&mock), 1, "no call to the paused backup");
+        let events: Vec<(Option<String>, LocalEventKind)> = log_of(&second)
+            .events()
+            .into_iter()
+            .map(|e| (e.route.map(|r| r.to_string()), e.kind))
+            .collect();
+        assert_eq!(
+            events,
+            [(
+                Some("backup".to_owned()),
+                LocalEventKind::RateLimited {
+                    retry_in: Duration::from_secs(4)
+                }
+            )]
+        );
+
+        // After the reset the backup takes hops again.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let third = send().await.expect("response");
+        assert_eq!(third.status(), 200);
+        assert_eq!(backup_calls(&mock), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_primary_that_failed_over_is_still_paused_by_its_own_headers() {
+        let mock = start().await;
+        // The primary's failure says it has no requests left for 5 s; the backup serves.
+        mock.script(
+            ScriptKey::model("gpt-4o"),
+            [Reply::openai_server_error()
+                .header("x-ratelimit-remaining-requests", "0")
+                .header("x-ratelimit-reset-requests", "5s")],
+        );
+        mock.script(
+            ScriptKey::model("backup-model"),
+            [Reply::openai_chat("backup-model", "served")],
+        );
+        let svc = ResilienceLayer::new(&policy(&mock))
+            .expect("policy")
+            .layer(client());
+        let first = svc
+            .clone()
+            .oneshot(chat_request(&mock.url(), "gpt-4o", false))
+            .await
+            .expect("response");
+        assert_eq!(first.status(), 200);
+        let primary_calls = mock.request_count() - backup_calls(&mock);
+        assert_eq!(primary_calls, 1);
+
+        // The interactive preset rejects: the primary is paused for exactly the 5 s announced.
+        let second = svc
+            .clone()
+            .oneshot(chat_request(&mock.url(), "gpt-4o", false))
+            .await;
+        match second.map(|r| r.status()) {
+            Err(e) => assert_eq!(
+                e.kind(),
+                &ErrorKind::RateLimited {
+                    retry_in: Duration::from_secs(5)
+                }
+            ),
+            Ok(status) => panic!("admitted to a paused primary: {status}"),
+        }
+        assert_eq!(mock.request_count() - backup_calls(&mock), 1);
+    }
+}

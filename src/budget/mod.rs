@@ -26,7 +26,9 @@
 //!   (`x-ratelimit-remaining-*: 0` with `x-ratelimit-reset-*`, `anthropic-ratelimit-*-remaining:
 //!   0` with its RFC 3339 `-reset`) pauses admission to that route until the reset — queued or
 //!   rejected per the admission mode — instead of sending requests that can only end in a 429.
-//!   Other routes are unaffected.
+//!   Other routes are unaffected. With `FallbackLayer` inside, the answer of every route in the
+//!   chain is noted (not only the one that reaches the caller), and a hop to a paused route is
+//!   skipped with a `rate_limited` event for that route, like a hop to an open circuit.
 //! - **Spend cap.** Each budget owner ([`BudgetOwner`] extension, else the `owner_header`, else
 //!   the policy's `default_owner`; none fails closed) may spend `cap` cost units per `window`,
 //!   priced per route (input and output tokens per million). Every attempt — the first, each
@@ -128,7 +130,7 @@ mod body;
 mod estimate;
 mod future;
 mod layer;
-mod pacing;
+pub(crate) mod pacing;
 mod rate_limit;
 mod service;
 mod spend;

@@ -2,7 +2,7 @@
 //! until its reset, instead of being sent requests that can only end in a 429.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
@@ -16,6 +16,12 @@ use crate::context::RouteName;
 pub(crate) struct Pacer {
     paused: Mutex<HashMap<RouteName, Instant>>,
 }
+
+/// The pacing state of a `BudgetLayer`, in the request extensions for `FallbackLayer`: it
+/// notes the rate-limit headers of every route's answer and keeps a hop off a route that is
+/// paused, as admission keeps a new request off it.
+#[derive(Clone)]
+pub(crate) struct Pacing(pub(crate) Arc<Pacer>);
 
 impl Pacer {
     /// Notes the rate-limit headers of a response from `route`.

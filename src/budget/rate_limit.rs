@@ -75,7 +75,7 @@ pub(crate) enum Refusal {
 pub(crate) struct Gate {
     pub(crate) mode: AdmissionMode,
     pub(crate) store: Arc<dyn BudgetStore>,
-    pub(crate) pacer: Option<Pacer>,
+    pub(crate) pacer: Option<Arc<Pacer>>,
     lines: Mutex<Lines>,
 }
 
@@ -127,7 +127,7 @@ impl Gate {
         Self {
             mode,
             store,
-            pacer: pacing.then(Pacer::default),
+            pacer: pacing.then(Arc::default),
             lines: Mutex::new(Lines::default()),
         }
     }

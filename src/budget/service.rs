@@ -6,6 +6,7 @@ use tower_service::Service;
 
 use super::future::{Ctx, ResponseFuture};
 use super::layer::Shared;
+use super::pacing::Pacing;
 use super::rate_limit::{Admit, Ask};
 use super::spend::BudgetOwner;
 use crate::attempt_log::{AttemptLog, LocalEventKind};
@@ -129,6 +130,9 @@ where
             }
         }
 
+        if let Some(pacer) = shared.gate.as_ref().and_then(|g| g.pacer.as_ref()) {
+            req.extensions_mut().insert(Pacing(pacer.clone()));
+        }
         if let Some(gate) = &shared.gate {
             let key = match shared.rate.as_ref().map(|r| r.key) {
                 Some(RateKey::Owner) => format!("owner:{}", owner.as_deref().unwrap_or("")),

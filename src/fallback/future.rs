@@ -18,6 +18,7 @@ use super::{LAST_RESORT_HEADER, ROUTE_HEADER};
 /// [`ROUTE_HEADER`] built at compile time: inserting by `&str` would parse it on every response.
 const ROUTE_HEADER_NAME: http::HeaderName = http::HeaderName::from_static(ROUTE_HEADER);
 use crate::attempt_log::{Attempt, Decision, LocalEventKind, Outcome, StopReason};
+use crate::budget::pacing::Pacing;
 use crate::classify::{Classification, ClassifyResponse, FailureClass};
 use crate::context::{AttemptCap, Deadline, FallbackAvailable, RouteName, SpendGate};
 use crate::policy::FallbackRule;
@@ -73,6 +74,8 @@ struct Chain<S, B> {
     admitted: Option<SpendGate>,
     primary_failure: Option<Failure>,
     primary_rule: Option<FallbackRule>,
+    /// `BudgetLayer`'s header-driven pacing, when it is outside.
+    pacing: Option<Pacing>,
 }
 
 enum Failure {
@@ -101,6 +104,7 @@ where
         // Noted before the call: a layer below may log synchronously (an open circuit).
         let mark = log.attempt_count();
         let sent_at = Instant::now();
+        let pacing = req.extensions().get::<Pacing>().cloned();
         let future = svc.call(req);
         Self {
             state: State::Calling { future },
@@ -121,6 +125,7 @@ where
                 admitted: None,
                 primary_failure: None,
                 primary_rule: None,
+                pacing,
             },
         }
     }
@@ -254,9 +259,17 @@ impl<S, B: ReplayBody> Chain<S, B> {
         )
     }
 
+    /// Notes the rate-limit headers of the current route's answer for the pacing.
+    fn observe(&self, response: &Response<Body>) {
+        if let Some(pacing) = &self.pacing {
+            pacing.0.observe(self.route_name(), response.headers());
+        }
+    }
+
     /// A route answered with success: it serves the request.
     fn served(&mut self, mut response: Response<Body>, c: &Classification) -> Response<Body> {
         self.admitted = None;
+        self.observe(&response);
         self.log.record_since(self.mark, || self.attempt(c));
         let route = self.route_name().clone();
         response
@@ -275,6 +288,7 @@ impl<S, B: ReplayBody> Chain<S, B> {
 
     fn on_failed_response(&mut self, response: Response<Body>, c: &Classification) -> Step {
         self.admitted = None;
+        self.observe(&response);
         let idx = self.log.record_since(self.mark, || self.attempt(c));
         self.after_failure(Failure::Response(response), c.class, false, Some(idx))
     }
@@ -382,6 +396,19 @@ impl<S, B: ReplayBody> Chain<S, B> {
         let mut found = None;
         for (i, route) in self.config.routes.iter().enumerate().skip(self.current) {
             if !self.eligible(route) {
+                continue;
+            }
+            // The provider said this route has no capacity left until its reset: a hop there
+            // could only end in a 429.
+            let paused = self
+                .pacing
+                .as_ref()
+                .and_then(|p| p.0.remaining(&route.name));
+            if let Some(retry_in) = paused {
+                self.log.event(
+                    Some(route.name.clone()),
+                    LocalEventKind::RateLimited { retry_in },
+                );
                 continue;
             }
             let Some(mut req) = try_clone_request(template) else {

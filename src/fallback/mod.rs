@@ -48,6 +48,10 @@
 //! No hop after `max_hops` switches, nor once the [`AttemptLog`](crate::AttemptLog) holds
 //! `max_total_attempts` attempts, nor after the request's [`Deadline`](crate::Deadline).
 //!
+//! With a `BudgetLayer` outside whose policy turns `pacing` on, each route's answer reports its
+//! rate-limit headers to it, and a route the provider announced as exhausted until a reset is
+//! passed over until then (`LocalEventKind::RateLimited` with the time left, for that route).
+//!
 //! When the request carries a [`SpendGate`](crate::context::SpendGate) (`BudgetLayer` with a
 //! spend cap puts one in), each hop then reserves the estimated maximum cost of the next
 //! route's first attempt, at that route's price, for the request's own budget owner — the
