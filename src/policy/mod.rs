@@ -119,7 +119,9 @@ impl Policy {
             max_attempts: 6,
             backoff: BackoffPolicy::new(Duration::from_secs(1), Duration::from_secs(60)),
             max_server_wait: Duration::from_secs(120),
-            max_elapsed: Duration::from_secs(15 * 60),
+            // As long as the deadline and a stream's total bound: under commit `end` the
+            // committed response is the whole stream, which a shorter bound would cut.
+            max_elapsed: Duration::from_secs(3600),
             ..RetryPolicy::default()
         };
         retry.per_class.insert(

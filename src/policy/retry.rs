@@ -92,8 +92,10 @@ pub struct RetryPolicy {
     /// longer one means "do not retry this route" so that a fallback can act.
     #[cfg_attr(feature = "serde", serde(with = "crate::duration::serde_duration"))]
     pub max_server_wait: Duration,
-    /// Bound on the time to a committed response across all attempts on the route. The layer
-    /// never sleeps past it; a deadline from `BudgetLayer` tightens it further.
+    /// Bound on the time to a committed response across all attempts on the route, the attempt
+    /// in flight included. The layer never sleeps past it; a deadline from `BudgetLayer`
+    /// tightens it further. Under the stream commit point `end` the committed response is the
+    /// whole stream, so keep this at least the stream's `total_timeout`.
     #[cfg_attr(feature = "serde", serde(with = "crate::duration::serde_duration"))]
     pub max_elapsed: Duration,
     /// Header carrying the attempt number (0 for the first) on every attempt, e.g.

@@ -1,0 +1,225 @@
+//! What the crate writes to `tracing`: the stable fields of its events, and the policy's switch.
+//!
+//! These tests are alone in their binary: each installs a thread-local subscriber, and a test
+//! of another file emitting the same events on a thread without one would race the callsites'
+//! interest cache.
+#![cfg(feature = "testing")]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use tower_llm_resilience::circuit_breaker::CircuitBreakerLayer;
+use tower_llm_resilience::policy::RouteConfig;
+use tower_llm_resilience::testing::{self, MockProvider, Reply, ScriptKey, chat_request, client};
+use tower_llm_resilience::{Body, BoxError, Error, Policy, RouteName, ServiceBuilderExt};
+
+fn policy_with_backup(mock: &MockProvider) -> Policy {
+    let mut policy = Policy::interactive();
+    policy.retry.seed = Some(11);
+    policy.fallback.routes = vec![
+        RouteConfig::new("backup")
+            .base_url(format!("{}/backup", mock.url()))
+            .model("backup-model"),
+    ];
+    policy
+}
+
+fn routed(base: &str, model: &str, route: &str) -> Request<Full<Bytes>> {
+    let mut r = chat_request(base, model, false);
+    r.extensions_mut().insert(RouteName::new(route));
+    r
+}
+
+/// Sends, reads the body; the status or the error.
+async fn send<S>(svc: &mut S, req: Request<Full<Bytes>>) -> Result<u16, Error>
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<Body>, Error = Error>,
+{
+    let r = svc.ready().await?.call(req).await?;
+    let status = r.status().as_u16();
+    r.into_body().collect().await?;
+    Ok(status)
+}
+
+/// Everything the fmt subscriber writes, in one buffer.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_policys_tracing_switch_governs_the_whole_stack() -> Result<(), BoxError> {
+    let mock = MockProvider::start().await?;
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        [Reply::openai_overloaded(), Reply::ok()],
+    );
+    for tracing_on in [false, true] {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let mut policy = policy_with_backup(&mock);
+        policy.logging.tracing = tracing_on;
+        mock.script(
+            ScriptKey::model("gpt-4o"),
+            [Reply::openai_overloaded(), Reply::ok()],
+        );
+        let service = ServiceBuilder::new()
+            .llm_resilience(&policy)?
+            .service(testing::client());
+        let response = service
+            .oneshot(testing::chat_request(&mock.url(), "gpt-4o", false))
+            .await?;
+        assert_eq!(response.status(), 200);
+        let text = String::from_utf8_lossy(&captured.0.lock().unwrap_or_else(|p| p.into_inner()))
+            .into_owned();
+        assert_eq!(
+            text.contains("tower_llm_resilience::attempt"),
+            tracing_on,
+            "tracing {tracing_on}: {text}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_attempt_is_one_tracing_event_with_stable_fields() -> Result<(), BoxError> {
+    let mock = MockProvider::start().await?;
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        [Reply::openai_overloaded(), Reply::ok()],
+    );
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let service = ServiceBuilder::new()
+        .llm_resilience(&policy_with_backup(&mock))?
+        .service(testing::client());
+    let response = service
+        .oneshot(testing::chat_request(&mock.url(), "gpt-4o", false))
+        .await?;
+    assert_eq!(response.status(), 200);
+    let text =
+        String::from_utf8_lossy(&captured.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    let attempts: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("tower_llm_resilience::attempt: attempt "))
+        .collect();
+    assert_eq!(attempts.len(), 2, "{text}");
+    for (n, line) in attempts.iter().enumerate() {
+        for field in [
+            format!("attempt={n} "),
+            format!("http.request.resend_count={n} "),
+            "route=\"primary\"".to_owned(),
+            "offset_ms=".to_owned(),
+            "latency_ms=".to_owned(),
+        ] {
+            assert!(line.contains(&field), "{field} in {line}");
+        }
+    }
+    assert!(
+        attempts[0].contains("status=503") && attempts[0].contains("class=\"overloaded\""),
+        "{}",
+        attempts[0]
+    );
+    assert!(attempts[1].contains("status=200"), "{}", attempts[1]);
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_transition_is_a_tracing_event() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let mock = MockProvider::start().await.unwrap();
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        [
+            Reply::openai_overloaded(),
+            Reply::openai_chat("gpt-4o", "hi"),
+        ],
+    );
+    let mut policy = Policy::interactive().circuit_breaker;
+    policy.consecutive_failures = Some(1);
+    let layer = CircuitBreakerLayer::new(policy).unwrap().without_jitter();
+    let mut svc = layer.layer(client());
+    let url = mock.url();
+    // Trips on the 503, refuses while open, probes after 2 s and closes on the 200.
+    assert_eq!(
+        send(&mut svc, routed(&url, "gpt-4o", "primary")).await.ok(),
+        Some(503)
+    );
+    assert!(
+        send(&mut svc, routed(&url, "gpt-4o", "primary"))
+            .await
+            .is_err()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        send(&mut svc, routed(&url, "gpt-4o", "primary")).await.ok(),
+        Some(200)
+    );
+
+    let text =
+        String::from_utf8_lossy(&captured.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    let transitions: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("tower_llm_resilience::circuit_breaker:"))
+        .collect();
+    assert_eq!(transitions.len(), 3, "{text}");
+    let expect = [
+        (
+            "WARN",
+            "circuit opened",
+            "from=\"closed\" to=\"open\" open_ms=2000 trips=1",
+        ),
+        (
+            "INFO",
+            "circuit state changed",
+            "from=\"open\" to=\"half_open\" trips=1",
+        ),
+        // A probe that succeeds closes the circuit and forgets the escalation.
+        (
+            "INFO",
+            "circuit state changed",
+            "from=\"half_open\" to=\"closed\" trips=0",
+        ),
+    ];
+    for (line, (level, message, fields)) in transitions.iter().zip(expect) {
+        assert!(line.contains(level), "{level} in {line}");
+        assert!(line.contains(message), "{message} in {line}");
+        assert!(line.contains("route=\"primary\""), "route in {line}");
+        assert!(line.contains(fields), "{fields} in {line}");
+    }
+}
