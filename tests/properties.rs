@@ -3,8 +3,9 @@
 //! - **No double delivery.** For any script of faults across attempts and routes, the bytes the
 //!   caller receives through the full stack are a prefix of exactly one attempt's stream — the
 //!   whole stream when the result is a success — and every transport call is in the log.
-//! - **The circuit breaker** follows a simple reference model of its state machine under any
-//!   sequence of outcomes, abandoned calls and time advances.
+//! - **The circuit breaker** follows a simple reference model of its state machine and its
+//!   sliding window of time buckets under any sequence of outcomes, latencies, abandoned calls,
+//!   time advances and forced states.
 //! - **Budgets** (the retry budget, the spend store, the rate-limit buckets) never go negative
 //!   or over their cap, and agree with a reference model.
 //!
@@ -32,7 +33,8 @@ use tower_llm_resilience::backoff::JitterSource;
 use tower_llm_resilience::budget::{BudgetStore, MemoryStore, RateDemand, SpendStatus};
 use tower_llm_resilience::circuit_breaker::{CircuitBreakerLayer, CircuitState};
 use tower_llm_resilience::policy::{
-    BackoffPolicy, CircuitBreakerPolicy, CommitPoint, Policy, RetryBudgetPolicy, RouteConfig,
+    BackoffPolicy, CircuitBreakerPolicy, CommitPoint, FailureRateRule, Policy, RetryBudgetPolicy,
+    RouteConfig, SlowCallRule,
 };
 use tower_llm_resilience::{Body, Error, ErrorKind, RetryBudget, RouteName};
 
@@ -495,18 +497,189 @@ enum Outcome {
 
 #[derive(Debug, Clone, Copy)]
 enum Op {
-    Call(Outcome),
+    /// A call with this outcome, answered after this many milliseconds of paused time (the
+    /// time the call is in flight: its latency). An abandoned call takes no time.
+    Call(Outcome, u64),
     Advance(u64),
+    /// `CircuitBreakerHandle::force_open`.
+    ForceOpen,
+    /// `CircuitBreakerHandle::force_closed`.
+    ForceClosed,
+    /// `CircuitBreakerHandle::reset`.
+    Reset,
 }
 
+fn outcome() -> impl Strategy<Value = Outcome> {
+    prop_oneof![
+        3 => Just(Outcome::Success),
+        4 => Just(Outcome::Failure),
+        1 => Just(Outcome::Neutral),
+        1 => Just(Outcome::Abandoned),
+    ]
+}
+
+/// Outcomes with successes and failures weighted `(successes, failures)`.
+fn outcome_in((successes, failures): (u32, u32)) -> impl Strategy<Value = Outcome> {
+    prop_oneof![
+        successes => Just(Outcome::Success),
+        failures => Just(Outcome::Failure),
+        1 => Just(Outcome::Neutral),
+        1 => Just(Outcome::Abandoned),
+    ]
+}
+
+/// Operations for the consecutive-failures rule alone: answers take no time, no handle.
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        3 => Just(Op::Call(Outcome::Success)),
-        4 => Just(Op::Call(Outcome::Failure)),
-        1 => Just(Op::Call(Outcome::Neutral)),
-        1 => Just(Op::Call(Outcome::Abandoned)),
+        9 => outcome().prop_map(|o| Op::Call(o, 0)),
         3 => (1u64..8_000).prop_map(Op::Advance),
     ]
+}
+
+/// The failure-rate rule of a case.
+#[derive(Debug, Clone, Copy)]
+struct RateCase {
+    threshold: f64,
+    window_ms: u64,
+    buckets: u32,
+    min_calls: u32,
+}
+
+/// The slow-call rule of a case.
+#[derive(Debug, Clone, Copy)]
+struct SlowCase {
+    threshold_ms: u64,
+    rate: f64,
+}
+
+/// The breaker's policy in one case.
+#[derive(Debug, Clone, Copy)]
+struct BreakerCase {
+    consecutive: Option<u32>,
+    rate: Option<RateCase>,
+    slow: Option<SlowCase>,
+    base_ms: u64,
+    cap_factor: u32,
+    seed: u64,
+}
+
+impl BreakerCase {
+    fn policy(&self) -> CircuitBreakerPolicy {
+        let mut policy = CircuitBreakerPolicy::default();
+        policy.consecutive_failures = self.consecutive;
+        policy.failure_rate = self.rate.map(|r| {
+            let mut rule = FailureRateRule::default();
+            rule.threshold = r.threshold;
+            rule.window = ms(r.window_ms);
+            rule.buckets = r.buckets;
+            rule.min_calls = r.min_calls;
+            rule
+        });
+        policy.slow_call = self
+            .slow
+            .map(|s| SlowCallRule::new(ms(s.threshold_ms), s.rate));
+        policy.open_base = self.base();
+        policy.open_cap = self.cap();
+        policy
+    }
+
+    fn base(&self) -> Duration {
+        ms(self.base_ms)
+    }
+
+    fn cap(&self) -> Duration {
+        ms(self.base_ms) * self.cap_factor
+    }
+}
+
+/// A share in `0.1..=1`: often a round twentieth, so that `failures / calls` lands exactly on
+/// the threshold ("at or above" trips).
+fn share() -> impl Strategy<Value = f64> {
+    prop_oneof![(2u32..=20).prop_map(|k| f64::from(k) / 20.0), 0.1f64..=1.0]
+}
+
+/// Every rule: the failure rate over a window of 1–120 s in as many buckets as the policy
+/// allows (mostly few), consecutive failures and the slow-call rule each on or off.
+fn window_case() -> impl Strategy<Value = BreakerCase> {
+    let rate = (
+        share(),
+        prop_oneof![(1u64..=120).prop_map(|s| s * 1_000), 1_000u64..=120_000],
+        prop_oneof![4 => 1u32..=12, 1 => 1u32..=1_000],
+        1u32..=20,
+    )
+        .prop_map(|(threshold, window_ms, buckets, min_calls)| RateCase {
+            threshold,
+            window_ms,
+            buckets,
+            min_calls,
+        });
+    let slow =
+        (1u64..3_000, share()).prop_map(|(threshold_ms, rate)| SlowCase { threshold_ms, rate });
+    (
+        prop::option::weighted(0.4, 1u32..12),
+        rate,
+        prop::option::of(slow),
+        100u64..5_000,
+        1u32..10,
+        any::<u64>(),
+    )
+        .prop_map(
+            |(consecutive, rate, slow, base_ms, cap_factor, seed)| BreakerCase {
+                consecutive,
+                rate: Some(rate),
+                slow,
+                base_ms,
+                cap_factor,
+                seed,
+            },
+        )
+}
+
+/// Operations for a case with a window: latencies around the slow threshold, advances within a
+/// bucket, onto and across bucket boundaries, past open times and beyond the whole window; when
+/// `steer`, also the handle's forced states and reset. Successes and failures come in the
+/// proportion `health` (so that some cases hover around their threshold, others far from it).
+fn window_ops(
+    case: BreakerCase,
+    steer: bool,
+    health: (u32, u32),
+) -> impl Strategy<Value = Vec<Op>> {
+    let (window, buckets) = case.rate.map_or((60_000, 12), |r| (r.window_ms, r.buckets));
+    let width = (window / u64::from(buckets)).max(1);
+    let latency = match case.slow {
+        Some(s) => prop_oneof![
+            2 => Just(0u64),
+            1 => Just(s.threshold_ms),
+            1 => Just(s.threshold_ms + 1),
+            2 => 0..=2 * s.threshold_ms,
+        ]
+        .boxed(),
+        None => prop_oneof![3 => Just(0u64), 1 => 0u64..2_000].boxed(),
+    };
+    let mut ops: Vec<(u32, BoxedStrategy<Op>)> = vec![
+        (
+            24,
+            (outcome_in(health), latency)
+                .prop_map(|(o, l)| Op::Call(o, l))
+                .boxed(),
+        ),
+        (2, (1..=width).prop_map(Op::Advance).boxed()),
+        // One, two or three widths, give or take a millisecond.
+        (
+            2,
+            (1u64..=3, 0u64..=2)
+                .prop_map(move |(k, d)| Op::Advance((k * width + d).max(2) - 1))
+                .boxed(),
+        ),
+        (2, (1u64..8_000).prop_map(Op::Advance).boxed()),
+        (1, (window / 2..=window * 2).prop_map(Op::Advance).boxed()),
+    ];
+    if steer {
+        ops.push((1, Just(Op::ForceOpen).boxed()));
+        ops.push((1, Just(Op::ForceClosed).boxed()));
+        ops.push((2, Just(Op::Reset).boxed()));
+    }
+    prop::collection::vec(proptest::strategy::Union::new_weighted(ops), 1..200)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -514,27 +687,137 @@ enum ModelState {
     Closed,
     Open { until: Instant },
     HalfOpen,
+    ForcedOpen,
+    ForcedClosed,
 }
 
-/// The breaker as the documentation describes it, with only the consecutive-failures rule.
+/// An outcome counted in the model's window: the number of the bucket-wide time span (counted
+/// from the route's creation) it was recorded in.
+#[derive(Debug, Clone, Copy)]
+struct Counted {
+    span: u128,
+    failure: bool,
+    slow: bool,
+}
+
+/// The breaker's reference model: every rule of the policy, as the documentation describes
+/// them, but for one point (the second below) where it follows what the breaker does.
+///
+/// - The window is `buckets` spans of `window / buckets` each (to the nanosecond), counted from
+///   the moment the route's breaker was created; it holds the outcomes of the current span and
+///   the `buckets - 1` before it, so an outcome ages out between `window - width` and `window`
+///   after it was recorded. Only calls admitted while closed count, at the time they answer;
+///   neutral and abandoned ones not at all. Closing (a successful probe) empties it; a trip
+///   does not, nor does forcing a state. A reset forgets the route: the next breaker's spans
+///   start with its first call.
+/// - The rate is judged, once the window holds `min_calls` calls, when a failure or a slow call
+///   is recorded (the consecutive-failures rule first). It is *not* judged when a success that
+///   is not slow is recorded, though that success can bring the window to `min_calls` calls at
+///   a rate at or above the threshold, nor as successes age out: that is what the breaker does,
+///   although the module documentation promises a trip "once the window holds `min_calls`
+///   calls".
+/// - A call is slow when its latency (paused time while it is in flight) exceeds the slow-call
+///   threshold. A slow probe opens the circuit again, like a failed one.
 #[derive(Debug)]
 struct Model {
-    threshold: u32,
-    base: Duration,
-    cap: Duration,
+    case: BreakerCase,
+    /// When the route's breaker was created; `None` before its first call or force, and after a
+    /// reset.
+    origin: Option<Instant>,
     state: ModelState,
     consecutive: u32,
     trips: u32,
+    window: Vec<Counted>,
 }
 
 impl Model {
+    fn new(case: BreakerCase) -> Self {
+        Self {
+            case,
+            origin: None,
+            state: ModelState::Closed,
+            consecutive: 0,
+            trips: 0,
+            window: Vec::new(),
+        }
+    }
+
     /// The open time of the next trip, before jitter.
     fn open_time(&self) -> Duration {
         let factor = 1u32.checked_shl(self.trips.min(31)).unwrap_or(u32::MAX);
-        self.base
+        self.case
+            .base()
             .checked_mul(factor)
-            .unwrap_or(self.cap)
-            .min(self.cap)
+            .unwrap_or(self.case.cap())
+            .min(self.case.cap())
+    }
+
+    /// The span `at` falls in, for the window of rule `r`.
+    fn span(&self, r: &RateCase, at: Instant) -> u128 {
+        let width = (u128::from(r.window_ms) * 1_000_000 / u128::from(r.buckets)).max(1);
+        let origin = self.origin.unwrap_or(at);
+        at.saturating_duration_since(origin).as_nanos() / width
+    }
+
+    fn record(&mut self, at: Instant, failure: bool, slow: bool) {
+        if let Some(r) = self.case.rate {
+            let span = self.span(&r, at);
+            self.window.push(Counted {
+                span,
+                failure,
+                slow,
+            });
+        }
+    }
+
+    /// Calls, failures and slow calls in the window at `at`.
+    fn totals(&self, at: Instant) -> (u32, u32, u32) {
+        let Some(r) = self.case.rate else {
+            return (0, 0, 0);
+        };
+        let now = self.span(&r, at);
+        let mut t = (0, 0, 0);
+        for c in &self.window {
+            if c.span + u128::from(r.buckets) > now {
+                t.0 += 1;
+                t.1 += u32::from(c.failure);
+                t.2 += u32::from(c.slow);
+            }
+        }
+        t
+    }
+
+    /// Whether a rule trips the breaker at `at`.
+    fn judge(&self, at: Instant) -> bool {
+        if self.case.consecutive.is_some_and(|n| self.consecutive >= n) {
+            return true;
+        }
+        let Some(r) = self.case.rate else {
+            return false;
+        };
+        let (calls, failures, slow) = self.totals(at);
+        if calls < r.min_calls {
+            return false;
+        }
+        let calls = f64::from(calls);
+        f64::from(failures) / calls >= r.threshold
+            || self
+                .case
+                .slow
+                .is_some_and(|s| f64::from(slow) / calls >= s.rate)
+    }
+
+    fn close(&mut self) {
+        self.state = ModelState::Closed;
+        self.consecutive = 0;
+        self.trips = 0;
+        self.window.clear();
+    }
+
+    /// A forced state; trips, counts and the window stay as they are.
+    fn force(&mut self, now: Instant, to: ModelState) {
+        self.origin.get_or_insert(now);
+        self.state = to;
     }
 }
 
@@ -543,37 +826,35 @@ struct Breaker<S> {
     calls: Arc<Mutex<usize>>,
 }
 
-async fn breaker_follows_its_model(
-    threshold: u32,
-    base_ms: u64,
-    cap_factor: u32,
-    ops: Vec<Op>,
-) -> Result<(), TestCaseError> {
-    let mut policy = CircuitBreakerPolicy::default();
-    policy.failure_rate = None;
-    policy.consecutive_failures = Some(threshold);
-    policy.open_base = ms(base_ms);
-    policy.open_cap = ms(base_ms) * cap_factor;
-    let layer = CircuitBreakerLayer::new(policy)
+async fn breaker_follows_its_model(case: BreakerCase, ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let layer = CircuitBreakerLayer::new(case.policy())
         .map_err(|e| TestCaseError::fail(format!("policy: {e}")))?
-        .jitter(JitterSource::seeded(u64::from(threshold) + base_ms));
+        .jitter(JitterSource::seeded(case.seed));
     let handle = layer.handle();
     let calls = Arc::new(Mutex::new(0usize));
     let counter = calls.clone();
     let transport = tower::service_fn(move |req: Request<Full<Bytes>>| {
         *lock(&counter) += 1;
-        let status = req
-            .headers()
-            .get("x-outcome")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.parse::<u16>().ok())
-            .unwrap_or(200);
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|s| s.parse::<u64>().ok())
+        };
+        let status = header("x-outcome").unwrap_or(200);
+        let latency = header("x-latency").unwrap_or(0);
         async move {
             if status == 0 {
                 std::future::pending::<()>().await;
             }
+            if latency > 0 {
+                tokio::time::sleep(ms(latency)).await;
+            }
             let mut response = Response::new(Full::new(Bytes::from_static(b"{}")));
-            *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+            *response.status_mut() = u16::try_from(status)
+                .ok()
+                .and_then(|s| StatusCode::from_u16(s).ok())
+                .unwrap_or(StatusCode::OK);
             Ok::<_, Infallible>(response)
         }
     });
@@ -582,28 +863,34 @@ async fn breaker_follows_its_model(
         calls,
     };
     let route = "127.0.0.1:9";
-    let mut m = Model {
-        threshold,
-        base: ms(base_ms),
-        cap: ms(base_ms) * cap_factor,
-        state: ModelState::Closed,
-        consecutive: 0,
-        trips: 0,
-    };
+    let mut m = Model::new(case);
 
     for (step, op) in ops.into_iter().enumerate() {
         let now = Instant::now();
         match op {
             Op::Advance(n) => tokio::time::advance(ms(n)).await,
-            Op::Call(outcome) => {
+            Op::ForceOpen => {
+                handle.force_open(route);
+                m.force(now, ModelState::ForcedOpen);
+            }
+            Op::ForceClosed => {
+                handle.force_closed(route);
+                m.force(now, ModelState::ForcedClosed);
+            }
+            Op::Reset => {
+                handle.reset(route);
+                m = Model::new(case);
+            }
+            Op::Call(outcome, latency) => {
+                m.origin.get_or_insert(now);
                 // The model's verdict on admission: Open past its time becomes half-open.
                 let admitted = match m.state {
-                    ModelState::Closed | ModelState::HalfOpen => true,
+                    ModelState::Closed | ModelState::HalfOpen | ModelState::ForcedClosed => true,
                     ModelState::Open { until } if now >= until => {
                         m.state = ModelState::HalfOpen;
                         true
                     }
-                    ModelState::Open { .. } => false,
+                    ModelState::Open { .. } | ModelState::ForcedOpen => false,
                 };
                 let before = *lock(&b.calls);
                 let status = match outcome {
@@ -616,6 +903,8 @@ async fn breaker_follows_its_model(
                 *req.uri_mut() = http::Uri::from_static("http://127.0.0.1:9/v1/chat/completions");
                 req.headers_mut()
                     .insert("x-outcome", http::HeaderValue::from_static(status));
+                req.headers_mut()
+                    .insert("x-latency", http::HeaderValue::from(latency));
                 let ready = b
                     .service
                     .ready()
@@ -632,8 +921,17 @@ async fn breaker_follows_its_model(
                 } else {
                     Some(future.as_mut().await)
                 };
+                // When the call answered: the model records its outcome then.
+                let end = Instant::now();
                 let called = *lock(&b.calls) > before;
                 prop_assert_eq!(called, admitted, "step {}: {:?} in {:?}", step, op, m);
+                let answered = admitted && outcome != Outcome::Abandoned;
+                let took = if answered {
+                    ms(latency)
+                } else {
+                    Duration::ZERO
+                };
+                prop_assert_eq!(end - now, took, "step {}: paused time in flight", step);
                 match result {
                     Some(Ok(response)) => {
                         prop_assert!(admitted);
@@ -644,8 +942,12 @@ async fn breaker_follows_its_model(
                     Some(Err(e)) => match e.kind() {
                         ErrorKind::CircuitOpen { retry_in, .. } => {
                             prop_assert!(!admitted, "step {}: refused while {:?}", step, m);
-                            if let ModelState::Open { until } = m.state {
-                                prop_assert_eq!(*retry_in, until - now);
+                            match m.state {
+                                ModelState::Open { until } => {
+                                    prop_assert_eq!(*retry_in, until - now);
+                                }
+                                // A hint only: the policy's cap.
+                                _ => prop_assert_eq!(*retry_in, case.cap()),
                             }
                         }
                         other => {
@@ -657,29 +959,37 @@ async fn breaker_follows_its_model(
                         drop(future);
                     }
                 }
+                let slow = case.slow.is_some_and(|s| ms(latency) > ms(s.threshold_ms));
                 // The open time (before jitter) when this call tripped the breaker.
                 let mut tripped = None;
                 if admitted {
                     match (m.state, outcome) {
-                        (_, Outcome::Neutral | Outcome::Abandoned) => {}
-                        (ModelState::Closed, Outcome::Success) => m.consecutive = 0,
+                        (_, Outcome::Neutral | Outcome::Abandoned)
+                        | (ModelState::ForcedClosed, _) => {}
+                        (ModelState::Closed, Outcome::Success) => {
+                            m.record(end, false, slow);
+                            if slow && m.judge(end) {
+                                // Tripped at the head: the body's end no longer breaks the run.
+                                tripped = Some(m.open_time());
+                                m.trips += 1;
+                            } else {
+                                m.consecutive = 0;
+                            }
+                        }
                         (ModelState::Closed, Outcome::Failure) => {
+                            m.record(end, true, slow);
                             m.consecutive += 1;
-                            if m.consecutive >= m.threshold {
+                            if m.judge(end) {
                                 tripped = Some(m.open_time());
                                 m.trips += 1;
                             }
                         }
-                        (ModelState::HalfOpen, Outcome::Success) => {
-                            m.state = ModelState::Closed;
-                            m.consecutive = 0;
-                            m.trips = 0;
-                        }
-                        (ModelState::HalfOpen, Outcome::Failure) => {
+                        (ModelState::HalfOpen, Outcome::Success) if !slow => m.close(),
+                        (ModelState::HalfOpen, Outcome::Success | Outcome::Failure) => {
                             tripped = Some(m.open_time());
                             m.trips += 1;
                         }
-                        (ModelState::Open { .. }, _) => {
+                        (ModelState::Open { .. } | ModelState::ForcedOpen, _) => {
                             return Err(TestCaseError::fail("the model admitted while open"));
                         }
                     }
@@ -697,21 +1007,26 @@ async fn breaker_follows_its_model(
                         d
                     );
                     m.state = ModelState::Open {
-                        until: now + retry_in,
+                        until: end + retry_in,
                     };
                 }
             }
         }
+        let at = Instant::now();
         let snap = handle.snapshot(route);
         let Some(snap) = snap else {
-            // Not seen yet: only possible before the first call.
+            // Not seen yet, or reset since.
+            prop_assert!(m.origin.is_none(), "step {}: {:?}; model {:?}", step, op, m);
             prop_assert_eq!(m.state, ModelState::Closed);
             continue;
         };
+        prop_assert!(m.origin.is_some(), "step {}: the route exists", step);
         let expected = match m.state {
             ModelState::Closed => CircuitState::Closed,
             ModelState::Open { .. } => CircuitState::Open,
             ModelState::HalfOpen => CircuitState::HalfOpen,
+            ModelState::ForcedOpen => CircuitState::ForcedOpen,
+            ModelState::ForcedClosed => CircuitState::ForcedClosed,
         };
         prop_assert_eq!(
             snap.state,
@@ -729,6 +1044,19 @@ async fn breaker_follows_its_model(
             "step {}: a probe slot leaked",
             step
         );
+        prop_assert_eq!(
+            (snap.calls, snap.failures, snap.slow_calls),
+            m.totals(at),
+            "step {}: {:?}; window (calls, failures, slow) against model {:?}",
+            step,
+            op,
+            m
+        );
+        let retry_in = match m.state {
+            ModelState::Open { until } => Some(until.saturating_duration_since(at)),
+            _ => None,
+        };
+        prop_assert_eq!(snap.retry_in, retry_in, "step {}", step);
     }
     Ok(())
 }
@@ -745,7 +1073,28 @@ proptest! {
         cap_factor in 1u32..10,
         ops in prop::collection::vec(op(), 1..80),
     ) {
-        runtime().block_on(breaker_follows_its_model(threshold, base_ms, cap_factor, ops))?;
+        let case = BreakerCase {
+            consecutive: Some(threshold),
+            rate: None,
+            slow: None,
+            base_ms,
+            cap_factor,
+            seed: u64::from(threshold) + base_ms,
+        };
+        runtime().block_on(breaker_follows_its_model(case, ops))?;
+    }
+
+    /// The same with every rule: the failure rate over its sliding window of time buckets
+    /// (outcomes aging out as time passes, the window emptied when the circuit closes),
+    /// consecutive failures on or off, slow calls (latency in paused time) on or off, and the
+    /// handle's forced states and reset in some cases. After every step the route's state,
+    /// trips, window counts, open time and probe slots are the model's.
+    #[test]
+    fn the_breaker_follows_its_failure_rate_window(
+        (case, ops) in (window_case(), prop::bool::weighted(0.3), (1u32..=6, 1u32..=6))
+            .prop_flat_map(|(case, steer, health)| (Just(case), window_ops(case, steer, health))),
+    ) {
+        runtime().block_on(breaker_follows_its_model(case, ops))?;
     }
 }
 

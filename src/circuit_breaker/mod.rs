@@ -21,7 +21,9 @@
 //! Each rule the policy enables ([`CircuitBreakerPolicy`](crate::policy::CircuitBreakerPolicy)):
 //!
 //! - **failure rate** at or above the threshold over a sliding time window, once the window
-//!   holds `min_calls` calls (default: 50 % over 60 s, at least 10 calls). The window is a ring
+//!   holds `min_calls` calls (default: 50 % over 60 s, at least 10 calls). The rate is judged
+//!   when a failure (or, under the slow-call rule, a slow call) is recorded: a success never
+//!   opens a circuit, even one that brings the window up to `min_calls`. The window is a ring
 //!   of time buckets: old outcomes age out bucket by bucket, so a long healthy past does not
 //!   hide a fresh outage, and an old burst does not linger;
 //! - **consecutive failures** (default 5);

@@ -15,7 +15,8 @@ pub struct FailureRateRule {
     pub window: Duration,
     /// Number of time buckets the window is divided into.
     pub buckets: u32,
-    /// Calls the window must hold before the rate is judged.
+    /// Calls the window must hold before the rate is judged (at each failure recorded; a
+    /// success never trips the breaker).
     pub min_calls: u32,
 }
 
