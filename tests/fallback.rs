@@ -218,33 +218,47 @@ async fn a_refused_connection_switches_to_the_backup() -> Result<(), BoxError> {
     Ok(())
 }
 
+/// Over chains of two and three routes with the primary answering `reply`: the caller gets the
+/// primary's own `status`, no backup is ever called, and the log says no route is approved for
+/// `class`. The provider's error bodies, one per chain.
+async fn never_switches(
+    reply: &Reply,
+    status: u16,
+    class: FailureClass,
+) -> Result<Vec<serde_json::Value>, BoxError> {
+    let mut bodies = Vec::new();
+    for shape in 0..2 {
+        let mock = MockProvider::start().await?;
+        mock.script(ScriptKey::model(PRIMARY_MODEL), [reply.clone()]);
+        let [two, three] = chain_shapes(&mock);
+        let routes = if shape == 0 { two } else { three };
+        let backups = routes.len();
+        let (response, log) = send(chain(routes), &mock).await?;
+        assert_eq!(response.status(), status, "{backups} backups");
+        assert_eq!(response.headers()[ROUTE_HEADER], "primary");
+        // No backup is ever called: the provider saw the primary's request alone.
+        assert_eq!(
+            received(&mock),
+            [at(PRIMARY_PATH, PRIMARY_MODEL)],
+            "{backups} backups"
+        );
+        assert_eq!(routes_tried(&log), ["primary"]);
+        assert_eq!(log.attempts[0].class, Some(class));
+        assert_eq!(
+            log.attempts[0].decisions,
+            [Decision::Stop(StopReason::NoApprovedRoute)]
+        );
+        assert_eq!(log.selected_route, Some("primary".into()));
+        // The provider's own error body reaches the caller intact.
+        bodies.push(json(response).await?);
+    }
+    Ok(bodies)
+}
+
 #[tokio::test]
 async fn auth_failures_never_switch() -> Result<(), BoxError> {
     for (reply, status) in [(Reply::unauthorized(), 401), (Reply::forbidden(), 403)] {
-        for shape in 0..2 {
-            let mock = MockProvider::start().await?;
-            mock.script(ScriptKey::model(PRIMARY_MODEL), [reply.clone()]);
-            let [two, three] = chain_shapes(&mock);
-            let routes = if shape == 0 { two } else { three };
-            let backups = routes.len();
-            let (response, log) = send(chain(routes), &mock).await?;
-            assert_eq!(response.status(), status, "{backups} backups");
-            assert_eq!(response.headers()[ROUTE_HEADER], "primary");
-            // No backup is ever called: the provider saw the primary's request alone.
-            assert_eq!(
-                received(&mock),
-                [at(PRIMARY_PATH, PRIMARY_MODEL)],
-                "{backups} backups"
-            );
-            assert_eq!(routes_tried(&log), ["primary"]);
-            assert_eq!(log.attempts[0].class, Some(FailureClass::Auth));
-            assert_eq!(
-                log.attempts[0].decisions,
-                [Decision::Stop(StopReason::NoApprovedRoute)]
-            );
-            assert_eq!(log.selected_route, Some("primary".into()));
-            // The provider's own error body reaches the caller intact.
-            let body = json(response).await?;
+        for body in never_switches(&reply, status, FailureClass::Auth).await? {
             assert!(body["error"].is_object(), "{body}");
         }
     }
@@ -257,29 +271,8 @@ async fn content_filters_never_switch() -> Result<(), BoxError> {
         (Reply::openai_content_policy(), "content_policy_violation"),
         (Reply::azure_content_filter(), "content_filter"),
     ] {
-        for shape in 0..2 {
-            let mock = MockProvider::start().await?;
-            mock.script(ScriptKey::model(PRIMARY_MODEL), [reply.clone()]);
-            let [two, three] = chain_shapes(&mock);
-            let routes = if shape == 0 { two } else { three };
-            let backups = routes.len();
-            let (response, log) = send(chain(routes), &mock).await?;
-            assert_eq!(response.status(), 400, "{backups} backups");
-            assert_eq!(response.headers()[ROUTE_HEADER], "primary");
-            // No backup is ever called: the provider saw the primary's request alone.
-            assert_eq!(
-                received(&mock),
-                [at(PRIMARY_PATH, PRIMARY_MODEL)],
-                "{backups} backups"
-            );
-            assert_eq!(routes_tried(&log), ["primary"]);
-            assert_eq!(log.attempts[0].class, Some(FailureClass::PolicyBlock));
-            assert_eq!(
-                log.attempts[0].decisions,
-                [Decision::Stop(StopReason::NoApprovedRoute)]
-            );
-            assert_eq!(log.selected_route, Some("primary".into()));
-            assert_eq!(json(response).await?["error"]["code"], code);
+        for body in never_switches(&reply, 400, FailureClass::PolicyBlock).await? {
+            assert_eq!(body["error"]["code"], code);
         }
     }
     Ok(())

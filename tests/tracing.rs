@@ -48,6 +48,24 @@ where
 #[derive(Clone, Default)]
 struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
+impl Captured {
+    /// A TRACE-level fmt subscriber writing here, for the current thread until the guard drops.
+    fn install() -> (Self, tracing::subscriber::DefaultGuard) {
+        let captured = Self::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        (captured, tracing::subscriber::set_default(subscriber))
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+    }
+}
+
 impl std::io::Write for Captured {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0
@@ -70,14 +88,7 @@ async fn the_policys_tracing_switch_governs_the_whole_stack() -> Result<(), BoxE
         [Reply::openai_overloaded(), Reply::ok()],
     );
     for tracing_on in [false, true] {
-        let captured = Captured::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let (captured, _guard) = Captured::install();
         let mut policy = policy_with_backup(&mock);
         policy.logging.tracing = tracing_on;
         mock.script(
@@ -91,8 +102,7 @@ async fn the_policys_tracing_switch_governs_the_whole_stack() -> Result<(), BoxE
             .oneshot(testing::chat_request(&mock.url(), "gpt-4o", false))
             .await?;
         assert_eq!(response.status(), 200);
-        let text = String::from_utf8_lossy(&captured.0.lock().unwrap_or_else(|p| p.into_inner()))
-            .into_owned();
+        let text = captured.text();
         assert_eq!(
             text.contains("tower_llm_resilience::attempt"),
             tracing_on,
@@ -109,14 +119,7 @@ async fn each_attempt_is_one_tracing_event_with_stable_fields() -> Result<(), Bo
         ScriptKey::model("gpt-4o"),
         [Reply::openai_overloaded(), Reply::ok()],
     );
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = Captured::install();
     let service = ServiceBuilder::new()
         .llm_resilience(&policy_with_backup(&mock))?
         .service(testing::client());
@@ -124,8 +127,7 @@ async fn each_attempt_is_one_tracing_event_with_stable_fields() -> Result<(), Bo
         .oneshot(testing::chat_request(&mock.url(), "gpt-4o", false))
         .await?;
     assert_eq!(response.status(), 200);
-    let text =
-        String::from_utf8_lossy(&captured.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    let text = captured.text();
     let attempts: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("tower_llm_resilience::attempt: attempt "))
@@ -153,14 +155,7 @@ async fn each_attempt_is_one_tracing_event_with_stable_fields() -> Result<(), Bo
 
 #[tokio::test(start_paused = true)]
 async fn every_transition_is_a_tracing_event() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = Captured::install();
 
     let mock = MockProvider::start().await.unwrap();
     mock.script(
@@ -191,8 +186,7 @@ async fn every_transition_is_a_tracing_event() {
         Some(200)
     );
 
-    let text =
-        String::from_utf8_lossy(&captured.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    let text = captured.text();
     let transitions: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("tower_llm_resilience::circuit_breaker:"))
