@@ -331,6 +331,11 @@ fn assert_nothing_leaked(stack: &Stack, what: &str) {
             "{what}: a probe slot of `{}` leaked",
             snapshot.route
         );
+        assert_eq!(
+            snapshot.calls_in_flight, 0,
+            "{what}: a call of `{}` is still counted in flight",
+            snapshot.route
+        );
     }
     assert_eq!(
         stack.spend.status(OWNER).reserved,

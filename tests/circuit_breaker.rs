@@ -53,8 +53,8 @@ async fn two_routes_on_one_provider_one_tripped_the_other_unaffected() {
     let mut svc = layer.layer(client());
     let url = mock.url();
 
-    // The default policy trips after 5 consecutive provider failures.
-    for _ in 0..5 {
+    // The default policy trips after 10 consecutive provider failures.
+    for _ in 0..10 {
         let s = send(&mut svc, routed(&url, "gpt-down", "down"))
             .await
             .unwrap();
@@ -80,10 +80,10 @@ async fn two_routes_on_one_provider_one_tripped_the_other_unaffected() {
     }
     assert_eq!(handle.state("up"), CircuitState::Closed);
     let up = handle.snapshot("up").unwrap();
-    assert_eq!((up.calls, up.failures), (15, 0));
+    assert_eq!((up.calls, up.failures), (20, 0));
     // The provider's record: the open route was not called again.
-    assert_eq!(models(&mock, "gpt-down"), 5);
-    assert_eq!(models(&mock, "gpt-up"), 15);
+    assert_eq!(models(&mock, "gpt-down"), 10);
+    assert_eq!(models(&mock, "gpt-up"), 20);
 }
 
 #[tokio::test(start_paused = true)]
@@ -94,7 +94,7 @@ async fn routes_default_to_the_authority() {
     let layer = CircuitBreakerLayer::from_policy(&Policy::interactive()).unwrap();
     let handle = layer.handle();
     let mut svc = layer.layer(client());
-    for _ in 0..8 {
+    for _ in 0..12 {
         let _ = send(&mut svc, chat_request(&down.url(), "claude", false)).await;
         assert_eq!(
             send(&mut svc, chat_request(&up.url(), "gpt-4o", false))
@@ -111,8 +111,8 @@ async fn routes_default_to_the_authority() {
         handle.state(up.addr().to_string().as_str()),
         CircuitState::Closed
     );
-    assert_eq!(down.request_count(), 5);
-    assert_eq!(up.request_count(), 8);
+    assert_eq!(down.request_count(), 10);
+    assert_eq!(up.request_count(), 12);
 }
 
 #[tokio::test(start_paused = true)]

@@ -77,14 +77,18 @@ async fn every_scenario_of_the_drill_keeps_the_ladders_promise() {
             Some("backup"),
             Some("backup"),
             Some("backup"),
+            Some("backup"),
+            Some("backup"),
             Some("primary"),
             Some("primary")
         ]
     );
-    let third = log(r, call(r, "request 3"));
-    assert_eq!(routes(third), ["backup"]);
+    // Ten failures in a row trip it: three requests of three attempts, then request 4's first.
+    assert_eq!(routes(log(r, call(r, "request 4"))), ["primary", "backup"]);
+    let fifth = log(r, call(r, "request 5"));
+    assert_eq!(routes(fifth), ["backup"]);
     assert!(
-        third
+        fifth
             .events
             .iter()
             .any(|e| matches!(e.kind, LocalEventKind::CircuitOpen { .. }))

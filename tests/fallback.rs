@@ -761,17 +761,17 @@ async fn a_tripped_circuit_on_the_primary_keeps_every_call_off_it() -> Result<()
                 .count()
         };
 
-        // The default breaker trips after 5 consecutive provider failures; the first backup
+        // The default breaker trips after 10 consecutive provider failures; the first backup
         // serves each.
-        for _ in 0..5 {
+        for _ in 0..10 {
             let request = testing::chat_request(&mock.url(), PRIMARY_MODEL, false);
             let response = service.clone().oneshot(request).await?;
             assert_eq!(response.headers()[ROUTE_HEADER], "backup");
             json(response).await?;
         }
         assert_eq!(breakers.state("primary"), CircuitState::Open);
-        assert_eq!(calls_to(&mock, PRIMARY_MODEL), 5);
-        assert_eq!(calls_to(&mock, "backup-model"), 5);
+        assert_eq!(calls_to(&mock, PRIMARY_MODEL), 10);
+        assert_eq!(calls_to(&mock, "backup-model"), 10);
 
         // Open: zero calls reach the primary; the first backup serves at once.
         for _ in 0..3 {
@@ -795,10 +795,10 @@ async fn a_tripped_circuit_on_the_primary_keeps_every_call_off_it() -> Result<()
             assert_eq!(open_events[0].route, Some("primary".into()));
             assert_eq!(json(response).await?["model"], "backup-model");
         }
-        assert_eq!(calls_to(&mock, PRIMARY_MODEL), 5);
-        assert_eq!(calls_to(&mock, "backup-model"), 5 + 3);
+        assert_eq!(calls_to(&mock, PRIMARY_MODEL), 10);
+        assert_eq!(calls_to(&mock, "backup-model"), 10 + 3);
         assert_eq!(calls_to(&mock, "backup2-model"), 0);
-        assert_eq!(mock.request_count(), 5 + 5 + 3);
+        assert_eq!(mock.request_count(), 10 + 10 + 3);
 
         let mut calls = mock.request_count();
         if backups.len() == 2 {

@@ -412,8 +412,27 @@ fn client(setup: Setup, provider: &Provider, seed: u64) -> Client {
                         .model("backup-model"),
                 );
             }
-            ResilienceLayer::new(&policy)
-                .expect("the interactive preset is valid")
+            let layer = ResilienceLayer::new(&policy).expect("the interactive preset is valid");
+            // `SIM_TRACE=1`: every breaker transition on stderr, with the window it judged.
+            if std::env::var_os("SIM_TRACE").is_some() {
+                let t0 = Instant::now();
+                let breakers = layer.circuit_breaker();
+                let look = breakers.clone();
+                breakers.on_transition(move |route, from, to| {
+                    if let Some(s) = look.snapshot(route.as_str()) {
+                        eprintln!(
+                            "{:>8.3} s  {route}: {from} -> {to}  (window {} calls, {} failed, \
+                             {} in flight; {} in a row)",
+                            t0.elapsed().as_secs_f64(),
+                            s.calls,
+                            s.failures,
+                            s.calls_in_flight,
+                            s.consecutive_failures
+                        );
+                    }
+                });
+            }
+            layer
                 .layer(transport)
                 .map_err(BoxError::from)
                 .and_then(drain)

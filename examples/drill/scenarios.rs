@@ -737,20 +737,21 @@ async fn sustained_outage(run: &mut Run) -> Result<(), BoxError> {
         });
     }
 
-    // The outage: every primary attempt is a 503.
-    let first = run.send("request 1", &svc, chat(&mock)).await;
-    let second = run.send("request 2", &svc, chat(&mock)).await;
-    let primary_calls_before = mock
-        .requests()
-        .iter()
-        .filter(|r| r.model.as_deref() == Some(MODEL))
-        .count();
-    let third = run.send("request 3", &svc, chat(&mock)).await;
-    let primary_calls_after = mock
-        .requests()
-        .iter()
-        .filter(|r| r.model.as_deref() == Some(MODEL))
-        .count();
+    // The outage: every primary attempt is a 503. Requests 1 to 3 spend their three attempts
+    // each; the tenth failure in a row, on request 4's first attempt, trips the breaker.
+    let mut calls = Vec::new();
+    for n in 1..=4 {
+        calls.push(run.send(&format!("request {n}"), &svc, chat(&mock)).await);
+    }
+    let primary_calls = || {
+        mock.requests()
+            .iter()
+            .filter(|r| r.model.as_deref() == Some(MODEL))
+            .count()
+    };
+    let primary_calls_before = primary_calls();
+    calls.push(run.send("request 5", &svc, chat(&mock)).await);
+    let primary_calls_after = primary_calls();
     let open_state = breakers.state(PRIMARY);
     let retry_in = breakers
         .snapshot(PRIMARY)
@@ -765,8 +766,8 @@ async fn sustained_outage(run: &mut Run) -> Result<(), BoxError> {
     );
     let recovered_at = run.now();
     tokio::time::sleep(retry_in).await;
-    let fourth = run.send("request 4", &svc, chat(&mock)).await;
-    let fifth = run.send("request 5", &svc, chat(&mock)).await;
+    calls.push(run.send("request 6", &svc, chat(&mock)).await);
+    calls.push(run.send("request 7", &svc, chat(&mock)).await);
 
     let transitions = transitions.lock().map(|t| t.clone()).unwrap_or_default();
     let mut notes: Vec<(Duration, String)> = transitions
@@ -785,33 +786,26 @@ async fn sustained_outage(run: &mut Run) -> Result<(), BoxError> {
         run.note(format!("@{}ms {note}", ms(at)));
     }
 
-    let served: Vec<Option<&str>> = [&first, &second, &third, &fourth, &fifth]
-        .iter()
-        .map(|c| c.result.route())
-        .collect();
+    let served: Vec<Option<&str>> = calls.iter().map(|c| c.result.route()).collect();
     run.check(
         "every request is answered with 200",
-        [&first, &second, &third, &fourth, &fifth]
+        calls.iter().all(|c| c.result.status() == Some(200)),
+    );
+    let backup_then_primary: Vec<Option<&str>> = [Some(BACKUP); 5]
+        .into_iter()
+        .chain([Some(PRIMARY); 2])
+        .collect();
+    run.check(
+        "the backup serves requests 1 to 5, the primary requests 6 and 7",
+        served == backup_then_primary,
+    );
+    let logs = calls.iter().map(log_of).collect::<Result<Vec<_>, _>>()?;
+    run.check(
+        "requests 1 to 3 retry the primary 3 times each, then fall back",
+        logs[..3]
             .iter()
-            .all(|c| c.result.status() == Some(200)),
+            .all(|l| routes_of(l) == [PRIMARY, PRIMARY, PRIMARY, BACKUP] && has_fallback(l)),
     );
-    run.check(
-        "the backup serves requests 1 to 3, the primary requests 4 and 5",
-        served
-            == [
-                Some(BACKUP),
-                Some(BACKUP),
-                Some(BACKUP),
-                Some(PRIMARY),
-                Some(PRIMARY),
-            ],
-    );
-    let l1 = log_of(&first)?;
-    run.check(
-        "request 1 retries the primary 3 times, then falls back",
-        routes_of(l1) == [PRIMARY, PRIMARY, PRIMARY, BACKUP] && has_fallback(l1),
-    );
-    let l2 = log_of(&second)?;
     let circuit_open = |l: &LogSnapshot| {
         l.events.iter().any(|e| {
             matches!(e.kind, LocalEventKind::CircuitOpen { .. })
@@ -819,20 +813,18 @@ async fn sustained_outage(run: &mut Run) -> Result<(), BoxError> {
         })
     };
     run.check(
-        "request 2 trips the breaker on its 2nd attempt: the open circuit ends its retries",
-        routes_of(l2) == [PRIMARY, PRIMARY, BACKUP] && circuit_open(l2),
+        "request 4 trips the breaker on its 1st attempt: the open circuit ends its retries",
+        routes_of(logs[3]) == [PRIMARY, BACKUP] && circuit_open(logs[3]),
     );
-    let l3 = log_of(&third)?;
     run.check(
-        "request 3 goes straight to the backup: the primary is not called",
-        routes_of(l3) == [BACKUP]
-            && circuit_open(l3)
+        "request 5 goes straight to the backup: the primary is not called",
+        routes_of(logs[4]) == [BACKUP]
+            && circuit_open(logs[4])
             && primary_calls_after == primary_calls_before,
     );
-    let l4 = log_of(&fourth)?;
     run.check(
-        "request 4 is the probe: one attempt on the primary",
-        routes_of(l4) == [PRIMARY],
+        "request 6 is the probe: one attempt on the primary",
+        routes_of(logs[5]) == [PRIMARY],
     );
     let changes: Vec<(CircuitState, CircuitState)> = transitions
         .iter()

@@ -46,8 +46,8 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        if let (false, Admission::Probe { generation }) = (self.done, self.admission) {
-            self.route.release_probe(generation);
+        if !self.done {
+            self.route.abandon(self.admission);
         }
     }
 }

@@ -76,6 +76,9 @@ pub struct RouteSnapshot {
     pub retry_in: Option<Duration>,
     /// Half-open probes currently in flight.
     pub probes_in_flight: u32,
+    /// Calls admitted while closed that have no outcome yet; they count in the failure rate's
+    /// denominator.
+    pub calls_in_flight: u32,
 }
 
 /// The callback type of [`CircuitBreakerHandle::on_transition`].

@@ -23,10 +23,14 @@
 //! - **failure rate** at or above the threshold over a sliding time window, once the window
 //!   holds `min_calls` calls (default: 50 % over 60 s, at least 10 calls). The rate is judged
 //!   when a failure (or, under the slow-call rule, a slow call) is recorded: a success never
-//!   opens a circuit, even one that brings the window up to `min_calls`. The window is a ring
+//!   opens a circuit, even one that brings the window up to `min_calls`. Calls still in flight
+//!   count in the rate's denominator: a model API fails in milliseconds and answers in seconds,
+//!   so among the calls that have *ended* the failures come first, and a fresh window (at
+//!   start, or after a close) would otherwise read a 30 % failure rate as 100 %. The window is a ring
 //!   of time buckets: old outcomes age out bucket by bucket, so a long healthy past does not
 //!   hide a fresh outage, and an old burst does not linger;
-//! - **consecutive failures** (default 5);
+//! - **consecutive failures** (default 10: among concurrent calls a run of five fast failures
+//!   happens by chance at a 30 % failure rate while the successes are still streaming);
 //! - **slow calls** (optional): the share of calls whose response head (with `StreamGuardLayer`
 //!   inside, the first token) came later than a threshold.
 //!
@@ -122,8 +126,8 @@
 //!         .body(Full::new(Bytes::from_static(b"{}")))
 //! };
 //!
-//! // Five consecutive 503s trip the default policy...
-//! for _ in 0..5 {
+//! // Ten consecutive 503s trip the default policy...
+//! for _ in 0..10 {
 //!     let response = client.ready().await?.call(request()?).await?;
 //!     assert_eq!(response.status(), 503);
 //! }

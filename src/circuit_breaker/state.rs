@@ -205,6 +205,10 @@ pub(crate) struct RouteState {
     state: AtomicU8,
     generation: AtomicU64,
     consecutive: AtomicU32,
+    /// Calls admitted while closed that have no outcome yet. They count in the failure rate's
+    /// denominator: model APIs fail in milliseconds but answer in seconds, so the calls that
+    /// have ended are, early in a window, mostly the failures.
+    in_flight: AtomicU32,
     window: Option<Window>,
     control: Mutex<Control>,
 }
@@ -233,6 +237,7 @@ impl RouteState {
             state: AtomicU8::new(CLOSED),
             generation: AtomicU64::new(0),
             consecutive: AtomicU32::new(0),
+            in_flight: AtomicU32::new(0),
             window,
             control: Mutex::new(Control {
                 open_until: None,
@@ -267,14 +272,14 @@ impl RouteState {
         // is at least as new as the closed period the call is admitted in.
         let generation = self.generation.load(Ordering::Acquire);
         match self.state.load(Ordering::Acquire) {
-            CLOSED => return Ok(Admission::Normal { generation }),
+            CLOSED => return Ok(self.normal(generation)),
             FORCED_CLOSED => return Ok(Admission::Untracked),
             _ => {}
         }
         let mut c = self.lock();
         let generation = self.generation.load(Ordering::Acquire);
         match self.state.load(Ordering::Acquire) {
-            CLOSED => Ok(Admission::Normal { generation }),
+            CLOSED => Ok(self.normal(generation)),
             FORCED_CLOSED => Ok(Admission::Untracked),
             FORCED_OPEN => Err(shared.config.policy.open_cap),
             OPEN => {
@@ -309,6 +314,27 @@ impl RouteState {
         }
     }
 
+    fn normal(&self, generation: u64) -> Admission {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Admission::Normal { generation }
+    }
+
+    /// A call admitted while closed ended without an outcome (its future was dropped).
+    pub(crate) fn abandon(&self, admission: Admission) {
+        match admission {
+            Admission::Normal { .. } => self.landed(),
+            Admission::Probe { generation } => self.release_probe(generation),
+            Admission::Untracked => {}
+        }
+    }
+
+    fn landed(&self) {
+        // Saturating: never below zero, whatever a racing reset did.
+        let _ = self
+            .in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
     /// Records how an admitted call ended. `slow` is whether its response head came later than
     /// the slow-call threshold. Returns the window epoch a success went into (so a later body
     /// failure can convert it), if it went into one.
@@ -323,6 +349,7 @@ impl RouteState {
         match admission {
             Admission::Untracked => None,
             Admission::Normal { generation } => {
+                self.landed();
                 if verdict == Verdict::Neutral || !self.current(generation, CLOSED) {
                     return None;
                 }
@@ -438,7 +465,10 @@ impl RouteState {
             if let (Some(rule), Some(w)) = (&p.failure_rate, &self.window) {
                 let t = w.totals(self.elapsed(now));
                 if t.calls >= rule.min_calls {
-                    let calls = f64::from(t.calls);
+                    // Calls still in flight have not failed (yet): without them a window
+                    // would judge the fast failures before the slow answers had come back.
+                    let pending = self.in_flight.load(Ordering::Acquire);
+                    let calls = f64::from(t.calls) + f64::from(pending);
                     trip = f64::from(t.failures) / calls >= rule.threshold
                         || p.slow_call
                             .is_some_and(|s| f64::from(t.slow) / calls >= s.rate);
@@ -545,6 +575,7 @@ impl RouteState {
                 _ => None,
             },
             probes_in_flight: c.probes,
+            calls_in_flight: self.in_flight.load(Ordering::Acquire),
         }
     }
 }

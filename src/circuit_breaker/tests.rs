@@ -215,6 +215,82 @@ async fn a_burst_after_10000_successes_trips_as_soon_as_the_window_rate_crosses(
 }
 
 #[tokio::test(start_paused = true)]
+async fn answers_still_in_flight_count_against_a_window_of_fast_failures() {
+    let mut p = bare();
+    p.failure_rate = Some(rate(0.5, 10));
+    // The first 20 calls are answers that take their time; every later call fails at once.
+    let answers = Arc::new(Notify::new());
+    let release = answers.clone();
+    let (inner, calls) = provider(move |n, _| {
+        if n < 20 {
+            Reply::Wait(release.clone(), 200)
+        } else {
+            Reply::Status(503)
+        }
+    });
+    let layer = CircuitBreakerLayer::new(p).unwrap();
+    let handle = layer.handle();
+    let svc = layer.layer(inner);
+    let mut streaming = Vec::new();
+    for _ in 0..20 {
+        let mut svc = svc.clone();
+        streaming.push(tokio::spawn(async move { roundtrip(&mut svc, A).await }));
+    }
+    tokio::task::yield_now().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 20);
+    assert_eq!(handle.snapshot(A).map(|s| s.calls_in_flight), Some(20));
+
+    // Ten fast failures end while the twenty answers are still coming: 10 of 30 calls, not
+    // 10 of 10.
+    let mut svc = svc;
+    for _ in 0..10 {
+        assert_eq!(roundtrip(&mut svc, A).await.ok(), Some(503));
+    }
+    let s = handle.snapshot(A).unwrap();
+    assert_eq!(
+        (s.state, s.calls, s.failures),
+        (CircuitState::Closed, 10, 10)
+    );
+    answers.notify_waiters();
+    for call in streaming {
+        assert_eq!(call.await.ok().and_then(Result::ok), Some(200));
+    }
+    let s = handle.snapshot(A).unwrap();
+    assert_eq!((s.calls, s.failures, s.calls_in_flight), (30, 10, 0));
+
+    // A real outage still trips: the rate reaches 50 % at the tenth further failure.
+    for i in 0..9 {
+        assert_eq!(roundtrip(&mut svc, A).await.ok(), Some(503), "failure {i}");
+    }
+    assert_eq!(handle.state(A), CircuitState::Closed);
+    assert_eq!(roundtrip(&mut svc, A).await.ok(), Some(503));
+    assert_eq!(handle.state(A), CircuitState::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_call_is_no_longer_in_flight() {
+    let mut p = bare();
+    p.failure_rate = Some(rate(0.5, 10));
+    let never = Arc::new(Notify::new());
+    let n = never.clone();
+    let (inner, _) = provider(move |_, _| Reply::Wait(n.clone(), 200));
+    let layer = CircuitBreakerLayer::new(p).unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(inner);
+    let call = svc.ready().await.unwrap().call(req(A));
+    let mut call = Box::pin(call);
+    let waker = std::task::Waker::noop();
+    assert!(
+        call.as_mut()
+            .poll(&mut Context::from_waker(waker))
+            .is_pending()
+    );
+    assert_eq!(handle.snapshot(A).map(|s| s.calls_in_flight), Some(1));
+    drop(call);
+    assert_eq!(handle.snapshot(A).map(|s| s.calls_in_flight), Some(0));
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_window_slides_old_failures_age_out() {
     let mut p = bare();
     p.failure_rate = Some(rate(0.5, 10));
