@@ -941,7 +941,7 @@ async fn a_flapping_provider_gets_traffic_back_within_10s_of_recovery() {
         sleep(Duration::from_secs(4)).await;
     }
     assert!(rejected > 0, "the breaker tripped");
-    // It tripped after 5 consecutive failures and only probes went out while it was down.
+    // It tripped after 10 consecutive failures and only probes went out while it was down.
     assert!(
         calls_while_down < 15,
         "{calls_while_down} calls on a dead provider"
