@@ -456,6 +456,8 @@ async fn every_step(
             Some(p) => *drops.entry(p).or_insert(0) += 1,
             None => {
                 held.completed_after = stack.transport.calls.load(Ordering::SeqCst) - before;
+                // The figures docs/RELIABILITY.md records (`--nocapture` shows them).
+                println!("cancellation: {name}: {drops:?}, completed after {steps} steps");
                 return Ok((drops, held));
             }
         }
