@@ -17,7 +17,9 @@ use http_body_util::BodyExt;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_llm_resilience::ErrorKind;
 use tower_llm_resilience::classify::hints::{MAX_HINT, rate_limit_status, should_retry, wait_hint};
-use tower_llm_resilience::classify::{Classifier, DefaultClassifier, classify_stream_error};
+use tower_llm_resilience::classify::{
+    Classification, Classifier, DefaultClassifier, classify_stream_error,
+};
 use tower_llm_resilience::policy::{CommitPoint, StreamPolicy};
 use tower_llm_resilience::stream_guard::StreamGuardLayer;
 
@@ -67,6 +69,14 @@ pub fn classify_response(data: &[u8]) {
         "{status} classified as {:?}",
         c.class
     );
+    bounded(&c);
+    // The stored classification prints without panicking.
+    let _ = format!("{c:?}");
+}
+
+/// What a classification keeps from outside is bounded: a wait hint within `MAX_HINT`, and
+/// fields of at most 128 characters.
+fn bounded(c: &Classification) {
     if let Some(hint) = c.wait_hint {
         assert!(!hint.wait.is_zero() && hint.wait <= MAX_HINT, "{hint:?}");
     }
@@ -76,8 +86,6 @@ pub fn classify_response(data: &[u8]) {
     {
         assert!(field.chars().count() <= 128, "unbounded field: {field:?}");
     }
-    // The stored classification prints without panicking.
-    let _ = format!("{c:?}");
 }
 
 /// In-band stream error classification on arbitrary `data:` payloads: `classify_stream_error`.
@@ -86,15 +94,7 @@ pub fn classify_stream_error_payload(data: &[u8]) {
     if let Some(c) = classify_stream_error(data) {
         assert!(c.class.is_some(), "an in-band error without a class: {c:?}");
         assert_eq!(c.status, None);
-        if let Some(hint) = c.wait_hint {
-            assert!(!hint.wait.is_zero() && hint.wait <= MAX_HINT, "{hint:?}");
-        }
-        for field in [&c.error_type, &c.error_code, &c.request_id]
-            .into_iter()
-            .flatten()
-        {
-            assert!(field.chars().count() <= 128, "unbounded field: {field:?}");
-        }
+        bounded(&c);
     }
 }
 
