@@ -329,7 +329,7 @@ impl RouteState {
     }
 
     fn landed(&self) {
-        // Saturating: never below zero, whatever a racing reset did.
+        // Saturating, defensively: the count never wraps below zero.
         let _ = self
             .in_flight
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
@@ -467,11 +467,13 @@ impl RouteState {
                 if t.calls >= rule.min_calls {
                     // Calls still in flight have not failed (yet): without them a window
                     // would judge the fast failures before the slow answers had come back.
+                    // Not for the slow-call rate: a call still in flight may well be slow.
                     let pending = self.in_flight.load(Ordering::Acquire);
-                    let calls = f64::from(t.calls) + f64::from(pending);
-                    trip = f64::from(t.failures) / calls >= rule.threshold
+                    let sent = f64::from(t.calls) + f64::from(pending);
+                    let ended = f64::from(t.calls);
+                    trip = f64::from(t.failures) / sent >= rule.threshold
                         || p.slow_call
-                            .is_some_and(|s| f64::from(t.slow) / calls >= s.rate);
+                            .is_some_and(|s| f64::from(t.slow) / ended >= s.rate);
                 }
             }
         }
