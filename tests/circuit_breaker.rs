@@ -3,35 +3,18 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_llm_resilience::attempt_log::LocalEventKind;
 use tower_llm_resilience::circuit_breaker::{CircuitBreakerLayer, CircuitState};
 use tower_llm_resilience::retry::RetryLayer;
 use tower_llm_resilience::testing::{MockProvider, Reply, ScriptKey, chat_request, client};
-use tower_llm_resilience::{
-    Body, Classification, Error, ErrorKind, FailureClass, Policy, RouteName,
-};
+use tower_llm_resilience::{Classification, ErrorKind, FailureClass, Policy};
 
-fn routed(base: &str, model: &str, route: &str) -> Request<Full<Bytes>> {
-    let mut r = chat_request(base, model, false);
-    r.extensions_mut().insert(RouteName::new(route));
-    r
-}
-
-/// Sends, reads the body; the status or the error.
-async fn send<S>(svc: &mut S, req: Request<Full<Bytes>>) -> Result<u16, Error>
-where
-    S: Service<Request<Full<Bytes>>, Response = Response<Body>, Error = Error>,
-{
-    let r = svc.ready().await?.call(req).await?;
-    let status = r.status().as_u16();
-    r.into_body().collect().await?;
-    Ok(status)
-}
+#[path = "support/routed.rs"]
+mod routed;
+use routed::{routed, send};
 
 fn models(mock: &MockProvider, model: &str) -> usize {
     mock.requests()

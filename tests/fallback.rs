@@ -48,12 +48,17 @@ async fn send(
 ) -> Result<(Response<Body>, LogSnapshot), BoxError> {
     let request = testing::chat_request(&mock.url(), PRIMARY_MODEL, false);
     let response = stack(policy)?.oneshot(request).await?;
-    let log = response
+    let log = snapshot(&response)?;
+    Ok((response, log))
+}
+
+/// The attempt log a response carries, as it stands.
+fn snapshot(response: &Response<Body>) -> Result<LogSnapshot, BoxError> {
+    Ok(response
         .extensions()
         .get::<AttemptLog>()
         .ok_or("the response carries the log")?
-        .snapshot();
-    Ok((response, log))
+        .snapshot())
 }
 
 async fn json(response: Response<Body>) -> Result<serde_json::Value, BoxError> {
@@ -203,11 +208,7 @@ async fn a_refused_connection_switches_to_the_backup() -> Result<(), BoxError> {
         .oneshot(request)
         .await?;
     assert_eq!(response.status(), 200);
-    let log = response
-        .extensions()
-        .get::<AttemptLog>()
-        .ok_or("log")?
-        .snapshot();
+    let log = snapshot(&response)?;
     assert_eq!(routes_tried(&log), ["primary", "backup"]);
     assert!(log.attempts[0].error.is_some());
     assert_eq!(log.attempts[0].status, None);
@@ -610,11 +611,7 @@ async fn an_open_circuit_on_the_primary_moves_on_at_once() -> Result<(), BoxErro
             [at("/backup/v1/chat/completions", "backup-model")],
             "{backups} backups"
         );
-        let log = response
-            .extensions()
-            .get::<AttemptLog>()
-            .ok_or("log")?
-            .snapshot();
+        let log = snapshot(&response)?;
         assert_eq!(routes_tried(&log), ["backup"]);
         assert_eq!(log.requested_route, Some("primary".into()));
         assert_eq!(log.selected_route, Some("backup".into()));
@@ -723,11 +720,7 @@ async fn a_hop_away_from_an_open_circuit_costs_no_retry_budget() -> Result<(), B
     request.extensions_mut().insert(budget.clone());
     let response = service.oneshot(request).await?;
     assert_eq!(response.status(), 503);
-    let log = response
-        .extensions()
-        .get::<AttemptLog>()
-        .ok_or("log")?
-        .snapshot();
+    let log = snapshot(&response)?;
     assert_eq!(
         log.attempts[0].decisions,
         [Decision::Stop(StopReason::RetryBudgetDenied)]
@@ -779,11 +772,7 @@ async fn a_tripped_circuit_on_the_primary_keeps_every_call_off_it() -> Result<()
             let response = service.clone().oneshot(request).await?;
             assert_eq!(response.status(), 200);
             assert_eq!(response.headers()[ROUTE_HEADER], "backup");
-            let log = response
-                .extensions()
-                .get::<AttemptLog>()
-                .ok_or("log")?
-                .snapshot();
+            let log = snapshot(&response)?;
             assert_eq!(routes_tried(&log), ["backup"]);
             let open_events: Vec<_> = log
                 .events
@@ -809,11 +798,7 @@ async fn a_tripped_circuit_on_the_primary_keeps_every_call_off_it() -> Result<()
             let response = service.clone().oneshot(request).await?;
             assert_eq!(response.status(), 200);
             assert_eq!(response.headers()[ROUTE_HEADER], "backup2");
-            let log = response
-                .extensions()
-                .get::<AttemptLog>()
-                .ok_or("log")?
-                .snapshot();
+            let log = snapshot(&response)?;
             assert_eq!(routes_tried(&log), ["backup2"]);
             let open: Vec<_> = log.events.iter().filter_map(|e| e.route.as_ref()).collect();
             assert_eq!(
@@ -881,11 +866,7 @@ async fn the_total_attempts_cap_binds_the_retries_inside() -> Result<(), BoxErro
     let response = service.oneshot(request).await?;
     // Every route fails: the caller gets the primary's failure.
     assert_eq!(response.status(), 503);
-    let log = response
-        .extensions()
-        .get::<AttemptLog>()
-        .ok_or("log")?
-        .snapshot();
+    let log = snapshot(&response)?;
     assert_eq!(
         routes_tried(&log),
         ["primary", "primary", "primary", "backup"]
@@ -924,11 +905,7 @@ async fn the_route_switches_only_after_its_retries_are_spent() -> Result<(), Box
     let response = service.oneshot(request).await?;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()[ROUTE_HEADER], "backup");
-    let log = response
-        .extensions()
-        .get::<AttemptLog>()
-        .ok_or("log")?
-        .snapshot();
+    let log = snapshot(&response)?;
     assert_eq!(
         routes_tried(&log),
         ["primary", "primary", "primary", "backup"]

@@ -11,8 +11,6 @@
 
 #![cfg(feature = "testing")]
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,6 +20,10 @@ use tower::{Layer, Service, ServiceExt};
 use tower_llm_resilience::policy::{BackoffPolicy, Policy, RouteConfig};
 use tower_llm_resilience::testing::{self, MockProvider, Reply, ScriptKey};
 use tower_llm_resilience::{AttemptLog, Body, BoxError, Classification, Error};
+
+#[path = "support/capture.rs"]
+mod capture;
+use capture::Captured;
 
 const PRIMARY: &str = "gpt-4o";
 const BACKUP: &str = "backup-model";
@@ -48,30 +50,6 @@ const CANARIES: [&str; 9] = [
     ERROR_MESSAGE,
     IN_BAND_MESSAGE,
 ];
-
-/// Everything the fmt subscriber writes, in one buffer.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
-    }
-}
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 fn assert_no_canary(what: &str, text: &str) {
     for canary in CANARIES {
@@ -204,14 +182,7 @@ where
 
 #[tokio::test(start_paused = true)]
 async fn no_credential_or_body_text_reaches_logs_errors_or_debug_output() -> Result<(), BoxError> {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = Captured::install();
 
     let mock = MockProvider::start().await?;
     let policy = policy(&mock);

@@ -7,23 +7,15 @@ use http_body_util::BodyExt;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_llm_resilience::attempt_log::{Decision, Outcome, StopReason};
 use tower_llm_resilience::circuit_breaker::CircuitState;
-use tower_llm_resilience::policy::RouteConfig;
 use tower_llm_resilience::testing::{self, MockProvider, Reply, ScriptKey};
 use tower_llm_resilience::{
     AttemptLog, BoxError, ErrorKind, FailureClass, Policy, ResilienceLayer, RouteName,
     ServiceBuilderExt,
 };
 
-fn policy_with_backup(mock: &MockProvider) -> Policy {
-    let mut policy = Policy::interactive();
-    policy.retry.seed = Some(11);
-    policy.fallback.routes = vec![
-        RouteConfig::new("backup")
-            .base_url(format!("{}/backup", mock.url()))
-            .model("backup-model"),
-    ];
-    policy
-}
+#[path = "support/backup.rs"]
+mod backup;
+use backup::policy_with_backup;
 
 #[tokio::test(start_paused = true)]
 async fn an_outage_on_the_primary_is_served_by_the_backup_through_every_layer()

@@ -7,78 +7,20 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
-use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use tower::{Layer, ServiceBuilder, ServiceExt};
 use tower_llm_resilience::circuit_breaker::CircuitBreakerLayer;
-use tower_llm_resilience::policy::RouteConfig;
-use tower_llm_resilience::testing::{self, MockProvider, Reply, ScriptKey, chat_request, client};
-use tower_llm_resilience::{Body, BoxError, Error, Policy, RouteName, ServiceBuilderExt};
+use tower_llm_resilience::testing::{self, MockProvider, Reply, ScriptKey, client};
+use tower_llm_resilience::{BoxError, Policy, ServiceBuilderExt};
 
-fn policy_with_backup(mock: &MockProvider) -> Policy {
-    let mut policy = Policy::interactive();
-    policy.retry.seed = Some(11);
-    policy.fallback.routes = vec![
-        RouteConfig::new("backup")
-            .base_url(format!("{}/backup", mock.url()))
-            .model("backup-model"),
-    ];
-    policy
-}
-
-fn routed(base: &str, model: &str, route: &str) -> Request<Full<Bytes>> {
-    let mut r = chat_request(base, model, false);
-    r.extensions_mut().insert(RouteName::new(route));
-    r
-}
-
-/// Sends, reads the body; the status or the error.
-async fn send<S>(svc: &mut S, req: Request<Full<Bytes>>) -> Result<u16, Error>
-where
-    S: Service<Request<Full<Bytes>>, Response = Response<Body>, Error = Error>,
-{
-    let r = svc.ready().await?.call(req).await?;
-    let status = r.status().as_u16();
-    r.into_body().collect().await?;
-    Ok(status)
-}
-
-/// Everything the fmt subscriber writes, in one buffer.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl Captured {
-    /// A TRACE-level fmt subscriber writing here, for the current thread until the guard drops.
-    fn install() -> (Self, tracing::subscriber::DefaultGuard) {
-        let captured = Self::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        (captured, tracing::subscriber::set_default(subscriber))
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
-    }
-}
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+#[path = "support/backup.rs"]
+mod backup;
+#[path = "support/capture.rs"]
+mod capture;
+#[path = "support/routed.rs"]
+mod routed;
+use backup::policy_with_backup;
+use capture::Captured;
+use routed::{routed, send};
 
 #[tokio::test(start_paused = true)]
 async fn the_policys_tracing_switch_governs_the_whole_stack() -> Result<(), BoxError> {
