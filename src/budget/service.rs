@@ -130,10 +130,10 @@ where
             }
         }
 
-        if let Some(pacer) = shared.gate.as_ref().and_then(|g| g.pacer.as_ref()) {
-            req.extensions_mut().insert(Pacing(pacer.clone()));
-        }
         if let Some(gate) = &shared.gate {
+            if let Some(pacer) = &gate.pacer {
+                req.extensions_mut().insert(Pacing(pacer.clone()));
+            }
             let key = match shared.rate.as_ref().map(|r| r.key) {
                 Some(RateKey::Owner) => format!("owner:{}", owner.as_deref().unwrap_or("")),
                 _ => format!("route:{route}"),

@@ -419,7 +419,7 @@ impl RouteState {
 
     /// A probe that ended without an outcome (its future or body was dropped) gives its slot
     /// back.
-    pub(crate) fn release_probe(&self, generation: u64) {
+    fn release_probe(&self, generation: u64) {
         let mut c = self.lock();
         if self.current(generation, HALF_OPEN) {
             c.probes = c.probes.saturating_sub(1);
