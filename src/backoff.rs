@@ -28,7 +28,7 @@ use std::time::Duration;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use crate::attempt_log::WaitSource;
+use crate::duration::ceil_millis;
 use crate::policy::{BackoffPolicy, Jitter};
 
 /// A seedable source of jitter; the same seed gives the same sequence of waits.
@@ -72,6 +72,18 @@ impl fmt::Debug for JitterSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("JitterSource")
     }
+}
+
+/// Where a wait before the next attempt came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
+pub enum WaitSource {
+    /// The policy's backoff curve.
+    Backoff,
+    /// The server's hint (Retry-After and friends), with jitter on top.
+    Server,
 }
 
 /// The wait before the next attempt, or why there is none.
@@ -148,14 +160,6 @@ pub fn next_wait(
     }
 }
 
-/// `d` rounded up to the whole millisecond: tokio's timers tick in milliseconds, so a wait
-/// that is logged is the wait that happens, and a server's floor is never undercut.
-pub(crate) fn ceil_millis(d: Duration) -> Duration {
-    match d.subsec_nanos() % 1_000_000 {
-        0 => d,
-        rem => d.saturating_add(Duration::from_nanos(u64::from(1_000_000 - rem))),
-    }
-}
 
 #[cfg(test)]
 mod tests {

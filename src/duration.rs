@@ -19,6 +19,21 @@ pub(crate) fn saturating_add(at: tokio::time::Instant, d: Duration) -> tokio::ti
         .unwrap_or(at)
 }
 
+/// `d` rounded up to the whole millisecond: tokio's timers tick in milliseconds, so a wait
+/// that is logged is the wait that happens, and a server's floor is never undercut. `None`
+/// when rounding up would overflow.
+pub(crate) fn checked_ceil_millis(d: Duration) -> Option<Duration> {
+    match d.subsec_nanos() % 1_000_000 {
+        0 => Some(d),
+        rem => d.checked_add(Duration::from_nanos(u64::from(1_000_000 - rem))),
+    }
+}
+
+/// [`checked_ceil_millis`], saturating.
+pub(crate) fn ceil_millis(d: Duration) -> Duration {
+    checked_ceil_millis(d).unwrap_or(Duration::MAX)
+}
+
 /// Parses a duration string, or `None` if it is empty, negative, non-ASCII, malformed or absurd.
 pub(crate) fn parse(input: &str) -> Option<Duration> {
     let s = input.trim();

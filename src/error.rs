@@ -3,72 +3,12 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::attempt_log::AttemptLog;
+use crate::attempt_log::{AttemptLog, StreamCause};
 use crate::classify::{Classification, FailureClass};
 use crate::context::RouteName;
 
 /// A boxed error, as tower uses.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Why a stream failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum StreamCause {
-    /// No content-bearing event (or, for non-SSE bodies, no byte) within the first-token timeout.
-    FirstTokenTimeout(Duration),
-    /// Silence between events longer than the idle timeout.
-    IdleTimeout(Duration),
-    /// The whole response took longer than the total timeout.
-    TotalTimeout(Duration),
-    /// The connection broke or the body reported an error.
-    Disconnected,
-    /// The provider sent an error event in the stream.
-    InBandError {
-        /// Its class, as if it had been an HTTP error response.
-        class: FailureClass,
-        /// The provider's error type, if any (`overloaded_error`, `server_error`, …).
-        error_type: Option<String>,
-    },
-    /// The stream ended without its terminal marker and without a finish reason.
-    Truncated,
-    /// More bytes than the policy's `max_buffer` had to be held back before the commit point.
-    BufferExceeded(u64),
-}
-
-impl StreamCause {
-    /// The failure class the cause counts as, before the commit point.
-    pub fn class(&self) -> FailureClass {
-        match self {
-            StreamCause::FirstTokenTimeout(_)
-            | StreamCause::IdleTimeout(_)
-            | StreamCause::TotalTimeout(_) => FailureClass::Timeout,
-            StreamCause::Disconnected | StreamCause::Truncated => FailureClass::Transport,
-            // The same answer would overflow the same buffer on every attempt and route, and
-            // says nothing about the provider's health: fail closed, count for no breaker.
-            StreamCause::BufferExceeded(_) => FailureClass::InvalidRequest,
-            StreamCause::InBandError { class, .. } => *class,
-        }
-    }
-}
-
-impl fmt::Display for StreamCause {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StreamCause::FirstTokenTimeout(d) => write!(f, "no first token within {d:?}"),
-            StreamCause::IdleTimeout(d) => write!(f, "no event for {d:?}"),
-            StreamCause::TotalTimeout(d) => write!(f, "stream exceeded its total bound of {d:?}"),
-            StreamCause::Disconnected => f.write_str("connection lost"),
-            StreamCause::InBandError { class, error_type } => match error_type {
-                Some(t) => write!(f, "in-band error event `{t}` ({class})"),
-                None => write!(f, "in-band error event ({class})"),
-            },
-            StreamCause::Truncated => f.write_str("ended without terminal marker or finish reason"),
-            StreamCause::BufferExceeded(n) => {
-                write!(f, "more than {n} bytes before the commit point")
-            }
-        }
-    }
-}
 
 /// What went wrong, for matching. New kinds may be added.
 #[derive(Debug, Clone, PartialEq, Eq)]

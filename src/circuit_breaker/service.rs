@@ -13,7 +13,8 @@ use super::state::Verdict;
 use crate::attempt_log::{AttemptLog, LocalEventKind, Outcome};
 use crate::classify::{FailureClass, SharedClassifier};
 use crate::context::RouteName;
-use crate::error::{BoxError, Error, ErrorKind, StreamCause};
+use crate::StreamCause;
+use crate::error::{BoxError, Error, ErrorKind};
 
 /// Per-route circuit breakers around a service; built by
 /// [`CircuitBreakerLayer`](super::CircuitBreakerLayer).

@@ -19,7 +19,8 @@ use super::*;
 use crate::attempt_log::{AttemptLog, LocalEventKind};
 use crate::backoff::JitterSource;
 use crate::classify::{Classification, FailureClass};
-use crate::error::{BoxError, Error, ErrorKind, StreamCause};
+use crate::StreamCause;
+use crate::error::{BoxError, Error, ErrorKind};
 use crate::policy::{
     CircuitBreakerPolicy, ClassAction, FailureRateRule, FallbackRule, Policy, RetryRule,
     SlowCallRule,

@@ -22,6 +22,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::HeaderMap;
 
+use crate::duration::checked_ceil_millis;
+
 /// Which header or field a wait hint came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
@@ -59,7 +61,7 @@ impl WaitHint {
     /// A hint of `wait` from `source`, if `wait` is a usable hint: positive and at most
     /// [`MAX_HINT`] (it is rounded up to whole milliseconds).
     pub fn new(wait: Duration, source: HintSource) -> Option<Self> {
-        let wait = ceil_millis(wait)?;
+        let wait = checked_ceil_millis(wait)?;
         (!wait.is_zero() && wait <= MAX_HINT).then_some(Self { wait, source })
     }
 }
@@ -264,7 +266,7 @@ fn anthropic_windows(headers: &HeaderMap, now: SystemTime) -> [RateLimitWindow; 
         reset: header(headers, reset)
             .and_then(parse_rfc3339)
             .map(|at| at.duration_since(reference).unwrap_or(Duration::ZERO))
-            .and_then(ceil_millis)
+            .and_then(checked_ceil_millis)
             .filter(|d| *d <= MAX_HINT),
     })
 }
@@ -335,7 +337,7 @@ fn parse_reset(value: &str) -> Option<Duration> {
     let d = crate::duration::parse(value)?;
     let micros = (d.as_nanos() + 500) / 1000;
     let d = Duration::from_micros(u64::try_from(micros).ok()?);
-    ceil_millis(d).filter(|d| *d <= MAX_HINT)
+    checked_ceil_millis(d).filter(|d| *d <= MAX_HINT)
 }
 
 #[derive(Clone, Copy)]
@@ -389,15 +391,6 @@ fn parse_decimal(value: &str, unit: Unit) -> Option<Duration> {
     (d <= MAX_HINT).then_some(d)
 }
 
-/// `d` rounded up to whole milliseconds.
-fn ceil_millis(d: Duration) -> Option<Duration> {
-    let rem = d.subsec_nanos() % 1_000_000;
-    if rem == 0 {
-        Some(d)
-    } else {
-        d.checked_add(Duration::from_nanos(u64::from(1_000_000 - rem)))
-    }
-}
 
 /// A strict RFC 3339 date-time (`2025-08-21T12:40:59Z`, `2025-08-21T12:40:59.5+02:00`).
 pub(crate) fn parse_rfc3339(value: &str) -> Option<SystemTime> {

@@ -16,7 +16,8 @@ use super::layer::Shared;
 use crate::attempt_log::{
     Attempt, AttemptLog, Decision, LocalEventKind, Outcome, StopReason, WaitSource,
 };
-use crate::backoff::{NextWait, ceil_millis, next_wait};
+use crate::backoff::{NextWait, next_wait};
+use crate::duration::ceil_millis;
 use crate::classify::{Classification, ClassifyResponse, FailureClass};
 use crate::context::{AttemptCap, RouteName, SpendGate};
 use crate::policy::{FallbackRule, ReplayRule, RetryRule};

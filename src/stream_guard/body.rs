@@ -18,7 +18,8 @@ use crate::Body;
 use crate::attempt_log::{Attempt, AttemptLog, Outcome, StreamEnd, StreamRecord};
 use crate::classify::{Classification, FailureClass, SharedClassifier};
 use crate::context::RouteName;
-use crate::error::{Error, ErrorKind, StreamCause};
+use crate::StreamCause;
+use crate::error::{Error, ErrorKind};
 use crate::policy::{CommitPoint, StreamSettings};
 
 /// What the guard has seen of the stream so far.

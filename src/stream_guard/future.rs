@@ -15,7 +15,8 @@ use crate::Body;
 use crate::attempt_log::{Attempt, AttemptLog, Outcome, StreamEnd, StreamRecord};
 use crate::classify::{Classification, ClassifyResponse, FailureClass, SharedClassifier};
 use crate::context::RouteName;
-use crate::error::{BoxError, Error, ErrorKind, StreamCause};
+use crate::StreamCause;
+use crate::error::{BoxError, Error, ErrorKind};
 use crate::policy::{LoggingPolicy, StreamSettings};
 
 /// What the service knew when it sent the request.

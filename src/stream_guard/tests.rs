@@ -19,7 +19,8 @@ use crate::Body;
 use crate::attempt_log::{AttemptLog, Outcome, StreamEnd, Usage};
 use crate::classify::FailureClass;
 use crate::context::RouteName;
-use crate::error::{Error, ErrorKind, StreamCause};
+use crate::StreamCause;
+use crate::error::{Error, ErrorKind};
 use crate::policy::{CommitPoint, Policy, RouteConfig, StreamPolicy, StreamSettings};
 
 const SEC: Duration = Duration::from_secs(1);
