@@ -36,9 +36,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::classify::{Classification, FailureClass};
 pub use crate::backoff::WaitSource;
-use crate::context::RouteName;
+use crate::classify::{Classification, FailureClass};
+use crate::route::RouteName;
 
 /// Why a stream failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -481,11 +481,75 @@ pub struct LogSnapshot {
     pub outcome: Option<Outcome>,
 }
 
+/// One attempt as the log keeps it: its first decision inline, so that recording an attempt
+/// and its usual single decision allocates nothing.
+#[derive(Debug)]
+struct Entry {
+    /// The attempt, its `decisions` holding those after the first.
+    attempt: Attempt,
+    first_decision: Option<Decision>,
+}
+
+impl Entry {
+    fn push(&mut self, decision: Decision) {
+        if self.first_decision.is_none() {
+            self.first_decision = Some(decision);
+        } else {
+            self.attempt.decisions.push(decision);
+        }
+    }
+
+    fn to_attempt(&self) -> Attempt {
+        let mut a = self.attempt.clone();
+        if let Some(d) = &self.first_decision {
+            a.decisions.insert(0, d.clone());
+        }
+        a
+    }
+}
+
+/// The attempts of a log: the first inline, the rest in a `Vec` made only for a second.
+#[derive(Debug, Default)]
+struct Entries {
+    first: Option<Entry>,
+    rest: Vec<Entry>,
+}
+
+impl Entries {
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    fn push(&mut self, e: Entry) {
+        if self.first.is_none() {
+            self.first = Some(e);
+        } else {
+            self.rest.push(e);
+        }
+    }
+
+    fn get_mut(&mut self, i: usize) -> Option<&mut Entry> {
+        match i {
+            0 => self.first.as_mut(),
+            i => self.rest.get_mut(i - 1),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Entry> {
+        self.first.iter().chain(&self.rest)
+    }
+}
+
 #[derive(Debug)]
 struct State {
     started: Instant,
     tracing: bool,
-    snapshot: LogSnapshot,
+    request_ids: bool,
+    requested_route: Option<RouteName>,
+    selected_route: Option<RouteName>,
+    attempts: Entries,
+    events: Vec<LocalEvent>,
+    outcome: Option<Outcome>,
 }
 
 /// The shared, cheap-to-clone record of one logical request.
@@ -503,37 +567,40 @@ impl Default for AttemptLog {
 impl AttemptLog {
     /// A new, empty log starting now.
     pub fn new() -> Self {
-        Self {
-            state: Arc::new(Mutex::new(State {
-                started: Instant::now(),
-                tracing: true,
-                snapshot: LogSnapshot {
-                    requested_route: None,
-                    selected_route: None,
-                    attempts: Vec::new(),
-                    events: Vec::new(),
-                    outcome: None,
-                },
-            })),
-        }
+        Self::starting_at(Instant::now())
     }
 
-    /// The log of `req`, inserting a new one if it has none. The `bool` is `true` when this call
-    /// created it: that layer owns the log and sets its outcome.
-    pub fn get_or_insert<B>(req: &mut http::Request<B>) -> (Self, bool) {
-        match req.extensions().get::<AttemptLog>() {
-            Some(log) => (log.clone(), false),
-            None => {
-                let log = AttemptLog::new();
-                req.extensions_mut().insert(log.clone());
-                (log, true)
-            }
+    /// A new, empty log starting at `started`.
+    pub(crate) fn starting_at(started: Instant) -> Self {
+        Self {
+            state: Arc::new(Mutex::new(State {
+                started,
+                tracing: true,
+                request_ids: true,
+                requested_route: None,
+                selected_route: None,
+                attempts: Entries::default(),
+                events: Vec::new(),
+                outcome: None,
+            })),
         }
     }
 
     /// Turns the per-attempt `tracing` events off (or on).
     pub fn set_tracing(&self, on: bool) {
         self.lock().tracing = on;
+    }
+
+    /// Turns the recording of provider request ids off (or on).
+    pub fn set_request_ids(&self, on: bool) {
+        self.lock().request_ids = on;
+    }
+
+    /// Applies a layer's logging policy: what the layer that owns the log does first.
+    pub(crate) fn apply(&self, logging: &crate::policy::LoggingPolicy) {
+        let mut s = self.lock();
+        s.tracing = logging.tracing;
+        s.request_ids = logging.request_ids;
     }
 
     // A poisoned lock only means another thread panicked mid-update; the log is still the best
@@ -555,24 +622,34 @@ impl AttemptLog {
     /// Number of attempts recorded so far; a layer notes it before calling inward, to see after
     /// whether a layer nearer the transport already recorded the attempt.
     pub fn attempt_count(&self) -> usize {
-        self.lock().snapshot.attempts.len()
+        self.lock().attempts.len()
     }
 
-    /// Records an attempt and returns its index. Its `index` and `route_attempt` are set here.
+    /// Records an attempt and returns its index. Its `index` and `route_attempt` are set here;
+    /// its request id is dropped when the log does not record them.
     pub fn record(&self, mut attempt: Attempt) -> usize {
         let mut s = self.lock();
-        let index = s.snapshot.attempts.len();
+        let index = s.attempts.len();
         attempt.index = index as u32;
         attempt.route_attempt = s
-            .snapshot
             .attempts
             .iter()
-            .filter(|a| a.route == attempt.route)
+            .filter(|e| e.attempt.route == attempt.route)
             .count() as u32;
+        if !s.request_ids {
+            attempt.request_id = None;
+        }
         if s.tracing {
             trace_attempt(&attempt);
         }
-        s.snapshot.attempts.push(attempt);
+        // Decisions given with the attempt keep their order: the first goes inline.
+        let mut decisions = std::mem::take(&mut attempt.decisions).into_iter();
+        let mut entry = Entry {
+            first_decision: decisions.next(),
+            attempt,
+        };
+        entry.attempt.decisions.extend(decisions);
+        s.attempts.push(entry);
         index
     }
 
@@ -587,21 +664,33 @@ impl AttemptLog {
         }
     }
 
+    /// The class of the attempt a layer nearer the transport recorded since `mark`, if one
+    /// did: `Some(None)` for a success.
+    pub(crate) fn recorded_since(&self, mark: usize) -> Option<Option<FailureClass>> {
+        let mut s = self.lock();
+        let count = s.attempts.len();
+        if count > mark {
+            s.attempts.get_mut(count - 1).map(|e| e.attempt.class)
+        } else {
+            None
+        }
+    }
+
     /// Appends a decision to attempt `index`.
     pub fn decide(&self, index: usize, decision: Decision) {
         let mut s = self.lock();
         let tracing = s.tracing;
-        if let Some(a) = s.snapshot.attempts.get_mut(index) {
+        if let Some(e) = s.attempts.get_mut(index) {
             if tracing {
                 tracing::debug!(
                     target: "tower_llm_resilience::attempt",
-                    attempt = a.index,
-                    route = a.route.as_ref().map(RouteName::as_str),
+                    attempt = e.attempt.index,
+                    route = e.attempt.route.as_ref().map(RouteName::as_str),
                     decision = %decision,
                     "decision"
                 );
             }
-            a.decisions.push(decision);
+            e.push(decision);
         }
     }
 
@@ -609,7 +698,8 @@ impl AttemptLog {
     pub fn set_stream(&self, index: usize, record: StreamRecord) {
         let mut s = self.lock();
         let tracing = s.tracing;
-        if let Some(a) = s.snapshot.attempts.get_mut(index) {
+        if let Some(e) = s.attempts.get_mut(index) {
+            let a = &mut e.attempt;
             if tracing {
                 tracing::info!(
                     target: "tower_llm_resilience::stream",
@@ -640,44 +730,65 @@ impl AttemptLog {
                 "local decision"
             );
         }
-        s.snapshot.events.push(LocalEvent {
+        s.events.push(LocalEvent {
             offset,
             route,
             kind,
         });
     }
 
+    /// Whether a local event of `route` matching `kind` was recorded at or after `since`
+    /// (an offset from the start of the log).
+    pub(crate) fn has_event(
+        &self,
+        route: &RouteName,
+        since: Duration,
+        kind: impl Fn(&LocalEventKind) -> bool,
+    ) -> bool {
+        self.lock()
+            .events
+            .iter()
+            .any(|e| e.offset >= since && e.route.as_ref() == Some(route) && kind(&e.kind))
+    }
+
     /// Sets the route the caller asked for (kept if already set).
     pub fn set_requested_route(&self, route: RouteName) {
         let mut s = self.lock();
-        if s.snapshot.requested_route.is_none() {
-            s.snapshot.requested_route = Some(route);
+        if s.requested_route.is_none() {
+            s.requested_route = Some(route);
         }
     }
 
     /// Sets the route that served the answer.
     pub fn set_selected_route(&self, route: RouteName) {
-        self.lock().snapshot.selected_route = Some(route);
+        self.lock().selected_route = Some(route);
     }
 
     /// Sets how the request ended.
     pub fn set_outcome(&self, outcome: Outcome) {
-        self.lock().snapshot.outcome = Some(outcome);
+        self.lock().outcome = Some(outcome);
     }
 
     /// A copy of everything recorded so far.
     pub fn snapshot(&self) -> LogSnapshot {
-        self.lock().snapshot.clone()
+        let s = self.lock();
+        LogSnapshot {
+            requested_route: s.requested_route.clone(),
+            selected_route: s.selected_route.clone(),
+            attempts: s.attempts.iter().map(Entry::to_attempt).collect(),
+            events: s.events.clone(),
+            outcome: s.outcome.clone(),
+        }
     }
 
     /// A copy of the attempts recorded so far.
     pub fn attempts(&self) -> Vec<Attempt> {
-        self.lock().snapshot.attempts.clone()
+        self.lock().attempts.iter().map(Entry::to_attempt).collect()
     }
 
     /// A copy of the local events recorded so far.
     pub fn events(&self) -> Vec<LocalEvent> {
-        self.lock().snapshot.events.clone()
+        self.lock().events.clone()
     }
 
     /// Whether two handles share one log.
@@ -706,7 +817,7 @@ fn trace_attempt(a: &Attempt) {
 impl fmt::Debug for AttemptLog {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AttemptLog")
-            .field("snapshot", &self.lock().snapshot)
+            .field("snapshot", &self.snapshot())
             .finish()
     }
 }

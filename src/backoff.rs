@@ -160,7 +160,6 @@ pub fn next_wait(
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

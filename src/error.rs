@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::attempt_log::{AttemptLog, StreamCause};
 use crate::classify::{Classification, FailureClass};
-use crate::context::RouteName;
+use crate::route::RouteName;
 
 /// A boxed error, as tower uses.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

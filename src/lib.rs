@@ -157,11 +157,13 @@ pub mod context;
 mod duration;
 mod error;
 pub mod fallback;
+mod pacing;
 pub mod policy;
 pub mod replay;
 pub mod reqwest;
 pub mod retry;
 pub mod retry_budget;
+mod route;
 mod stack;
 pub mod stream_guard;
 #[cfg(feature = "testing")]
@@ -169,13 +171,14 @@ pub mod stream_guard;
 pub mod testing;
 
 pub use attempt_log::AttemptLog;
+pub use attempt_log::StreamCause;
 pub use body::Body;
 pub use classify::{Classification, FailureClass};
-pub use context::{Deadline, RouteName};
-pub use attempt_log::StreamCause;
+pub use context::{Deadline, RequestContext};
 pub use error::{BoxError, Error, ErrorKind};
 pub use policy::{Policy, PolicyError};
 pub use retry_budget::RetryBudget;
+pub use route::RouteName;
 pub use stack::{ResilienceLayer, Resilient, ServiceBuilderExt};
 
 // The README's code compiles, as the crate docs' does.

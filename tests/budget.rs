@@ -268,11 +268,9 @@ async fn inner_layers_see_the_deadline_and_the_retry_budget() {
     let layer = BudgetLayer::new(policy).expect("valid policy");
     let http = client();
     let svc = layer.layer(service_fn(move |req: http::Request<Full<Bytes>>| {
-        let deadline = req.extensions().get::<Deadline>().copied();
-        let budget = req
-            .extensions()
-            .get::<tower_llm_resilience::RetryBudget>()
-            .cloned();
+        let ctx = tower_llm_resilience::RequestContext::of(&req);
+        let deadline = ctx.and_then(|c| c.deadline());
+        let budget = ctx.and_then(|c| c.retry_budget());
         let http = http.clone();
         async move {
             // Paused time: the deadline is exactly 30 s away when the inner service is called.

@@ -10,8 +10,8 @@ use pin_project_lite::pin_project;
 use serde_json::Value;
 
 use super::spend::{End, Ticket};
+use crate::RouteName;
 use crate::attempt_log::Usage;
-use crate::context::RouteName;
 
 pin_project! {
     /// Passes the body through untouched, reads the provider's `usage` on the way (within the

@@ -13,48 +13,48 @@ use super::body::SpendBody;
 use super::layer::Shared;
 use super::rate_limit::{Refusal, Waiter};
 use super::spend::{End, SpendReceipt, Ticket};
-use crate::Body;
-use crate::attempt_log::{Attempt, AttemptLog, LocalEventKind, Outcome};
-use crate::classify::{Classification, ClassifyResponse, FailureClass};
-use crate::context::RouteName;
+use crate::attempt_log::LocalEventKind;
+use crate::classify::{Classification, ClassifyResponse};
+use crate::context::{RequestContext, Sent};
 use crate::error::{BoxError, Error, ErrorKind};
+use crate::{Body, RouteName};
 
-/// What one request carries through its future.
-pub(crate) struct Ctx {
+/// What one admitted request carries through its future.
+pub(crate) struct Admitted {
     shared: Arc<Shared>,
-    pub(crate) log: AttemptLog,
-    created: bool,
-    route: RouteName,
-    deadline: Option<Instant>,
+    pub(crate) ctx: RequestContext,
+    /// Whether this layer owns the log.
+    owner: bool,
+    pub(crate) route: RouteName,
+    pub(crate) deadline: Option<Instant>,
     pub(crate) ticket: Option<Arc<Ticket>>,
-    mark: usize,
-    sent: Option<Instant>,
+    /// The request as handed inward, once it has been.
+    sent: Option<Sent>,
 }
 
-impl Ctx {
+impl Admitted {
     pub(crate) fn new(
         shared: Arc<Shared>,
-        log: AttemptLog,
-        created: bool,
+        ctx: RequestContext,
+        owner: bool,
         route: RouteName,
         deadline: Option<Instant>,
     ) -> Self {
         Self {
             shared,
-            log,
-            created,
+            ctx,
+            owner,
             route,
             deadline,
             ticket: None,
-            mark: 0,
             sent: None,
         }
     }
 
-    /// The request goes to the inner service now.
-    pub(crate) fn sending(&mut self) {
-        self.mark = self.log.attempt_count();
-        self.sent = Some(Instant::now());
+    /// The request goes to the inner service now: as `sent` when admission let it through at
+    /// once, else (out of a queue) as a new clock reading.
+    pub(crate) fn sending(&mut self, sent: Option<Sent>) {
+        self.sent = Some(sent.unwrap_or_else(|| self.ctx.resend()));
         if let Some(t) = &self.ticket {
             t.mark_called();
         }
@@ -64,13 +64,7 @@ impl Ctx {
         if let Some(t) = self.ticket.take() {
             t.settle(End::Error { in_flight });
         }
-        if self.created {
-            self.log.set_outcome(Outcome::Error {
-                error: e.kind().to_string(),
-                class: e.class(),
-            });
-        }
-        e.with_log(&self.log)
+        self.ctx.close_error(self.owner, e)
     }
 
     fn refuse(&mut self, refusal: Refusal) -> Error {
@@ -84,7 +78,7 @@ impl Ctx {
                 LocalEventKind::DeadlineExceeded,
             ),
         };
-        self.log.event(Some(self.route.clone()), event);
+        self.ctx.log().event(Some(self.route.clone()), event);
         self.fail(Error::new(kind), false)
     }
 
@@ -96,32 +90,30 @@ impl Ctx {
                 | ErrorKind::StreamFailed { .. }
                 | ErrorKind::StreamInterrupted { .. }
         );
-        if let (true, Some(sent)) = (was_call, self.sent) {
-            let c = e.classification().cloned().unwrap_or_else(|| {
-                Classification::failure(e.class().unwrap_or(FailureClass::Transport))
-            });
-            let (offset, latency) = (self.log.offset_of(sent), sent.elapsed());
-            let route = self.route.clone();
-            let description = e.to_string();
-            self.log.record_since(self.mark, || {
-                let mut a = Attempt::new(Some(route), offset, latency, &c);
-                a.error = Some(description);
-                a
-            });
+        if let (true, Some(sent)) = (was_call, &self.sent) {
+            self.ctx.record_error(sent, &self.route, &e);
         }
         self.fail(e, false)
     }
 
+    fn classify<RB>(&self, response: http::Response<RB>) -> ClassifyResponse
+    where
+        RB: http_body::Body<Data = Bytes> + Send + 'static,
+        RB::Error: Into<BoxError>,
+    {
+        let classifier = &self.shared.classifier;
+        let mark = self.sent.as_ref().map_or(0, |s| s.mark);
+        classifier.classify_attempt(response, self.ctx.log(), mark)
+    }
+
     fn respond(
         &mut self,
-        mut resp: http::Response<Body>,
+        resp: http::Response<Body>,
         c: &Classification,
+        latency: Option<Duration>,
     ) -> http::Response<Body> {
-        if let Some(sent) = self.sent {
-            let (offset, latency) = (self.log.offset_of(sent), sent.elapsed());
-            let route = self.route.clone();
-            self.log
-                .record_since(self.mark, || Attempt::new(Some(route), offset, latency, c));
+        if let Some(sent) = &self.sent {
+            self.ctx.record(sent, &self.route, latency, c, None);
         }
         let served = resp.extensions().get::<RouteName>().cloned();
         if let Some(pacer) = self.shared.gate.as_ref().and_then(|g| g.pacer.as_ref()) {
@@ -129,21 +121,7 @@ impl Ctx {
         }
         let status = resp.status();
         let success = c.is_success() && !(status.is_client_error() || status.is_server_error());
-        if self.created {
-            self.log.set_outcome(if success {
-                Outcome::Success {
-                    status: status.as_u16(),
-                }
-            } else {
-                Outcome::ProviderFailure {
-                    status: status.as_u16(),
-                    class: c.class,
-                }
-            });
-        }
-        if self.created || resp.extensions().get::<AttemptLog>().is_none() {
-            resp.extensions_mut().insert(self.log.clone());
-        }
+        let mut resp = self.ctx.close_response(self.owner, resp);
         let Some(ticket) = self.ticket.take() else {
             return resp;
         };
@@ -172,8 +150,10 @@ pin_project! {
         #[pin]
         state: State<S::Future>,
         queued: Option<Queued<S, B>>,
-        deadline: Option<Pin<Box<Sleep>>>,
-        ctx: Ctx,
+        // The request's deadline, made the first time the inner service keeps it waiting.
+        #[pin]
+        deadline: Option<Sleep>,
+        admitted: Admitted,
     }
 }
 
@@ -182,7 +162,7 @@ pin_project! {
     enum State<F> {
         Waiting,
         Calling { #[pin] fut: F },
-        Classifying { fut: ClassifyResponse },
+        Classifying { fut: ClassifyResponse, latency: Option<Duration> },
         Failed { error: Option<Error> },
     }
 }
@@ -191,50 +171,52 @@ impl<S, B> ResponseFuture<S, B>
 where
     S: Service<http::Request<B>>,
 {
-    pub(crate) fn failed(mut ctx: Ctx, e: Error, in_flight: bool) -> Self {
-        let error = ctx.fail(e, in_flight);
+    fn with(admitted: Admitted, state: State<S::Future>, queued: Option<Queued<S, B>>) -> Self {
         Self {
-            state: State::Failed { error: Some(error) },
-            queued: None,
+            state,
+            queued,
             deadline: None,
-            ctx,
+            admitted,
         }
     }
 
-    pub(crate) fn refused(mut ctx: Ctx, refusal: Refusal, waited: Option<Duration>) -> Self {
+    pub(crate) fn failed(mut admitted: Admitted, e: Error, in_flight: bool) -> Self {
+        let error = admitted.fail(e, in_flight);
+        Self::with(admitted, State::Failed { error: Some(error) }, None)
+    }
+
+    pub(crate) fn refused(
+        mut admitted: Admitted,
+        refusal: Refusal,
+        waited: Option<Duration>,
+    ) -> Self {
         if let Some(waited) = waited {
-            ctx.log
-                .event(Some(ctx.route.clone()), LocalEventKind::Queued { waited });
+            let route = Some(admitted.route.clone());
+            admitted
+                .ctx
+                .log()
+                .event(route, LocalEventKind::Queued { waited });
         }
-        let error = ctx.refuse(refusal);
-        Self {
-            state: State::Failed { error: Some(error) },
-            queued: None,
-            deadline: None,
-            ctx,
-        }
+        let error = admitted.refuse(refusal);
+        Self::with(admitted, State::Failed { error: Some(error) }, None)
     }
 
-    pub(crate) fn queued(ctx: Ctx, waiter: Waiter, service: S, request: http::Request<B>) -> Self {
-        Self {
-            state: State::Waiting,
-            queued: Some(Queued {
-                waiter,
-                service,
-                request,
-            }),
-            deadline: None,
-            ctx,
-        }
+    pub(crate) fn queued(
+        admitted: Admitted,
+        waiter: Waiter,
+        service: S,
+        request: http::Request<B>,
+    ) -> Self {
+        let queued = Queued {
+            waiter,
+            service,
+            request,
+        };
+        Self::with(admitted, State::Waiting, Some(queued))
     }
 
-    pub(crate) fn calling(ctx: Ctx, fut: S::Future) -> Self {
-        Self {
-            state: State::Calling { fut },
-            queued: None,
-            deadline: ctx.deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
-            ctx,
-        }
+    pub(crate) fn calling(admitted: Admitted, fut: S::Future) -> Self {
+        Self::with(admitted, State::Calling { fut }, None)
     }
 }
 
@@ -250,64 +232,27 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
-            match this.state.as_mut().project() {
-                StateProj::Waiting => {
-                    let Some(q) = this.queued.as_mut() else {
-                        panic!("budget ResponseFuture polled after completion");
-                    };
-                    let admitted = ready!(q.waiter.poll_admit(cx));
-                    let waited = q.waiter.waited();
-                    let Some(Queued {
-                        mut service,
-                        request,
-                        ..
-                    }) = this.queued.take()
-                    else {
-                        continue;
-                    };
-                    match admitted {
-                        Ok(waited) => {
-                            this.ctx.log.event(
-                                Some(this.ctx.route.clone()),
-                                LocalEventKind::Queued { waited },
-                            );
-                            this.ctx.sending();
-                            let fut = service.call(request);
-                            *this.deadline = this
-                                .ctx
-                                .deadline
-                                .map(|d| Box::pin(tokio::time::sleep_until(d)));
-                            this.state.set(State::Calling { fut });
-                        }
-                        Err(refusal) => {
-                            this.ctx.log.event(
-                                Some(this.ctx.route.clone()),
-                                LocalEventKind::Queued { waited },
-                            );
-                            let e = this.ctx.refuse(refusal);
-                            this.state.set(State::Failed { error: None });
-                            return Poll::Ready(Err(e));
-                        }
-                    }
-                }
+            let out = match this.state.as_mut().project() {
+                StateProj::Waiting => match ready!(this.poll_queue(cx)) {
+                    Some(out) => out,
+                    None => continue,
+                },
                 StateProj::Calling { fut } => match fut.poll(cx) {
                     Poll::Ready(Ok(resp)) => {
-                        let fut = this.ctx.shared.classifier.classify_response(resp);
-                        this.state.set(State::Classifying { fut });
+                        let admitted = &*this.admitted;
+                        let latency = admitted
+                            .sent
+                            .as_ref()
+                            .and_then(|sent| admitted.ctx.head_latency(sent));
+                        let fut = admitted.classify(resp);
+                        this.state.set(State::Classifying { fut, latency });
+                        continue;
                     }
-                    Poll::Ready(Err(e)) => {
-                        let e = this.ctx.inner_error(e);
-                        this.state.set(State::Failed { error: None });
-                        return Poll::Ready(Err(e));
-                    }
+                    Poll::Ready(Err(e)) => Err(this.admitted.inner_error(e)),
                     Poll::Pending => return this.poll_deadline(cx),
                 },
-                StateProj::Classifying { fut } => match Pin::new(fut).poll(cx) {
-                    Poll::Ready((resp, c)) => {
-                        let resp = this.ctx.respond(resp, &c);
-                        this.state.set(State::Failed { error: None });
-                        return Poll::Ready(Ok(resp));
-                    }
+                StateProj::Classifying { fut, latency } => match Pin::new(fut).poll(cx) {
+                    Poll::Ready((resp, c)) => Ok(this.admitted.respond(resp, &c, *latency)),
                     Poll::Pending => return this.poll_deadline(cx),
                 },
                 StateProj::Failed { error } => {
@@ -316,7 +261,9 @@ where
                         None => panic!("budget ResponseFuture polled after completion"),
                     };
                 }
-            }
+            };
+            this.state.set(State::Failed { error: None });
+            return Poll::Ready(out);
         }
     }
 }
@@ -325,17 +272,62 @@ impl<S, B> Proj<'_, S, B>
 where
     S: Service<http::Request<B>>,
 {
+    /// The request's turn in the rate limit's queue: it is sent (`None`: go on calling), or
+    /// refused.
+    fn poll_queue(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http::Response<Body>, Error>>> {
+        let Some(q) = self.queued.as_mut() else {
+            panic!("budget ResponseFuture polled after completion");
+        };
+        let admitted = ready!(q.waiter.poll_admit(cx));
+        let waited = q.waiter.waited();
+        let Some(Queued {
+            mut service,
+            request,
+            ..
+        }) = self.queued.take()
+        else {
+            return Poll::Ready(None);
+        };
+        let route = Some(self.admitted.route.clone());
+        let log = self.admitted.ctx.log();
+        match admitted {
+            Ok(waited) => {
+                log.event(route, LocalEventKind::Queued { waited });
+                self.admitted.sending(None);
+                let fut = service.call(request);
+                self.state.set(State::Calling { fut });
+                Poll::Ready(None)
+            }
+            Err(refusal) => {
+                log.event(route, LocalEventKind::Queued { waited });
+                Poll::Ready(Some(Err(self.admitted.refuse(refusal))))
+            }
+        }
+    }
+
     /// Fails the request when its deadline passes while the inner service still works on it.
     fn poll_deadline<T>(&mut self, cx: &mut Context<'_>) -> Poll<Result<T, Error>> {
-        let Some(sleep) = self.deadline.as_mut() else {
+        let Some(at) = self.admitted.deadline else {
             return Poll::Pending;
         };
-        ready!(sleep.as_mut().poll(cx));
-        self.ctx.log.event(
-            Some(self.ctx.route.clone()),
-            LocalEventKind::DeadlineExceeded,
-        );
-        let e = self.ctx.fail(Error::new(ErrorKind::DeadlineExceeded), true);
+        let mut timer = self.deadline.as_mut();
+        if timer.is_none() {
+            timer.set(Some(tokio::time::sleep_until(at)));
+        }
+        if let Some(sleep) = timer.as_pin_mut() {
+            ready!(sleep.poll(cx));
+        }
+        let route = Some(self.admitted.route.clone());
+        self.admitted
+            .ctx
+            .log()
+            .event(route, LocalEventKind::DeadlineExceeded);
+        let e = self
+            .admitted
+            .fail(Error::new(ErrorKind::DeadlineExceeded), true);
         // Dropping the inner future cancels the attempt in flight.
         self.state.set(State::Failed { error: None });
         Poll::Ready(Err(e))
@@ -355,7 +347,7 @@ where
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)
-            .field("route", &self.ctx.route)
+            .field("route", &self.admitted.route)
             .finish_non_exhaustive()
     }
 }

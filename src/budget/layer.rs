@@ -10,8 +10,8 @@ use super::estimate::{DefaultEstimator, SharedEstimator, TokenEstimator};
 use super::rate_limit::{Gate, RateConfig};
 use super::spend::{SpendConfig, SpendHandle};
 use super::store::{BudgetStore, MemoryStore};
+use crate::RouteName;
 use crate::classify::SharedClassifier;
-use crate::context::RouteName;
 use crate::policy::{AdmissionMode, BudgetPolicy, LoggingPolicy, Policy, PolicyError};
 use crate::retry_budget::RetryBudget;
 

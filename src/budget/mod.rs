@@ -89,7 +89,7 @@
 //! use tower::{ServiceBuilder, ServiceExt, service_fn};
 //! use tower_llm_resilience::budget::{BudgetLayer, BudgetOwner};
 //! use tower_llm_resilience::policy::{BudgetPolicy, Price, RateLimitPolicy, SpendPolicy};
-//! use tower_llm_resilience::{Deadline, ErrorKind};
+//! use tower_llm_resilience::{ErrorKind, RequestContext};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -107,7 +107,7 @@
 //! let spend = layer.spend().expect("a spend cap is set");
 //! let client = ServiceBuilder::new().layer(layer).service(service_fn(
 //!     |req: http::Request<Full<Bytes>>| async move {
-//!         assert!(req.extensions().get::<Deadline>().is_some());
+//!         assert!(RequestContext::of(&req).and_then(|c| c.deadline()).is_some());
 //!         let body = r#"{"usage":{"prompt_tokens":10,"completion_tokens":20}}"#;
 //!         let resp = http::Response::builder()
 //!             .header("content-type", "application/json")
@@ -130,7 +130,6 @@ mod body;
 mod estimate;
 mod future;
 mod layer;
-pub(crate) mod pacing;
 mod rate_limit;
 mod service;
 mod spend;

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
-use super::pacing::Pacer;
 use super::store::{BudgetStore, RateDemand};
-use crate::context::RouteName;
+use crate::RouteName;
+use crate::pacing::Pacer;
 use crate::policy::{AdmissionMode, RateKey, RateLimitPolicy};
 
 /// The rate limits, converted to cell rates.

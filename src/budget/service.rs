@@ -4,13 +4,13 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use tower_service::Service;
 
-use super::future::{Ctx, ResponseFuture};
+use super::future::{Admitted, ResponseFuture};
 use super::layer::Shared;
-use super::pacing::Pacing;
 use super::rate_limit::{Admit, Ask};
 use super::spend::BudgetOwner;
-use crate::attempt_log::{AttemptLog, LocalEventKind};
-use crate::context::{Deadline, RouteName};
+use crate::RouteName;
+use crate::attempt_log::LocalEventKind;
+use crate::context::{Deadline, RequestContext};
 use crate::error::BoxError;
 use crate::policy::RateKey;
 use crate::replay::ReplayBody;
@@ -71,28 +71,88 @@ where
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let shared = self.shared.clone();
-        let (log, created) = AttemptLog::get_or_insert(&mut req);
-        if created {
-            log.set_tracing(shared.logging.tracing);
-        }
+        let (ctx, owner) = RequestContext::begin(&mut req, &shared.logging);
         // One deposit per logical request; the inner layers withdraw per retry and per hop.
         shared.retry_budget.deposit();
-        req.extensions_mut().insert(shared.retry_budget.clone());
+        ctx.set_retry_budget(shared.retry_budget.clone());
+        let sent = ctx.send();
         if let Some(d) = shared.deadline {
-            Deadline::after(d).tighten(&mut req);
+            ctx.tighten_deadline(Deadline(crate::duration::saturating_add(sent.at, d)));
         }
-        let deadline = req.extensions().get::<Deadline>().map(|d| d.0);
-        let route = req
-            .extensions()
-            .get::<RouteName>()
-            .cloned()
+        let deadline = ctx.deadline().map(|d| d.0);
+        let route = ctx
+            .route()
             .or_else(|| shared.primary.clone())
-            .unwrap_or_else(|| RouteName::of_request(&req));
-        log.set_requested_route(route.clone());
-        let mut ctx = Ctx::new(shared.clone(), log, created, route.clone(), deadline);
+            .unwrap_or_else(|| RouteName::of_authority(&req));
+        ctx.log().set_requested_route(route.clone());
+        let mut admitted = Admitted::new(shared.clone(), ctx, owner, route, deadline);
 
-        let owner = match &shared.spend {
-            Some(spend) => spend.owner_of(&req),
+        let owner = self.owner_of(&req);
+        let counts_tokens = shared.rate.as_ref().is_some_and(|r| r.counts_tokens());
+        let estimate = (shared.spend.is_some() || counts_tokens).then(|| {
+            let body = req.body().to_bytes();
+            shared.estimator.0.estimate(req.headers(), body.as_deref())
+        });
+
+        if let Some(spend) = &shared.spend {
+            let ticket = spend.open(
+                &shared.store,
+                owner.clone(),
+                &admitted.route,
+                estimate.unwrap_or_default(),
+                admitted.ctx.log(),
+            );
+            match ticket {
+                // The first attempt is reserved; the inner layers reserve every further one
+                // through the gate.
+                Ok(ticket) => {
+                    admitted.ctx.set_spend_gate(ticket.gate());
+                    admitted.ticket = Some(ticket);
+                }
+                Err(e) => {
+                    let route = Some(admitted.route.clone());
+                    admitted
+                        .ctx
+                        .log()
+                        .event(route, LocalEventKind::BudgetDenied);
+                    return ResponseFuture::failed(admitted, e, false);
+                }
+            }
+        }
+
+        if let Some(gate) = &shared.gate {
+            if let Some(pacer) = &gate.pacer {
+                admitted.ctx.set_pacer(pacer.clone());
+            }
+            let ask = self.ask(
+                &admitted,
+                owner.as_deref(),
+                estimate.map_or(0, |e| e.total()),
+            );
+            match gate.admit(ask) {
+                Admit::Now => {}
+                Admit::Refused(refusal) => return ResponseFuture::refused(admitted, refusal, None),
+                Admit::Queued(waiter) => {
+                    // Keep the service that was polled ready for when the request's turn comes.
+                    let fresh = self.inner.clone();
+                    let ready = std::mem::replace(&mut self.inner, fresh);
+                    return ResponseFuture::queued(admitted, waiter, ready, req);
+                }
+            }
+        }
+        admitted.sending(Some(sent));
+        let fut = self.inner.call(req);
+        ResponseFuture::calling(admitted, fut)
+    }
+}
+
+impl<S> Budget<S> {
+    /// The budget owner of `req`: the spend policy's owner, else a `BudgetOwner` extension or
+    /// the owner header.
+    fn owner_of<B>(&self, req: &http::Request<B>) -> Option<String> {
+        let shared = &self.shared;
+        match &shared.spend {
+            Some(spend) => spend.owner_of(req),
             None => req
                 .extensions()
                 .get::<BudgetOwner>()
@@ -101,67 +161,27 @@ where
                     let v = req.headers().get(&shared.owner_header)?.to_str().ok()?;
                     Some(v.trim().to_owned())
                 }),
+        }
+    }
+
+    /// What the rate limit is asked for the request: its key (route or owner), its line, and
+    /// the tokens it takes.
+    fn ask(&self, admitted: &Admitted, owner: Option<&str>, tokens: u64) -> Ask {
+        let route = &admitted.route;
+        let key = match self.shared.rate.as_ref().map(|r| r.key) {
+            Some(RateKey::Owner) => format!("owner:{}", owner.unwrap_or("")),
+            _ => format!("route:{route}"),
         };
-        let counts_tokens = shared.rate.as_ref().is_some_and(|r| r.counts_tokens());
-        let estimate = (shared.spend.is_some() || counts_tokens).then(|| {
-            let body = req.body().to_bytes();
-            shared.estimator.0.estimate(req.headers(), body.as_deref())
-        });
-
-        if let Some(spend) = &shared.spend {
-            match spend.open(
-                &shared.store,
-                owner.clone(),
-                &route,
-                estimate.unwrap_or_default(),
-                &ctx.log,
-            ) {
-                Ok(ticket) => {
-                    // The first attempt is reserved; the inner layers reserve every further
-                    // one through the gate.
-                    req.extensions_mut().insert(ticket.gate());
-                    ctx.ticket = Some(ticket);
-                }
-                Err(e) => {
-                    ctx.log
-                        .event(Some(route.clone()), LocalEventKind::BudgetDenied);
-                    return ResponseFuture::failed(ctx, e, false);
-                }
-            }
+        let demands = match &self.shared.rate {
+            Some(r) => r.demands(tokens),
+            None => Vec::new(),
+        };
+        Ask {
+            line: format!("{key}|{route}"),
+            key,
+            route: route.clone(),
+            demands,
+            deadline: admitted.deadline,
         }
-
-        if let Some(gate) = &shared.gate {
-            if let Some(pacer) = &gate.pacer {
-                req.extensions_mut().insert(Pacing(pacer.clone()));
-            }
-            let key = match shared.rate.as_ref().map(|r| r.key) {
-                Some(RateKey::Owner) => format!("owner:{}", owner.as_deref().unwrap_or("")),
-                _ => format!("route:{route}"),
-            };
-            let demands = match &shared.rate {
-                Some(r) => r.demands(estimate.map_or(0, |e| e.total())),
-                None => Vec::new(),
-            };
-            let ask = Ask {
-                line: format!("{key}|{route}"),
-                key,
-                route,
-                demands,
-                deadline,
-            };
-            match gate.admit(ask) {
-                Admit::Now => {}
-                Admit::Refused(refusal) => return ResponseFuture::refused(ctx, refusal, None),
-                Admit::Queued(waiter) => {
-                    // Keep the service that was polled ready for when the request's turn comes.
-                    let fresh = self.inner.clone();
-                    let ready = std::mem::replace(&mut self.inner, fresh);
-                    return ResponseFuture::queued(ctx, waiter, ready, req);
-                }
-            }
-        }
-        ctx.sending();
-        let fut = self.inner.call(req);
-        ResponseFuture::calling(ctx, fut)
     }
 }

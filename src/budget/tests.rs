@@ -682,8 +682,9 @@ async fn deadline_and_retry_budget_travel_in_the_request() {
     let svc = layer.layer(service_fn({
         let seen = seen.clone();
         move |req: Req| {
-            let d = req.extensions().get::<Deadline>().copied();
-            let b = req.extensions().get::<RetryBudget>().map(|b| b.available());
+            let ctx = crate::context::RequestContext::of(&req);
+            let d = ctx.and_then(|c| c.deadline());
+            let b = ctx.and_then(|c| c.retry_budget()).map(|b| b.available());
             seen.lock().unwrap_or_else(|p| p.into_inner()).push((d, b));
             async { Ok::<_, Infallible>(answer(None)) }
         }
@@ -1046,8 +1047,8 @@ fn chain_policy(cap: u64, backup_price: Price) -> Policy {
 }
 
 fn route_of(req: &Req) -> String {
-    req.extensions()
-        .get::<RouteName>()
+    crate::context::RequestContext::of(req)
+        .and_then(|c| c.route())
         .map(|r| r.as_str().to_owned())
         .unwrap_or_default()
 }
@@ -1160,12 +1161,8 @@ fn attempts_then_answer()
 -> impl Service<Req, Response = Resp, Error = Infallible, Future: Send> + Clone + Send + 'static {
     use crate::attempt_log::{Attempt, StreamEnd, StreamRecord};
     use crate::classify::{Classification, FailureClass};
-    service_fn(|req: Req| {
-        let log = req
-            .extensions()
-            .get::<crate::AttemptLog>()
-            .cloned()
-            .unwrap_or_default();
+    service_fn(|mut req: Req| {
+        let (log, _) = crate::AttemptLog::get_or_insert(&mut req);
         let route = Some(RouteName::new("h"));
         for class in [FailureClass::Timeout, FailureClass::Overloaded] {
             log.record(Attempt::new(

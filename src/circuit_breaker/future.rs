@@ -13,9 +13,9 @@ use super::body::{Watch, WatchedBody};
 use super::layer::Shared;
 use super::service::{error_class, verdict};
 use super::state::{Admission, RouteState, Verdict};
-use crate::attempt_log::{Attempt, AttemptLog, Outcome};
+use crate::RouteName;
 use crate::classify::{Classification, ClassifyResponse, SharedClassifier};
-use crate::context::RouteName;
+use crate::context::{RequestContext, Sent};
 use crate::error::{BoxError, Error, ErrorKind};
 
 /// An admitted call's claim on its route's breaker. A half-open probe holds a slot; if the
@@ -56,29 +56,47 @@ impl Drop for Permit {
 pub(crate) struct Call {
     pub(crate) permit: Permit,
     pub(crate) route: RouteName,
-    pub(crate) log: AttemptLog,
-    pub(crate) created: bool,
-    pub(crate) mark: usize,
-    pub(crate) start: Instant,
-    pub(crate) offset: Duration,
+    pub(crate) ctx: RequestContext,
+    pub(crate) owner: bool,
+    pub(crate) sent: Sent,
     pub(crate) classifier: SharedClassifier,
 }
 
 impl Call {
-    fn is_slow(&self, latency: Duration) -> bool {
-        self.permit
-            .shared
-            .config
-            .policy
-            .slow_call
-            .is_some_and(|s| latency > s.threshold)
+    fn slow_call_threshold(&self) -> Option<Duration> {
+        let policy = &self.permit.shared.config.policy;
+        policy.slow_call.map(|s| s.threshold)
+    }
+
+    /// The response head came: its classification (a success a layer nearer the transport
+    /// recorded is taken as it is) and, when the slow-call rule or the recording needs it,
+    /// the time it took.
+    fn head<RB>(&self, response: http::Response<RB>) -> (ClassifyResponse, Option<Duration>)
+    where
+        RB: http_body::Body<Data = Bytes> + Send + 'static,
+        RB::Error: Into<BoxError>,
+    {
+        let log = self.ctx.log();
+        let recorded = log.recorded_since(self.sent.mark).is_some();
+        let latency =
+            (!recorded || self.slow_call_threshold().is_some()).then(|| self.sent.at.elapsed());
+        let classify = self
+            .classifier
+            .classify_attempt(response, log, self.sent.mark);
+        (classify, latency)
+    }
+
+    fn is_slow(&self, latency: Option<Duration>) -> bool {
+        self.slow_call_threshold()
+            .zip(latency)
+            .is_some_and(|(threshold, latency)| latency > threshold)
     }
 
     fn failed(mut self, error: Error) -> Error {
-        let latency = self.start.elapsed();
+        let latency = self.sent.at.elapsed();
         let class = error_class(&error);
         let v = verdict(&self.permit.shared.config, class);
-        let slow = self.is_slow(latency);
+        let slow = self.is_slow(Some(latency));
         self.permit.complete(v, slow);
         // Only errors that stand for a transport attempt are attempts; an inner layer's local
         // decision (a nested breaker, a deadline) already has its event.
@@ -89,45 +107,32 @@ impl Call {
                 | ErrorKind::StreamInterrupted { .. }
         );
         if is_attempt {
-            self.log.record_since(self.mark, || {
-                let c = match error.classification() {
-                    Some(c) => c.clone(),
-                    None => class.map(Classification::failure).unwrap_or_default(),
-                };
-                let mut a = Attempt::new(Some(self.route.clone()), self.offset, latency, &c);
-                a.error = Some(error.to_string());
-                a
-            });
+            let c = match error.classification() {
+                Some(c) => c.clone(),
+                None => class.map(Classification::failure).unwrap_or_default(),
+            };
+            self.ctx.record(
+                &self.sent,
+                &self.route,
+                Some(latency),
+                &c,
+                Some(error.to_string()),
+            );
         }
-        if self.created {
-            self.log.set_outcome(Outcome::Error {
-                error: error.to_string(),
-                class: error.class(),
-            });
-        }
-        error.with_log(&self.log)
+        self.ctx.close_error(self.owner, error)
     }
 
     fn answered(
         mut self,
-        mut response: http::Response<crate::Body>,
+        response: http::Response<crate::Body>,
         c: Classification,
-        latency: Duration,
+        latency: Option<Duration>,
     ) -> http::Response<crate::Body> {
         let v = verdict(&self.permit.shared.config, c.class);
         let slow = self.is_slow(latency);
         let epoch = self.permit.complete(v, slow);
-        self.log.record_since(self.mark, || {
-            Attempt::new(Some(self.route.clone()), self.offset, latency, &c)
-        });
-        let status = response.status().as_u16();
-        if self.created {
-            self.log.set_outcome(match c.class {
-                None => Outcome::Success { status },
-                class => Outcome::ProviderFailure { status, class },
-            });
-            response.extensions_mut().insert(self.log.clone());
-        }
+        self.ctx.record(&self.sent, &self.route, latency, &c, None);
+        let mut response = self.ctx.close_response(self.owner, response);
         if v == Verdict::Success && self.permit.admission != Admission::Untracked {
             let watch = Watch {
                 shared: self.permit.shared.clone(),
@@ -157,7 +162,7 @@ pin_project! {
     enum State<F> {
         Rejected { error: Option<Error> },
         Calling { #[pin] future: F, call: Option<Call> },
-        Classifying { classify: ClassifyResponse, call: Option<Call>, latency: Duration },
+        Classifying { classify: ClassifyResponse, call: Option<Call>, latency: Option<Duration> },
         Done,
     }
 }
@@ -221,8 +226,7 @@ where
                     };
                     match result {
                         Ok(response) => {
-                            let latency = call.start.elapsed();
-                            let classify = call.classifier.classify_response(response);
+                            let (classify, latency) = call.head(response);
                             state.set(State::Classifying {
                                 classify,
                                 call: Some(call),

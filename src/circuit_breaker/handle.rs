@@ -5,7 +5,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::layer::Shared;
-use crate::context::RouteName;
+use crate::RouteName;
 
 /// The state of one route's breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

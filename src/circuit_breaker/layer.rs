@@ -8,16 +8,17 @@ use tower_layer::Layer;
 use super::handle::{CircuitBreakerHandle, CircuitState, TransitionFn};
 use super::service::CircuitBreaker;
 use super::state::{RouteState, Transition};
+use crate::RouteName;
 use crate::backoff::JitterSource;
 use crate::classify::{FailureClass, SharedClassifier};
-use crate::context::RouteName;
-use crate::policy::{CircuitBreakerPolicy, ClassActions, Policy, PolicyError};
+use crate::policy::{CircuitBreakerPolicy, ClassActions, LoggingPolicy, Policy, PolicyError};
 
 /// What the breakers are configured with; fixed once the layer is built.
 #[derive(Debug)]
 pub(crate) struct Config {
     pub(crate) policy: CircuitBreakerPolicy,
     pub(crate) actions: ClassActions,
+    pub(crate) logging: LoggingPolicy,
 }
 
 impl Config {
@@ -163,6 +164,7 @@ impl CircuitBreakerLayer {
         Self::build(
             policy,
             ClassActions::default(),
+            LoggingPolicy::default(),
             Some(JitterSource::from_entropy()),
         )
     }
@@ -174,6 +176,7 @@ impl CircuitBreakerLayer {
         Self::build(
             policy.circuit_breaker.clone(),
             policy.actions.clone(),
+            policy.logging.clone(),
             Some(JitterSource::from_seed(policy.retry.seed)),
         )
     }
@@ -181,12 +184,18 @@ impl CircuitBreakerLayer {
     fn build(
         policy: CircuitBreakerPolicy,
         actions: ClassActions,
+        logging: LoggingPolicy,
         jitter: Option<JitterSource>,
     ) -> Result<Self, PolicyError> {
         policy.validate()?;
+        logging.validate()?;
         Ok(Self {
             shared: Arc::new(Shared {
-                config: Config { policy, actions },
+                config: Config {
+                    policy,
+                    actions,
+                    logging,
+                },
                 routes: RwLock::new(HashMap::new()),
                 jitter: Mutex::new(jitter),
                 on_transition: RwLock::new(None),

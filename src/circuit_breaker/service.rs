@@ -3,17 +3,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use tokio::time::Instant;
 use tower_service::Service;
 
 use super::future::{Call, Permit, ResponseFuture};
 use super::handle::CircuitBreakerHandle;
 use super::layer::{Config, Shared};
 use super::state::Verdict;
-use crate::attempt_log::{AttemptLog, LocalEventKind, Outcome};
-use crate::classify::{FailureClass, SharedClassifier};
-use crate::context::RouteName;
 use crate::StreamCause;
+use crate::attempt_log::LocalEventKind;
+use crate::classify::{FailureClass, SharedClassifier};
+use crate::context::RequestContext;
 use crate::error::{BoxError, Error, ErrorKind};
 
 /// Per-route circuit breakers around a service; built by
@@ -90,35 +89,26 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let route = RouteName::of_request(&req);
+        let (ctx, owner) = RequestContext::begin(&mut req, &self.shared.config.logging);
+        let route = ctx.route_of(&req);
         let state = self.shared.route(&route);
-        let (log, created) = AttemptLog::get_or_insert(&mut req);
-        let now = Instant::now();
-        match state.admit(&self.shared, now) {
+        let sent = ctx.send();
+        match state.admit(&self.shared, sent.at) {
             Err(retry_in) => {
-                log.event(
+                ctx.log().event(
                     Some(route.clone()),
                     LocalEventKind::CircuitOpen { retry_in },
                 );
-                let error = Error::new(ErrorKind::CircuitOpen { route, retry_in }).with_log(&log);
-                if created {
-                    log.set_outcome(Outcome::Error {
-                        error: error.to_string(),
-                        class: None,
-                    });
-                }
-                ResponseFuture::rejected(error)
+                let error = Error::new(ErrorKind::CircuitOpen { route, retry_in });
+                ResponseFuture::rejected(ctx.close_error(owner, error))
             }
             Ok(admission) => {
-                let mark = log.attempt_count();
                 let call = Call {
                     permit: Permit::new(self.shared.clone(), state, admission),
-                    offset: log.offset_of(now),
                     route,
-                    log,
-                    created,
-                    mark,
-                    start: now,
+                    ctx,
+                    owner,
+                    sent,
                     classifier: self.classifier.clone(),
                 };
                 ResponseFuture::called(self.inner.call(req), call)

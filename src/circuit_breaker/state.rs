@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use super::handle::{CircuitState, RouteSnapshot};
 use super::layer::Shared;
-use crate::context::RouteName;
+use crate::RouteName;
 
 const CLOSED: u8 = 0;
 const OPEN: u8 = 1;

@@ -16,10 +16,10 @@ use tokio::time::{Instant, sleep};
 use tower::{Layer, Service, ServiceExt, service_fn};
 
 use super::*;
+use crate::StreamCause;
 use crate::attempt_log::{AttemptLog, LocalEventKind};
 use crate::backoff::JitterSource;
 use crate::classify::{Classification, FailureClass};
-use crate::StreamCause;
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::policy::{
     CircuitBreakerPolicy, ClassAction, FailureRateRule, FallbackRule, Policy, RetryRule,

@@ -391,7 +391,6 @@ fn parse_decimal(value: &str, unit: Unit) -> Option<Duration> {
     (d <= MAX_HINT).then_some(d)
 }
 
-
 /// A strict RFC 3339 date-time (`2025-08-21T12:40:59Z`, `2025-08-21T12:40:59.5+02:00`).
 pub(crate) fn parse_rfc3339(value: &str) -> Option<SystemTime> {
     let b = value.as_bytes();

@@ -181,6 +181,26 @@ impl SharedClassifier {
         )
     }
 
+    /// Classifies the answer to an attempt a layer handed inward when the log's attempt count
+    /// was `mark`: a success that a crate layer nearer the transport already recorded is taken
+    /// as it is, without working it out again, and only a failure is stored in the extensions.
+    pub(crate) fn classify_attempt<B>(
+        &self,
+        response: http::Response<B>,
+        log: &crate::AttemptLog,
+        mark: usize,
+    ) -> ClassifyResponse
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<crate::BoxError>,
+    {
+        let future = self.classify_response(response).failures_only();
+        match log.recorded_since(mark) {
+            Some(None) => future.known_success(),
+            _ => future,
+        }
+    }
+
     /// Classifies an inner service's error.
     pub fn classify_error(&self, error: &(dyn std::error::Error + 'static)) -> Classification {
         self.inner.classify_error(error)

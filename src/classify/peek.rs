@@ -15,6 +15,12 @@ use crate::{Body, Error};
 pub struct ClassifyResponse {
     classifier: Arc<dyn Classifier>,
     limit: usize,
+    /// A crate layer nearer the transport recorded this attempt as a success: nothing to read
+    /// or work out again.
+    success: bool,
+    /// Whether a success is stored in the extensions too (a layer keeps only failures there:
+    /// its successes are in the attempt log).
+    store_success: bool,
     response: Option<http::Response<Body>>,
     buf: BytesMut,
 }
@@ -36,9 +42,24 @@ impl ClassifyResponse {
         Self {
             classifier,
             limit,
+            success: false,
+            store_success: true,
             response: Some(response),
             buf: BytesMut::new(),
         }
+    }
+
+    /// Takes the answer as a success without reading it: a crate layer nearer the transport
+    /// already classified it (a failure would be in the response extensions).
+    pub(crate) fn known_success(mut self) -> Self {
+        self.success = true;
+        self
+    }
+
+    /// Keeps only a failure's classification in the extensions.
+    pub(crate) fn failures_only(mut self) -> Self {
+        self.store_success = false;
+        self
     }
 
     fn finish(
@@ -53,7 +74,11 @@ impl ClassifyResponse {
         let c = self
             .classifier
             .classify_response(response.status(), response.headers(), seen);
-        response.extensions_mut().insert(c.clone());
+        // Inside the stack a success is recorded in the attempt log by the layer that classified
+        // it; storing it too would cost allocations on every answer.
+        if self.store_success || !c.is_success() {
+            response.extensions_mut().insert(c.clone());
+        }
         let response = response.map(|rest| {
             let rest = (!ended && trailers.is_none() && error.is_none()).then_some(rest);
             if prefix.is_empty() && trailers.is_none() && error.is_none() {
@@ -76,6 +101,10 @@ impl Future for ClassifyResponse {
         };
         if let Some(c) = response.extensions().get::<Classification>() {
             let c = c.clone();
+            return Poll::Ready((response, c));
+        }
+        if this.success {
+            let c = Classification::success(response.status());
             return Poll::Ready((response, c));
         }
         if !this

@@ -3,27 +3,26 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
-use tokio::time::Instant;
 use tower_service::Service;
 
 use super::layer::Config;
 use super::route::Route;
 use super::{LAST_RESORT_HEADER, ROUTE_HEADER};
+use crate::attempt_log::{Decision, LocalEventKind, StopReason};
+use crate::classify::{Classification, ClassifyResponse, FailureClass};
+use crate::context::{AttemptCap, RequestContext, Sent, SpendGate};
+use crate::policy::FallbackRule;
+use crate::replay::{ReplayBody, try_clone_request};
+use crate::{Body, BoxError, Error, ErrorKind, RouteName};
 
 /// [`ROUTE_HEADER`] built at compile time: inserting by `&str` would parse it on every response.
 const ROUTE_HEADER_NAME: http::HeaderName = http::HeaderName::from_static(ROUTE_HEADER);
-use crate::attempt_log::{Attempt, Decision, LocalEventKind, Outcome, StopReason};
-use crate::budget::pacing::Pacing;
-use crate::classify::{Classification, ClassifyResponse, FailureClass};
-use crate::context::{AttemptCap, Deadline, FallbackAvailable, RouteName, SpendGate};
-use crate::policy::FallbackRule;
-use crate::replay::{ReplayBody, try_clone_request};
-use crate::{AttemptLog, Body, BoxError, Error, ErrorKind, RetryBudget};
 
 pin_project! {
     /// Response future of [`Fallback`](super::Fallback): drives the request along the route
@@ -52,30 +51,40 @@ pin_project! {
 }
 
 /// Everything the future keeps between polls, apart from the pinned inner future.
-struct Chain<S, B> {
-    config: Arc<Config>,
-    svc: S,
-    template: Option<Request<B>>,
+pub(crate) struct Chain<S, B> {
+    pub(crate) config: Arc<Config>,
+    pub(crate) svc: S,
+    /// The request as the caller sent it: every backup's request is made from it.
+    pub(crate) template: Option<Request<B>>,
+    pub(crate) ctx: RequestContext,
+    /// Whether this layer owns the log.
+    pub(crate) owner: bool,
+    /// A chain outside this one said it has a route after this whole chain.
+    pub(crate) outer_fallback: bool,
     next: Option<Request<B>>,
-    log: AttemptLog,
-    owns_log: bool,
     /// 0 is the primary; `i > 0` is `config.routes[i - 1]`.
     current: usize,
     hops: u32,
-    sent_at: Instant,
-    mark: usize,
-    /// A context overflow was seen: every later route must be larger-context.
-    need_larger: bool,
-    /// An exhausted quota was seen: every later route must have an approved, unspent owner.
-    need_owner: bool,
-    spent_owners: Vec<Option<String>>,
+    sent: Option<Sent>,
+    /// Time to the head of the current route's answer, when this layer must record it.
+    latency: Option<Duration>,
+    /// Where the chain's constraints stand after the failures seen so far.
+    need: Needs,
     /// The spend gate that admitted the current hop's first attempt, until that attempt has
     /// made a call: a hop that ends without one gives its reservation back.
     admitted: Option<SpendGate>,
     primary_failure: Option<Failure>,
     primary_rule: Option<FallbackRule>,
-    /// `BudgetLayer`'s header-driven pacing, when it is outside.
-    pacing: Option<Pacing>,
+}
+
+/// What every later route must offer, after the failures seen so far in the chain.
+#[derive(Default)]
+struct Needs {
+    /// A context overflow was seen: every later route must be larger-context.
+    larger_context: bool,
+    /// An exhausted quota was seen: every later route must have an approved, unspent owner.
+    other_owner: bool,
+    spent_owners: Vec<Option<String>>,
 }
 
 enum Failure {
@@ -83,50 +92,54 @@ enum Failure {
     Error(Error),
 }
 
+/// What a step of the chain leads to.
 enum Step {
     Hop,
     Finish(Result<Response<Body>, Error>),
+}
+
+impl<S, B> Chain<S, B> {
+    /// A chain starting on the primary route.
+    pub(crate) fn new(
+        config: Arc<Config>,
+        svc: S,
+        template: Option<Request<B>>,
+        ctx: RequestContext,
+        owner: bool,
+        outer_fallback: bool,
+    ) -> Self {
+        Self {
+            config,
+            svc,
+            template,
+            ctx,
+            owner,
+            outer_fallback,
+            next: None,
+            current: 0,
+            hops: 0,
+            sent: None,
+            latency: None,
+            need: Needs::default(),
+            admitted: None,
+            primary_failure: None,
+            primary_rule: None,
+        }
+    }
 }
 
 impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<B>>,
 {
-    /// Sends `req` (the primary's request) to `svc`, which must be ready.
-    pub(crate) fn start(
-        mut svc: S,
-        req: Request<B>,
-        config: Arc<Config>,
-        template: Option<Request<B>>,
-        log: AttemptLog,
-        owns_log: bool,
-    ) -> Self {
+    /// Sends `req` (the primary's request) to the chain's service, which must be ready.
+    pub(crate) fn start(mut chain: Chain<S, B>, req: Request<B>) -> Self {
         // Noted before the call: a layer below may log synchronously (an open circuit).
-        let mark = log.attempt_count();
-        let sent_at = Instant::now();
-        let pacing = req.extensions().get::<Pacing>().cloned();
-        let future = svc.call(req);
+        chain.sent = Some(chain.ctx.send());
+        let future = chain.svc.call(req);
         Self {
             state: State::Calling { future },
-            chain: Chain {
-                config,
-                svc,
-                template,
-                next: None,
-                log,
-                owns_log,
-                current: 0,
-                hops: 0,
-                sent_at,
-                mark,
-                need_larger: false,
-                need_owner: false,
-                spent_owners: Vec::new(),
-                admitted: None,
-                primary_failure: None,
-                primary_rule: None,
-                pacing,
-            },
+            chain,
         }
     }
 }
@@ -155,45 +168,41 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        let chain = this.chain;
         loop {
             let step = match this.state.as_mut().project() {
                 StateProj::Calling { future } => match ready!(future.poll(cx)) {
                     Ok(response) => {
-                        let future = this.chain.config.classifier.classify_response(response);
+                        let future = chain.classify(response);
                         this.state.set(State::Classifying { future });
                         continue;
                     }
                     Err(e) => {
-                        let error = this.chain.config.classifier.error(e);
-                        this.chain.on_error(error, true)
+                        let error = chain.config.classifier.error(e);
+                        chain.on_error(error, true)
                     }
                 },
                 StateProj::Classifying { future } => {
                     let (response, c) = ready!(Pin::new(future).poll(cx));
-                    if c.is_success() {
-                        Step::Finish(Ok(this.chain.served(response, &c)))
-                    } else {
-                        this.chain.on_failed_response(response, &c)
-                    }
+                    chain.on_response(response, &c)
                 }
-                StateProj::Readying => match ready!(this.chain.svc.poll_ready(cx)) {
-                    Ok(()) => match this.chain.next.take() {
+                StateProj::Readying => match ready!(chain.svc.poll_ready(cx)) {
+                    Ok(()) => match chain.next.take() {
                         Some(req) => {
-                            this.chain.mark = this.chain.log.attempt_count();
-                            this.chain.sent_at = Instant::now();
-                            let future = this.chain.svc.call(req);
+                            chain.sent = Some(chain.ctx.resend());
+                            let future = chain.svc.call(req);
                             this.state.set(State::Calling { future });
                             continue;
                         }
-                        None => Step::Finish(this.chain.finish_failed()),
+                        None => Step::Finish(chain.finish_failed()),
                     },
                     Err(e) => {
                         // The service never took the request: a failure of the route without
                         // an attempt.
-                        this.chain.next = None;
-                        this.chain.mark = this.chain.log.attempt_count();
-                        let error = this.chain.config.classifier.error(e);
-                        this.chain.on_error(error, false)
+                        chain.next = None;
+                        chain.sent = Some(chain.ctx.resend());
+                        let error = chain.config.classifier.error(e);
+                        chain.on_error(error, false)
                     }
                 },
                 StateProj::Done => panic!("fallback ResponseFuture polled after completion"),
@@ -223,74 +232,57 @@ impl<S, B> Chain<S, B> {
         self.route(self.current)
             .map_or(&self.config.primary_header, |r| &r.name_header)
     }
-}
 
-impl<S, B: ReplayBody> Chain<S, B> {
-    fn budget_owner(&self) -> Option<String> {
-        match self.route(self.current) {
-            Some(r) => r.budget_owner.clone(),
-            None => self.config.policy.primary_budget_owner.clone(),
-        }
+    fn classify<RB>(&mut self, response: Response<RB>) -> ClassifyResponse
+    where
+        RB: http_body::Body<Data = Bytes> + Send + 'static,
+        RB::Error: Into<BoxError>,
+    {
+        let mark = self.sent.as_ref().map_or(0, |s| s.mark);
+        self.latency = self.sent.as_ref().and_then(|s| self.ctx.head_latency(s));
+        self.config
+            .classifier
+            .classify_attempt(response, self.ctx.log(), mark)
     }
 
-    /// Whether `route` may be switched to under the constraints seen so far in the chain.
-    fn eligible(&self, route: &Route) -> bool {
-        if self.need_larger && !route.larger_context {
-            return false;
-        }
-        if self.need_owner {
-            let approved = route
-                .budget_owner
-                .as_ref()
-                .is_some_and(|o| self.config.policy.approved_budget_owners.contains(o));
-            if !approved || self.spent_owners.contains(&route.budget_owner) {
-                return false;
-            }
-        }
-        true
-    }
-
-    fn attempt(&self, c: &Classification) -> Attempt {
-        Attempt::new(
-            Some(self.route_name().clone()),
-            self.log.offset_of(self.sent_at),
-            self.sent_at.elapsed(),
-            c,
+    /// Records the current route's attempt unless a layer nearer the transport did.
+    fn record(&self, c: &Classification, error: Option<String>) -> Option<usize> {
+        let sent = self.sent.as_ref()?;
+        Some(
+            self.ctx
+                .record(sent, self.route_name(), self.latency, c, error),
         )
     }
 
     /// Notes the rate-limit headers of the current route's answer for the pacing.
     fn observe(&self, response: &Response<Body>) {
-        if let Some(pacing) = &self.pacing {
-            pacing.0.observe(self.route_name(), response.headers());
+        if let Some(pacer) = self.ctx.pacer() {
+            pacer.observe(self.route_name(), response.headers());
+        }
+    }
+}
+
+impl<S, B: ReplayBody> Chain<S, B> {
+    fn on_response(&mut self, response: Response<Body>, c: &Classification) -> Step {
+        self.admitted = None;
+        self.observe(&response);
+        let idx = self.record(c, None);
+        if c.is_success() {
+            Step::Finish(Ok(self.served(response)))
+        } else {
+            self.after_failure(Failure::Response(response), c.class, false, idx)
         }
     }
 
     /// A route answered with success: it serves the request.
-    fn served(&mut self, mut response: Response<Body>, c: &Classification) -> Response<Body> {
-        self.admitted = None;
-        self.observe(&response);
-        self.log.record_since(self.mark, || self.attempt(c));
+    fn served(&mut self, mut response: Response<Body>) -> Response<Body> {
         let route = self.route_name().clone();
         response
             .headers_mut()
             .insert(ROUTE_HEADER_NAME, self.route_header().clone());
         response.extensions_mut().insert(route.clone());
-        self.log.set_selected_route(route);
-        if self.owns_log {
-            self.log.set_outcome(Outcome::Success {
-                status: response.status().as_u16(),
-            });
-            response.extensions_mut().insert(self.log.clone());
-        }
-        response
-    }
-
-    fn on_failed_response(&mut self, response: Response<Body>, c: &Classification) -> Step {
-        self.admitted = None;
-        self.observe(&response);
-        let idx = self.log.record_since(self.mark, || self.attempt(c));
-        self.after_failure(Failure::Response(response), c.class, false, Some(idx))
+        self.ctx.log().set_selected_route(route);
+        self.ctx.close_response(self.owner, response)
     }
 
     /// `called`: whether the request was handed to the service (a readiness error was not).
@@ -302,8 +294,10 @@ impl<S, B: ReplayBody> Chain<S, B> {
             }
             _ => false,
         };
-        let count = self.log.attempt_count();
-        let idx = if count > self.mark {
+        let log = self.ctx.log();
+        let mark = self.sent.as_ref().map_or(0, |s| s.mark);
+        let count = log.attempt_count();
+        let idx = if count > mark {
             Some(count - 1)
         } else if called
             && matches!(
@@ -312,12 +306,9 @@ impl<S, B: ReplayBody> Chain<S, B> {
             )
         {
             // No layer nearer the transport recorded the attempt: record it here.
-            let c = error.classification().cloned().unwrap_or_else(|| {
-                Classification::failure(error.class().unwrap_or(FailureClass::Transport))
-            });
-            let mut attempt = self.attempt(&c);
-            attempt.error = Some(error.to_string());
-            Some(self.log.record(attempt))
+            self.sent
+                .as_ref()
+                .map(|sent| self.ctx.record_error(sent, self.route_name(), &error))
         } else {
             None
         };
@@ -333,16 +324,18 @@ impl<S, B: ReplayBody> Chain<S, B> {
     }
 
     /// Logs the open circuit unless the breaker already did for this call.
-    fn note_circuit_open(&self, retry_in: std::time::Duration) {
-        let since = self.log.offset_of(self.sent_at);
+    fn note_circuit_open(&self, retry_in: Duration) {
+        let log = self.ctx.log();
+        let since = self
+            .sent
+            .as_ref()
+            .map_or(Duration::ZERO, |s| log.offset_of(s.at));
         let route = self.route_name();
-        let logged = self.log.events().iter().any(|e| {
-            e.offset >= since
-                && e.route.as_ref() == Some(route)
-                && matches!(e.kind, LocalEventKind::CircuitOpen { .. })
+        let logged = log.has_event(route, since, |k| {
+            matches!(k, LocalEventKind::CircuitOpen { .. })
         });
         if !logged {
-            self.log.event(
+            log.event(
                 Some(route.clone()),
                 LocalEventKind::CircuitOpen { retry_in },
             );
@@ -350,13 +343,14 @@ impl<S, B: ReplayBody> Chain<S, B> {
     }
 
     /// The current route failed for good (the layers below gave up on it): switch to the next
-    /// approved route, or end the chain.
+    /// approved route, or end the chain. `attempt` is the failed attempt's index in the log,
+    /// `None` when the route made no call (its circuit was open, it was never ready).
     fn after_failure(
         &mut self,
         failure: Failure,
         class: Option<FailureClass>,
         circuit_open: bool,
-        idx: Option<usize>,
+        attempt: Option<usize>,
     ) -> Step {
         // An open circuit says nothing about the request: any next route may serve it.
         let rule = if circuit_open {
@@ -378,47 +372,107 @@ impl<S, B: ReplayBody> Chain<S, B> {
         let Some(rule) = rule else {
             return Step::Finish(self.finish_failed());
         };
+        match self.hop(rule, attempt) {
+            Ok(()) => Step::Hop,
+            Err(reason) => {
+                if let Some(idx) = attempt {
+                    self.ctx.log().decide(idx, Decision::Stop(reason));
+                }
+                Step::Finish(self.finish_failed())
+            }
+        }
+    }
+
+    /// Prepares the hop to the next route `rule` allows, or says why there is none.
+    fn hop(&mut self, rule: FallbackRule, attempt: Option<usize>) -> Result<(), StopReason> {
+        self.constrain(rule)?;
+        let (next, req) = self.next_route()?;
+        let policy = &self.config.policy;
+        let attempts = self.ctx.log().attempt_count();
+        if self.hops >= policy.max_hops || !AttemptCap(policy.max_total_attempts).allows(attempts) {
+            return Err(StopReason::ChainLimit);
+        }
+        let to = self.config.routes[next - 1].name.clone();
+        if self.ctx.deadline().is_some_and(|d| d.remaining().is_zero()) {
+            self.ctx
+                .log()
+                .event(Some(to), LocalEventKind::DeadlineExceeded);
+            return Err(StopReason::DeadlineExceeded);
+        }
+        self.admitted = self.claim(&to, attempt)?;
+        if let Some(idx) = attempt {
+            self.ctx
+                .log()
+                .decide(idx, Decision::Fallback { to: to.clone() });
+        }
+        self.hops += 1;
+        self.current = next;
+        let more = self.hops < policy.max_hops
+            && self.config.routes[next..].iter().any(|r| self.eligible(r));
+        self.ctx.set_route(to);
+        self.ctx.set_fallback_available(more || self.outer_fallback);
+        self.next = Some(req);
+        Ok(())
+    }
+
+    /// Adds what `rule` asks of every later route to the chain's needs.
+    fn constrain(&mut self, rule: FallbackRule) -> Result<(), StopReason> {
         match rule {
             FallbackRule::Yes => {}
-            FallbackRule::LargerContext => self.need_larger = true,
+            FallbackRule::LargerContext => self.need.larger_context = true,
             FallbackRule::ApprovedOwner => {
-                self.need_owner = true;
-                let owner = self.budget_owner();
-                self.spent_owners.push(owner);
+                self.need.other_owner = true;
+                let owner = match self.route(self.current) {
+                    Some(r) => r.budget_owner.clone(),
+                    None => self.config.policy.primary_budget_owner.clone(),
+                };
+                self.need.spent_owners.push(owner);
             }
             // The class never switches: no route is approved for it.
-            _ => return self.stop(idx, StopReason::NoApprovedRoute),
+            _ => return Err(StopReason::NoApprovedRoute),
         }
-        let Some(template) = &self.template else {
-            return self.stop(idx, StopReason::NotReplayable);
-        };
-        // The next approved route the request can be rewritten for.
-        let mut found = None;
+        Ok(())
+    }
+
+    /// Whether `route` may be switched to under the constraints seen so far in the chain.
+    fn eligible(&self, route: &Route) -> bool {
+        if self.need.larger_context && !route.larger_context {
+            return false;
+        }
+        if self.need.other_owner {
+            let approved = route
+                .budget_owner
+                .as_ref()
+                .is_some_and(|o| self.config.policy.approved_budget_owners.contains(o));
+            if !approved || self.need.spent_owners.contains(&route.budget_owner) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The next eligible route that is not paused and that the request can be rewritten for,
+    /// with its request.
+    fn next_route(&self) -> Result<(usize, Request<B>), StopReason> {
+        let template = self.template.as_ref().ok_or(StopReason::NotReplayable)?;
+        let log = self.ctx.log();
+        let pacer = self.ctx.pacer();
         for (i, route) in self.config.routes.iter().enumerate().skip(self.current) {
             if !self.eligible(route) {
                 continue;
             }
             // The provider said this route has no capacity left until its reset: a hop there
             // could only end in a 429.
-            let paused = self
-                .pacing
-                .as_ref()
-                .and_then(|p| p.0.remaining(&route.name));
-            if let Some(retry_in) = paused {
-                self.log.event(
+            if let Some(retry_in) = pacer.as_ref().and_then(|p| p.remaining(&route.name)) {
+                log.event(
                     Some(route.name.clone()),
                     LocalEventKind::RateLimited { retry_in },
                 );
                 continue;
             }
-            let Some(mut req) = try_clone_request(template) else {
-                return self.stop(idx, StopReason::NotReplayable);
-            };
+            let mut req = try_clone_request(template).ok_or(StopReason::NotReplayable)?;
             match route.rewrite(&mut req) {
-                Ok(()) => {
-                    found = Some((i + 1, req));
-                    break;
-                }
+                Ok(()) => return Ok((i + 1, req)),
                 Err(reason) => {
                     tracing::warn!(
                         target: "tower_llm_resilience::fallback",
@@ -426,7 +480,7 @@ impl<S, B: ReplayBody> Chain<S, B> {
                         reason = reason.as_str(),
                         "route skipped: the request cannot be rewritten for it"
                     );
-                    self.log.event(
+                    log.event(
                         Some(route.name.clone()),
                         LocalEventKind::RouteSkipped {
                             reason: reason.as_str().to_owned(),
@@ -435,68 +489,39 @@ impl<S, B: ReplayBody> Chain<S, B> {
                 }
             }
         }
-        let Some((next, mut req)) = found else {
-            return self.stop(idx, StopReason::NoApprovedRoute);
-        };
-        let policy = &self.config.policy;
-        if self.hops >= policy.max_hops
-            || !AttemptCap(policy.max_total_attempts).allows(self.log.attempt_count())
-        {
-            return self.stop(idx, StopReason::ChainLimit);
-        }
-        let to = self.config.routes[next - 1].name.clone();
-        if req
-            .extensions()
-            .get::<Deadline>()
-            .is_some_and(|d| d.remaining().is_zero())
-        {
-            self.log.event(Some(to), LocalEventKind::DeadlineExceeded);
-            return self.stop(idx, StopReason::DeadlineExceeded);
-        }
-        // Reserve the hop's spend (for the request's own owner, at the price of the route it
-        // goes to) after every other check, and withdraw from the retry budget last: a hop
-        // refused for any reason costs neither.
-        let gate = req.extensions().get::<SpendGate>().cloned();
+        Err(StopReason::NoApprovedRoute)
+    }
+
+    /// Reserves the hop's spend (for the request's own owner, at the price of the route it
+    /// goes to) and then withdraws from the retry budget: a hop refused for any reason costs
+    /// neither. Returns the gate that admitted the hop.
+    fn claim(
+        &self,
+        to: &RouteName,
+        attempt: Option<usize>,
+    ) -> Result<Option<SpendGate>, StopReason> {
+        let log = self.ctx.log();
+        let gate = self.ctx.spend_gate();
         if let Some(gate) = &gate {
-            if gate.admit(&to).is_err() {
-                self.log.event(Some(to), LocalEventKind::BudgetDenied);
-                return self.stop(idx, StopReason::SpendCapReached);
+            if gate.admit(to).is_err() {
+                log.event(Some(to.clone()), LocalEventKind::BudgetDenied);
+                return Err(StopReason::SpendCapReached);
             }
         }
         // A hop away from a route that made no call (its circuit is open) replaces that call
         // rather than adding one, so it costs no retry budget: under a full outage of the
         // primary a healthy backup keeps serving every request.
-        let budget = idx.and(req.extensions().get::<RetryBudget>());
+        let budget = attempt.and(self.ctx.retry_budget());
         if let Some(budget) = budget {
             if !budget.withdraw() {
                 if let Some(gate) = &gate {
-                    gate.release(&to);
+                    gate.release(to);
                 }
-                self.log.event(Some(to), LocalEventKind::RetryBudgetDenied);
-                return self.stop(idx, StopReason::RetryBudgetDenied);
+                log.event(Some(to.clone()), LocalEventKind::RetryBudgetDenied);
+                return Err(StopReason::RetryBudgetDenied);
             }
         }
-        self.admitted = gate;
-        if let Some(idx) = idx {
-            self.log.decide(idx, Decision::Fallback { to: to.clone() });
-        }
-        self.hops += 1;
-        self.current = next;
-        req.extensions_mut().insert(to);
-        let more = self.hops < policy.max_hops
-            && self.config.routes[next..].iter().any(|r| self.eligible(r));
-        if more {
-            req.extensions_mut().insert(FallbackAvailable);
-        }
-        self.next = Some(req);
-        Step::Hop
-    }
-
-    fn stop(&mut self, idx: Option<usize>, reason: StopReason) -> Step {
-        if let Some(idx) = idx {
-            self.log.decide(idx, Decision::Stop(reason));
-        }
-        Step::Finish(self.finish_failed())
+        Ok(gate)
     }
 
     /// No route served: the last resort if the policy has one and the primary's failure was an
@@ -509,23 +534,13 @@ impl<S, B: ReplayBody> Chain<S, B> {
             let headers = response.headers_mut();
             headers.insert(CONTENT_TYPE, last.content_type.clone());
             headers.insert(LAST_RESORT_HEADER, HeaderValue::from_static("last-resort"));
-            self.log.event(None, LocalEventKind::LastResort);
-            if self.owns_log {
-                let status = last.status.as_u16();
-                self.log.set_outcome(if last.status.is_success() {
-                    Outcome::Success { status }
-                } else {
-                    Outcome::ProviderFailure {
-                        status,
-                        class: None,
-                    }
-                });
-                response.extensions_mut().insert(self.log.clone());
-            }
-            return Ok(response);
+            self.ctx.log().event(None, LocalEventKind::LastResort);
+            return Ok(self.ctx.close_response(self.owner, response));
         }
         self.current = 0;
-        self.log.set_selected_route(self.config.primary.clone());
+        self.ctx
+            .log()
+            .set_selected_route(self.config.primary.clone());
         match self.primary_failure.take() {
             Some(Failure::Response(mut response)) => {
                 response
@@ -534,33 +549,16 @@ impl<S, B: ReplayBody> Chain<S, B> {
                 response
                     .extensions_mut()
                     .insert(self.config.primary.clone());
-                if self.owns_log {
-                    let class = response
-                        .extensions()
-                        .get::<Classification>()
-                        .and_then(|c| c.class);
-                    self.log.set_outcome(Outcome::ProviderFailure {
-                        status: response.status().as_u16(),
-                        class,
-                    });
-                    response.extensions_mut().insert(self.log.clone());
-                }
-                Ok(response)
+                Ok(self.ctx.close_response(self.owner, response))
             }
-            Some(Failure::Error(error)) => {
-                if self.owns_log {
-                    self.log.set_outcome(Outcome::Error {
-                        error: error.kind().to_string(),
-                        class: error.class(),
-                    });
-                }
-                Err(error.with_log(&self.log))
-            }
+            Some(Failure::Error(error)) => Err(self.ctx.close_error(self.owner, error)),
             // Unreachable: the primary's failure is kept before any other step.
-            None => Err(Error::new(ErrorKind::FailedClosed {
-                class: FailureClass::Transport,
-            })
-            .with_log(&self.log)),
+            None => Err(self.ctx.close_error(
+                false,
+                Error::new(ErrorKind::FailedClosed {
+                    class: FailureClass::Transport,
+                }),
+            )),
         }
     }
 }

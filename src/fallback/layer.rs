@@ -7,8 +7,8 @@ use tower_layer::Layer;
 
 use super::Fallback;
 use super::route::{Route, header_value_of_name};
+use crate::RouteName;
 use crate::classify::SharedClassifier;
-use crate::context::RouteName;
 use crate::policy::{ClassActions, FallbackPolicy, LoggingPolicy, Policy, PolicyError};
 
 /// Applies [`Fallback`] to a service: the route chain of the recovery ladder.

@@ -9,7 +9,7 @@ use http::header::{CONTENT_LENGTH, HOST};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderName, HeaderValue, Request, Uri};
 
-use crate::context::RouteName;
+use crate::RouteName;
 use crate::policy::{CREDENTIAL_HEADERS, PolicyError, RouteConfig};
 use crate::replay::ReplayBody;
 

@@ -6,12 +6,12 @@ use bytes::Bytes;
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::future::ResponseFuture;
+use super::future::{Chain, ResponseFuture};
 use super::layer::Config;
-use crate::context::{AttemptCap, FallbackAvailable};
+use crate::context::{AttemptCap, RequestContext};
 use crate::policy::{ClassActions, FallbackPolicy, PolicyError};
 use crate::replay::{ReplayBody, try_clone_request};
-use crate::{AttemptLog, Body, BoxError, Error};
+use crate::{Body, BoxError, Error};
 
 /// Middleware that sends a request to its primary route and, when that route has failed for
 /// good with a failure the policy lets it route around, to the next approved backup route.
@@ -79,26 +79,25 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let config = self.config.clone();
-        let (log, owns_log) = AttemptLog::get_or_insert(&mut req);
-        if owns_log {
-            log.set_tracing(config.logging.tracing);
-        }
-        log.set_requested_route(config.primary.clone());
-        AttemptCap(config.policy.max_total_attempts).tighten(&mut req);
-        // The copy every backup's request is made from, taken before the primary's marks.
+        let (ctx, owner) = RequestContext::begin(&mut req, &config.logging);
+        ctx.log().set_requested_route(config.primary.clone());
+        ctx.tighten_attempt_cap(AttemptCap(config.policy.max_total_attempts));
+        // The copy every backup's request is made from. It shares the request's context.
         let template = if config.routes.is_empty() || config.policy.max_hops == 0 {
             None
         } else {
             try_clone_request(&req)
         };
-        req.extensions_mut().insert(config.primary.clone());
+        let outer_fallback = ctx.fallback_available();
+        ctx.set_route(config.primary.clone());
         if template.is_some() {
-            req.extensions_mut().insert(FallbackAvailable);
+            ctx.set_fallback_available(true);
         }
         // Call the service that was driven to readiness; keep it for the hops, which clone it
         // again and wait for its readiness before each call.
         let clone = self.inner.clone();
         let svc = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::start(svc, req, config, template, log, owns_log)
+        let chain = Chain::new(config, svc, template, ctx, owner, outer_fallback);
+        ResponseFuture::start(chain, req)
     }
 }

@@ -84,18 +84,16 @@ fn transport(replies: Replies) -> (Transport, Arc<Mutex<Vec<Seen>>>) {
         let replies = replies.clone();
         let record = record.clone();
         async move {
-            let route = req
-                .extensions()
-                .get::<RouteName>()
-                .map(|r| r.as_str().to_owned());
+            let ctx = crate::context::RequestContext::of(&req);
+            let route = ctx.and_then(|c| c.route()).map(|r| r.as_str().to_owned());
             let body = crate::replay::ReplayBody::to_bytes(req.body()).unwrap_or_default();
             record.lock().unwrap_or_else(|p| p.into_inner()).push(Seen {
                 route: route.clone(),
                 uri: req.uri().to_string(),
                 headers: req.headers().clone(),
                 body,
-                fallback_available: req.extensions().get::<FallbackAvailable>().is_some(),
-                cap: req.extensions().get::<AttemptCap>().map(|c| c.0),
+                fallback_available: ctx.is_some_and(|c| c.fallback_available()),
+                cap: ctx.and_then(|c| c.attempt_cap()).map(|c| c.0),
             });
             let reply = route
                 .as_deref()
@@ -518,7 +516,7 @@ async fn the_total_attempts_cap_holds() {
 async fn attempts_recorded_below_count_towards_the_cap() {
     // An inner layer that records three attempts per call, as a retry layer would.
     let inner = service_fn(|req: Request<Full<Bytes>>| async move {
-        if let Some(log) = req.extensions().get::<AttemptLog>() {
+        if let Some(log) = crate::context::RequestContext::of(&req).map(|c| c.log()) {
             let route = RouteName::of_request(&req);
             for _ in 0..3 {
                 let c = Classification::failure(FailureClass::Overloaded);

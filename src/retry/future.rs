@@ -13,17 +13,15 @@ use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use super::layer::Shared;
-use crate::attempt_log::{
-    Attempt, AttemptLog, Decision, LocalEventKind, Outcome, StopReason, WaitSource,
-};
+use crate::attempt_log::{Decision, LocalEventKind, StopReason, WaitSource};
 use crate::backoff::{NextWait, next_wait};
-use crate::duration::ceil_millis;
 use crate::classify::{Classification, ClassifyResponse, FailureClass};
-use crate::context::{AttemptCap, RouteName, SpendGate};
+use crate::context::{RequestContext, Sent, SpendGate};
+use crate::duration::ceil_millis;
 use crate::policy::{FallbackRule, ReplayRule, RetryRule};
 use crate::replay::{ReplayBody, try_clone_request};
 use crate::retry_budget::RetryBudget;
-use crate::{Body, BoxError, Error, ErrorKind};
+use crate::{Body, BoxError, Error, ErrorKind, RouteName};
 
 /// How much of a retried response's body is read (and dropped) so that its connection can be
 /// reused; a longer body is dropped unread, closing that connection.
@@ -35,6 +33,7 @@ pin_project! {
     /// A state machine: call the inner service, classify its answer, and either hand it up
     /// or wait (draining the retried response's body meanwhile), poll the inner service's
     /// readiness again and send the next copy of the request.
+    #[project = Proj]
     pub struct ResponseFuture<S, B>
     where
         S: Service<Request<B>>,
@@ -80,102 +79,124 @@ pin_project! {
     }
 }
 
+/// What the request brings to its retries, fixed when the retry layer first sees it.
+pub(super) struct Facts {
+    /// The earliest of `retry.max_elapsed` from the first attempt and the request's deadline.
+    pub(super) deadline: Instant,
+    /// An idempotent method, or an idempotency key: a possibly-accepted attempt may replay.
+    pub(super) idempotent: bool,
+    /// The fallback chain has another route after this one.
+    pub(super) fallback_available: bool,
+}
+
 /// The bookkeeping of one logical request across its attempts.
 pub(super) struct Attempts<B> {
-    shared: Arc<Shared>,
-    // The request every retry copies; `None` when its body cannot be replayed.
-    template: Option<Request<B>>,
-    log: AttemptLog,
-    owns_log: bool,
-    route: RouteName,
-    budget: RetryBudget,
-    // The spend cap's gate, when a `BudgetLayer` with a spend cap is outside.
-    spend: Option<SpendGate>,
-    // The gate admitted the next (or current) attempt and it has made no call yet.
-    admitted: bool,
-    // The retry budget paid for the next attempt and it has made no call yet.
-    withdrawn: bool,
-    deadline: Instant,
-    idempotent: bool,
-    fallback_available: bool,
-    // Attempts sent so far.
-    sent: u32,
-    // Retries each class has caused (for `Once` rules), indexed like `FailureClass::ALL`.
-    retried: [u32; FailureClass::ALL.len()],
-    previous_wait: Option<Duration>,
-    // Attempt count of the log when the current attempt was sent (the recording rule).
-    mark: usize,
-    sent_at: Instant,
-    latency: Duration,
+    pub(super) shared: Arc<Shared>,
+    pub(super) ctx: RequestContext,
+    /// Whether this layer owns the log.
+    pub(super) owner: bool,
+    pub(super) route: RouteName,
+    /// The request every retry copies; `None` when no retry can be made of it.
+    pub(super) template: Option<Request<B>>,
+    pub(super) facts: Facts,
+    pub(super) budget: RetryBudget,
+    /// The spend cap's gate, when a `BudgetLayer` with a spend cap is outside.
+    pub(super) spend: Option<SpendGate>,
+    /// What the next retry was granted and has not used yet (it has made no call).
+    pub(super) granted: Granted,
+    /// The attempt in flight (or the last one).
+    pub(super) sent: Sent,
+    /// Attempts sent so far.
+    pub(super) count: u32,
+    /// Retries each class has caused (for `Once` rules), indexed like `FailureClass::ALL`.
+    pub(super) retried: [u32; FailureClass::ALL.len()],
+    pub(super) previous_wait: Option<Duration>,
+    /// Time to the head of the attempt in flight, when this layer must record it itself.
+    pub(super) latency: Option<Duration>,
+}
+
+/// A retry's claims that are given back if it makes no call.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Granted {
+    /// The spend gate admitted it.
+    spend: bool,
+    /// The retry budget paid for it.
+    budget: bool,
 }
 
 impl<B> Attempts<B> {
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn new(
-        shared: Arc<Shared>,
-        template: Option<Request<B>>,
-        log: AttemptLog,
-        owns_log: bool,
-        route: RouteName,
-        budget: RetryBudget,
-        deadline: Instant,
-        idempotent: bool,
-        fallback_available: bool,
-    ) -> Self {
-        let spend = template
-            .as_ref()
-            .and_then(|t| t.extensions().get::<SpendGate>())
-            .cloned();
-        Self {
-            shared,
-            template,
-            log,
-            owns_log,
-            route,
-            budget,
-            spend,
-            admitted: false,
-            withdrawn: false,
-            deadline,
-            idempotent,
-            fallback_available,
-            sent: 0,
-            retried: [0; FailureClass::ALL.len()],
-            previous_wait: None,
-            mark: 0,
-            sent_at: Instant::now(),
-            latency: Duration::ZERO,
-        }
-    }
-
-    /// Notes what the recording rule and the timings need, just before a call.
-    fn sending(&mut self, req: &mut Request<B>) {
+    /// Notes what the recording rule and the timings need, just before a call; `resend` for a
+    /// retry (a new attempt of this layer's), not for the first call it passes on.
+    fn sending(&mut self, req: &mut Request<B>, resend: bool) {
         if let Some(name) = &self.shared.attempt_header {
             req.headers_mut()
-                .insert(name.clone(), HeaderValue::from(self.sent));
+                .insert(name.clone(), HeaderValue::from(self.count));
         }
-        self.mark = self.log.attempt_count();
-        self.sent_at = Instant::now();
-        self.sent += 1;
+        self.sent = if resend {
+            self.ctx.resend()
+        } else {
+            self.ctx.send()
+        };
+        self.count += 1;
     }
 
     /// Records the attempt unless a layer nearer the transport did; returns its index.
     fn record(&self, c: &Classification, error: Option<&Error>) -> usize {
-        self.log.record_since(self.mark, || {
-            let mut a = Attempt::new(
-                Some(self.route.clone()),
-                self.log.offset_of(self.sent_at),
-                self.latency,
-                c,
-            );
-            if !self.shared.logging.request_ids {
-                a.request_id = None;
+        self.ctx.record(
+            &self.sent,
+            &self.route,
+            self.latency,
+            c,
+            error.map(|e| e.to_string()),
+        )
+    }
+
+    /// The retry's call was made (`true`) or the retry ended without one (`false`: readiness
+    /// failed, a layer inside rejected it locally, or the request was dropped while waiting):
+    /// only then are its spend reservation and its retry budget given back.
+    fn called(&mut self, made: bool) {
+        let granted = std::mem::take(&mut self.granted);
+        if made {
+            return;
+        }
+        if granted.spend {
+            if let Some(gate) = &self.spend {
+                gate.release(&self.route);
             }
-            // The kind and class only: a transport error's own message may carry the URL,
-            // and with it a key in the query string.
-            a.error = error.map(|e| e.to_string());
-            a
-        })
+        }
+        if granted.budget {
+            self.budget.refund();
+        }
+    }
+
+    fn finish_response(&self, response: Response<Body>) -> Response<Body> {
+        if self.owner {
+            self.ctx.log().set_selected_route(self.route.clone());
+        }
+        self.ctx.close_response(self.owner, response)
+    }
+
+    fn finish_error(&self, error: Error) -> Error {
+        self.ctx.close_error(self.owner, error)
+    }
+
+    /// The deadline passed before a response could be handed up. An attempt in flight is
+    /// recorded as a timeout (unless a layer nearer the transport recorded it) and stopped.
+    fn deadline_passed(&mut self, in_flight: bool) -> Error {
+        self.called(in_flight);
+        let e = Error::new(ErrorKind::DeadlineExceeded);
+        if in_flight {
+            self.latency = Some(self.sent.at.elapsed());
+            let idx = self.record(&Classification::failure(FailureClass::Timeout), Some(&e));
+            self.ctx
+                .log()
+                .decide(idx, Decision::Stop(StopReason::DeadlineExceeded));
+        } else {
+            self.ctx
+                .log()
+                .event(Some(self.route.clone()), LocalEventKind::DeadlineExceeded);
+        }
+        self.finish_error(e)
     }
 }
 
@@ -183,8 +204,9 @@ impl<B: ReplayBody> Attempts<B> {
     /// Decides what follows attempt `idx` that ended as `c`: the wait and the request of the
     /// next attempt when a retry was granted, `None` when the answer goes up as it is.
     fn decide(&mut self, idx: usize, c: &Classification) -> Option<(Duration, Request<B>)> {
+        let log = self.ctx.log();
         let Some(class) = c.class else {
-            self.log.decide(idx, Decision::Accept);
+            log.decide(idx, Decision::Accept);
             return None;
         };
         match self.plan(class, c) {
@@ -193,27 +215,44 @@ impl<B: ReplayBody> Attempts<B> {
                 if let Some(n) = class_index(class) {
                     self.retried[n] += 1;
                 }
-                self.log.decide(idx, Decision::Retry { wait, source });
+                self.ctx.log().decide(idx, Decision::Retry { wait, source });
                 Some((wait, next))
             }
             Err(reason) => {
-                self.log.decide(idx, Decision::Stop(reason));
+                self.ctx.log().decide(idx, Decision::Stop(reason));
                 None
             }
         }
     }
 
+    /// The checks before a retry, in a fixed order; the claims on shared budgets come last, so
+    /// that a retry refused for any reason costs none of them.
     fn plan(
         &mut self,
         class: FailureClass,
         c: &Classification,
     ) -> Result<(Duration, WaitSource, Request<B>), StopReason> {
-        let shared = &*self.shared;
+        self.check_rule(class, c)?;
+        self.check_replay(class)?;
+        let next = self
+            .template
+            .as_ref()
+            .and_then(try_clone_request)
+            .ok_or(StopReason::NotReplayable)?;
+        let (wait, source) = self.wait(class, c)?;
+        self.claim()?;
+        Ok((wait, source, next))
+    }
+
+    /// The class's rule (or the server's `x-should-retry`), `max_attempts` and the `Once`
+    /// limits.
+    fn check_rule(&self, class: FailureClass, c: &Classification) -> Result<(), StopReason> {
+        let actions = &self.shared.actions;
         // `x-should-retry` overrides the class's rule both ways.
         let rule = match c.should_retry {
             Some(false) => return Err(StopReason::ServerSaidNo),
             Some(true) => RetryRule::Yes,
-            None => shared.actions.get(class).retry,
+            None => actions.get(class).retry,
         };
         let limit = match rule {
             RetryRule::Never => return Err(StopReason::NotRetryable),
@@ -221,49 +260,57 @@ impl<B: ReplayBody> Attempts<B> {
             RetryRule::Once => 1,
             // The backup is the better bet than a second wait on a silent route.
             RetryRule::OnceUnlessFallback
-                if self.fallback_available
-                    && shared.actions.get(class).fallback != FallbackRule::Never =>
+                if self.facts.fallback_available
+                    && actions.get(class).fallback != FallbackRule::Never =>
             {
                 return Err(StopReason::NotRetryable);
             }
             RetryRule::OnceUnlessFallback => 1,
         };
-        if self.sent >= shared.retry.max_attempts {
+        if self.count >= self.shared.retry.max_attempts {
             return Err(StopReason::AttemptsExhausted);
         }
         if class_index(class).is_some_and(|n| self.retried[n] >= limit) {
             return Err(StopReason::AttemptsExhausted);
         }
+        Ok(())
+    }
+
+    /// The idempotency rule for a request that may have been accepted, and the chain's cap on
+    /// attempts across all routes.
+    fn check_replay(&self, class: FailureClass) -> Result<(), StopReason> {
         if class.possibly_accepted() {
-            let allowed = match shared.idempotency.replay_possibly_accepted {
+            let allowed = match self.shared.idempotency.replay_possibly_accepted {
                 ReplayRule::Never => false,
-                ReplayRule::IfIdempotent => self.idempotent,
+                ReplayRule::IfIdempotent => self.facts.idempotent,
                 ReplayRule::Always => true,
             };
             if !allowed {
                 return Err(StopReason::NotIdempotent);
             }
         }
-        // The fallback chain's cap on attempts across all routes binds retries too.
-        let cap = self
-            .template
-            .as_ref()
-            .and_then(|t| t.extensions().get::<AttemptCap>());
-        if cap.is_some_and(|c| !c.allows(self.log.attempt_count())) {
+        let attempts = self.ctx.log().attempt_count();
+        if self.ctx.attempt_cap().is_some_and(|c| !c.allows(attempts)) {
             return Err(StopReason::ChainLimit);
         }
-        let next = self
-            .template
-            .as_ref()
-            .and_then(try_clone_request)
-            .ok_or(StopReason::NotReplayable)?;
+        Ok(())
+    }
+
+    /// The wait before the retry: the backoff curve with the server's hint as a floor, within
+    /// the policy's cap and the deadline.
+    fn wait(
+        &self,
+        class: FailureClass,
+        c: &Classification,
+    ) -> Result<(Duration, WaitSource), StopReason> {
+        let retry = &self.shared.retry;
         let (wait, source) = match next_wait(
-            shared.retry.backoff_for(class),
-            self.sent.saturating_sub(1),
+            retry.backoff_for(class),
+            self.count.saturating_sub(1),
             self.previous_wait,
             c.wait_hint.map(|h| h.wait),
-            shared.retry.max_server_wait,
-            &shared.jitter,
+            retry.max_server_wait,
+            &self.shared.jitter,
         ) {
             // Tokio's timers tick in whole milliseconds: round up, so that the logged wait is
             // the wait that happens and a server's floor is never undercut.
@@ -273,16 +320,19 @@ impl<B: ReplayBody> Attempts<B> {
         // An attempt that would start at or after the deadline could not answer in time.
         let deadline_hit = Instant::now()
             .checked_add(wait)
-            .is_none_or(|at| at >= self.deadline);
+            .is_none_or(|at| at >= self.facts.deadline);
         if deadline_hit {
             return Err(StopReason::DeadlineExceeded);
         }
-        // Reserve the retry's spend after every other check, and withdraw from the retry budget
-        // last: a retry refused for any reason costs neither.
+        Ok((wait, source))
+    }
+
+    /// Reserves the retry's spend, then withdraws from the retry budget.
+    fn claim(&mut self) -> Result<(), StopReason> {
+        let log = self.ctx.log();
         if let Some(gate) = &self.spend {
             if gate.admit(&self.route).is_err() {
-                self.log
-                    .event(Some(self.route.clone()), LocalEventKind::BudgetDenied);
+                log.event(Some(self.route.clone()), LocalEventKind::BudgetDenied);
                 return Err(StopReason::SpendCapReached);
             }
         }
@@ -290,75 +340,14 @@ impl<B: ReplayBody> Attempts<B> {
             if let Some(gate) = &self.spend {
                 gate.release(&self.route);
             }
-            self.log
-                .event(Some(self.route.clone()), LocalEventKind::RetryBudgetDenied);
+            log.event(Some(self.route.clone()), LocalEventKind::RetryBudgetDenied);
             return Err(StopReason::RetryBudgetDenied);
         }
-        self.admitted = self.spend.is_some();
-        self.withdrawn = true;
-        Ok((wait, source, next))
-    }
-}
-
-impl<B> Attempts<B> {
-    /// The retry's call was made (`true`) or the retry ended without one (`false`: readiness
-    /// failed, a layer inside rejected it locally, or the request was dropped while waiting):
-    /// only then are its spend reservation and its retry budget given back.
-    fn called(&mut self, made: bool) {
-        let admitted = std::mem::take(&mut self.admitted);
-        let withdrawn = std::mem::take(&mut self.withdrawn);
-        if made {
-            return;
-        }
-        if admitted {
-            if let Some(gate) = &self.spend {
-                gate.release(&self.route);
-            }
-        }
-        if withdrawn {
-            self.budget.refund();
-        }
-    }
-
-    fn finish_response(&self, mut response: Response<Body>) -> Response<Body> {
-        if self.owns_log {
-            let c = response.extensions().get::<Classification>();
-            let status = response.status().as_u16();
-            self.log.set_outcome(match c.and_then(|c| c.class) {
-                None => Outcome::Success { status },
-                class => Outcome::ProviderFailure { status, class },
-            });
-            self.log.set_selected_route(self.route.clone());
-            response.extensions_mut().insert(self.log.clone());
-        }
-        response
-    }
-
-    /// The deadline passed before a response could be handed up. An attempt in flight is
-    /// recorded as a timeout (unless a layer nearer the transport recorded it) and stopped.
-    fn deadline_passed(&mut self, in_flight: bool) -> Error {
-        self.called(in_flight);
-        let e = Error::new(ErrorKind::DeadlineExceeded);
-        if in_flight {
-            self.latency = self.sent_at.elapsed();
-            let idx = self.record(&Classification::failure(FailureClass::Timeout), Some(&e));
-            self.log
-                .decide(idx, Decision::Stop(StopReason::DeadlineExceeded));
-        } else {
-            self.log
-                .event(Some(self.route.clone()), LocalEventKind::DeadlineExceeded);
-        }
-        self.finish_error(e)
-    }
-
-    fn finish_error(&self, error: Error) -> Error {
-        if self.owns_log {
-            self.log.set_outcome(Outcome::Error {
-                error: error.kind().to_string(),
-                class: error.class(),
-            });
-        }
-        error.with_log(&self.log)
+        self.granted = Granted {
+            spend: self.spend.is_some(),
+            budget: true,
+        };
+        Ok(())
     }
 }
 
@@ -389,7 +378,7 @@ where
     S: Service<Request<B>>,
 {
     pub(super) fn new(mut service: S, mut attempts: Attempts<B>, mut first: Request<B>) -> Self {
-        attempts.sending(&mut first);
+        attempts.sending(&mut first, false);
         // `poll_ready` of the caller readied this service: the first attempt goes out now.
         let future = service.call(first);
         Self {
@@ -398,6 +387,173 @@ where
             service,
             attempts,
         }
+    }
+}
+
+/// What a state's step leads to: the loop goes on in the state it set, or the future ends.
+type Step = Option<Result<Response<Body>, Error>>;
+
+impl<S, B, RB> Proj<'_, S, B>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Error: Into<BoxError>,
+    RB: http_body::Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<BoxError>,
+    B: ReplayBody,
+{
+    /// Waits for the deadline while the inner service keeps the request waiting.
+    fn poll_deadline(&mut self, in_flight: bool, cx: &mut Context<'_>) -> Poll<Step> {
+        let mut timer = self.deadline.as_mut();
+        if timer.is_none() {
+            timer.set(Some(tokio::time::sleep_until(self.attempts.facts.deadline)));
+        }
+        if let Some(sleep) = timer.as_pin_mut() {
+            ready!(sleep.poll(cx));
+        }
+        // Dropping the attempt's future cancels it.
+        self.state.set(State::Done);
+        Poll::Ready(Some(Err(self.attempts.deadline_passed(in_flight))))
+    }
+
+    /// `Ready`: the inner service's readiness for the next attempt, then its call.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Step> {
+        let ready = match self.service.poll_ready(cx) {
+            Poll::Ready(r) => r,
+            Poll::Pending => return self.poll_deadline(false, cx),
+        };
+        if let Err(e) = ready {
+            self.attempts.called(false);
+            let e = self.attempts.shared.classifier.error(e);
+            self.state.set(State::Done);
+            return Poll::Ready(Some(Err(self.attempts.finish_error(e))));
+        }
+        // The request travels in the state, so only `Ready` can hand it over.
+        if let StateProjReplace::Ready { mut request } =
+            self.state.as_mut().project_replace(State::Done)
+        {
+            self.attempts.sending(&mut request, true);
+            let future = self.service.call(request);
+            self.state.set(State::Calling { future });
+        }
+        Poll::Ready(None)
+    }
+
+    /// `Calling`: the attempt's response head or error.
+    fn poll_call(&mut self, cx: &mut Context<'_>) -> Poll<Step> {
+        let StateProj::Calling { future } = self.state.as_mut().project() else {
+            return Poll::Ready(None);
+        };
+        let result = match future.poll(cx) {
+            Poll::Ready(r) => r,
+            Poll::Pending => return self.poll_deadline(true, cx),
+        };
+        let attempts = &mut *self.attempts;
+        attempts.latency = attempts.ctx.head_latency(&attempts.sent);
+        match result {
+            Ok(response) => {
+                attempts.called(true);
+                let future = attempts.shared.classifier.classify_attempt(
+                    response,
+                    attempts.ctx.log(),
+                    attempts.sent.mark,
+                );
+                self.state.set(State::Classifying { future });
+                Poll::Ready(None)
+            }
+            Err(e) => Poll::Ready(self.failed(e)),
+        }
+    }
+
+    /// The attempt failed without a response: retry it, or hand the error up.
+    fn failed(&mut self, e: S::Error) -> Step {
+        let attempts = &mut *self.attempts;
+        let e = attempts.shared.classifier.error(e);
+        let local = is_local_rejection(&e);
+        attempts.called(!local);
+        if local {
+            self.state.set(State::Done);
+            return Some(Err(attempts.finish_error(e)));
+        }
+        let mut c = e.classification().cloned().unwrap_or_default();
+        if c.class.is_none() {
+            c.class = e.class();
+        }
+        let idx = attempts.record(&c, Some(&e));
+        let decision = match c.class {
+            Some(_) => attempts.decide(idx, &c),
+            // A crate error of no failure class the ladder knows (a deadline from inside,
+            // say): nothing to retry.
+            None => {
+                let stop = Decision::Stop(StopReason::NotRetryable);
+                attempts.ctx.log().decide(idx, stop);
+                None
+            }
+        };
+        match decision {
+            Some((wait, next)) => {
+                self.sleep(wait, None, next);
+                None
+            }
+            None => {
+                self.state.set(State::Done);
+                Some(Err(attempts.finish_error(e)))
+            }
+        }
+    }
+
+    /// `Classifying`: the classified answer is handed up, or retried.
+    fn poll_classify(&mut self, cx: &mut Context<'_>) -> Poll<Step> {
+        let StateProj::Classifying { future } = self.state.as_mut().project() else {
+            return Poll::Ready(None);
+        };
+        let (response, c) = match Pin::new(future).poll(cx) {
+            Poll::Ready(r) => r,
+            // The head came, but its error body is still arriving.
+            Poll::Pending => return self.poll_deadline(true, cx),
+        };
+        let attempts = &mut *self.attempts;
+        let idx = attempts.record(&c, None);
+        match attempts.decide(idx, &c) {
+            Some((wait, next)) => {
+                self.sleep(wait, Some(response.into_body()), next);
+                Poll::Ready(None)
+            }
+            None => {
+                self.state.set(State::Done);
+                Poll::Ready(Some(Ok(attempts.finish_response(response))))
+            }
+        }
+    }
+
+    fn sleep(&mut self, wait: Duration, drain: Option<Body>, next: Request<B>) {
+        self.state.set(State::Sleeping {
+            sleep: tokio::time::sleep(wait),
+            drain,
+            drained: 0,
+            next,
+        });
+    }
+
+    /// `Sleeping`: the wait before the retry, draining the retried answer's body meanwhile.
+    fn poll_sleep(&mut self, cx: &mut Context<'_>) -> Poll<Step> {
+        let StateProj::Sleeping {
+            sleep,
+            drain,
+            drained,
+            ..
+        } = self.state.as_mut().project()
+        else {
+            return Poll::Ready(None);
+        };
+        drain_some(drain, drained, cx);
+        ready!(sleep.poll(cx));
+        // Whatever did not arrive during the wait is dropped with its connection.
+        if let StateProjReplace::Sleeping { next, .. } =
+            self.state.as_mut().project_replace(State::Done)
+        {
+            self.state.set(State::Ready { request: next });
+        }
+        Poll::Ready(None)
     }
 }
 
@@ -413,145 +569,18 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let attempts = this.attempts;
         loop {
-            match this.state.as_mut().project() {
-                StateProj::Ready { .. } => {
-                    let ready = match this.service.poll_ready(cx) {
-                        Poll::Ready(r) => r,
-                        Poll::Pending => {
-                            ready!(poll_deadline(this.deadline.as_mut(), attempts.deadline, cx));
-                            this.state.set(State::Done);
-                            return Poll::Ready(Err(attempts.deadline_passed(false)));
-                        }
-                    };
-                    if let Err(e) = ready {
-                        attempts.called(false);
-                        let e = attempts.shared.classifier.error(e);
-                        this.state.set(State::Done);
-                        return Poll::Ready(Err(attempts.finish_error(e)));
-                    }
-                    // The request travels in the state, so only `Ready` can hand it over.
-                    if let StateProjReplace::Ready { mut request } =
-                        this.state.as_mut().project_replace(State::Done)
-                    {
-                        attempts.sending(&mut request);
-                        let future = this.service.call(request);
-                        this.state.set(State::Calling { future });
-                    }
-                }
-                StateProj::Calling { future } => {
-                    let result = match future.poll(cx) {
-                        Poll::Ready(r) => r,
-                        Poll::Pending => {
-                            ready!(poll_deadline(this.deadline.as_mut(), attempts.deadline, cx));
-                            // Dropping the attempt's future cancels it.
-                            this.state.set(State::Done);
-                            return Poll::Ready(Err(attempts.deadline_passed(true)));
-                        }
-                    };
-                    attempts.latency = attempts.sent_at.elapsed();
-                    match result {
-                        Ok(response) => {
-                            attempts.called(true);
-                            let future = attempts.shared.classifier.classify_response(response);
-                            this.state.set(State::Classifying { future });
-                        }
-                        Err(e) => {
-                            let e = attempts.shared.classifier.error(e);
-                            let local = is_local_rejection(&e);
-                            attempts.called(!local);
-                            if local {
-                                this.state.set(State::Done);
-                                return Poll::Ready(Err(attempts.finish_error(e)));
-                            }
-                            let mut c = e.classification().cloned().unwrap_or_default();
-                            if c.class.is_none() {
-                                c.class = e.class();
-                            }
-                            let idx = attempts.record(&c, Some(&e));
-                            let decision = match c.class {
-                                Some(_) => attempts.decide(idx, &c),
-                                // A crate error of no failure class the ladder knows
-                                // (a deadline from inside, say): nothing to retry.
-                                None => {
-                                    let stop = Decision::Stop(StopReason::NotRetryable);
-                                    attempts.log.decide(idx, stop);
-                                    None
-                                }
-                            };
-                            match decision {
-                                Some((wait, next)) => this.state.set(State::Sleeping {
-                                    sleep: tokio::time::sleep(wait),
-                                    drain: None,
-                                    drained: 0,
-                                    next,
-                                }),
-                                None => {
-                                    this.state.set(State::Done);
-                                    return Poll::Ready(Err(attempts.finish_error(e)));
-                                }
-                            }
-                        }
-                    }
-                }
-                StateProj::Classifying { future } => {
-                    let (response, c) = match Pin::new(future).poll(cx) {
-                        Poll::Ready(r) => r,
-                        // The head came, but its error body is still arriving.
-                        Poll::Pending => {
-                            ready!(poll_deadline(this.deadline.as_mut(), attempts.deadline, cx));
-                            this.state.set(State::Done);
-                            return Poll::Ready(Err(attempts.deadline_passed(true)));
-                        }
-                    };
-                    let idx = attempts.record(&c, None);
-                    match attempts.decide(idx, &c) {
-                        Some((wait, next)) => this.state.set(State::Sleeping {
-                            sleep: tokio::time::sleep(wait),
-                            drain: Some(response.into_body()),
-                            drained: 0,
-                            next,
-                        }),
-                        None => {
-                            this.state.set(State::Done);
-                            return Poll::Ready(Ok(attempts.finish_response(response)));
-                        }
-                    }
-                }
-                StateProj::Sleeping {
-                    sleep,
-                    drain,
-                    drained,
-                    ..
-                } => {
-                    drain_some(drain, drained, cx);
-                    ready!(sleep.poll(cx));
-                    // Whatever did not arrive during the wait is dropped with its connection.
-                    if let StateProjReplace::Sleeping { next, .. } =
-                        this.state.as_mut().project_replace(State::Done)
-                    {
-                        this.state.set(State::Ready { request: next });
-                    }
-                }
+            let step = match this.state.as_mut().project() {
+                StateProj::Ready { .. } => ready!(this.poll_ready(cx)),
+                StateProj::Calling { .. } => ready!(this.poll_call(cx)),
+                StateProj::Classifying { .. } => ready!(this.poll_classify(cx)),
+                StateProj::Sleeping { .. } => ready!(this.poll_sleep(cx)),
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
+            };
+            if let Some(out) = step {
+                return Poll::Ready(out);
             }
         }
-    }
-}
-
-/// Polls the deadline's timer, making it on first use.
-fn poll_deadline(
-    mut timer: Pin<&mut Option<Sleep>>,
-    at: Instant,
-    cx: &mut Context<'_>,
-) -> Poll<()> {
-    if timer.is_none() {
-        timer.set(Some(tokio::time::sleep_until(at)));
-    }
-    match timer.as_pin_mut() {
-        Some(sleep) => sleep.poll(cx),
-        None => Poll::Pending,
     }
 }
 
@@ -589,7 +618,7 @@ where
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)
-            .field("attempts_sent", &self.attempts.sent)
+            .field("attempts_sent", &self.attempts.count)
             .finish_non_exhaustive()
     }
 }

@@ -4,15 +4,13 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{HeaderName, Request, Response};
-use tokio::time::Instant;
 use tower_service::Service;
 
-use super::future::{Attempts, ResponseFuture};
+use super::future::{Attempts, Facts, Granted, ResponseFuture};
 use super::layer::Shared;
-use crate::attempt_log::AttemptLog;
-use crate::context::{Deadline, FallbackAvailable, RouteName};
+use crate::classify::FailureClass;
+use crate::context::RequestContext;
 use crate::replay::{ReplayBody, try_clone_request};
-use crate::retry_budget::RetryBudget;
 use crate::{Body, BoxError, Error};
 
 /// The header a caller conventionally sets an idempotency key in; looked for when the policy
@@ -79,13 +77,10 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let shared = &self.shared;
-        let start = Instant::now();
-
-        let (log, owns_log) = AttemptLog::get_or_insert(&mut req);
-        let route = RouteName::of_request(&req);
-        if owns_log {
-            log.set_tracing(shared.logging.tracing);
-            log.set_requested_route(route.clone());
+        let (ctx, owner) = RequestContext::begin(&mut req, &shared.logging);
+        let route = ctx.route_of(&req);
+        if owner {
+            ctx.log().set_requested_route(route.clone());
         }
 
         // One key per logical request: set once here, copied into every attempt below.
@@ -100,26 +95,30 @@ where
             Some(name) => req.headers().contains_key(name),
             None => req.headers().contains_key(CONVENTIONAL_KEY_HEADER),
         };
-        let idempotent = req.method().is_idempotent() || has_key;
 
         // A budget handed down by `BudgetLayer` wins; that layer deposits for the request.
-        let (budget, owns_budget) = match req.extensions().get::<RetryBudget>() {
-            Some(b) => (b.clone(), false),
-            None => (shared.budget.clone(), true),
-        };
-        if owns_budget {
-            budget.deposit();
-        }
+        let budget = ctx.retry_budget().unwrap_or_else(|| {
+            shared.budget.deposit();
+            shared.budget.clone()
+        });
 
-        let mut deadline = crate::duration::saturating_add(start, shared.retry.max_elapsed);
-        if let Some(d) = req.extensions().get::<Deadline>() {
+        let sent = ctx.send();
+        let mut deadline = crate::duration::saturating_add(sent.at, shared.retry.max_elapsed);
+        if let Some(d) = ctx.deadline() {
             deadline = deadline.min(d.0);
         }
-        let fallback_available = req.extensions().get::<FallbackAvailable>().is_some();
+        let facts = Facts {
+            deadline,
+            idempotent: req.method().is_idempotent() || has_key,
+            fallback_available: ctx.fallback_available(),
+        };
 
-        // Keep the original as the template for retries when its body can be copied; else the
-        // original goes out and there will be no retry.
-        let (first, template) = match try_clone_request(&req) {
+        // Keep the original as the template for retries when a retry can be made and its body
+        // can be copied; else the original goes out and there will be no retry.
+        let copy = (shared.retry.max_attempts > 1)
+            .then(|| try_clone_request(&req))
+            .flatten();
+        let (first, template) = match copy {
             Some(copy) => (copy, Some(req)),
             None => (req, None),
         };
@@ -129,17 +128,22 @@ where
         let clone = self.inner.clone();
         let service = std::mem::replace(&mut self.inner, clone);
 
-        let attempts = Attempts::new(
-            shared.clone(),
-            template,
-            log,
-            owns_log,
+        let attempts = Attempts {
+            shared: shared.clone(),
+            spend: ctx.spend_gate(),
+            ctx,
+            owner,
             route,
+            template,
+            facts,
             budget,
-            deadline,
-            idempotent,
-            fallback_available,
-        );
+            granted: Granted::default(),
+            sent,
+            count: 0,
+            retried: [0; FailureClass::ALL.len()],
+            previous_wait: None,
+            latency: None,
+        };
         ResponseFuture::new(service, attempts, first)
     }
 }

@@ -933,7 +933,7 @@ async fn an_outer_log_is_annotated_not_owned() {
 async fn an_attempt_recorded_nearer_the_transport_is_annotated_once() {
     // A service that records its own attempts (as the breaker or stream guard would).
     let inner = tower::service_fn(|req: Request<Full<Bytes>>| async move {
-        let log = req.extensions().get::<AttemptLog>().cloned();
+        let log = crate::context::RequestContext::of(&req).map(|c| c.log().clone());
         let c = classified(503, FailureClass::Overloaded);
         if let Some(log) = log {
             log.record(crate::attempt_log::Attempt::new(

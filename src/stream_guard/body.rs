@@ -15,12 +15,12 @@ use tokio::time::{Instant, Sleep};
 
 use super::sse::{EventKind, Finish, Scanner, SseEvent, UsagePart};
 use crate::Body;
-use crate::attempt_log::{Attempt, AttemptLog, Outcome, StreamEnd, StreamRecord};
+use crate::attempt_log::{AttemptLog, Outcome, StreamEnd, StreamRecord};
 use crate::classify::{Classification, FailureClass, SharedClassifier};
-use crate::context::RouteName;
-use crate::StreamCause;
+use crate::context::{RequestContext, Sent};
 use crate::error::{Error, ErrorKind};
 use crate::policy::{CommitPoint, StreamSettings};
+use crate::{RouteName, StreamCause};
 
 /// What the guard has seen of the stream so far.
 #[derive(Debug, Default)]
@@ -106,46 +106,54 @@ pub(crate) enum Step {
 
 /// What the attempt log needs to record the attempt this stream belongs to.
 pub(crate) struct Tracker {
-    pub(crate) log: AttemptLog,
-    /// Whether the guard created the log (then it sets the outcome).
-    pub(crate) created: bool,
-    pub(crate) route: RouteName,
-    pub(crate) mark: usize,
-    pub(crate) offset: Duration,
-    pub(crate) latency: Duration,
+    ctx: RequestContext,
+    /// Whether the guard owns the log (then it sets the outcome).
+    owner: bool,
+    route: RouteName,
+    sent: Sent,
+    /// Time to the response head.
+    latency: Duration,
     /// The classification of the response head.
-    pub(crate) head: Classification,
-    pub(crate) index: Option<usize>,
-    pub(crate) finished: bool,
-    /// Whether provider request ids are recorded (`logging.request_ids`).
-    pub(crate) request_ids: bool,
+    head: Classification,
+    index: Option<usize>,
+    finished: bool,
 }
 
 impl Tracker {
+    pub(crate) fn new(
+        ctx: RequestContext,
+        owner: bool,
+        route: RouteName,
+        sent: Sent,
+        latency: Duration,
+        head: Classification,
+    ) -> Self {
+        Self {
+            ctx,
+            owner,
+            route,
+            sent,
+            latency,
+            head,
+            index: None,
+            finished: false,
+        }
+    }
+
+    fn log(&self) -> &AttemptLog {
+        self.ctx.log()
+    }
+
     /// Records the attempt once (unless a layer nearer the transport did) and returns its index.
-    pub(crate) fn record_attempt(&mut self, c: &Classification, error: Option<String>) -> usize {
+    fn record_attempt(&mut self, c: &Classification, error: Option<String>) -> usize {
         if let Some(i) = self.index {
             return i;
         }
-        let i = self.log.record_since(self.mark, || {
-            let mut a = Attempt::new(Some(self.route.clone()), self.offset, self.latency, c);
-            a.error = error;
-            if !self.request_ids {
-                a.request_id = None;
-            }
-            a
-        });
+        let i = self
+            .ctx
+            .record(&self.sent, &self.route, Some(self.latency), c, error);
         self.index = Some(i);
         i
-    }
-
-    fn set_error_outcome(&self, e: &Error) {
-        if self.created {
-            self.log.set_outcome(Outcome::Error {
-                error: e.kind().to_string(),
-                class: e.class(),
-            });
-        }
     }
 }
 
@@ -441,25 +449,22 @@ impl Core {
         if self.tracker.finished {
             return;
         }
-        let head = self.tracker.head.clone();
-        let i = self.tracker.record_attempt(&head, None);
+        let i = self.commit();
         let record = self.record(end);
-        self.tracker.log.set_stream(i, record);
+        self.tracker.log().set_stream(i, record);
         self.tracker.finished = true;
     }
 
-    /// At the commit point: the attempt is a success as far as the layers above can tell.
-    pub(crate) fn commit(&mut self) -> AttemptLog {
-        let head = self.tracker.head.clone();
-        self.tracker.record_attempt(&head, None);
-        if self.tracker.created {
-            if let Some(status) = head.status {
-                self.tracker.log.set_outcome(Outcome::Success {
-                    status: status.as_u16(),
-                });
-            }
+    /// At the commit point: the attempt is a success as far as the layers above can tell, and
+    /// is recorded as one. Returns its index.
+    pub(crate) fn commit(&mut self) -> usize {
+        if let Some(i) = self.tracker.index {
+            return i;
         }
-        self.tracker.log.clone()
+        let head = std::mem::take(&mut self.tracker.head);
+        let i = self.tracker.record_attempt(&head, None);
+        self.tracker.head = head;
+        i
     }
 
     /// Fails the stream before its commit point: a classified, retryable error; nothing reached
@@ -477,14 +482,11 @@ impl Core {
         }
         self.tracker.record_attempt(&c, Some(f.cause.to_string()));
         self.finish(StreamEnd::FailedBeforeCommit(f.cause.clone()));
-        let mut e = Error::new(ErrorKind::StreamFailed { cause: f.cause })
-            .with_classification(c)
-            .with_log(&self.tracker.log);
+        let mut e = Error::new(ErrorKind::StreamFailed { cause: f.cause }).with_classification(c);
         if let Some(source) = f.source {
             e = e.with_source(source);
         }
-        self.tracker.set_error_outcome(&e);
-        e
+        self.tracker.ctx.close_error(self.tracker.owner, e)
     }
 
     /// Fails closed on a policy block before the commit point: not retryable, no other route.
@@ -504,10 +506,8 @@ impl Core {
         let e = Error::new(ErrorKind::FailedClosed {
             class: FailureClass::PolicyBlock,
         })
-        .with_classification(c)
-        .with_log(&self.tracker.log);
-        self.tracker.set_error_outcome(&e);
-        e
+        .with_classification(c);
+        self.tracker.ctx.close_error(self.tracker.owner, e)
     }
 
     /// Fails the stream after its commit point: the body's last item.
@@ -519,13 +519,13 @@ impl Core {
             delivered_bytes: self.delivered,
             cause: f.cause,
         })
-        .with_log(&self.tracker.log);
+        .with_log(self.tracker.log());
         if let Some(source) = f.source {
             e = e.with_source(source);
         }
         // After the commit point every layer above has already answered with the head; what
         // the caller finally got is this error, whoever owns the log.
-        self.tracker.log.set_outcome(Outcome::Error {
+        self.tracker.log().set_outcome(Outcome::Error {
             error: e.kind().to_string(),
             class: e.class(),
         });

@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,76 +11,51 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
 use super::body::{Core, Failure, GuardedBody, Step, Tracker};
-use crate::Body;
-use crate::attempt_log::{Attempt, AttemptLog, Outcome, StreamEnd, StreamRecord};
-use crate::classify::{Classification, ClassifyResponse, FailureClass, SharedClassifier};
-use crate::context::RouteName;
-use crate::StreamCause;
+use crate::attempt_log::{StreamEnd, StreamRecord};
+use crate::classify::{Classification, ClassifyResponse, SharedClassifier};
+use crate::context::{RequestContext, Sent};
 use crate::error::{BoxError, Error, ErrorKind};
-use crate::policy::{LoggingPolicy, StreamSettings};
+use crate::policy::StreamSettings;
+use crate::{Body, RouteName, StreamCause};
 
 /// What the service knew when it sent the request.
 pub(crate) struct Call {
-    pub(crate) log: AttemptLog,
-    pub(crate) created: bool,
+    pub(crate) ctx: RequestContext,
+    /// Whether the guard owns the log (then it sets the outcome).
+    pub(crate) owner: bool,
     pub(crate) route: RouteName,
-    pub(crate) mark: usize,
-    pub(crate) started: Instant,
-    pub(crate) offset: Duration,
+    pub(crate) sent: Sent,
     pub(crate) settings: StreamSettings,
     pub(crate) classifier: SharedClassifier,
-    pub(crate) logging: LoggingPolicy,
 }
 
 impl Call {
+    /// When the request was sent: the first-token and total timers run from here.
+    fn started(&self) -> Instant {
+        self.sent.at
+    }
+
     fn deadline(&self, d: Option<Duration>) -> Option<Instant> {
-        d.and_then(|d| self.started.checked_add(d))
-    }
-
-    /// Records an attempt that produced no stream (a transport error, a timeout before the head,
-    /// an error response).
-    fn record(&self, latency: Duration, c: &Classification, error: Option<String>) -> usize {
-        self.log.record_since(self.mark, || {
-            let mut a = Attempt::new(Some(self.route.clone()), self.offset, latency, c);
-            a.error = error;
-            if !self.logging.request_ids {
-                a.request_id = None;
-            }
-            a
-        })
-    }
-
-    fn set_outcome(&self, outcome: Outcome) {
-        if self.created {
-            self.log.set_outcome(outcome);
-        }
-    }
-
-    fn error_outcome(&self, e: &Error) {
-        self.set_outcome(Outcome::Error {
-            error: e.kind().to_string(),
-            class: e.class(),
-        });
+        d.and_then(|d| self.started().checked_add(d))
     }
 
     fn transport_failure(&self, e: Error) -> Error {
-        let c = e.classification().cloned().unwrap_or_else(|| {
-            Classification::failure(e.class().unwrap_or(FailureClass::Transport))
-        });
-        // The kind and class only: a transport error's own message may carry the URL, and
-        // with it a key in the query string.
-        self.record(self.started.elapsed(), &c, Some(e.to_string()));
-        let e = e.with_log(&self.log);
-        self.error_outcome(&e);
-        e
+        self.ctx.record_error(&self.sent, &self.route, &e);
+        self.ctx.close_error(self.owner, e)
     }
 
     /// No response head (or, for an error response, no whole error prefix) in time.
     fn timed_out(&self, cause: StreamCause) -> Error {
         let c = Classification::failure(cause.class());
-        let elapsed = self.started.elapsed();
-        let i = self.record(elapsed, &c, Some(cause.to_string()));
-        self.log.set_stream(
+        let elapsed = self.started().elapsed();
+        let i = self.ctx.record(
+            &self.sent,
+            &self.route,
+            Some(elapsed),
+            &c,
+            Some(cause.to_string()),
+        );
+        self.ctx.log().set_stream(
             i,
             StreamRecord {
                 time_to_first_token: None,
@@ -92,12 +67,65 @@ impl Call {
                 malformed_events: 0,
             },
         );
-        let e = Error::new(ErrorKind::StreamFailed { cause })
-            .with_classification(c)
-            .with_log(&self.log);
-        self.error_outcome(&e);
-        e
+        let e = Error::new(ErrorKind::StreamFailed { cause }).with_classification(c);
+        self.ctx.close_error(self.owner, e)
     }
+
+    /// The first of the first-token and total timers (both run from the request) that passed,
+    /// polling `sleep` for the earliest while none has.
+    fn poll_head_timers(&self, sleep: Pin<&mut Sleep>, cx: &mut Context<'_>) -> Poll<StreamCause> {
+        let s = &self.settings;
+        let first = self.deadline(s.first_token_timeout);
+        let total = self.deadline(s.total_timeout);
+        let Some(at) = first.into_iter().chain(total).min() else {
+            return Poll::Pending;
+        };
+        ready!(poll_deadline(sleep, at, cx));
+        match (s.first_token_timeout, s.total_timeout) {
+            (Some(d), _) if first == Some(at) => Poll::Ready(StreamCause::FirstTokenTimeout(d)),
+            (_, Some(d)) => Poll::Ready(StreamCause::TotalTimeout(d)),
+            (Some(d), None) => Poll::Ready(StreamCause::FirstTokenTimeout(d)),
+            (None, None) => Poll::Pending,
+        }
+    }
+
+    /// The head is classified. An error response is the provider's answer, handed up as it
+    /// is; a success is guarded up to its commit point.
+    fn classified(
+        &self,
+        response: http::Response<Body>,
+        c: Classification,
+        head_at: Instant,
+    ) -> Head {
+        let latency = head_at.saturating_duration_since(self.started());
+        if !response.status().is_success() {
+            self.ctx
+                .record(&self.sent, &self.route, Some(latency), &c, None);
+            return Head::Answer(self.ctx.close_response(self.owner, response));
+        }
+        let (parts, body) = response.into_parts();
+        let tracker = Tracker::new(
+            self.ctx.clone(),
+            self.owner,
+            self.route.clone(),
+            self.sent,
+            latency,
+            c,
+        );
+        let sse = is_sse(&parts.headers).then(|| self.classifier.clone());
+        let core = Core::new(body, sse, self.settings, self.started(), head_at, tracker);
+        Head::Guard(parts, core)
+    }
+}
+
+/// What a classified head leads to. Moved straight into the future's state: boxing the large
+/// variant would cost an allocation per stream for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Head {
+    /// The provider's error response, handed up as it is.
+    Answer(http::Response<Body>),
+    /// A success, guarded up to its commit point.
+    Guard(http::response::Parts, Core),
 }
 
 /// Whether a response is a server-sent event stream.
@@ -115,6 +143,53 @@ fn poll_deadline(mut sleep: Pin<&mut Sleep>, deadline: Instant, cx: &mut Context
         sleep.as_mut().reset(deadline);
     }
     sleep.poll(cx)
+}
+
+/// Reads a guarded stream up to its commit point: `Ok` when the held-back prefix may be
+/// handed up, the error the stream failed with before it otherwise.
+fn poll_commit(
+    core: &mut Core,
+    sleep: Pin<&mut Sleep>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), Error>> {
+    let mut sleep = sleep;
+    loop {
+        let step = ready!(core.poll_step(cx, sleep.as_mut(), false));
+        return Poll::Ready(match step {
+            Step::Data(data) => {
+                core.hold(data);
+                if let Some(f) = core.take_pending() {
+                    Err(core.fail_before_commit(f))
+                } else if core.blocked().is_some() {
+                    Err(core.fail_closed())
+                } else if core.commit_due(Instant::now()) {
+                    Ok(())
+                } else if core.buffer_exceeded() {
+                    let max = core.max_buffer();
+                    Err(core.fail_before_commit(Failure::new(StreamCause::BufferExceeded(max))))
+                } else {
+                    continue;
+                }
+            }
+            Step::Trailers(trailers) => {
+                core.hold_trailers(trailers);
+                continue;
+            }
+            Step::CommitDue => Ok(()),
+            Step::End => {
+                if let Some(f) = core.take_pending() {
+                    Err(core.fail_before_commit(f))
+                } else if core.blocked().is_some() {
+                    Err(core.fail_closed())
+                } else if core.complete() {
+                    Ok(())
+                } else {
+                    Err(core.fail_before_commit(Failure::new(StreamCause::Truncated)))
+                }
+            }
+            Step::Fail(f) => Err(core.fail_before_commit(f)),
+        });
+    }
 }
 
 pin_project! {
@@ -149,7 +224,7 @@ pin_project! {
 impl<F> ResponseFuture<F> {
     pub(crate) fn new(future: F, call: Call) -> Self {
         Self {
-            sleep: tokio::time::sleep_until(call.started),
+            sleep: tokio::time::sleep_until(call.started()),
             state: State::Head { future },
             call,
         }
@@ -177,158 +252,68 @@ where
         let mut this = self.project();
         let call: &Call = this.call;
         loop {
-            match this.state.as_mut().project() {
+            let out = match this.state.as_mut().project() {
                 StateProj::Head { future } => match future.poll(cx) {
                     Poll::Ready(Ok(response)) => {
-                        let future = call.classifier.classify_response(response);
+                        let future = call.classifier.classify_attempt(
+                            response,
+                            call.ctx.log(),
+                            call.sent.mark,
+                        );
                         let head_at = Instant::now();
                         this.state.set(State::Classify { future, head_at });
+                        continue;
                     }
-                    Poll::Ready(Err(e)) => {
-                        this.state.set(State::Done);
-                        return Poll::Ready(Err(call.transport_failure(call.classifier.error(e))));
-                    }
+                    Poll::Ready(Err(e)) => Err(call.transport_failure(call.classifier.error(e))),
                     Poll::Pending => {
-                        // Both the first-token and the total timer run from the request.
-                        let s = &call.settings;
-                        let first = call.deadline(s.first_token_timeout);
-                        let total = call.deadline(s.total_timeout);
-                        let Some(at) = first.into_iter().chain(total).min() else {
-                            return Poll::Pending;
-                        };
-                        if poll_deadline(this.sleep.as_mut(), at, cx).is_pending() {
-                            return Poll::Pending;
-                        }
-                        let cause = match (s.first_token_timeout, s.total_timeout) {
-                            (Some(d), _) if first == Some(at) => StreamCause::FirstTokenTimeout(d),
-                            (_, Some(d)) => StreamCause::TotalTimeout(d),
-                            (Some(d), None) => StreamCause::FirstTokenTimeout(d),
-                            (None, None) => return Poll::Pending,
-                        };
-                        this.state.set(State::Done);
-                        return Poll::Ready(Err(call.timed_out(cause)));
+                        let cause = ready!(call.poll_head_timers(this.sleep.as_mut(), cx));
+                        Err(call.timed_out(cause))
                     }
                 },
-                StateProj::Classify { future, head_at } => {
-                    let head_at = *head_at;
-                    let (response, c) = match Pin::new(future).poll(cx) {
-                        Poll::Ready(done) => done,
-                        Poll::Pending => {
-                            // Reading an error body's prefix is bounded by the total timer.
-                            let Some(d) = call.settings.total_timeout else {
-                                return Poll::Pending;
-                            };
-                            let Some(at) = call.deadline(Some(d)) else {
-                                return Poll::Pending;
-                            };
-                            if poll_deadline(this.sleep.as_mut(), at, cx).is_pending() {
-                                return Poll::Pending;
-                            }
-                            this.state.set(State::Done);
-                            return Poll::Ready(Err(call.timed_out(StreamCause::TotalTimeout(d))));
-                        }
-                    };
-                    let latency = head_at.saturating_duration_since(call.started);
-                    if !response.status().is_success() {
-                        // An error response is the provider's answer: handed up as it is.
-                        call.record(latency, &c, None);
-                        call.set_outcome(Outcome::ProviderFailure {
-                            status: response.status().as_u16(),
-                            class: c.class,
-                        });
-                        let mut response = response;
-                        if call.created {
-                            response.extensions_mut().insert(call.log.clone());
-                        }
-                        this.state.set(State::Done);
-                        return Poll::Ready(Ok(response));
-                    }
-                    let (parts, body) = response.into_parts();
-                    let tracker = Tracker {
-                        log: call.log.clone(),
-                        created: call.created,
-                        route: call.route.clone(),
-                        mark: call.mark,
-                        offset: call.offset,
-                        latency,
-                        head: c,
-                        index: None,
-                        finished: false,
-                        request_ids: call.logging.request_ids,
-                    };
-                    let core = Core::new(
-                        body,
-                        is_sse(&parts.headers).then(|| call.classifier.clone()),
-                        call.settings,
-                        call.started,
-                        head_at,
-                        tracker,
-                    );
-                    this.state.set(State::Guard {
-                        parts: Some(parts),
-                        core: Some(core),
-                    });
-                }
-                StateProj::Guard { parts, core: slot } => {
-                    let Some(core) = slot.as_mut() else {
-                        panic!("ResponseFuture polled after completion");
-                    };
-                    let outcome = match core.poll_step(cx, this.sleep.as_mut(), false) {
-                        Poll::Pending => return Poll::Pending,
-                        Poll::Ready(Step::Data(data)) => {
-                            core.hold(data);
-                            if let Some(f) = core.take_pending() {
-                                Err(core.fail_before_commit(f))
-                            } else if core.blocked().is_some() {
-                                Err(core.fail_closed())
-                            } else if core.commit_due(Instant::now()) {
-                                Ok(())
-                            } else if core.buffer_exceeded() {
-                                let max = core.max_buffer();
-                                Err(core.fail_before_commit(Failure::new(
-                                    StreamCause::BufferExceeded(max),
-                                )))
-                            } else {
-                                continue;
-                            }
-                        }
-                        Poll::Ready(Step::Trailers(trailers)) => {
-                            core.hold_trailers(trailers);
+                StateProj::Classify { future, head_at } => match Pin::new(future).poll(cx) {
+                    Poll::Ready((response, c)) => match call.classified(response, c, *head_at) {
+                        Head::Guard(parts, core) => {
+                            this.state.set(State::Guard {
+                                parts: Some(parts),
+                                core: Some(core),
+                            });
                             continue;
                         }
-                        Poll::Ready(Step::CommitDue) => Ok(()),
-                        Poll::Ready(Step::End) => {
-                            if let Some(f) = core.take_pending() {
-                                Err(core.fail_before_commit(f))
-                            } else if core.blocked().is_some() {
-                                Err(core.fail_closed())
-                            } else if core.complete() {
-                                Ok(())
-                            } else {
-                                Err(core.fail_before_commit(Failure::new(StreamCause::Truncated)))
-                            }
-                        }
-                        Poll::Ready(Step::Fail(f)) => Err(core.fail_before_commit(f)),
+                        Head::Answer(response) => Ok(response),
+                    },
+                    // Reading an error body's prefix is bounded by the total timer.
+                    Poll::Pending => {
+                        let Some(d) = call.settings.total_timeout else {
+                            return Poll::Pending;
+                        };
+                        let Some(at) = call.deadline(Some(d)) else {
+                            return Poll::Pending;
+                        };
+                        ready!(poll_deadline(this.sleep.as_mut(), at, cx));
+                        Err(call.timed_out(StreamCause::TotalTimeout(d)))
+                    }
+                },
+                StateProj::Guard { parts, core } => {
+                    let Some(c) = core.as_mut() else {
+                        panic!("ResponseFuture polled after completion");
                     };
-                    let result = match outcome {
+                    match ready!(poll_commit(c, this.sleep.as_mut(), cx)) {
                         Err(e) => Err(e),
-                        Ok(()) => match (parts.take(), slot.take()) {
-                            (Some(mut parts), Some(mut core)) => {
-                                let log = core.commit();
-                                if call.created {
-                                    parts.extensions.insert(log);
-                                }
+                        Ok(()) => match (parts.take(), core.take()) {
+                            (Some(parts), Some(mut core)) => {
+                                core.commit();
                                 let body = Body::new(GuardedBody::new(core));
-                                Ok(http::Response::from_parts(parts, body))
+                                let response = http::Response::from_parts(parts, body);
+                                Ok(call.ctx.close_response(call.owner, response))
                             }
                             _ => panic!("ResponseFuture polled after completion"),
                         },
-                    };
-                    this.state.set(State::Done);
-                    return Poll::Ready(result);
+                    }
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
-            }
+            };
+            this.state.set(State::Done);
+            return Poll::Ready(out);
         }
     }
 }

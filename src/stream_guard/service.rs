@@ -4,16 +4,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use tokio::time::Instant;
 use tower_service::Service;
 
 use super::StreamGuardLayer;
 use super::future::{Call, ResponseFuture};
 use super::layer::Shared;
 use crate::Body;
-use crate::attempt_log::AttemptLog;
-use crate::classify::SharedClassifier;
-use crate::context::RouteName;
+use crate::context::RequestContext;
 use crate::error::{BoxError, Error};
 use crate::policy::{PolicyError, StreamPolicy};
 
@@ -60,10 +57,6 @@ impl<S> StreamGuard<S> {
     pub fn into_inner(self) -> S {
         self.inner
     }
-
-    fn classifier(&self) -> &SharedClassifier {
-        &self.shared.classifier
-    }
 }
 
 impl<S, B, RB> Service<http::Request<B>> for StreamGuard<S>
@@ -84,31 +77,24 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let route = RouteName::of_request(&req);
-        let settings = self.shared.policy.for_route(Some(route.as_str()));
-        let (log, created) = AttemptLog::get_or_insert(&mut req);
-        if created {
-            log.set_tracing(self.shared.logging.tracing);
-            log.set_requested_route(route.clone());
+        let (ctx, owner) = RequestContext::begin(&mut req, &self.shared.logging);
+        let route = ctx.route_of(&req);
+        if owner {
+            ctx.log().set_requested_route(route.clone());
         }
+        let settings = self.shared.policy.for_route(Some(route.as_str()));
         // The guard is the layer nearest the transport: it records the attempt itself.
-        let mark = log.attempt_count();
-        let started = Instant::now();
-        let offset = log.offset_of(started);
-        let classifier = self.classifier().clone();
+        let sent = ctx.send();
         let future = self.inner.call(req);
         ResponseFuture::new(
             future,
             Call {
-                log,
-                created,
+                ctx,
+                owner,
                 route,
-                mark,
-                started,
-                offset,
+                sent,
                 settings,
-                classifier,
-                logging: self.shared.logging.clone(),
+                classifier: self.shared.classifier.clone(),
             },
         )
     }

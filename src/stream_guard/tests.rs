@@ -16,10 +16,10 @@ use tower::{Layer, Service, ServiceExt};
 
 use super::StreamGuardLayer;
 use crate::Body;
+use crate::RouteName;
+use crate::StreamCause;
 use crate::attempt_log::{AttemptLog, Outcome, StreamEnd, Usage};
 use crate::classify::FailureClass;
-use crate::context::RouteName;
-use crate::StreamCause;
 use crate::error::{Error, ErrorKind};
 use crate::policy::{CommitPoint, Policy, RouteConfig, StreamPolicy, StreamSettings};
 

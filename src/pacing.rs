@@ -2,26 +2,22 @@
 //! until its reset, instead of being sent requests that can only end in a 429.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
 use tokio::time::Instant;
 
 use crate::classify::hints::rate_limit_status;
-use crate::context::RouteName;
+use crate::route::RouteName;
 
-/// Paused routes and until when.
+/// Paused routes and until when: `BudgetLayer`'s pacing state. It is handed to `FallbackLayer`
+/// through the request context, so that every route's answer is noted and a hop keeps off a
+/// route that is paused, as admission keeps a new request off it.
 #[derive(Debug, Default)]
 pub(crate) struct Pacer {
     paused: Mutex<HashMap<RouteName, Instant>>,
 }
-
-/// The pacing state of a `BudgetLayer`, in the request extensions for `FallbackLayer`: it
-/// notes the rate-limit headers of every route's answer and keeps a hop off a route that is
-/// paused, as admission keeps a new request off it.
-#[derive(Clone)]
-pub(crate) struct Pacing(pub(crate) Arc<Pacer>);
 
 impl Pacer {
     /// Notes the rate-limit headers of a response from `route`.
