@@ -16,7 +16,7 @@ use tower_llm_resilience::policy::{
     AdmissionMode, BudgetPolicy, ChargeRule, Price, RateKey, RateLimitPolicy, SpendPolicy,
 };
 use tower_llm_resilience::testing::{MockProvider, Reply, ScriptKey, chat_request, client};
-use tower_llm_resilience::{AttemptLog, Deadline, ErrorKind, RouteName};
+use tower_llm_resilience::{AttemptLog, ErrorKind, RouteName};
 
 type Client = hyper_util::client::legacy::Client<
     hyper_util::client::legacy::connect::HttpConnector,

@@ -13,7 +13,7 @@ use tower::{Layer, Service, ServiceExt, service_fn};
 use super::*;
 use crate::attempt_log::{Decision, LocalEventKind, LogSnapshot, Outcome, StopReason};
 use crate::classify::{Classification, FailureClass};
-use crate::context::{AttemptCap, Deadline, FallbackAvailable};
+use crate::context::Deadline;
 use crate::policy::{
     ClassAction, ClassActions, FallbackPolicy, FallbackRule, Policy, RetryBudgetPolicy, RetryRule,
     RouteConfig, StaticResponse,
