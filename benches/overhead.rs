@@ -9,6 +9,7 @@
 //!
 //! ```text
 //! cargo bench --bench overhead
+//! OVERHEAD_REPORT=overhead.jsonl cargo bench --bench overhead -- --quick   # rows as JSON lines
 //! ```
 
 mod common;
@@ -351,4 +352,26 @@ fn main() {
             r.bytes
         );
     }
+    if let Some(path) = std::env::var_os("OVERHEAD_REPORT") {
+        write_report(&path, &rows).expect("write the OVERHEAD_REPORT file");
+        println!();
+        println!("rows written to {}", path.to_string_lossy());
+    }
+}
+
+/// One JSON object per row (`setup`, `ns`, `allocs`, `bytes`; `ns` is the mean over the
+/// allocation run's calls), so that a script can compare the rows of one run.
+fn write_report(path: &std::ffi::OsStr, rows: &[Row]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for r in rows {
+        let row = serde_json::json!({
+            "setup": r.name,
+            "ns": r.ns.round(),
+            "allocs": r.allocs,
+            "bytes": r.bytes.round(),
+        });
+        writeln!(out, "{row}")?;
+    }
+    out.flush()
 }

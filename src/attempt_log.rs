@@ -31,6 +31,7 @@
 //! ```
 
 use std::fmt;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -555,8 +556,22 @@ struct State {
 /// The shared, cheap-to-clone record of one logical request.
 #[derive(Clone)]
 pub struct AttemptLog {
-    state: Arc<Mutex<State>>,
+    state: Arc<Shared>,
 }
+
+/// The log, and what every layer asks of it on every attempt kept where it is read without
+/// the lock: how many attempts there are and how the last one ended.
+#[derive(Debug)]
+struct Shared {
+    /// Attempts recorded.
+    count: AtomicUsize,
+    /// The last attempt's class: [`SUCCESS`] or its position in `FailureClass::ALL`.
+    last_class: AtomicU8,
+    state: Mutex<State>,
+}
+
+/// `last_class` of a success.
+const SUCCESS: u8 = u8::MAX;
 
 impl Default for AttemptLog {
     fn default() -> Self {
@@ -573,16 +588,20 @@ impl AttemptLog {
     /// A new, empty log starting at `started`.
     pub(crate) fn starting_at(started: Instant) -> Self {
         Self {
-            state: Arc::new(Mutex::new(State {
-                started,
-                tracing: true,
-                request_ids: true,
-                requested_route: None,
-                selected_route: None,
-                attempts: Entries::default(),
-                events: Vec::new(),
-                outcome: None,
-            })),
+            state: Arc::new(Shared {
+                count: AtomicUsize::new(0),
+                last_class: AtomicU8::new(SUCCESS),
+                state: Mutex::new(State {
+                    started,
+                    tracing: true,
+                    request_ids: true,
+                    requested_route: None,
+                    selected_route: None,
+                    attempts: Entries::default(),
+                    events: Vec::new(),
+                    outcome: None,
+                }),
+            }),
         }
     }
 
@@ -606,7 +625,7 @@ impl AttemptLog {
     // A poisoned lock only means another thread panicked mid-update; the log is still the best
     // record there is, so keep using it.
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Time since the log started.
@@ -622,7 +641,7 @@ impl AttemptLog {
     /// Number of attempts recorded so far; a layer notes it before calling inward, to see after
     /// whether a layer nearer the transport already recorded the attempt.
     pub fn attempt_count(&self) -> usize {
-        self.lock().attempts.len()
+        self.state.count.load(Ordering::Acquire)
     }
 
     /// Records an attempt and returns its index. Its `index` and `route_attempt` are set here;
@@ -649,7 +668,15 @@ impl AttemptLog {
             attempt,
         };
         entry.attempt.decisions.extend(decisions);
+        let class = entry.attempt.class.map_or(SUCCESS, |c| {
+            FailureClass::ALL
+                .iter()
+                .position(|k| *k == c)
+                .map_or(SUCCESS - 1, |i| i as u8)
+        });
         s.attempts.push(entry);
+        self.state.last_class.store(class, Ordering::Release);
+        self.state.count.store(index + 1, Ordering::Release);
         index
     }
 
@@ -667,12 +694,18 @@ impl AttemptLog {
     /// The class of the attempt a layer nearer the transport recorded since `mark`, if one
     /// did: `Some(None)` for a success.
     pub(crate) fn recorded_since(&self, mark: usize) -> Option<Option<FailureClass>> {
-        let mut s = self.lock();
-        let count = s.attempts.len();
-        if count > mark {
-            s.attempts.get_mut(count - 1).map(|e| e.attempt.class)
-        } else {
-            None
+        if self.attempt_count() <= mark {
+            return None;
+        }
+        match self.state.last_class.load(Ordering::Acquire) {
+            SUCCESS => Some(None),
+            // A failure of a class outside the table still is a failure.
+            i => Some(Some(
+                FailureClass::ALL
+                    .get(usize::from(i))
+                    .copied()
+                    .unwrap_or(FailureClass::ServerError),
+            )),
         }
     }
 

@@ -269,18 +269,32 @@ struct Inner {
 }
 
 #[derive(Default)]
-struct State {
-    deadline: Option<Deadline>,
-    retry_budget: Option<RetryBudget>,
-    attempt_cap: Option<AttemptCap>,
-    route: Option<RouteName>,
-    fallback_available: bool,
-    spend: Option<SpendGate>,
-    pacer: Option<Arc<Pacer>>,
+pub(crate) struct State {
+    pub(crate) deadline: Option<Deadline>,
+    pub(crate) retry_budget: Option<RetryBudget>,
+    pub(crate) attempt_cap: Option<AttemptCap>,
+    pub(crate) route: Option<RouteName>,
+    pub(crate) fallback_available: bool,
+    pub(crate) spend: Option<SpendGate>,
+    pub(crate) pacer: Option<Arc<Pacer>>,
     /// When the attempt in flight was handed inward, and the log's attempt count then: the
     /// one clock read of an attempt, taken by the outermost layer that sends it and reused by
     /// the layers below (an attempt recorded since makes it stale).
     sent: Option<(usize, Instant)>,
+}
+
+impl State {
+    pub(crate) fn tighten_deadline(&mut self, deadline: Deadline) {
+        if self.deadline.is_none_or(|d| deadline < d) {
+            self.deadline = Some(deadline);
+        }
+    }
+
+    pub(crate) fn tighten_attempt_cap(&mut self, cap: AttemptCap) {
+        if self.attempt_cap.is_none_or(|c| cap < c) {
+            self.attempt_cap = Some(cap);
+        }
+    }
 }
 
 impl RequestContext {
@@ -342,6 +356,16 @@ impl RequestContext {
         self.0.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Reads several values under one lock.
+    pub(crate) fn read<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+        f(&self.lock())
+    }
+
+    /// Changes several values under one lock.
+    pub(crate) fn write<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        f(&mut self.lock())
+    }
+
     /// The request's attempt log.
     pub fn log(&self) -> &AttemptLog {
         &self.0.log
@@ -354,10 +378,7 @@ impl RequestContext {
 
     /// Sets `deadline` unless an earlier one is set.
     pub fn tighten_deadline(&self, deadline: Deadline) {
-        let mut s = self.lock();
-        if s.deadline.is_none_or(|d| deadline < d) {
-            s.deadline = Some(deadline);
-        }
+        self.lock().tighten_deadline(deadline);
     }
 
     /// The retry budget retries and hops draw on, if an outer layer handed one down.
@@ -377,10 +398,7 @@ impl RequestContext {
 
     /// Sets `cap` unless a smaller one is set.
     pub fn tighten_attempt_cap(&self, cap: AttemptCap) {
-        let mut s = self.lock();
-        if s.attempt_cap.is_none_or(|c| cap < c) {
-            s.attempt_cap = Some(cap);
-        }
+        self.lock().tighten_attempt_cap(cap);
     }
 
     /// The route of the current attempt, if a layer (or the caller) named it.

@@ -74,14 +74,15 @@ where
         let (ctx, owner) = RequestContext::begin(&mut req, &shared.logging);
         // One deposit per logical request; the inner layers withdraw per retry and per hop.
         shared.retry_budget.deposit();
-        ctx.set_retry_budget(shared.retry_budget.clone());
         let sent = ctx.send();
-        if let Some(d) = shared.deadline {
-            ctx.tighten_deadline(Deadline(crate::duration::saturating_add(sent.at, d)));
-        }
-        let deadline = ctx.deadline().map(|d| d.0);
-        let route = ctx
-            .route()
+        let (deadline, route) = ctx.write(|v| {
+            v.retry_budget = Some(shared.retry_budget.clone());
+            if let Some(d) = shared.deadline {
+                v.tighten_deadline(Deadline(crate::duration::saturating_add(sent.at, d)));
+            }
+            (v.deadline.map(|d| d.0), v.route.clone())
+        });
+        let route = route
             .or_else(|| shared.primary.clone())
             .unwrap_or_else(|| RouteName::of_authority(&req));
         ctx.log().set_requested_route(route.clone());

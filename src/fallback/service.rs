@@ -81,18 +81,19 @@ where
         let config = self.config.clone();
         let (ctx, owner) = RequestContext::begin(&mut req, &config.logging);
         ctx.log().set_requested_route(config.primary.clone());
-        ctx.tighten_attempt_cap(AttemptCap(config.policy.max_total_attempts));
         // The copy every backup's request is made from. It shares the request's context.
         let template = if config.routes.is_empty() || config.policy.max_hops == 0 {
             None
         } else {
             try_clone_request(&req)
         };
-        let outer_fallback = ctx.fallback_available();
-        ctx.set_route(config.primary.clone());
-        if template.is_some() {
-            ctx.set_fallback_available(true);
-        }
+        let outer_fallback = ctx.write(|v| {
+            v.tighten_attempt_cap(AttemptCap(config.policy.max_total_attempts));
+            v.route = Some(config.primary.clone());
+            let outer = v.fallback_available;
+            v.fallback_available |= template.is_some();
+            outer
+        });
         // Call the service that was driven to readiness; keep it for the hops, which clone it
         // again and wait for its readiness before each call.
         let clone = self.inner.clone();

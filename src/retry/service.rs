@@ -96,21 +96,25 @@ where
             None => req.headers().contains_key(CONVENTIONAL_KEY_HEADER),
         };
 
+        let (budget, outer_deadline, fallback_available, spend) = ctx.read(|v| {
+            let s = v.spend.clone();
+            (v.retry_budget.clone(), v.deadline, v.fallback_available, s)
+        });
         // A budget handed down by `BudgetLayer` wins; that layer deposits for the request.
-        let budget = ctx.retry_budget().unwrap_or_else(|| {
+        let budget = budget.unwrap_or_else(|| {
             shared.budget.deposit();
             shared.budget.clone()
         });
 
         let sent = ctx.send();
         let mut deadline = crate::duration::saturating_add(sent.at, shared.retry.max_elapsed);
-        if let Some(d) = ctx.deadline() {
+        if let Some(d) = outer_deadline {
             deadline = deadline.min(d.0);
         }
         let facts = Facts {
             deadline,
             idempotent: req.method().is_idempotent() || has_key,
-            fallback_available: ctx.fallback_available(),
+            fallback_available,
         };
 
         // Keep the original as the template for retries when a retry can be made and its body
@@ -130,7 +134,7 @@ where
 
         let attempts = Attempts {
             shared: shared.clone(),
-            spend: ctx.spend_gate(),
+            spend,
             ctx,
             owner,
             route,

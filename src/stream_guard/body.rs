@@ -28,7 +28,8 @@ struct Progress {
     first_content: Option<Instant>,
     terminal: bool,
     finish: Option<Finish>,
-    error: Option<Classification>,
+    /// An in-band error (rare, so kept out of line).
+    error: Option<Box<Classification>>,
     usage: UsagePart,
     events: u64,
     malformed: u64,
@@ -56,7 +57,7 @@ impl Progress {
             self.usage.merge(u);
         }
         if self.error.is_none() {
-            self.error = ev.error;
+            self.error = ev.error.map(Box::new);
         }
         if let Some(f) = ev.finish {
             if self.finish.as_ref().is_none_or(|seen| !seen.blocked) {
@@ -68,6 +69,39 @@ impl Progress {
 
     fn blocked(&self) -> Option<&Finish> {
         self.finish.as_ref().filter(|f| f.blocked)
+    }
+}
+
+/// The chunks held back before the commit point, in order. Most streams commit within two
+/// chunks (a role-only first delta, then the first token), so those two are kept inline and
+/// only a longer prefix allocates.
+#[derive(Debug, Default)]
+struct Held {
+    first: Option<Bytes>,
+    second: Option<Bytes>,
+    rest: VecDeque<Bytes>,
+}
+
+impl Held {
+    fn push_back(&mut self, data: Bytes) {
+        if self.first.is_none() && self.second.is_none() && self.rest.is_empty() {
+            self.first = Some(data);
+        } else if self.second.is_none() && self.rest.is_empty() {
+            self.second = Some(data);
+        } else {
+            self.rest.push_back(data);
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<Bytes> {
+        self.first
+            .take()
+            .or_else(|| self.second.take())
+            .or_else(|| self.rest.pop_front())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none() && self.second.is_none() && self.rest.is_empty()
     }
 }
 
@@ -168,12 +202,13 @@ pub(crate) struct Core {
     /// When the request was sent: the first-token and total timers run from here.
     started: Instant,
     last_activity: Instant,
-    held: VecDeque<Bytes>,
+    held: Held,
     held_bytes: u64,
-    held_trailers: Option<HeaderMap>,
+    held_trailers: Option<Box<HeaderMap>>,
     delivered: u64,
-    /// An in-band error seen in the last chunk; reported after that chunk.
-    pending: Option<Failure>,
+    /// An in-band error seen in the last chunk; reported after that chunk (rare, so kept out
+    /// of line).
+    pending: Option<Box<Failure>>,
     done: bool,
     tracker: Tracker,
 }
@@ -196,7 +231,7 @@ impl Core {
             settings,
             started,
             last_activity: head_at,
-            held: VecDeque::new(),
+            held: Held::default(),
             held_bytes: 0,
             held_trailers: None,
             delivered: 0,
@@ -371,11 +406,11 @@ impl Core {
                 class,
                 error_type: c.error_type.clone().or_else(|| c.error_code.clone()),
             };
-            self.pending = Some(Failure {
+            self.pending = Some(Box::new(Failure {
                 cause,
-                classification: Some(c),
+                classification: Some(*c),
                 source: None,
-            });
+            }));
             // Nothing after the error event is read.
             self.inner = None;
         }
@@ -388,11 +423,11 @@ impl Core {
     }
 
     pub(crate) fn hold_trailers(&mut self, trailers: HeaderMap) {
-        self.held_trailers = Some(trailers);
+        self.held_trailers = Some(Box::new(trailers));
     }
 
     pub(crate) fn take_pending(&mut self) -> Option<Failure> {
-        self.pending.take()
+        self.pending.take().map(|f| *f)
     }
 
     /// A policy block seen before the commit point.
@@ -576,9 +611,9 @@ impl http_body::Body for GuardedBody {
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
         if let Some(trailers) = core.held_trailers.take() {
-            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            return Poll::Ready(Some(Ok(Frame::trailers(*trailers))));
         }
-        if let Some(f) = core.pending.take() {
+        if let Some(f) = core.take_pending() {
             return Poll::Ready(Some(Err(core.interrupt(f))));
         }
         if core.done {
@@ -597,7 +632,7 @@ impl http_body::Body for GuardedBody {
                 }
                 Step::Trailers(trailers) => Some(Ok(Frame::trailers(trailers))),
                 Step::End => {
-                    if let Some(f) = core.pending.take() {
+                    if let Some(f) = core.take_pending() {
                         Some(Err(core.interrupt(f)))
                     } else if core.complete() {
                         core.done = true;
