@@ -166,6 +166,8 @@ pub mod retry_budget;
 mod route;
 mod stack;
 pub mod stream_guard;
+#[cfg(test)]
+mod test_support;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;

@@ -11,6 +11,10 @@ mod example;
 use std::future::Future;
 use std::time::Duration;
 
+#[path = "support/log.rs"]
+mod log;
+use log::closed_port;
+
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use http_body_util::BodyExt;
@@ -101,16 +105,6 @@ async fn post(gateway: &str, model: &str, stream: bool) -> Answer {
         headers: parts.headers,
         body,
     }
-}
-
-/// A loopback port with nothing listening on it.
-async fn closed_port() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind loopback");
-    let addr = listener.local_addr().expect("local addr");
-    drop(listener);
-    addr
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,6 +5,10 @@
 
 use std::time::Duration;
 
+#[path = "support/log.rs"]
+mod log;
+use log::response_log as log_of;
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use tokio::time::Instant;
@@ -40,13 +44,6 @@ fn budget(policy: BudgetPolicy) -> (BudgetLayer, Budget<Client>) {
     let layer = BudgetLayer::new(policy).expect("valid policy");
     let svc = layer.layer(client());
     (layer, svc)
-}
-
-fn log_of<B>(resp: &http::Response<B>) -> AttemptLog {
-    resp.extensions()
-        .get::<AttemptLog>()
-        .cloned()
-        .expect("attempt log")
 }
 
 #[tokio::test(start_paused = true)]

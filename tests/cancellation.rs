@@ -22,6 +22,10 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+#[path = "support/log.rs"]
+mod log;
+use log::ms;
+
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body::{Body as HttpBody, Frame};
@@ -43,10 +47,6 @@ use tower_llm_resilience::{Body, BoxError, Error, Resilient, RouteName};
 
 const OWNER: &str = "team-a";
 const STEP: Duration = Duration::from_millis(50);
-
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -311,16 +311,9 @@ fn stack(policy: &Policy, transport: Transport) -> Result<Stack, BoxError> {
     })
 }
 
+/// A streamed chat request to a port where nothing listens: the transport is a stand-in.
 fn chat_request() -> Request<Full<Bytes>> {
-    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hello"}],"max_tokens":64,"stream":true}"#;
-    let mut req = Request::new(Full::new(Bytes::from_static(body.as_bytes())));
-    *req.method_mut() = http::Method::POST;
-    *req.uri_mut() = http::Uri::from_static("http://127.0.0.1:9/v1/chat/completions");
-    req.headers_mut().insert(
-        "content-type",
-        http::HeaderValue::from_static("application/json"),
-    );
-    req
+    tower_llm_resilience::testing::chat_request("http://127.0.0.1:9", "gpt-4o", true)
 }
 
 /// Nothing held: no probe slot, no reservation, no queue place, no call or body in flight.

@@ -3,6 +3,10 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+#[path = "support/log.rs"]
+mod log;
+use log::ms;
+
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use proptest::prelude::*;
 use tower_llm_resilience::attempt_log::WaitSource;
@@ -31,10 +35,6 @@ fn now() -> SystemTime {
 
 fn hint(pairs: &[(&str, &str)]) -> Option<(Duration, HintSource)> {
     wait_hint(&headers(pairs), now()).map(|h| (h.wait, h.source))
-}
-
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
 }
 
 #[test]

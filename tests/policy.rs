@@ -2,12 +2,12 @@
 
 use std::time::Duration;
 
+#[path = "support/log.rs"]
+mod log;
+use log::ms;
+
 use tower_llm_resilience::FailureClass;
 use tower_llm_resilience::policy::*;
-
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
 
 fn rate(p: &mut Policy) -> &mut FailureRateRule {
     p.circuit_breaker

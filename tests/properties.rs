@@ -21,6 +21,10 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+#[path = "support/log.rs"]
+mod log;
+use log::ms;
+
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body::{Body as HttpBody, Frame};
@@ -59,10 +63,6 @@ fn runtime() -> tokio::runtime::Runtime {
         Ok(rt) => rt,
         Err(e) => panic!("a test runtime: {e}"),
     }
-}
-
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
 }
 
 fn secs(n: u64) -> Duration {
@@ -316,16 +316,9 @@ fn transport(
     })
 }
 
+/// A streamed chat request to a port where nothing listens: the transport is a stand-in.
 fn chat_request() -> Request<Full<Bytes>> {
-    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hello"}],"stream":true}"#;
-    let mut req = Request::new(Full::new(Bytes::from_static(body.as_bytes())));
-    *req.method_mut() = http::Method::POST;
-    *req.uri_mut() = http::Uri::from_static("http://127.0.0.1:9/v1/chat/completions");
-    req.headers_mut().insert(
-        "content-type",
-        http::HeaderValue::from_static("application/json"),
-    );
-    req
+    tower_llm_resilience::testing::chat_request("http://127.0.0.1:9", "gpt-4o", true)
 }
 
 fn stack_policy(commit: CommitPoint) -> Policy {

@@ -9,6 +9,10 @@ mod example;
 
 use std::time::Duration;
 
+#[path = "support/log.rs"]
+mod log;
+use log::closed_port;
+
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
@@ -17,16 +21,6 @@ use tower_llm_resilience::classify::{Classifier, DefaultClassifier};
 use tower_llm_resilience::reqwest::ReqwestService;
 use tower_llm_resilience::testing::{MockProvider, Reply, ScriptKey, chat_request};
 use tower_llm_resilience::{ErrorKind, FailureClass, Policy};
-
-/// A loopback port with nothing listening on it.
-async fn closed_port() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind loopback");
-    let addr = listener.local_addr().expect("local addr");
-    drop(listener);
-    addr
-}
 
 #[tokio::test]
 async fn the_example_retries_the_503_and_prints_the_answer() {

@@ -8,6 +8,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+#[path = "support/log.rs"]
+mod log;
+use log::{last_decision, log_of};
+
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -59,20 +63,6 @@ async fn send(l: &RetryLayer, mock: &MockProvider) -> Out {
         .await?
         .call(chat_request(&mock.url(), MODEL, false))
         .await
-}
-
-fn log_of(out: &Out) -> AttemptLog {
-    match out {
-        Ok(r) => r.extensions().get::<AttemptLog>().cloned(),
-        Err(e) => e.attempt_log().cloned(),
-    }
-    .unwrap_or_else(|| panic!("no attempt log on {out:?}"))
-}
-
-fn last_decision(log: &AttemptLog) -> Option<Decision> {
-    log.attempts()
-        .last()
-        .and_then(|a| a.decisions.last().cloned())
 }
 
 fn stopped(log: &AttemptLog, reason: StopReason) {

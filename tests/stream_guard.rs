@@ -4,6 +4,10 @@
 
 use std::time::Duration;
 
+#[path = "support/log.rs"]
+mod log;
+use log::response_log;
+
 use bytes::Bytes;
 use http::Response;
 use http_body_util::{BodyExt, Full};
@@ -50,14 +54,6 @@ fn guard(commit: CommitPoint) -> Result<StreamGuard<Client>, BoxError> {
         StreamGuardLayer::new(StreamPolicy::from_settings(settings(commit)))?
             .layer(testing::client()),
     )
-}
-
-fn log_of(response: &Response<Body>) -> Result<AttemptLog, BoxError> {
-    Ok(response
-        .extensions()
-        .get::<AttemptLog>()
-        .cloned()
-        .ok_or("the response carries the log")?)
 }
 
 /// Reads a body to its end: what reached the caller, and the error it ended with.
@@ -107,7 +103,7 @@ async fn a_healthy_stream_is_committed_at_its_first_token_and_recorded() -> Resu
     let mut response = send(guard(CommitPoint::FirstEvent)?, &mock).await?;
     // The role-only delta came at 1 s; the first token at 2 s.
     assert_eq!(t0.elapsed(), secs(2));
-    let log = log_of(&response)?;
+    let log = response_log(&response);
     let (text, err) = read(response.body_mut()).await;
     assert!(err.is_none(), "{err:?}");
     assert!(text.contains("\"Hel\"") && text.ends_with("data: [DONE]\n\n"));
@@ -133,7 +129,7 @@ async fn an_anthropic_stream_is_complete_at_message_stop() -> Result<(), BoxErro
         [Reply::anthropic_stream(MODEL, &["Hi", " there", "!"])],
     );
     let mut response = send(guard(CommitPoint::End)?, &mock).await?;
-    let log = log_of(&response)?;
+    let log = response_log(&response);
     let (text, err) = read(response.body_mut()).await;
     assert!(err.is_none() && text.contains("event: message_stop"));
     let s = log.attempts()[0].stream.clone().ok_or("stream recorded")?;
@@ -150,7 +146,7 @@ async fn a_cut_after_tokens_interrupts_with_the_delivered_byte_count() -> Result
         [Reply::openai_stream(MODEL, &["Hel", "lo", " world"]).cut_after(3)],
     );
     let mut response = send(guard(CommitPoint::FirstEvent)?, &mock).await?;
-    let log = log_of(&response)?;
+    let log = response_log(&response);
     let (text, err) = read(response.body_mut()).await;
     let err = err.ok_or("the body must not end cleanly")?;
     assert!(text.contains("\"lo\"") && !text.contains("world"));
@@ -204,7 +200,7 @@ async fn a_finish_reason_without_done_is_complete() -> Result<(), BoxError> {
         [Reply::openai_stream(MODEL, &["Hi"]).without_terminal()],
     );
     let mut response = send(guard(CommitPoint::FirstEvent)?, &mock).await?;
-    let log = log_of(&response)?;
+    let log = response_log(&response);
     let (text, err) = read(response.body_mut()).await;
     assert!(err.is_none(), "{err:?}");
     assert!(!text.contains("[DONE]") && text.contains("\"finish_reason\":\"stop\""));
@@ -290,7 +286,7 @@ async fn a_malformed_event_passes_through_and_is_counted() -> Result<(), BoxErro
         [Reply::openai_stream(MODEL, &["Hel", "lo"]).malformed_after(2)],
     );
     let mut response = send(guard(CommitPoint::FirstEvent)?, &mock).await?;
-    let log = log_of(&response)?;
+    let log = response_log(&response);
     let (text, err) = read(response.body_mut()).await;
     assert!(err.is_none(), "{err:?}");
     assert!(text.contains("data: {\"choices\":[{\n\n"));
@@ -344,7 +340,7 @@ async fn error_responses_pass_through_classified() -> Result<(), BoxError> {
     mock.script(ScriptKey::model(MODEL), [Reply::anthropic_overloaded()]);
     let response = send(guard(CommitPoint::FirstEvent)?, &mock).await?;
     assert_eq!(response.status(), 529);
-    let log = log_of(&response)?;
+    let log = response_log(&response);
     let body = response.into_body().collect_bytes().await?;
     assert!(std::str::from_utf8(&body)?.contains("overloaded_error"));
     let a = &log.attempts()[0];
@@ -366,7 +362,7 @@ async fn a_non_streamed_answer_is_guarded_byte_by_byte() -> Result<(), BoxError>
     let t0 = Instant::now();
     let response = send(guard(CommitPoint::FirstEvent)?, &mock).await?;
     assert_eq!(t0.elapsed(), secs(2));
-    let log = log_of(&response)?;
+    let log = response_log(&response);
     let body = response.into_body().collect_bytes().await?;
     let json: serde_json::Value = serde_json::from_slice(&body)?;
     assert_eq!(json["choices"][0]["message"]["content"], "Hello");
@@ -421,7 +417,7 @@ async fn a_stall_before_the_first_token_is_retried_and_the_caller_sees_only_the_
     let mut response = send(retried(&p)?, &mock).await?;
     // First-token deadline at 5 s, then the 1 s backoff.
     assert_eq!(t0.elapsed(), secs(6));
-    let log = log_of(&response)?;
+    let log = response_log(&response);
     let (text, err) = read(response.body_mut()).await;
     assert!(err.is_none(), "{err:?}");
     // Not a byte of the first attempt: every event is the second response's.
@@ -466,7 +462,7 @@ async fn in_band_overload_before_commit_is_retried() -> Result<(), BoxError> {
     let t0 = Instant::now();
     let mut response = send(retried(&policy(CommitPoint::FirstEvent))?, &mock).await?;
     assert_eq!(t0.elapsed(), SEC);
-    let log = log_of(&response)?;
+    let log = response_log(&response);
     let (text, err) = read(response.body_mut()).await;
     assert!(err.is_none(), "{err:?}");
     assert!(!text.contains("chatcmpl-mock-1") && !text.contains("overloaded_error"));
@@ -492,7 +488,7 @@ async fn interrupted_without_retry(reply: Reply, cause: StreamCause) -> Result<(
         [reply, Reply::openai_stream(MODEL, &["second"])],
     );
     let mut response = send(retried(&policy(CommitPoint::FirstEvent))?, &mock).await?;
-    let log = log_of(&response)?;
+    let log = response_log(&response);
     let (text, err) = read(response.body_mut()).await;
     assert!(text.contains("\"Hel\"") && !text.contains("second"));
     assert_eq!(
@@ -562,7 +558,7 @@ async fn the_logging_switches_of_the_policy_apply() -> Result<(), BoxError> {
     p.logging.request_ids = false;
     let svc = StreamGuardLayer::from_policy(&p)?.layer(testing::client());
     let response = send(svc, &mock).await?;
-    let log = log_of(&response)?;
+    let log = response_log(&response);
     response.into_body().collect_bytes().await?;
     let a = &log.attempts()[0];
     assert_eq!((a.status, a.request_id.clone()), (Some(200), None));
@@ -616,7 +612,7 @@ async fn a_cut_with_commit_end_gives_exactly_one_complete_answer_from_the_backup
     let mut response = send(full_stack(&policy)?, &mock).await?;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()[ROUTE_HEADER], "backup");
-    let log = log_of(&response)?;
+    let log = response_log(&response);
     let (text, err) = read(response.body_mut()).await;
     assert!(err.is_none(), "{err:?}");
     // One answer, whole, and the backup's alone.

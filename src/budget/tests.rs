@@ -22,6 +22,7 @@ use crate::policy::{
     AdmissionMode, BudgetPolicy, ChargeRule, Policy, Price, RateLimitPolicy, RetryBudgetPolicy,
     RouteConfig, SpendPolicy,
 };
+use crate::test_support::{last_decision, response_log as log_of};
 use crate::{Error, ErrorKind, RouteName};
 
 type Req = http::Request<Full<Bytes>>;
@@ -853,17 +854,6 @@ fn always_overloaded() -> (
         }
     });
     (calls, svc)
-}
-
-fn log_of(resp: &http::Response<crate::Body>) -> crate::AttemptLog {
-    resp.extensions()
-        .get::<crate::AttemptLog>()
-        .cloned()
-        .unwrap_or_else(|| panic!("log"))
-}
-
-fn last_decision(log: &crate::AttemptLog) -> Option<crate::attempt_log::Decision> {
-    log.attempts().last()?.decisions.last().cloned()
 }
 
 fn spend_stop() -> Option<crate::attempt_log::Decision> {

@@ -23,6 +23,7 @@ use crate::policy::{
     RetryRule,
 };
 use crate::retry_budget::RetryBudget;
+use crate::test_support::{last_decision, log_of};
 use crate::{AttemptLog, BoxError, Error, ErrorKind};
 
 // ---------------------------------------------------------------------------------------------
@@ -245,25 +246,11 @@ where
         .await
 }
 
-fn log_of(out: &Out) -> AttemptLog {
-    match out {
-        Ok(r) => r.extensions().get::<AttemptLog>().cloned(),
-        Err(e) => e.attempt_log().cloned(),
-    }
-    .unwrap_or_else(|| panic!("no attempt log on {out:?}"))
-}
-
 fn decisions(log: &AttemptLog) -> Vec<Decision> {
     log.attempts()
         .into_iter()
         .flat_map(|a| a.decisions)
         .collect()
-}
-
-fn last_decision(log: &AttemptLog) -> Option<Decision> {
-    log.attempts()
-        .last()
-        .and_then(|a| a.decisions.last().cloned())
 }
 
 fn rate_limited(wait: Duration) -> Classification {
