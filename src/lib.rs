@@ -164,6 +164,7 @@ pub mod reqwest;
 pub mod retry;
 pub mod retry_budget;
 mod route;
+mod sse;
 mod stack;
 pub mod stream_guard;
 #[cfg(test)]

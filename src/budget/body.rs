@@ -12,6 +12,7 @@ use serde_json::Value;
 use super::spend::{End, Ticket};
 use crate::RouteName;
 use crate::attempt_log::Usage;
+use crate::sse::event::{Scanner, UsagePart, usage_of};
 
 pin_project! {
     /// Passes the body through untouched, reads the provider's `usage` on the way (within the
@@ -66,12 +67,7 @@ impl<B: http_body::Body> SpendBody<B> {
         Self {
             inner,
             ticket: Some(ticket),
-            scan: UsageScan {
-                kind,
-                limit,
-                buf: Vec::new(),
-                usage: None,
-            },
+            scan: UsageScan::new(kind, limit),
             success,
             route,
         }
@@ -86,7 +82,11 @@ fn settle(
     route: &Option<RouteName>,
 ) {
     if let Some(ticket) = ticket.take() {
-        let usage = if complete { scan.finish() } else { scan.usage };
+        let usage = if complete {
+            scan.finish()
+        } else {
+            scan.so_far()
+        };
         ticket.settle(End::Response {
             success,
             complete,
@@ -141,17 +141,29 @@ enum Kind {
 }
 
 /// Finds `usage` in a JSON answer (held up to `limit` bytes) or in the events of a stream
-/// (read line by line; lines longer than `limit` are skipped).
+/// (events longer than `limit` are skipped), with the same provider knowledge as the stream
+/// guard.
 #[derive(Debug)]
 struct UsageScan {
     kind: Kind,
     limit: usize,
     buf: Vec<u8>,
-    usage: Option<Usage>,
+    events: Option<Scanner>,
+    usage: UsagePart,
 }
 
 impl UsageScan {
-    fn feed(&mut self, mut data: &[u8]) {
+    fn new(kind: Kind, limit: usize) -> Self {
+        Self {
+            kind,
+            limit,
+            buf: Vec::new(),
+            events: (kind == Kind::Sse).then(|| Scanner::with_limit(limit)),
+            usage: UsagePart::default(),
+        }
+    }
+
+    fn feed(&mut self, data: &[u8]) {
         match self.kind {
             Kind::Skip => {}
             Kind::Json => {
@@ -164,89 +176,43 @@ impl UsageScan {
                 }
             }
             Kind::Sse => {
-                while let Some(nl) = data.iter().position(|b| *b == b'\n') {
-                    if self.buf.len() + nl <= self.limit {
-                        self.buf.extend_from_slice(&data[..nl]);
-                        let line = std::mem::take(&mut self.buf);
-                        self.sse_line(&line);
-                    }
-                    self.buf.clear();
-                    data = &data[nl + 1..];
-                }
-                if self.buf.len() + data.len() <= self.limit {
-                    self.buf.extend_from_slice(data);
-                } else {
-                    // Over-long line: drop it, keep the marker that it is being skipped.
-                    self.buf.clear();
-                    self.buf.resize(self.limit, b' ');
+                if let Some(events) = self.events.as_mut() {
+                    let usage = &mut self.usage;
+                    events.feed(data, &mut |ev| {
+                        if let Some(u) = ev.usage {
+                            usage.merge(u);
+                        }
+                    });
                 }
             }
         }
     }
 
-    fn sse_line(&mut self, line: &[u8]) {
-        let Some(data) = line.strip_prefix(b"data:") else {
-            return;
-        };
-        let needle: &[u8] = b"sage";
-        if !data.windows(needle.len()).any(|w| w == needle) {
-            return;
-        }
-        if let Ok(v) = serde_json::from_slice::<Value>(data) {
-            if let Some(u) = usage_of(&v) {
-                // Streams report usage cumulatively (Anthropic: input in `message_start`,
-                // output in `message_delta`): keep the largest of each.
-                let old = self.usage.unwrap_or_default();
-                self.usage = Some(Usage::new(
-                    old.input_tokens.max(u.input_tokens),
-                    old.output_tokens.max(u.output_tokens),
-                ));
-            }
-        }
+    /// The usage reported so far (a stream's, while it is still running).
+    fn so_far(&self) -> Option<Usage> {
+        self.usage.usage()
     }
 
     fn finish(&mut self) -> Option<Usage> {
         match self.kind {
             Kind::Json => {
                 let v = serde_json::from_slice::<Value>(&self.buf).ok()?;
-                usage_of(&v)
+                usage_of(&v)?.usage()
             }
             Kind::Sse => {
-                let rest = std::mem::take(&mut self.buf);
-                if rest.len() < self.limit {
-                    self.sse_line(&rest);
+                if let Some(events) = self.events.as_mut() {
+                    let usage = &mut self.usage;
+                    events.finish(&mut |ev| {
+                        if let Some(u) = ev.usage {
+                            usage.merge(u);
+                        }
+                    });
                 }
-                self.usage
+                self.usage.usage()
             }
             Kind::Skip => None,
         }
     }
-}
-
-/// Usage in the shapes of the common APIs: `usage.{prompt,completion}_tokens` (OpenAI chat),
-/// `usage.{input,output}_tokens` (Anthropic, OpenAI Responses), Gemini's `usageMetadata`,
-/// also nested in `message` (Anthropic `message_start`) or `response` (Responses events).
-fn usage_of(v: &Value) -> Option<Usage> {
-    let num = |o: &Value, k: &str| o.get(k).and_then(Value::as_u64);
-    if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-        let input = num(u, "prompt_tokens").or_else(|| num(u, "input_tokens"));
-        let output = num(u, "completion_tokens").or_else(|| num(u, "output_tokens"));
-        if input.is_some() || output.is_some() {
-            return Some(Usage::new(input.unwrap_or(0), output.unwrap_or(0)));
-        }
-    }
-    if let Some(u) = v.get("usageMetadata") {
-        let input = num(u, "promptTokenCount");
-        let output = num(u, "candidatesTokenCount")
-            .unwrap_or(0)
-            .saturating_add(num(u, "thoughtsTokenCount").unwrap_or(0));
-        if input.is_some() || output > 0 {
-            return Some(Usage::new(input.unwrap_or(0), output));
-        }
-    }
-    ["message", "response"]
-        .iter()
-        .find_map(|k| v.get(*k).filter(|m| m.is_object()).and_then(usage_of))
 }
 
 #[cfg(test)]
@@ -254,12 +220,7 @@ mod tests {
     use super::*;
 
     fn scan(kind: Kind, limit: usize, chunks: &[&str]) -> Option<Usage> {
-        let mut s = UsageScan {
-            kind,
-            limit,
-            buf: Vec::new(),
-            usage: None,
-        };
+        let mut s = UsageScan::new(kind, limit);
         for c in chunks {
             s.feed(c.as_bytes());
         }
@@ -300,9 +261,9 @@ mod tests {
             scan(Kind::Sse, 1024, &[anthropic]),
             Some(Usage::new(25, 15))
         );
-        // A line longer than the bound is skipped, later lines still count.
+        // An event longer than the bound is skipped, later events still count.
         let long = format!(
-            "data: {{\"usage\":{{\"prompt_tokens\":1,\"pad\":\"{}\"}}}}\ndata: {{\"usage\":{{\"output_tokens\":3}}}}\n",
+            "data: {{\"usage\":{{\"prompt_tokens\":1,\"pad\":\"{}\"}}}}\n\ndata: {{\"usage\":{{\"output_tokens\":3}}}}\n",
             "x".repeat(200)
         );
         assert_eq!(scan(Kind::Sse, 100, &[&long]), Some(Usage::new(0, 3)));

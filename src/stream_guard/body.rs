@@ -13,13 +13,13 @@ use http_body::{Body as _, Frame};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
-use super::sse::{EventKind, Finish, Scanner, SseEvent, UsagePart};
 use crate::Body;
 use crate::attempt_log::{AttemptLog, Outcome, StreamEnd, StreamRecord};
 use crate::classify::{Classification, FailureClass, SharedClassifier};
 use crate::context::{RequestContext, Sent};
 use crate::error::{Error, ErrorKind};
 use crate::policy::{CommitPoint, StreamSettings};
+use crate::sse::event::{EventKind, Finish, Scanner, SseEvent, UsagePart};
 use crate::{RouteName, StreamCause};
 
 /// What the guard has seen of the stream so far.

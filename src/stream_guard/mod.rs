@@ -109,7 +109,6 @@ mod body;
 mod future;
 mod layer;
 mod service;
-mod sse;
 #[cfg(test)]
 mod tests;
 

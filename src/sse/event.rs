@@ -1,15 +1,12 @@
-//! An incremental scanner for server-sent events, tuned to what the guard must know about a model
-//! API's stream: where the first token is, how the stream ends, and whether the provider sent an
-//! error after its 200.
-//!
-//! The scanner takes chunks as they come off the wire, split anywhere (inside a line, between
-//! `\r` and `\n`), and reports each complete event once. It keeps one reusable line buffer and
-//! one data buffer, so after the first events it does not allocate; it parses a payload as JSON
-//! only when a cheap look at its bytes says it may carry a finish reason, usage or an error —
-//! the final few events of a stream, not every delta.
+//! What the events of a model API's stream mean: where the first token is, how the stream
+//! ends (terminal marker, finish reason, policy block), whether the provider sent an error after
+//! its 200, and the usage it reports. A payload is parsed as JSON only when a cheap look at its
+//! bytes says it may carry a finish reason, usage or an error — the final few events of a
+//! stream, not every delta.
 
 use serde_json::Value;
 
+use super::{Frame, Framer};
 use crate::attempt_log::Usage;
 use crate::classify::{Classification, FailureClass, SharedClassifier, classify_stream_error};
 
@@ -103,26 +100,11 @@ impl SseEvent {
     }
 }
 
-/// The longest line or event payload the scanner holds. A provider's longer event is dropped and
-/// reported as malformed, so a stream can never make the guard's memory grow without bound.
-pub(crate) const MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
-
-/// The incremental SSE scanner.
+/// The events of a model API's stream, as the guard sees them: the framing, then what each
+/// event means.
 #[derive(Debug, Default)]
 pub(crate) struct Scanner {
-    /// The start of a line whose end has not arrived yet.
-    line: Vec<u8>,
-    /// The `data` of the event being built (lines joined with `\n`).
-    data: Vec<u8>,
-    /// The `event` name of the event being built.
-    event: Vec<u8>,
-    has_data: bool,
-    /// The last chunk ended with `\r`: a `\n` starting the next one belongs to it.
-    after_cr: bool,
-    /// The current line outgrew `MAX_EVENT_BYTES`: the rest of it is dropped.
-    skip_line: bool,
-    /// The event being built outgrew `MAX_EVENT_BYTES`: it ends as a malformed event.
-    oversized: bool,
+    pub(crate) framer: Framer,
     /// Classifies in-band errors; the default classifier's rules when `None`.
     classifier: Option<SharedClassifier>,
 }
@@ -142,137 +124,41 @@ impl Scanner {
         }
     }
 
+    /// A scanner that holds events of up to `max` bytes.
+    pub(crate) fn with_limit(max: usize) -> Self {
+        Self {
+            framer: Framer::with_limit(max),
+            classifier: None,
+        }
+    }
+
     /// Scans the next chunk, reporting every event it completes.
-    pub(crate) fn feed(&mut self, mut chunk: &[u8], on_event: &mut impl FnMut(SseEvent)) {
-        if chunk.is_empty() {
-            return;
-        }
-        if self.after_cr {
-            self.after_cr = false;
-            if let [b'\n', rest @ ..] = chunk {
-                chunk = rest;
-            }
-        }
-        while let Some(pos) = memchr::memchr2(b'\n', b'\r', chunk) {
-            let mut next = pos + 1;
-            if chunk[pos] == b'\r' {
-                match chunk.get(next) {
-                    Some(b'\n') => next += 1,
-                    Some(_) => {}
-                    None => self.after_cr = true,
-                }
-            }
-            self.end_line(&chunk[..pos], on_event);
-            chunk = &chunk[next..];
-        }
-        if self.skip_line {
-            return;
-        }
-        if self.line.len() + chunk.len() > MAX_EVENT_BYTES {
-            self.drop_line();
-        } else {
-            self.line.extend_from_slice(chunk);
-        }
-    }
-
-    /// Drops the current, oversized line, and with it the event it belongs to.
-    fn drop_line(&mut self) {
-        self.line.clear();
-        self.skip_line = true;
-        self.oversized = true;
-    }
-
-    /// The stream ended: an unterminated last line and a last event without its blank line are
-    /// still scanned (servers that close right after `data: [DONE]` are common).
-    pub(crate) fn finish(&mut self, on_event: &mut impl FnMut(SseEvent)) {
-        self.after_cr = false;
-        if !self.line.is_empty() || self.skip_line {
-            self.end_line(&[], on_event);
-        }
-        if self.has_data || !self.event.is_empty() || self.oversized {
-            self.dispatch(on_event);
-        }
-    }
-
-    fn end_line(&mut self, tail: &[u8], on_event: &mut impl FnMut(SseEvent)) {
-        if self.skip_line || self.line.len() + tail.len() > MAX_EVENT_BYTES {
-            // The end of a line too long to hold: nothing of it is scanned.
-            self.line.clear();
-            self.skip_line = false;
-            self.oversized = true;
-            return;
-        }
-        if self.line.is_empty() {
-            self.process_line(tail, on_event);
-        } else {
-            // Keep the buffer's capacity: take it out, use it, put it back empty.
-            let mut line = std::mem::take(&mut self.line);
-            line.extend_from_slice(tail);
-            self.process_line(&line, on_event);
-            line.clear();
-            self.line = line;
-        }
-    }
-
-    fn process_line(&mut self, line: &[u8], on_event: &mut impl FnMut(SseEvent)) {
-        if line.is_empty() {
-            if self.has_data || !self.event.is_empty() || self.oversized {
-                self.dispatch(on_event);
-            }
-            return;
-        }
-        if line[0] == b':' {
-            on_event(SseEvent::of(EventKind::Comment));
-            return;
-        }
-        let (field, value) = match memchr::memchr(b':', line) {
-            Some(i) => {
-                let v = &line[i + 1..];
-                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
-            }
-            None => (line, &b""[..]),
-        };
-        match field {
-            b"data" => {
-                if self.data.len() + value.len() + 1 > MAX_EVENT_BYTES {
-                    self.data.clear();
-                    self.oversized = true;
-                } else if !self.oversized {
-                    if self.has_data {
-                        self.data.push(b'\n');
-                    }
-                    self.data.extend_from_slice(value);
-                }
-                self.has_data = true;
-            }
-            b"event" => {
-                self.event.clear();
-                self.event.extend_from_slice(value);
-            }
-            // `id`, `retry` and unknown fields mean nothing to the guard.
-            _ => {}
-        }
-    }
-
-    fn dispatch(&mut self, on_event: &mut impl FnMut(SseEvent)) {
-        if self.oversized {
-            self.data.clear();
-            self.event.clear();
-            self.has_data = false;
-            self.oversized = false;
-            on_event(SseEvent::of(EventKind::Malformed));
-            return;
-        }
+    pub(crate) fn feed(&mut self, chunk: &[u8], on_event: &mut impl FnMut(SseEvent)) {
         let classifier = self.classifier.as_ref();
-        let in_band = |data: &[u8]| match classifier {
-            Some(c) => c.classify_stream_error(data),
-            None => classify_stream_error(data),
-        };
-        let event = classify_event(&self.event, &self.data, &in_band);
-        self.data.clear();
-        self.event.clear();
-        self.has_data = false;
-        on_event(event);
+        self.framer
+            .feed(chunk, &mut |frame| on_event(meaning(frame, classifier)));
+    }
+
+    /// The stream ended: what is left of it is scanned.
+    pub(crate) fn finish(&mut self, on_event: &mut impl FnMut(SseEvent)) {
+        let classifier = self.classifier.as_ref();
+        self.framer
+            .finish(&mut |frame| on_event(meaning(frame, classifier)));
+    }
+}
+
+/// What one frame of the stream means.
+fn meaning(frame: Frame<'_>, classifier: Option<&SharedClassifier>) -> SseEvent {
+    match frame {
+        Frame::Comment => SseEvent::of(EventKind::Comment),
+        Frame::Oversized => SseEvent::of(EventKind::Malformed),
+        Frame::Event { name, data } => {
+            let in_band = |data: &[u8]| match classifier {
+                Some(c) => c.classify_stream_error(data),
+                None => classify_stream_error(data),
+            };
+            classify_event(name, data, &in_band)
+        }
     }
 }
 
@@ -536,14 +422,25 @@ fn in_band_classification(in_band: &InBand<'_>, json: &[u8]) -> Classification {
     in_band(json).unwrap_or_else(|| Classification::failure(FailureClass::ServerError))
 }
 
-/// The usage object of a final event, whichever provider's shape it has.
-fn usage_of(v: &Value) -> Option<UsagePart> {
-    let u = v
-        .get("usage")
-        .filter(|u| u.is_object())
-        .or_else(|| v.get("message").and_then(|m| m.get("usage")))
-        .or_else(|| v.get("response").and_then(|r| r.get("usage")))
-        .or_else(|| v.get("usageMetadata"))?;
+/// The usage an answer or event reports, whichever API's shape it has:
+/// `usage.{prompt,completion}_tokens` (OpenAI chat), `usage.{input,output}_tokens` (Anthropic,
+/// OpenAI Responses), Gemini's `usageMetadata` (thinking tokens count as output), also nested
+/// in `message` (Anthropic `message_start`) or `response` (Responses events). The first of
+/// those objects that reports a count is taken.
+pub(crate) fn usage_of(v: &Value) -> Option<UsagePart> {
+    [
+        v.get("usage"),
+        v.get("message").and_then(|m| m.get("usage")),
+        v.get("response").and_then(|r| r.get("usage")),
+        v.get("usageMetadata"),
+    ]
+    .into_iter()
+    .flatten()
+    .filter(|u| u.is_object())
+    .find_map(counts)
+}
+
+fn counts(u: &Value) -> Option<UsagePart> {
     let num = |k: &str| u.get(k).and_then(Value::as_u64);
     let input = num("prompt_tokens")
         .or_else(|| num("input_tokens"))
@@ -627,6 +524,7 @@ fn well_formed(data: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sse::MAX_EVENT_BYTES;
 
     fn scan(chunks: &[&[u8]]) -> Vec<SseEvent> {
         let mut s = Scanner::new();
@@ -981,8 +879,8 @@ mod tests {
             let mut events = Vec::new();
             for chunk in stream.chunks(size) {
                 s.feed(chunk, &mut |e| events.push(e));
-                assert!(s.line.capacity() <= 2 * MAX_EVENT_BYTES);
-                assert!(s.data.capacity() <= 2 * MAX_EVENT_BYTES);
+                assert!(s.framer.line.capacity() <= 2 * MAX_EVENT_BYTES);
+                assert!(s.framer.data.capacity() <= 2 * MAX_EVENT_BYTES);
             }
             s.finish(&mut |e| events.push(e));
             assert_eq!(
@@ -1027,15 +925,17 @@ mod tests {
         for chunk in OPENAI.as_bytes().chunks(7) {
             s.feed(chunk, &mut |_| n += 1);
         }
-        let caps = (s.line.capacity(), s.data.capacity(), s.event.capacity());
+        let f = &s.framer;
+        let caps = (f.line.capacity(), f.data.capacity(), f.event.capacity());
         for _ in 0..100 {
             for chunk in OPENAI.as_bytes().chunks(7) {
                 s.feed(chunk, &mut |_| n += 1);
             }
         }
         assert_eq!(n, 6 * 101);
+        let f = &s.framer;
         assert_eq!(
-            (s.line.capacity(), s.data.capacity(), s.event.capacity()),
+            (f.line.capacity(), f.data.capacity(), f.event.capacity()),
             caps
         );
     }

@@ -1,0 +1,199 @@
+//! Server-sent events: the framing of a byte stream into events, and what each event of a
+//! model API's stream means ([`event`]).
+//!
+//! The framing takes chunks as they come off the wire, split anywhere (inside a line, between
+//! `\r` and `\n`), and hands over each complete event once: its `event` name and its `data`
+//! (lines joined with `\n`). It keeps one reusable line buffer and one data buffer, so after the
+//! first events it does not allocate, and it holds at most a bounded line or event: a longer one
+//! is dropped and reported as oversized, so a stream can never make its memory grow without
+//! bound.
+
+pub(crate) mod event;
+
+/// The longest line or event payload the framing holds by default.
+pub(crate) const MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
+
+/// What the framing hands over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Frame<'a> {
+    /// A `:` comment line.
+    Comment,
+    /// A complete event.
+    Event {
+        /// Its `event` field (empty when it had none).
+        name: &'a [u8],
+        /// Its `data` lines, joined with `\n`.
+        data: &'a [u8],
+    },
+    /// An event (or a line of it) longer than the bound, dropped.
+    Oversized,
+}
+
+/// The incremental SSE framing.
+#[derive(Debug)]
+pub(crate) struct Framer {
+    /// The start of a line whose end has not arrived yet.
+    pub(crate) line: Vec<u8>,
+    /// The `data` of the event being built (lines joined with `\n`).
+    pub(crate) data: Vec<u8>,
+    /// The `event` name of the event being built.
+    pub(crate) event: Vec<u8>,
+    has_data: bool,
+    /// The last chunk ended with `\r`: a `\n` starting the next one belongs to it.
+    after_cr: bool,
+    /// The current line outgrew the bound: the rest of it is dropped.
+    skip_line: bool,
+    /// The event being built outgrew the bound: it ends as an oversized event.
+    oversized: bool,
+    /// The longest line or event payload held.
+    max: usize,
+}
+
+impl Default for Framer {
+    fn default() -> Self {
+        Self::with_limit(MAX_EVENT_BYTES)
+    }
+}
+
+impl Framer {
+    /// A framing that holds lines and events of up to `max` bytes.
+    pub(crate) fn with_limit(max: usize) -> Self {
+        Self {
+            line: Vec::new(),
+            data: Vec::new(),
+            event: Vec::new(),
+            has_data: false,
+            after_cr: false,
+            skip_line: false,
+            oversized: false,
+            max,
+        }
+    }
+
+    /// Frames the next chunk, handing over every event it completes.
+    pub(crate) fn feed(&mut self, mut chunk: &[u8], on_frame: &mut impl FnMut(Frame<'_>)) {
+        if chunk.is_empty() {
+            return;
+        }
+        if self.after_cr {
+            self.after_cr = false;
+            if let [b'\n', rest @ ..] = chunk {
+                chunk = rest;
+            }
+        }
+        while let Some(pos) = memchr::memchr2(b'\n', b'\r', chunk) {
+            let mut next = pos + 1;
+            if chunk[pos] == b'\r' {
+                match chunk.get(next) {
+                    Some(b'\n') => next += 1,
+                    Some(_) => {}
+                    None => self.after_cr = true,
+                }
+            }
+            self.end_line(&chunk[..pos], on_frame);
+            chunk = &chunk[next..];
+        }
+        if self.skip_line {
+            return;
+        }
+        if self.line.len() + chunk.len() > self.max {
+            self.drop_line();
+        } else {
+            self.line.extend_from_slice(chunk);
+        }
+    }
+
+    /// Drops the current, oversized line, and with it the event it belongs to.
+    fn drop_line(&mut self) {
+        self.line.clear();
+        self.skip_line = true;
+        self.oversized = true;
+    }
+
+    /// The stream ended: an unterminated last line and a last event without its blank line are
+    /// still handed over (servers that close right after `data: [DONE]` are common).
+    pub(crate) fn finish(&mut self, on_frame: &mut impl FnMut(Frame<'_>)) {
+        self.after_cr = false;
+        if !self.line.is_empty() || self.skip_line {
+            self.end_line(&[], on_frame);
+        }
+        if self.has_data || !self.event.is_empty() || self.oversized {
+            self.dispatch(on_frame);
+        }
+    }
+
+    fn end_line(&mut self, tail: &[u8], on_frame: &mut impl FnMut(Frame<'_>)) {
+        if self.skip_line || self.line.len() + tail.len() > self.max {
+            // The end of a line too long to hold: nothing of it is looked at.
+            self.line.clear();
+            self.skip_line = false;
+            self.oversized = true;
+            return;
+        }
+        if self.line.is_empty() {
+            self.process_line(tail, on_frame);
+        } else {
+            // Keep the buffer's capacity: take it out, use it, put it back empty.
+            let mut line = std::mem::take(&mut self.line);
+            line.extend_from_slice(tail);
+            self.process_line(&line, on_frame);
+            line.clear();
+            self.line = line;
+        }
+    }
+
+    fn process_line(&mut self, line: &[u8], on_frame: &mut impl FnMut(Frame<'_>)) {
+        if line.is_empty() {
+            if self.has_data || !self.event.is_empty() || self.oversized {
+                self.dispatch(on_frame);
+            }
+            return;
+        }
+        if line[0] == b':' {
+            on_frame(Frame::Comment);
+            return;
+        }
+        let (field, value) = match memchr::memchr(b':', line) {
+            Some(i) => {
+                let v = &line[i + 1..];
+                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
+            }
+            None => (line, &b""[..]),
+        };
+        match field {
+            b"data" => {
+                if self.data.len() + value.len() + 1 > self.max {
+                    self.data.clear();
+                    self.oversized = true;
+                } else if !self.oversized {
+                    if self.has_data {
+                        self.data.push(b'\n');
+                    }
+                    self.data.extend_from_slice(value);
+                }
+                self.has_data = true;
+            }
+            b"event" => {
+                self.event.clear();
+                self.event.extend_from_slice(value);
+            }
+            // `id`, `retry` and unknown fields mean nothing here.
+            _ => {}
+        }
+    }
+
+    fn dispatch(&mut self, on_frame: &mut impl FnMut(Frame<'_>)) {
+        if self.oversized {
+            self.oversized = false;
+            on_frame(Frame::Oversized);
+        } else {
+            on_frame(Frame::Event {
+                name: &self.event,
+                data: &self.data,
+            });
+        }
+        self.data.clear();
+        self.event.clear();
+        self.has_data = false;
+    }
+}
