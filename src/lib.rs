@@ -172,6 +172,7 @@ mod test_support;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
+mod timer;
 
 pub use attempt_log::AttemptLog;
 pub use attempt_log::StreamCause;

@@ -313,13 +313,7 @@ where
         let Some(at) = self.admitted.deadline else {
             return Poll::Pending;
         };
-        let mut timer = self.deadline.as_mut();
-        if timer.is_none() {
-            timer.set(Some(tokio::time::sleep_until(at)));
-        }
-        if let Some(sleep) = timer.as_pin_mut() {
-            ready!(sleep.poll(cx));
-        }
+        ready!(crate::timer::poll_lazy(self.deadline.as_mut(), at, cx));
         let route = Some(self.admitted.route.clone());
         self.admitted
             .ctx

@@ -391,7 +391,7 @@ where
 }
 
 /// What a state's step leads to: the loop goes on in the state it set, or the future ends.
-type Step = Option<Result<Response<Body>, Error>>;
+type Next = Option<Result<Response<Body>, Error>>;
 
 impl<S, B, RB> Proj<'_, S, B>
 where
@@ -402,21 +402,19 @@ where
     B: ReplayBody,
 {
     /// Waits for the deadline while the inner service keeps the request waiting.
-    fn poll_deadline(&mut self, in_flight: bool, cx: &mut Context<'_>) -> Poll<Step> {
-        let mut timer = self.deadline.as_mut();
-        if timer.is_none() {
-            timer.set(Some(tokio::time::sleep_until(self.attempts.facts.deadline)));
-        }
-        if let Some(sleep) = timer.as_pin_mut() {
-            ready!(sleep.poll(cx));
-        }
+    fn poll_deadline(&mut self, in_flight: bool, cx: &mut Context<'_>) -> Poll<Next> {
+        ready!(crate::timer::poll_lazy(
+            self.deadline.as_mut(),
+            self.attempts.facts.deadline,
+            cx
+        ));
         // Dropping the attempt's future cancels it.
         self.state.set(State::Done);
         Poll::Ready(Some(Err(self.attempts.deadline_passed(in_flight))))
     }
 
     /// `Ready`: the inner service's readiness for the next attempt, then its call.
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Step> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Next> {
         let ready = match self.service.poll_ready(cx) {
             Poll::Ready(r) => r,
             Poll::Pending => return self.poll_deadline(false, cx),
@@ -439,7 +437,7 @@ where
     }
 
     /// `Calling`: the attempt's response head or error.
-    fn poll_call(&mut self, cx: &mut Context<'_>) -> Poll<Step> {
+    fn poll_call(&mut self, cx: &mut Context<'_>) -> Poll<Next> {
         let StateProj::Calling { future } = self.state.as_mut().project() else {
             return Poll::Ready(None);
         };
@@ -465,7 +463,7 @@ where
     }
 
     /// The attempt failed without a response: retry it, or hand the error up.
-    fn failed(&mut self, e: S::Error) -> Step {
+    fn failed(&mut self, e: S::Error) -> Next {
         let attempts = &mut *self.attempts;
         let e = attempts.shared.classifier.error(e);
         let local = is_local_rejection(&e);
@@ -502,7 +500,7 @@ where
     }
 
     /// `Classifying`: the classified answer is handed up, or retried.
-    fn poll_classify(&mut self, cx: &mut Context<'_>) -> Poll<Step> {
+    fn poll_classify(&mut self, cx: &mut Context<'_>) -> Poll<Next> {
         let StateProj::Classifying { future } = self.state.as_mut().project() else {
             return Poll::Ready(None);
         };
@@ -535,7 +533,7 @@ where
     }
 
     /// `Sleeping`: the wait before the retry, draining the retried answer's body meanwhile.
-    fn poll_sleep(&mut self, cx: &mut Context<'_>) -> Poll<Step> {
+    fn poll_sleep(&mut self, cx: &mut Context<'_>) -> Poll<Next> {
         let StateProj::Sleeping {
             sleep,
             drain,

@@ -124,7 +124,7 @@ impl Failure {
 }
 
 /// One step of reading the inner body under the guard's timers.
-pub(crate) enum Step {
+pub(crate) enum Read {
     /// A data chunk, already scanned.
     Data(Bytes),
     /// Trailers.
@@ -309,29 +309,29 @@ impl Core {
         cx: &mut Context<'_>,
         mut sleep: Pin<&mut Sleep>,
         committed: bool,
-    ) -> Poll<Step> {
+    ) -> Poll<Read> {
         loop {
             if self.inner.is_none() {
-                return Poll::Ready(Step::End);
+                return Poll::Ready(Read::End);
             }
             let now = Instant::now();
             match self.expired(now, committed, false) {
                 Some(Ok(cause)) => return Poll::Ready(self.fail(Failure::new(cause))),
-                Some(Err(())) => return Poll::Ready(Step::CommitDue),
+                Some(Err(())) => return Poll::Ready(Read::CommitDue),
                 None => {}
             }
             let Some(inner) = self.inner.as_mut() else {
-                return Poll::Ready(Step::End);
+                return Poll::Ready(Read::End);
             };
             match Pin::new(inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) if data.is_empty() => continue,
                     Ok(data) => {
                         self.on_data(&data, now);
-                        return Poll::Ready(Step::Data(data));
+                        return Poll::Ready(Read::Data(data));
                     }
                     Err(frame) => match frame.into_trailers() {
-                        Ok(trailers) => return Poll::Ready(Step::Trailers(trailers)),
+                        Ok(trailers) => return Poll::Ready(Read::Trailers(trailers)),
                         Err(_) => continue,
                     },
                 },
@@ -347,13 +347,13 @@ impl Core {
                         scanner.finish(&mut |ev| progress.on_event(ev, now));
                     }
                     self.take_in_band_error();
-                    return Poll::Ready(Step::End);
+                    return Poll::Ready(Read::End);
                 }
                 Poll::Pending => {}
             }
             match self.expired(now, committed, true) {
                 Some(Ok(cause)) => return Poll::Ready(self.fail(Failure::new(cause))),
-                Some(Err(())) => return Poll::Ready(Step::CommitDue),
+                Some(Err(())) => return Poll::Ready(Read::CommitDue),
                 None => {}
             }
             let Some(next) = self.next_deadline(committed) else {
@@ -373,12 +373,12 @@ impl Core {
 
     /// Stops reading. Once the terminal marker was seen the answer is whole, so a break or a
     /// silence after it ends the stream as it is instead of failing it.
-    fn fail(&mut self, f: Failure) -> Step {
+    fn fail(&mut self, f: Failure) -> Read {
         self.inner = None;
         if self.progress.terminal {
-            Step::End
+            Read::End
         } else {
-            Step::Fail(f)
+            Read::Fail(f)
         }
     }
 
@@ -626,12 +626,12 @@ impl http_body::Body for GuardedBody {
             };
             return Poll::Ready(match step {
                 // An in-band error in this chunk is reported on the next poll, after the chunk.
-                Step::Data(data) => {
+                Read::Data(data) => {
                     core.delivered = core.delivered.saturating_add(data.len() as u64);
                     Some(Ok(Frame::data(data)))
                 }
-                Step::Trailers(trailers) => Some(Ok(Frame::trailers(trailers))),
-                Step::End => {
+                Read::Trailers(trailers) => Some(Ok(Frame::trailers(trailers))),
+                Read::End => {
                     if let Some(f) = core.take_pending() {
                         Some(Err(core.interrupt(f)))
                     } else if core.complete() {
@@ -647,9 +647,9 @@ impl http_body::Body for GuardedBody {
                         Some(Err(core.interrupt(Failure::new(StreamCause::Truncated))))
                     }
                 }
-                Step::Fail(f) => Some(Err(core.interrupt(f))),
+                Read::Fail(f) => Some(Err(core.interrupt(f))),
                 // No commit deadline runs after the commit point.
-                Step::CommitDue => continue,
+                Read::CommitDue => continue,
             });
         }
     }

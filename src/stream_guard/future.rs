@@ -10,7 +10,7 @@ use http::header::CONTENT_TYPE;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
-use super::body::{Core, Failure, GuardedBody, Step, Tracker};
+use super::body::{Core, Failure, GuardedBody, Read, Tracker};
 use crate::attempt_log::{StreamEnd, StreamRecord};
 use crate::classify::{Classification, ClassifyResponse, SharedClassifier};
 use crate::context::{RequestContext, Sent};
@@ -80,7 +80,7 @@ impl Call {
         let Some(at) = first.into_iter().chain(total).min() else {
             return Poll::Pending;
         };
-        ready!(poll_deadline(sleep, at, cx));
+        ready!(crate::timer::poll_at(sleep, at, cx));
         match (s.first_token_timeout, s.total_timeout) {
             (Some(d), _) if first == Some(at) => Poll::Ready(StreamCause::FirstTokenTimeout(d)),
             (_, Some(d)) => Poll::Ready(StreamCause::TotalTimeout(d)),
@@ -137,14 +137,6 @@ fn is_sse(headers: &http::HeaderMap) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("text/event-stream"))
 }
 
-/// Arms `sleep` for `deadline` and polls it.
-fn poll_deadline(mut sleep: Pin<&mut Sleep>, deadline: Instant, cx: &mut Context<'_>) -> Poll<()> {
-    if sleep.deadline() != deadline {
-        sleep.as_mut().reset(deadline);
-    }
-    sleep.poll(cx)
-}
-
 /// Reads a guarded stream up to its commit point: `Ok` when the held-back prefix may be
 /// handed up, the error the stream failed with before it otherwise.
 fn poll_commit(
@@ -156,7 +148,7 @@ fn poll_commit(
     loop {
         let step = ready!(core.poll_step(cx, sleep.as_mut(), false));
         return Poll::Ready(match step {
-            Step::Data(data) => {
+            Read::Data(data) => {
                 core.hold(data);
                 if let Some(f) = core.take_pending() {
                     Err(core.fail_before_commit(f))
@@ -171,12 +163,12 @@ fn poll_commit(
                     continue;
                 }
             }
-            Step::Trailers(trailers) => {
+            Read::Trailers(trailers) => {
                 core.hold_trailers(trailers);
                 continue;
             }
-            Step::CommitDue => Ok(()),
-            Step::End => {
+            Read::CommitDue => Ok(()),
+            Read::End => {
                 if let Some(f) = core.take_pending() {
                     Err(core.fail_before_commit(f))
                 } else if core.blocked().is_some() {
@@ -187,7 +179,7 @@ fn poll_commit(
                     Err(core.fail_before_commit(Failure::new(StreamCause::Truncated)))
                 }
             }
-            Step::Fail(f) => Err(core.fail_before_commit(f)),
+            Read::Fail(f) => Err(core.fail_before_commit(f)),
         });
     }
 }
@@ -289,7 +281,7 @@ where
                         let Some(at) = call.deadline(Some(d)) else {
                             return Poll::Pending;
                         };
-                        ready!(poll_deadline(this.sleep.as_mut(), at, cx));
+                        ready!(crate::timer::poll_at(this.sleep.as_mut(), at, cx));
                         Err(call.timed_out(StreamCause::TotalTimeout(d)))
                     }
                 },
