@@ -62,7 +62,7 @@
 //!
 //! `Middleware::handle` gets the rest of the chain as a borrowed [`Next<'_>`](Next), valid for
 //! that one call, and the chain's `Extensions` as `&mut`. So the stack is built per request,
-//! around a service that borrows that `Next`: building it is five `Arc` clones, because every
+//! around a service that borrows that `Next`: building it is a few `Arc` clones, because every
 //! layer keeps its state — circuit breakers, retry budget, rate-limit buckets and queues, spend
 //! store, jitter — behind an `Arc` in the [`ResilienceLayer`], and each service it builds
 //! shares it. One `ResilienceMiddleware` (and its clones) is one set of breakers and budgets
