@@ -22,12 +22,12 @@
 //!
 //! ```text
 //! OPENAI_API_KEY=... cargo run --example axum_gateway \
-//!     --features reqwest,reqwest/rustls-tls -- \
+//!     --features reqwest,reqwest/rustls -- \
 //!     --upstream https://api.openai.com --listen 127.0.0.1:8080
 //! ```
 //!
 //! The upstream client is reqwest (through [`ReqwestService`]); the crate compiles it without a
-//! TLS stack, so an `https` upstream needs `reqwest/rustls-tls` (or `native-tls`) as above. A
+//! TLS stack, so an `https` upstream needs `reqwest/rustls` (or `native-tls`) as above. A
 //! local plain-HTTP server (vLLM, llama.cpp, Ollama) needs neither TLS nor a key.
 //!
 //! # What the gateway answers

@@ -12,11 +12,11 @@
 //!
 //! ```text
 //! OPENAI_API_KEY=... cargo run --example reqwest_client \
-//!     --features reqwest,reqwest/rustls-tls -- \
+//!     --features reqwest,reqwest/rustls -- \
 //!     --upstream https://api.openai.com --model gpt-4o-mini --prompt "Say hello"
 //! ```
 //!
-//! The crate compiles reqwest without a TLS stack; `reqwest/rustls-tls` (or `native-tls`)
+//! The crate compiles reqwest without a TLS stack; `reqwest/rustls` (or `native-tls`)
 //! adds one for `https` upstreams. A local plain-HTTP server (vLLM, llama.cpp, Ollama's
 //! OpenAI-compatible endpoint) needs none, and no key either.
 

@@ -139,8 +139,11 @@
 //! - `serde` — deserialise [`Policy`] (durations written `"250ms"`, `"9s"`), serialise the
 //!   attempt log.
 //! - `testing` — [`testing::MockProvider`], a scripted model-API server on loopback for tests.
-//! - `reqwest` — `reqwest::ReqwestService`, which makes a `reqwest::Client` a tower service
-//!   (reqwest is built without a TLS stack; enable your own).
+//! - `reqwest` — `reqwest::ReqwestService`, which makes a `reqwest::Client` (reqwest 0.13) a
+//!   tower service (reqwest is built without a TLS stack; enable your own).
+//! - `reqwest-middleware` — `reqwest_middleware::ResilienceMiddleware`, the whole stack as one
+//!   `reqwest_middleware::Middleware` for `ClientBuilder::with` (reqwest-middleware 0.5); the
+//!   response carries the attempt log, crate errors are recovered by downcast. Implies `reqwest`.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -161,6 +164,7 @@ mod pacing;
 pub mod policy;
 pub mod replay;
 pub mod reqwest;
+pub mod reqwest_middleware;
 pub mod retry;
 pub mod retry_budget;
 mod route;

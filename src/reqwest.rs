@@ -22,7 +22,7 @@
 //!
 //! reqwest is used without default features: no TLS stack is compiled in, which is all a
 //! plain-HTTP loopback provider needs. For `https` providers, enable the TLS feature you use in
-//! your own `reqwest` dependency (`rustls-tls`, `native-tls`, …); Cargo unifies the features.
+//! your own `reqwest` dependency (`rustls`, `native-tls`, …); Cargo unifies the features.
 //! Timeouts are better left to the policy (deadline, first-token and idle timeouts); a total
 //! `timeout` on the client also bounds streamed answers, whatever their length.
 //!
@@ -191,12 +191,12 @@ impl Future for ResponseFuture {
 
 // reqwest wants a `Sync` body; request bodies need not be (the crate's own `Body` is not). The
 // mutex is only ever reached through `&mut` (`get_mut`, no locking) except by `size_hint`.
-struct SyncBody<B> {
+pub(crate) struct SyncBody<B> {
     inner: Mutex<Pin<Box<B>>>,
 }
 
 impl<B> SyncBody<B> {
-    fn new(body: B) -> Self {
+    pub(crate) fn new(body: B) -> Self {
         Self {
             inner: Mutex::new(Box::pin(body)),
         }
