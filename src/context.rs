@@ -141,7 +141,7 @@ impl Deadline {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FallbackAvailable;
 
-/// The most transport attempts the request's [`AttemptLog`](crate::AttemptLog) may hold,
+/// The most transport attempts the request's [`AttemptLog`] may hold,
 /// across every route of the fallback chain.
 ///
 /// `FallbackLayer` sets it in the [`RequestContext`] from `fallback.max_total_attempts` (a

@@ -20,7 +20,7 @@
 //!   ([`Error::attempt_log`]). The log is also put into the middleware
 //!   chain's `Extensions`, where a middleware attached before this one finds it after
 //!   `next.run(..)` returns, and into each attempt's copy of them, with the attempt's
-//!   [`RouteName`], for a middleware below to read.
+//!   [`RouteName`](crate::RouteName) and the request's [`RequestContext`], for a middleware below to read.
 //! - **Errors**: the crate's [`Error`] becomes [`reqwest_middleware::Error::Middleware`]; the
 //!   typed error comes back by downcast (see below). A reqwest error of an attempt is that
 //!   error's [`source`](std::error::Error::source), classified as it would be under
@@ -129,7 +129,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::classify::Classification;
-use crate::context::RouteName;
+use crate::context::RequestContext;
 use crate::replay::ReplayBody;
 use crate::reqwest::SyncBody;
 use crate::{
@@ -431,11 +431,12 @@ impl<'a> Service<http::Request<RequestBody>> for NextService<'a> {
 
     fn call(&mut self, req: http::Request<RequestBody>) -> Self::Future {
         let mut extensions = self.extensions.clone();
-        if let Some(route) = req.extensions().get::<RouteName>() {
-            extensions.insert(route.clone());
-        }
-        if let Some(log) = req.extensions().get::<AttemptLog>() {
-            extensions.insert(log.clone());
+        if let Some(ctx) = RequestContext::of(&req) {
+            if let Some(route) = ctx.route() {
+                extensions.insert(route);
+            }
+            extensions.insert(ctx.log().clone());
+            extensions.insert(ctx.clone());
         }
         let next = self.next.clone();
         Box::pin(async move {
