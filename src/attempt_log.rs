@@ -375,6 +375,9 @@ pub enum LocalEventKind {
     },
     /// The deadline passed before the next step.
     DeadlineExceeded,
+    /// The store of shared state could not be asked in time (the policy's mode decided what
+    /// followed).
+    StoreUnavailable,
     /// The fallback chain served its static last-resort answer.
     LastResort,
     /// The fallback chain skipped a route because the request could not be rewritten for it
@@ -398,6 +401,7 @@ impl fmt::Display for LocalEventKind {
             }
             LocalEventKind::Queued { waited } => write!(f, "queued {}ms", waited.as_millis()),
             LocalEventKind::DeadlineExceeded => f.write_str("deadline exceeded"),
+            LocalEventKind::StoreUnavailable => f.write_str("shared-state store unavailable"),
             LocalEventKind::LastResort => f.write_str("served the last-resort answer"),
             LocalEventKind::RouteSkipped { reason } => write!(f, "route skipped: {reason}"),
         }

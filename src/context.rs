@@ -64,6 +64,7 @@ use crate::pacing::Pacer;
 use crate::policy::LoggingPolicy;
 use crate::retry_budget::RetryBudget;
 pub use crate::route::RouteName;
+pub use crate::store::StoreFuture;
 
 // Defined here rather than beside the type: it looks into the request's context first.
 impl RouteName {
@@ -178,8 +179,9 @@ impl AttemptCap {
 pub trait AttemptAdmission: Send + Sync + 'static {
     /// Reserves, atomically, the estimated maximum cost of one more attempt of the request on
     /// `route`, for the request's budget owner. `Err` when the reservation would take the
-    /// owner past its cap (or the route has no price): that attempt must not be made.
-    fn admit(&self, route: &RouteName) -> Result<(), SpendDenied>;
+    /// owner past its cap (or the route has no price, or the store cannot be asked): that
+    /// attempt must not be made.
+    fn admit(&self, route: &RouteName) -> StoreFuture<Result<(), SpendDenied>>;
 
     /// Gives back the latest admission on `route`: its attempt will not be made after all.
     fn release(&self, route: &RouteName);
@@ -207,7 +209,7 @@ impl SpendGate {
     }
 
     /// Reserves one more attempt on `route`; see [`AttemptAdmission::admit`].
-    pub fn admit(&self, route: &RouteName) -> Result<(), SpendDenied> {
+    pub fn admit(&self, route: &RouteName) -> StoreFuture<Result<(), SpendDenied>> {
         self.0.admit(route)
     }
 

@@ -29,6 +29,9 @@ pub enum ErrorKind {
         /// The budget owner whose cap was reached, if known.
         owner: Option<String>,
     },
+    /// The store of shared state (spend, rate limits) could not be asked in time, and the
+    /// policy says to fail closed then; the request was not sent.
+    StoreUnavailable,
     /// A client-side rate limit rejected the request.
     RateLimited {
         /// When capacity is expected.
@@ -75,6 +78,7 @@ impl fmt::Display for ErrorKind {
                 write!(f, "rate limited locally, capacity in {retry_in:?}")
             }
             ErrorKind::DeadlineExceeded => f.write_str("deadline exceeded"),
+            ErrorKind::StoreUnavailable => f.write_str("the shared-state store is unavailable"),
             ErrorKind::FailedClosed { class } => write!(f, "failed closed on {class}"),
             ErrorKind::StreamFailed { cause } => {
                 write!(f, "stream failed before its commit point: {cause}")

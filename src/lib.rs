@@ -170,6 +170,7 @@ pub mod retry_budget;
 mod route;
 mod sse;
 mod stack;
+mod store;
 pub mod stream_guard;
 #[cfg(test)]
 mod test_support;

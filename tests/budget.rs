@@ -75,10 +75,16 @@ async fn spend_settles_with_the_usage_the_provider_reports() {
         .oneshot(chat_request(&mock.url(), "json", false))
         .await
         .expect("response");
-    assert_eq!(spend.status("team"), SpendStatus::new(0, 67));
+    assert_eq!(
+        spend.status("team").await.expect("store"),
+        SpendStatus::new(0, 67)
+    );
     resp.into_body().collect().await.expect("body");
     // Charged what the provider reported: 9 prompt + 3 completion tokens.
-    assert_eq!(spend.status("team"), SpendStatus::new(12, 0));
+    assert_eq!(
+        spend.status("team").await.expect("store"),
+        SpendStatus::new(12, 0)
+    );
 
     let resp = svc
         .clone()
@@ -86,14 +92,23 @@ async fn spend_settles_with_the_usage_the_provider_reports() {
         .await
         .expect("response");
     resp.into_body().collect().await.expect("body");
-    assert_eq!(spend.status("team"), SpendStatus::new(12 + 11, 0));
+    assert_eq!(
+        spend.status("team").await.expect("store"),
+        SpendStatus::new(12 + 11, 0)
+    );
 
     let mut req = chat_request(&mock.url(), "anthropic-stream", true);
     req.extensions_mut().insert(BudgetOwner::new("other"));
     let resp = svc.clone().oneshot(req).await.expect("response");
     resp.into_body().collect().await.expect("body");
-    assert_eq!(spend.status("other"), SpendStatus::new(9 + 3, 0));
-    assert_eq!(spend.status("team"), SpendStatus::new(23, 0));
+    assert_eq!(
+        spend.status("other").await.expect("store"),
+        SpendStatus::new(9 + 3, 0)
+    );
+    assert_eq!(
+        spend.status("team").await.expect("store"),
+        SpendStatus::new(23, 0)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -622,7 +637,7 @@ mod with_recovery_layers {
             // While the answer is in hand, the reservations of the attempts made are held —
             // never more than the cap.
             assert_eq!(
-                spend.status("team"),
+                spend.status("team").await.expect("store"),
                 SpendStatus::new(0, attempts * PER_ATTEMPT)
             );
             resp.into_body().collect().await.expect("body");
@@ -632,7 +647,7 @@ mod with_recovery_layers {
                 _ => 0,
             };
             assert_eq!(
-                spend.status("team"),
+                spend.status("team").await.expect("store"),
                 SpendStatus::new(charged, 0),
                 "{rule:?}"
             );
@@ -680,9 +695,15 @@ mod with_recovery_layers {
         assert_eq!(events[0].route, Some(RouteName::new("backup")));
         resp.into_body().collect().await.expect("body");
         // `Reserved` charges the quota failure's reservation, to `team` alone.
-        assert_eq!(spend.status("team"), SpendStatus::new(PER_ATTEMPT, 0));
+        assert_eq!(
+            spend.status("team").await.expect("store"),
+            SpendStatus::new(PER_ATTEMPT, 0)
+        );
         for other in ["main-account", "reserve-account"] {
-            assert_eq!(spend.status(other), SpendStatus::new(0, 0));
+            assert_eq!(
+                spend.status(other).await.expect("store"),
+                SpendStatus::new(0, 0)
+            );
         }
 
         // With room for two attempts the approved hop is made, and its answer is booked to
@@ -694,9 +715,15 @@ mod with_recovery_layers {
             .expect("the backup's answer");
         assert_eq!(resp.status(), 200);
         resp.into_body().collect().await.expect("body");
-        assert_eq!(spend.status("team"), SpendStatus::new(12, 0));
+        assert_eq!(
+            spend.status("team").await.expect("store"),
+            SpendStatus::new(12, 0)
+        );
         for other in ["main-account", "reserve-account"] {
-            assert_eq!(spend.status(other), SpendStatus::new(0, 0));
+            assert_eq!(
+                spend.status(other).await.expect("store"),
+                SpendStatus::new(0, 0)
+            );
         }
     }
 }
@@ -787,7 +814,10 @@ mod through_the_whole_stack {
             assert_eq!(receipt.owner(), "team");
             assert_eq!(receipt.reserved_micros(), reserved);
             assert_eq!(receipt.charged_micros(), None);
-            assert_eq!(spend.status("team"), SpendStatus::new(0, reserved));
+            assert_eq!(
+                spend.status("team").await.expect("store"),
+                SpendStatus::new(0, reserved)
+            );
 
             let text = read_to_end(resp).await;
             assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
@@ -801,8 +831,14 @@ mod through_the_whole_stack {
             let charge = 9 * PRIMARY_PRICE.0 + 2 * PRIMARY_PRICE.1;
             assert_eq!(charge, 38);
             assert_eq!(receipt.charged_micros(), Some(charge), "{peek_limit:?}");
-            assert_eq!(spend.status("team"), SpendStatus::new(charge, 0));
-            assert_eq!(spend.remaining_micros("team"), 1_000_000 - charge);
+            assert_eq!(
+                spend.status("team").await.expect("store"),
+                SpendStatus::new(charge, 0)
+            );
+            assert_eq!(
+                spend.remaining_micros("team").await.expect("store"),
+                1_000_000 - charge
+            );
         }
     }
 
@@ -831,7 +867,10 @@ mod through_the_whole_stack {
             let reserved = 3 * reservation(PRIMARY_PRICE) + reservation(BACKUP_PRICE);
             assert_eq!(reserved, 3 * 646 + 969);
             assert_eq!(receipt.reserved_micros(), reserved);
-            assert_eq!(spend.status("team"), SpendStatus::new(0, reserved));
+            assert_eq!(
+                spend.status("team").await.expect("store"),
+                SpendStatus::new(0, reserved)
+            );
 
             let text = read_to_end(resp).await;
             assert!(text.contains("event: message_stop"), "{text}");
@@ -850,7 +889,10 @@ mod through_the_whole_stack {
             let charge = 9 * BACKUP_PRICE.0 + 3 * BACKUP_PRICE.1;
             assert_eq!(charge, 72);
             assert_eq!(receipt.charged_micros(), Some(charge), "{peek_limit:?}");
-            assert_eq!(spend.status("team"), SpendStatus::new(charge, 0));
+            assert_eq!(
+                spend.status("team").await.expect("store"),
+                SpendStatus::new(charge, 0)
+            );
         }
     }
 }

@@ -317,7 +317,7 @@ fn chat_request() -> Request<Full<Bytes>> {
 }
 
 /// Nothing held: no probe slot, no reservation, no queue place, no call or body in flight.
-fn assert_nothing_leaked(stack: &Stack, what: &str) {
+async fn assert_nothing_leaked(stack: &Stack, what: &str) {
     for snapshot in stack.breakers.snapshots() {
         assert_eq!(
             snapshot.probes_in_flight, 0,
@@ -331,7 +331,7 @@ fn assert_nothing_leaked(stack: &Stack, what: &str) {
         );
     }
     assert_eq!(
-        stack.spend.status(OWNER).reserved,
+        stack.spend.status(OWNER).await.expect("store").reserved,
         0,
         "{what}: a spend reservation leaked"
     );
@@ -362,7 +362,7 @@ struct Held {
 }
 
 impl Held {
-    fn observe(&mut self, stack: &Stack) {
+    async fn observe(&mut self, stack: &Stack) {
         self.queued = self.queued.max(stack.budget.queued());
         let probes = stack
             .breakers
@@ -371,7 +371,9 @@ impl Held {
             .map(|s| s.probes_in_flight)
             .sum();
         self.probes = self.probes.max(probes);
-        self.reserved = self.reserved.max(stack.spend.status(OWNER).reserved);
+        self.reserved = self
+            .reserved
+            .max(stack.spend.status(OWNER).await.expect("store").reserved);
         self.calls = self
             .calls
             .max(stack.transport.live_calls.load(Ordering::SeqCst));
@@ -412,7 +414,7 @@ async fn drive_then_drop(stack: &Stack, steps: usize, held: &mut Held) -> Option
                 Poll::Pending => {}
             },
         }
-        held.observe(stack);
+        held.observe(stack).await;
         tokio::time::advance(STEP).await;
     }
     Some(if body.is_some() {
@@ -437,14 +439,15 @@ async fn every_step(
         let stack = build()?;
         prepare(&stack).await?;
         let before = stack.transport.calls.load(Ordering::SeqCst);
-        assert_nothing_leaked(&stack, &format!("{name}: before the request"));
+        assert_nothing_leaked(&stack, &format!("{name}: before the request")).await;
         let phase = drive_then_drop(&stack, steps, &mut held).await;
         // Let anything a drop woke run (nothing should need it).
         tokio::task::yield_now().await;
         assert_nothing_leaked(
             &stack,
             &format!("{name}: dropped after {steps} steps ({phase:?})"),
-        );
+        )
+        .await;
         match phase {
             Some(p) => *drops.entry(p).or_insert(0) += 1,
             None => {
@@ -586,9 +589,9 @@ async fn dropped_anywhere_with_commit_at_the_end_nothing_leaks() -> Result<(), B
 async fn a_completed_request_settles_and_frees_everything() -> Result<(), BoxError> {
     let stack = stack(&policy(CommitPoint::FirstEvent, 5), Transport::default())?;
     complete(stack.service.clone()).await?;
-    assert_nothing_leaked(&stack, "completed");
+    assert_nothing_leaked(&stack, "completed").await;
     // The answer was charged its usage: 5 input and 3 output tokens at 1 and 2 per million.
-    assert_eq!(stack.spend.status(OWNER).spent, 11);
+    assert_eq!(stack.spend.status(OWNER).await.expect("store").spent, 11);
     assert_eq!(stack.transport.calls.load(Ordering::SeqCst), 1);
     Ok(())
 }

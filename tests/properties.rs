@@ -34,6 +34,7 @@ use proptest::test_runner::TestCaseError;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 use tower_llm_resilience::backoff::JitterSource;
+use tower_llm_resilience::budget::store::{Lease, Refusal, StoreFuture};
 use tower_llm_resilience::budget::{BudgetStore, MemoryStore, RateDemand, SpendStatus};
 use tower_llm_resilience::circuit_breaker::{CircuitBreakerLayer, CircuitState};
 use tower_llm_resilience::policy::{
@@ -1228,6 +1229,30 @@ fn spend_op() -> impl Strategy<Value = SpendOp> {
 
 const OWNERS: [&str; 3] = ["team-a", "team-b", "team-c"];
 
+/// The memory store keeps no leases: one for every reservation of these tests.
+const LEASE: Lease = Lease::new(1, Duration::from_secs(3600));
+
+fn spend_status(r: Refusal) -> SpendStatus {
+    match r {
+        Refusal::Spend(status) => status,
+        other => panic!("a memory store refused for another reason: {other:?}"),
+    }
+}
+
+fn rate_wait(r: Refusal) -> Duration {
+    match r {
+        Refusal::Rate(wait) => wait,
+        other => panic!("a memory store refused for another reason: {other:?}"),
+    }
+}
+
+async fn status_of(store: &MemoryStore, owner: &str, window: Duration) -> SpendStatus {
+    match store.status(owner, window).await {
+        Ok(status) => status,
+        Err(e) => panic!("a memory store failed: {e:?}"),
+    }
+}
+
 async fn spend_store_matches_its_model(
     cap: u64,
     ops: Vec<SpendOp>,
@@ -1261,7 +1286,10 @@ async fn spend_store_matches_its_model(
             SpendOp::Reserve(o, amount) => {
                 let committed = spent[o] + reserved(o, &open);
                 let fits = committed + amount <= cap;
-                let got = store.reserve(OWNERS[o], amount, cap, window);
+                let got = store
+                    .reserve(OWNERS[o], LEASE, amount, cap, window)
+                    .await
+                    .map_err(spend_status);
                 prop_assert_eq!(
                     got.is_ok(),
                     fits,
@@ -1284,7 +1312,7 @@ async fn spend_store_matches_its_model(
                         per_mille.min(1000)
                     };
                     let charged = amount * u64::from(per_mille) / 1000;
-                    store.settle(OWNERS[o], amount, charged, window);
+                    store.settle(OWNERS[o], LEASE, amount, charged, window);
                     spent[o] += charged;
                 }
             }
@@ -1300,7 +1328,7 @@ async fn spend_store_matches_its_model(
                 window_of[o] = w;
                 spent[o] = 0;
             }
-            let status = store.status(OWNERS[o], window);
+            let status = status_of(&store, OWNERS[o], window).await;
             prop_assert_eq!(status, SpendStatus::new(spent[o], reserved(o, &open)));
             if !overcharge {
                 prop_assert!(status.committed() <= cap, "{:?} over {}", status, cap);
@@ -1309,10 +1337,10 @@ async fn spend_store_matches_its_model(
     }
     // Every reservation settled: nothing stays reserved.
     while let Some((o, amount)) = open.pop_front() {
-        store.settle(OWNERS[o], amount, 0, window);
+        store.settle(OWNERS[o], LEASE, amount, 0, window);
     }
     for owner in OWNERS {
-        prop_assert_eq!(store.status(owner, window).reserved, 0);
+        prop_assert_eq!(status_of(&store, owner, window).await.reserved, 0);
     }
     Ok(())
 }
@@ -1337,7 +1365,7 @@ async fn rate_buckets_never_exceed_their_rate(
             RateOp::Advance(n) => tokio::time::advance(ms(n)).await,
             RateOp::Take(cost) => {
                 let demand = RateDemand::new("tokens", per_unit, capacity, cost);
-                match store.take("key", &[demand]) {
+                match store.take("key", &[demand]).await.map_err(rate_wait) {
                     Ok(()) => taken.push((start.elapsed(), cost.min(capacity))),
                     Err(wait) => {
                         prop_assert!(!wait.is_zero());
@@ -1347,12 +1375,12 @@ async fn rate_buckets_never_exceed_their_rate(
                         // The wait is exact: a moment earlier it is still refused, then granted.
                         if wait > Duration::from_nanos(1) {
                             tokio::time::advance(wait - Duration::from_nanos(1)).await;
-                            prop_assert!(store.take("key", &[demand]).is_err());
+                            prop_assert!(store.take("key", &[demand]).await.is_err());
                             tokio::time::advance(Duration::from_nanos(1)).await;
                         } else {
                             tokio::time::advance(wait).await;
                         }
-                        prop_assert_eq!(store.take("key", &[demand]), Ok(()));
+                        prop_assert_eq!(store.take("key", &[demand]).await, Ok(()));
                         taken.push((start.elapsed(), cost.min(capacity)));
                     }
                 }
@@ -1452,20 +1480,30 @@ fn any_duration() -> impl Strategy<Value = Duration> {
 struct AbsurdStore(MemoryStore);
 
 impl BudgetStore for AbsurdStore {
-    fn reserve(&self, o: &str, a: u64, c: u64, w: Duration) -> Result<(), SpendStatus> {
-        self.0.reserve(o, a, c, w)
+    fn reserve(
+        &self,
+        o: &str,
+        l: Lease,
+        a: u64,
+        c: u64,
+        w: Duration,
+    ) -> StoreFuture<Result<(), Refusal>> {
+        self.0.reserve(o, l, a, c, w)
     }
-    fn settle(&self, o: &str, r: u64, c: u64, w: Duration) {
-        self.0.settle(o, r, c, w);
+    fn release(&self, o: &str, l: Lease, a: u64, w: Duration) {
+        self.0.release(o, l, a, w);
+    }
+    fn settle(&self, o: &str, l: Lease, r: u64, c: u64, w: Duration) {
+        self.0.settle(o, l, r, c, w);
     }
     fn adjust(&self, o: &str, r: u64, c: u64, w: Duration) {
         self.0.adjust(o, r, c, w);
     }
-    fn status(&self, o: &str, w: Duration) -> SpendStatus {
+    fn status(&self, o: &str, w: Duration) -> StoreFuture<Result<SpendStatus, Refusal>> {
         self.0.status(o, w)
     }
-    fn take(&self, _key: &str, _demands: &[RateDemand]) -> Result<(), Duration> {
-        Err(Duration::MAX)
+    fn take(&self, _key: &str, _demands: &[RateDemand]) -> StoreFuture<Result<(), Refusal>> {
+        StoreFuture::ready(Err(Refusal::Rate(Duration::MAX)))
     }
 }
 

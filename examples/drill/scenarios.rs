@@ -1167,14 +1167,14 @@ async fn spend_cap(run: &mut Run) -> Result<(), BoxError> {
     let units = |micros: u64| micros as f64 / 1_000_000.0;
 
     let first = run.send("request 1", &svc, chat(&mock)).await;
-    let after_first = handle.status(OWNER);
+    let after_first = handle.status(OWNER).await.expect("store");
     run.note(format!(
         "after request 1: {} of {} units spent",
         units(after_first.spent),
         units(handle.cap_micros())
     ));
     let second = run.send("request 2", &svc, chat(&mock)).await;
-    let after_second = handle.status(OWNER);
+    let after_second = handle.status(OWNER).await.expect("store");
     run.note(format!(
         "after request 2: {} of {} units spent",
         units(after_second.spent),

@@ -11,8 +11,8 @@ use tower_service::Service;
 
 use super::body::SpendBody;
 use super::layer::Shared;
-use super::rate_limit::{Refusal, Waiter};
-use super::spend::{End, SpendReceipt, Ticket};
+use super::rate_limit::{Admit, Ask, Refusal, Waiter};
+use super::spend::{End, Opening, SpendReceipt, Ticket};
 use crate::attempt_log::LocalEventKind;
 use crate::classify::{Classification, ClassifyResponse};
 use crate::context::{RequestContext, Sent};
@@ -60,7 +60,7 @@ impl Admitted {
         }
     }
 
-    fn fail(&mut self, e: Error, in_flight: bool) -> Error {
+    pub(crate) fn fail(&mut self, e: Error, in_flight: bool) -> Error {
         if let Some(t) = self.ticket.take() {
             t.settle(End::Error { in_flight });
         }
@@ -77,6 +77,14 @@ impl Admitted {
                 ErrorKind::DeadlineExceeded,
                 LocalEventKind::DeadlineExceeded,
             ),
+            Refusal::Unavailable(reason) => {
+                let route = Some(self.route.clone());
+                self.ctx
+                    .log()
+                    .event(route, LocalEventKind::StoreUnavailable);
+                let e = Error::new(ErrorKind::StoreUnavailable).with_source(reason);
+                return self.fail(e, false);
+            }
         };
         self.ctx.log().event(Some(self.route.clone()), event);
         self.fail(Error::new(kind), false)
@@ -133,9 +141,87 @@ impl Admitted {
     }
 }
 
-/// A request waiting in line, with the service that was polled ready for it.
-struct Queued<S, B> {
-    waiter: Waiter,
+/// What admission still has to decide, in order: the spend reservation, then the rate limit
+/// (at once, or in line).
+pub(crate) struct Admission {
+    pub(crate) opening: Option<Opening>,
+    pub(crate) ask: Option<Ask>,
+    waiter: Option<Waiter>,
+}
+
+impl Admission {
+    pub(crate) fn new(opening: Option<Opening>, ask: Option<Ask>) -> Self {
+        Self {
+            opening,
+            ask,
+            waiter: None,
+        }
+    }
+
+    /// Drives admission: ready when the request may be sent, or with the error it ends with
+    /// (already closed: its reservation settled and its log attached).
+    pub(crate) fn poll_admit(
+        &mut self,
+        admitted: &mut Admitted,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), Error>> {
+        if let Some(opening) = self.opening.as_mut() {
+            let opened = ready!(opening.poll_open(cx));
+            self.opening = None;
+            match opened {
+                // The first attempt is reserved; the inner layers reserve every further one
+                // through the gate.
+                Ok(ticket) => {
+                    admitted.ctx.set_spend_gate(ticket.gate());
+                    admitted.ticket = Some(ticket);
+                }
+                Err(e) => {
+                    let event = match e.kind() {
+                        ErrorKind::StoreUnavailable => LocalEventKind::StoreUnavailable,
+                        _ => LocalEventKind::BudgetDenied,
+                    };
+                    admitted
+                        .ctx
+                        .log()
+                        .event(Some(admitted.route.clone()), event);
+                    return Poll::Ready(Err(admitted.fail(e, false)));
+                }
+            }
+        }
+        if let Some(ask) = self.ask.take() {
+            let Some(gate) = admitted.shared.gate.clone() else {
+                return Poll::Ready(Ok(()));
+            };
+            match gate.admit(ask) {
+                Admit::Now => return Poll::Ready(Ok(())),
+                Admit::Refused(refusal) => return Poll::Ready(Err(admitted.refuse(refusal))),
+                Admit::Queued(waiter) => self.waiter = Some(waiter),
+            }
+        }
+        let Some(waiter) = self.waiter.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        let admitted_now = ready!(waiter.poll_admit(cx));
+        let queued = waiter.joined().then(|| waiter.waited());
+        self.waiter = None;
+        if let Some(waited) = queued {
+            let route = Some(admitted.route.clone());
+            admitted
+                .ctx
+                .log()
+                .event(route, LocalEventKind::Queued { waited });
+        }
+        Poll::Ready(match admitted_now {
+            Ok(_) => Ok(()),
+            Err(refusal) => Err(admitted.refuse(refusal)),
+        })
+    }
+}
+
+/// A request whose admission was not decided at once, with the service that was polled ready
+/// for it.
+struct Held<S, B> {
+    admission: Admission,
     service: S,
     request: http::Request<B>,
 }
@@ -149,7 +235,7 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future>,
-        queued: Option<Queued<S, B>>,
+        held: Option<Held<S, B>>,
         // The request's deadline, made the first time the inner service keeps it waiting.
         #[pin]
         deadline: Option<Sleep>,
@@ -171,48 +257,34 @@ impl<S, B> ResponseFuture<S, B>
 where
     S: Service<http::Request<B>>,
 {
-    fn with(admitted: Admitted, state: State<S::Future>, queued: Option<Queued<S, B>>) -> Self {
+    fn with(admitted: Admitted, state: State<S::Future>, held: Option<Held<S, B>>) -> Self {
         Self {
             state,
-            queued,
+            held,
             deadline: None,
             admitted,
         }
     }
 
-    pub(crate) fn failed(mut admitted: Admitted, e: Error, in_flight: bool) -> Self {
-        let error = admitted.fail(e, in_flight);
+    /// A request that ended before it was sent, with its `error` (already closed).
+    pub(crate) fn ended(admitted: Admitted, error: Error) -> Self {
         Self::with(admitted, State::Failed { error: Some(error) }, None)
     }
 
-    pub(crate) fn refused(
-        mut admitted: Admitted,
-        refusal: Refusal,
-        waited: Option<Duration>,
-    ) -> Self {
-        if let Some(waited) = waited {
-            let route = Some(admitted.route.clone());
-            admitted
-                .ctx
-                .log()
-                .event(route, LocalEventKind::Queued { waited });
-        }
-        let error = admitted.refuse(refusal);
-        Self::with(admitted, State::Failed { error: Some(error) }, None)
-    }
-
-    pub(crate) fn queued(
+    /// A request whose admission goes on in the future, with the service that was polled
+    /// ready for it.
+    pub(crate) fn admitting(
         admitted: Admitted,
-        waiter: Waiter,
+        admission: Admission,
         service: S,
         request: http::Request<B>,
     ) -> Self {
-        let queued = Queued {
-            waiter,
+        let held = Held {
+            admission,
             service,
             request,
         };
-        Self::with(admitted, State::Waiting, Some(queued))
+        Self::with(admitted, State::Waiting, Some(held))
     }
 
     pub(crate) fn calling(admitted: Admitted, fut: S::Future) -> Self {
@@ -272,39 +344,31 @@ impl<S, B> Proj<'_, S, B>
 where
     S: Service<http::Request<B>>,
 {
-    /// The request's turn in the rate limit's queue: it is sent (`None`: go on calling), or
-    /// refused.
+    /// Admission goes on: the request is sent once admitted (`None`: go on calling), or ends.
     fn poll_queue(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http::Response<Body>, Error>>> {
-        let Some(q) = self.queued.as_mut() else {
+        let Some(held) = self.held.as_mut() else {
             panic!("budget ResponseFuture polled after completion");
         };
-        let admitted = ready!(q.waiter.poll_admit(cx));
-        let waited = q.waiter.waited();
-        let Some(Queued {
+        let admitted = ready!(held.admission.poll_admit(self.admitted, cx));
+        let Some(Held {
             mut service,
             request,
             ..
-        }) = self.queued.take()
+        }) = self.held.take()
         else {
             return Poll::Ready(None);
         };
-        let route = Some(self.admitted.route.clone());
-        let log = self.admitted.ctx.log();
         match admitted {
-            Ok(waited) => {
-                log.event(route, LocalEventKind::Queued { waited });
+            Ok(()) => {
                 self.admitted.sending(None);
                 let fut = service.call(request);
                 self.state.set(State::Calling { fut });
                 Poll::Ready(None)
             }
-            Err(refusal) => {
-                log.event(route, LocalEventKind::Queued { waited });
-                Poll::Ready(Some(Err(self.admitted.refuse(refusal))))
-            }
+            Err(e) => Poll::Ready(Some(Err(e))),
         }
     }
 

@@ -121,7 +121,7 @@
 //! req.extensions_mut().insert(BudgetOwner::new("team-a"));
 //! let resp = client.oneshot(req).await?;
 //! resp.into_body().collect_bytes().await?; // settles: 10 × 2.5 + 20 × 10 per million
-//! assert_eq!(spend.status("team-a").spent, 225);
+//! assert_eq!(spend.status("team-a").await?.spent, 225);
 //! # Ok(())
 //! # }
 //! ```
@@ -133,14 +133,16 @@ mod layer;
 mod rate_limit;
 mod service;
 mod spend;
-mod store;
+pub mod store;
 
 pub use estimate::{DEFAULT_MAX_OUTPUT_TOKENS, DefaultEstimator, TokenEstimate, TokenEstimator};
 pub use future::ResponseFuture;
 pub use layer::BudgetLayer;
 pub use service::Budget;
 pub use spend::{BudgetOwner, SpendHandle, SpendReceipt};
-pub use store::{BudgetStore, MICROS_PER_UNIT, MemoryStore, RateDemand, SpendStatus};
+pub use store::{
+    BudgetStore, Lease, MICROS_PER_UNIT, MemoryStore, RateDemand, Refusal, SpendStatus, StoreFuture,
+};
 
 #[doc(no_inline)]
 pub use crate::context::{AttemptAdmission, Deadline, SpendDenied, SpendGate};

@@ -5,12 +5,12 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
-use super::store::{BudgetStore, RateDemand};
+use super::store::{BudgetStore, RateDemand, Refusal as StoreRefusal, StoreFuture};
 use crate::RouteName;
 use crate::pacing::Pacer;
 use crate::policy::{AdmissionMode, RateKey, RateLimitPolicy};
@@ -63,12 +63,14 @@ fn per_unit(secs: f64) -> Duration {
 }
 
 /// Why a request was not admitted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Refusal {
     /// Capacity comes back in (at least) this long.
     RateLimited(Duration),
     /// The request's deadline passes before capacity.
     Deadline,
+    /// The store of the buckets could not be asked; why.
+    Unavailable(String),
 }
 
 /// The admission state shared by every clone of the service.
@@ -141,47 +143,80 @@ impl Gate {
         self.lines().queued
     }
 
-    /// Capacity right now: the route must not be paused and every bucket must have room.
-    fn try_now(&self, ask: &Ask) -> Result<(), Duration> {
+    /// Asks for capacity now: the route must not be paused and every bucket must have room.
+    fn try_now(&self, ask: &Ask) -> StoreFuture<Result<(), StoreRefusal>> {
         if let Some(left) = self.pacer.as_ref().and_then(|p| p.remaining(&ask.route)) {
-            return Err(left);
+            return StoreFuture::ready(Err(StoreRefusal::Rate(left)));
         }
         if ask.demands.is_empty() {
-            return Ok(());
+            return StoreFuture::ready(Ok(()));
         }
         self.store.take(&ask.key, &ask.demands)
     }
 
-    /// Decides at once, or puts the request at the back of its key's line.
+    /// Decides at once, or puts the request at the back of its key's line. A store that cannot
+    /// answer at once is asked by the waiter.
     pub(crate) fn admit(self: &Arc<Self>, ask: Ask) -> Admit {
         let now = Instant::now();
-        let mut lines = self.lines();
-        let waiting = lines
+        let waiting = self
+            .lines()
             .by_key
             .get(&ask.line)
             .is_some_and(|l| !l.waiters.is_empty());
-        let retry_in = if waiting {
+        if waiting {
+            return self.enqueue(ask, None, now);
+        }
+        let mut take = self.try_now(&ask);
+        match take.now() {
+            Some(answer) => self.first_answer(ask, answer, now),
+            None => Admit::Queued(Waiter::trying(self.clone(), ask, take, now)),
+        }
+    }
+
+    /// What the store's first answer to a request that found no line means.
+    fn first_answer(
+        self: &Arc<Self>,
+        ask: Ask,
+        answer: Result<(), StoreRefusal>,
+        now: Instant,
+    ) -> Admit {
+        match answer {
+            Ok(()) => Admit::Now,
+            Err(StoreRefusal::Rate(retry_in)) => self.enqueue(ask, Some(retry_in), now),
+            Err(other) => Admit::Refused(unavailable(other)),
+        }
+    }
+
+    /// Puts the request at the back of its line, or refuses it: in reject mode, with a full
+    /// queue, or when its wait is already known to be too long. `retry_in` is the store's
+    /// answer when the request found no line; `None` when others wait before it.
+    fn enqueue(self: &Arc<Self>, ask: Ask, retry_in: Option<Duration>, now: Instant) -> Admit {
+        match self.join(&ask, retry_in, now) {
+            Ok(place) => Admit::Queued(Waiter::queued(self.clone(), ask, place, now)),
+            Err(refusal) => Admit::Refused(refusal),
+        }
+    }
+
+    fn join(&self, ask: &Ask, retry_in: Option<Duration>, now: Instant) -> Result<Place, Refusal> {
+        let mut lines = self.lines();
+        let waiting = retry_in.is_none();
+        let retry_in = retry_in.unwrap_or_else(|| {
             // Those in line go first; an estimate of our wait is when the head gets in.
             lines
                 .by_key
                 .get(&ask.line)
                 .and_then(|l| l.head_ready_at)
                 .map_or(Duration::ZERO, |t| t.saturating_duration_since(now))
-        } else {
-            match self.try_now(&ask) {
-                Ok(()) => return Admit::Now,
-                Err(retry_in) => retry_in,
-            }
-        };
+        });
         let AdmissionMode::Queue {
             max_wait,
             max_queued,
         } = self.mode
         else {
-            return Admit::Refused(Refusal::RateLimited(retry_in));
+            return Err(Refusal::RateLimited(retry_in));
         };
         if lines.queued >= max_queued as usize {
-            return Admit::Refused(Refusal::RateLimited(retry_in));
+            return Err(Refusal::RateLimited(retry_in));
         }
         let wait_limit = crate::duration::saturating_add(now, max_wait);
         let (until, by_deadline) = match ask.deadline {
@@ -190,7 +225,7 @@ impl Gate {
         };
         if !waiting && crate::duration::saturating_add(now, retry_in) > until {
             // Known now that the wait would be too long: say so at once.
-            return Admit::Refused(if by_deadline {
+            return Err(if by_deadline {
                 Refusal::Deadline
             } else {
                 Refusal::RateLimited(retry_in)
@@ -200,19 +235,14 @@ impl Gate {
         lines.next_id += 1;
         lines.queued += 1;
         let line = lines.by_key.entry(ask.line.clone()).or_default();
-        if !waiting {
+        if !waiting || line.waiters.is_empty() {
             line.head_ready_at = Some(crate::duration::saturating_add(now, retry_in));
         }
         line.waiters.push_back((id, None));
-        Admit::Queued(Waiter {
-            gate: self.clone(),
-            ask,
+        Ok(Place {
             id,
-            since: now,
             until,
             by_deadline,
-            sleep: None,
-            done: false,
         })
     }
 
@@ -234,14 +264,24 @@ impl Gate {
     }
 }
 
-/// A request waiting in line. Dropping it gives its place up at once.
+/// A request's place in its line.
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    id: u64,
+    until: Instant,
+    by_deadline: bool,
+}
+
+/// A request waiting for capacity: for the store's first answer, or in line. Dropping it gives
+/// its place up at once.
 pub(crate) struct Waiter {
     gate: Arc<Gate>,
     ask: Ask,
-    id: u64,
+    /// In line; `None` while the first answer is awaited.
+    place: Option<Place>,
+    /// The store's answer in flight: the first ask, or the head's.
+    taking: Option<StoreFuture<Result<(), StoreRefusal>>>,
     since: Instant,
-    until: Instant,
-    by_deadline: bool,
     sleep: Option<Pin<Box<Sleep>>>,
     done: bool,
 }
@@ -250,85 +290,130 @@ impl std::fmt::Debug for Waiter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Waiter")
             .field("key", &self.ask.line)
-            .field("id", &self.id)
+            .field("place", &self.place.map(|p| p.id))
             .finish_non_exhaustive()
     }
 }
 
 impl Waiter {
+    fn trying(
+        gate: Arc<Gate>,
+        ask: Ask,
+        take: StoreFuture<Result<(), StoreRefusal>>,
+        now: Instant,
+    ) -> Self {
+        Self {
+            gate,
+            ask,
+            place: None,
+            taking: Some(take),
+            since: now,
+            sleep: None,
+            done: false,
+        }
+    }
+
+    fn queued(gate: Arc<Gate>, ask: Ask, place: Place, now: Instant) -> Self {
+        Self {
+            gate,
+            ask,
+            place: Some(place),
+            taking: None,
+            since: now,
+            sleep: None,
+            done: false,
+        }
+    }
+
+    /// Leaves the line (waking the new head) and ends with `out`.
+    fn leave<T>(&mut self, out: T) -> Poll<T> {
+        self.done = true;
+        if let Some(place) = self.place {
+            let next = Gate::leave(&mut self.gate.lines(), &self.ask.line, place.id);
+            if let Some(w) = next {
+                w.wake();
+            }
+        }
+        Poll::Ready(out)
+    }
+
     /// Ready with how long it waited once admitted, or with the refusal.
     pub(crate) fn poll_admit(&mut self, cx: &mut Context<'_>) -> Poll<Result<Duration, Refusal>> {
         loop {
+            if let Some(take) = self.taking.as_mut() {
+                let answer = ready!(Pin::new(take).poll(cx));
+                self.taking = None;
+                let now = Instant::now();
+                let Some(place) = self.place else {
+                    // The first answer, for a request that found no line.
+                    match answer {
+                        Ok(()) => return self.leave(Ok(Duration::ZERO)),
+                        Err(StoreRefusal::Rate(retry_in)) => {
+                            match self.gate.join(&self.ask, Some(retry_in), now) {
+                                Ok(place) => self.place = Some(place),
+                                Err(refusal) => return self.leave(Err(refusal)),
+                            }
+                            continue;
+                        }
+                        Err(other) => return self.leave(Err(unavailable(other))),
+                    }
+                };
+                match answer {
+                    Ok(()) => return self.leave(Ok(now.saturating_duration_since(self.since))),
+                    Err(StoreRefusal::Rate(retry_in)) => {
+                        let at = crate::duration::saturating_add(now, retry_in);
+                        if at > place.until {
+                            return self.leave(Err(refusal_of(place, retry_in)));
+                        }
+                        if let Some(line) = self.gate.lines().by_key.get_mut(&self.ask.line) {
+                            line.head_ready_at = Some(at);
+                        }
+                        ready!(self.sleep_until(at, cx));
+                        continue;
+                    }
+                    Err(other) => return self.leave(Err(unavailable(other))),
+                }
+            }
+            let Some(place) = self.place else {
+                return self.leave(Err(Refusal::Unavailable("no answer".to_owned())));
+            };
             let now = Instant::now();
             let mut lines = self.gate.lines();
             let is_head = lines
                 .by_key
                 .get(&self.ask.line)
                 .and_then(|l| l.waiters.front())
-                .is_some_and(|(id, _)| *id == self.id);
-            let wake_at;
+                .is_some_and(|(id, _)| *id == place.id);
             if is_head {
-                match self.gate.try_now(&self.ask) {
-                    Ok(()) => {
-                        let next = Gate::leave(&mut lines, &self.ask.line, self.id);
-                        drop(lines);
-                        self.done = true;
-                        if let Some(w) = next {
-                            w.wake();
-                        }
-                        return Poll::Ready(Ok(now.saturating_duration_since(self.since)));
-                    }
-                    Err(retry_in) => {
-                        let at = crate::duration::saturating_add(now, retry_in);
-                        if at > self.until {
-                            let next = Gate::leave(&mut lines, &self.ask.line, self.id);
-                            drop(lines);
-                            self.done = true;
-                            if let Some(w) = next {
-                                w.wake();
-                            }
-                            return Poll::Ready(Err(self.refusal(retry_in)));
-                        }
-                        if let Some(line) = lines.by_key.get_mut(&self.ask.line) {
-                            line.head_ready_at = Some(at);
-                        }
-                        wake_at = at;
-                    }
-                }
-            } else {
-                let head_ready_at = lines.by_key.get_mut(&self.ask.line).and_then(|line| {
-                    if let Some((_, w)) = line.waiters.iter_mut().find(|(id, _)| *id == self.id) {
-                        *w = Some(cx.waker().clone());
-                    }
-                    line.head_ready_at
-                });
-                if now >= self.until {
-                    let next = Gate::leave(&mut lines, &self.ask.line, self.id);
-                    drop(lines);
-                    self.done = true;
-                    if let Some(w) = next {
-                        w.wake();
-                    }
-                    let retry_in =
-                        head_ready_at.map_or(Duration::ZERO, |t| t.saturating_duration_since(now));
-                    return Poll::Ready(Err(self.refusal(retry_in)));
-                }
-                wake_at = self.until;
+                drop(lines);
+                self.taking = Some(self.gate.try_now(&self.ask));
+                continue;
             }
+            let head_ready_at = lines.by_key.get_mut(&self.ask.line).and_then(|line| {
+                if let Some((_, w)) = line.waiters.iter_mut().find(|(id, _)| *id == place.id) {
+                    *w = Some(cx.waker().clone());
+                }
+                line.head_ready_at
+            });
             drop(lines);
-            let sleep = match &mut self.sleep {
-                Some(s) => {
-                    s.as_mut().reset(wake_at);
-                    s
-                }
-                None => self
-                    .sleep
-                    .insert(Box::pin(tokio::time::sleep_until(wake_at))),
-            };
-            if sleep.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
+            if now >= place.until {
+                let retry_in =
+                    head_ready_at.map_or(Duration::ZERO, |t| t.saturating_duration_since(now));
+                return self.leave(Err(refusal_of(place, retry_in)));
             }
+            ready!(self.sleep_until(place.until, cx));
         }
+    }
+
+    fn sleep_until(&mut self, at: Instant, cx: &mut Context<'_>) -> Poll<()> {
+        let sleep = match &mut self.sleep {
+            Some(s) => {
+                s.as_mut().reset(at);
+                s
+            }
+            None => self.sleep.insert(Box::pin(tokio::time::sleep_until(at))),
+        };
+        sleep.as_mut().poll(cx)
     }
 
     /// Time since it joined the line.
@@ -336,12 +421,24 @@ impl Waiter {
         self.since.elapsed()
     }
 
-    fn refusal(&self, retry_in: Duration) -> Refusal {
-        if self.by_deadline {
-            Refusal::Deadline
-        } else {
-            Refusal::RateLimited(retry_in)
-        }
+    /// Whether it joined a line (rather than being answered by the store's first answer).
+    pub(crate) fn joined(&self) -> bool {
+        self.place.is_some()
+    }
+}
+
+fn refusal_of(place: Place, retry_in: Duration) -> Refusal {
+    if place.by_deadline {
+        Refusal::Deadline
+    } else {
+        Refusal::RateLimited(retry_in)
+    }
+}
+
+fn unavailable(refusal: StoreRefusal) -> Refusal {
+    match refusal {
+        StoreRefusal::Unavailable(reason) => Refusal::Unavailable(reason),
+        other => Refusal::Unavailable(format!("{other:?}")),
     }
 }
 
@@ -350,9 +447,11 @@ impl Drop for Waiter {
         if self.done {
             return;
         }
-        let next = Gate::leave(&mut self.gate.lines(), &self.ask.line, self.id);
-        if let Some(w) = next {
-            w.wake();
+        if let Some(place) = self.place {
+            let next = Gate::leave(&mut self.gate.lines(), &self.ask.line, place.id);
+            if let Some(w) = next {
+                w.wake();
+            }
         }
     }
 }

@@ -1,12 +1,12 @@
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use tower_service::Service;
 
-use super::future::{Admitted, ResponseFuture};
+use super::future::{Admission, Admitted, ResponseFuture};
 use super::layer::Shared;
-use super::rate_limit::{Admit, Ask};
+use super::rate_limit::Ask;
 use super::spend::BudgetOwner;
 use crate::RouteName;
 use crate::attempt_log::LocalEventKind;
@@ -95,55 +95,52 @@ where
             shared.estimator.0.estimate(req.headers(), body.as_deref())
         });
 
-        if let Some(spend) = &shared.spend {
-            let ticket = spend.open(
-                &shared.store,
-                owner.clone(),
-                &admitted.route,
-                estimate.unwrap_or_default(),
-                admitted.ctx.log(),
-            );
-            match ticket {
-                // The first attempt is reserved; the inner layers reserve every further one
-                // through the gate.
-                Ok(ticket) => {
-                    admitted.ctx.set_spend_gate(ticket.gate());
-                    admitted.ticket = Some(ticket);
-                }
-                Err(e) => {
-                    let route = Some(admitted.route.clone());
-                    admitted
-                        .ctx
-                        .log()
-                        .event(route, LocalEventKind::BudgetDenied);
-                    return ResponseFuture::failed(admitted, e, false);
+        let opening = match &shared.spend {
+            Some(spend) => {
+                let opening = spend.open(
+                    &shared.store,
+                    owner.clone(),
+                    &admitted.route,
+                    estimate.unwrap_or_default(),
+                    admitted.ctx.log(),
+                );
+                match opening {
+                    Ok(opening) => Some(opening),
+                    Err(e) => {
+                        let route = Some(admitted.route.clone());
+                        let log = admitted.ctx.log();
+                        log.event(route, LocalEventKind::BudgetDenied);
+                        let error = admitted.fail(e, false);
+                        return ResponseFuture::ended(admitted, error);
+                    }
                 }
             }
-        }
-
-        if let Some(gate) = &shared.gate {
+            None => None,
+        };
+        let ask = shared.gate.as_ref().map(|gate| {
             if let Some(pacer) = &gate.pacer {
                 admitted.ctx.set_pacer(pacer.clone());
             }
-            let ask = self.ask(
-                &admitted,
-                owner.as_deref(),
-                estimate.map_or(0, |e| e.total()),
-            );
-            match gate.admit(ask) {
-                Admit::Now => {}
-                Admit::Refused(refusal) => return ResponseFuture::refused(admitted, refusal, None),
-                Admit::Queued(waiter) => {
-                    // Keep the service that was polled ready for when the request's turn comes.
-                    let fresh = self.inner.clone();
-                    let ready = std::mem::replace(&mut self.inner, fresh);
-                    return ResponseFuture::queued(admitted, waiter, ready, req);
-                }
+            let tokens = estimate.map_or(0, |e| e.total());
+            self.ask(&admitted, owner.as_deref(), tokens)
+        });
+        let mut admission = Admission::new(opening, ask);
+        // A store in memory answers at once; one across the network is waited for in the
+        // future, which keeps the service that was polled ready for the request's turn.
+        let mut cx = Context::from_waker(Waker::noop());
+        match admission.poll_admit(&mut admitted, &mut cx) {
+            Poll::Ready(Ok(())) => {
+                admitted.sending(Some(sent));
+                let fut = self.inner.call(req);
+                ResponseFuture::calling(admitted, fut)
+            }
+            Poll::Ready(Err(e)) => ResponseFuture::ended(admitted, e),
+            Poll::Pending => {
+                let fresh = self.inner.clone();
+                let ready = std::mem::replace(&mut self.inner, fresh);
+                ResponseFuture::admitting(admitted, admission, ready, req)
             }
         }
-        admitted.sending(Some(sent));
-        let fut = self.inner.call(req);
-        ResponseFuture::calling(admitted, fut)
     }
 }
 

@@ -2,13 +2,16 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use http::HeaderName;
 
 use super::estimate::TokenEstimate;
-use super::store::{BudgetStore, MICROS_PER_UNIT, SpendStatus};
+use super::store::{BudgetStore, Lease, MICROS_PER_UNIT, Refusal, SpendStatus, StoreFuture};
 use crate::attempt_log::{Attempt, AttemptLog, StreamEnd, Usage};
 use crate::classify::FailureClass;
 use crate::context::{AttemptAdmission, RouteName, SpendDenied, SpendGate};
@@ -52,6 +55,11 @@ pub(crate) struct MicroPrice {
 }
 
 impl MicroPrice {
+    const ZERO: MicroPrice = MicroPrice {
+        input: 0,
+        output: 0,
+    };
+
     fn of(p: &Price) -> Self {
         Self {
             input: to_micros(p.input_per_mtok),
@@ -83,10 +91,15 @@ pub(crate) fn to_units(micros: u64) -> f64 {
     micros as f64 / MICROS_PER_UNIT as f64
 }
 
+/// A request's reservations live this long unless settled, when no deadline says otherwise.
+pub(crate) const DEFAULT_LEASE: Duration = Duration::from_secs(3600);
+
 /// The spend section, checked and converted to integers.
 pub(crate) struct SpendConfig {
     cap: u64,
     window: Duration,
+    /// How long a request's reservations live in the store unless settled.
+    pub(crate) lease_ttl: Duration,
     owner_header: HeaderName,
     default_owner: Option<String>,
     prices: HashMap<String, MicroPrice>,
@@ -121,6 +134,7 @@ impl SpendConfig {
         Ok(Self {
             cap: to_micros(p.cap),
             window: p.window,
+            lease_ttl: DEFAULT_LEASE,
             owner_header,
             default_owner: p.default_owner.clone(),
             prices: p
@@ -155,8 +169,9 @@ impl SpendConfig {
         }
     }
 
-    /// Reserves the estimated maximum cost of the first attempt — `estimate` at `route`'s
-    /// price — for `owner`, atomically; fails closed when the cap would be exceeded.
+    /// Asks the store to reserve the estimated maximum cost of the first attempt — `estimate`
+    /// at `route`'s price — for `owner`, atomically; fails closed when the request names no
+    /// owner or the route has no price.
     pub(crate) fn open(
         self: &Arc<Self>,
         store: &Arc<dyn BudgetStore>,
@@ -164,44 +179,117 @@ impl SpendConfig {
         route: &RouteName,
         estimate: TokenEstimate,
         log: &AttemptLog,
-    ) -> Result<Arc<Ticket>, Error> {
+    ) -> Result<Opening, Error> {
         let Some(owner) = owner else {
             return Err(Error::new(ErrorKind::BudgetExhausted { owner: None })
                 .with_source("the request names no budget owner"));
         };
-        let exhausted = |reason: String| {
-            Error::new(ErrorKind::BudgetExhausted {
+        let Some(price) = self.price(route.as_str()) else {
+            return Err(Error::new(ErrorKind::BudgetExhausted {
                 owner: Some(owner.clone()),
             })
-            .with_source(reason)
-        };
-        let Some(price) = self.price(route.as_str()) else {
-            return Err(exhausted(format!("route `{route}` has no price")));
+            .with_source(format!("route `{route}` has no price")));
         };
         let reserved = price.cost(estimate.input_tokens, estimate.max_output_tokens);
-        if let Err(status) = store.reserve(&owner, reserved, self.cap, self.window) {
-            return Err(exhausted(format!(
-                "reserving {} would exceed the cap of {} ({} spent, {} reserved)",
-                to_units(reserved),
-                to_units(self.cap),
-                to_units(status.spent),
-                to_units(status.reserved)
-            )));
-        }
-        Ok(Arc::new(Ticket {
-            cfg: self.clone(),
-            store: store.clone(),
-            owner,
-            estimate,
-            first_price: price,
-            route: route.clone(),
-            log: log.clone(),
-            state: Mutex::new(TicketState {
-                reservations: vec![(route.clone(), reserved)],
-                ..TicketState::default()
+        let lease = Lease::new(lease_id(), self.lease_ttl);
+        let reserve = store.reserve(&owner, lease, reserved, self.cap, self.window);
+        Ok(Opening {
+            reserve,
+            ticket: Some(Ticket {
+                cfg: self.clone(),
+                store: store.clone(),
+                owner,
+                lease,
+                estimate,
+                first_price: price,
+                route: route.clone(),
+                log: log.clone(),
+                state: Mutex::new(TicketState {
+                    reservations: vec![(route.clone(), reserved)],
+                    ..TicketState::default()
+                }),
             }),
-        }))
+        })
     }
+}
+
+/// An id no other request of any replica is likely to have: the process's random hash keys
+/// over a counter, so there is no coordination and no clock in it.
+fn lease_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    let mut h = KEYS.get_or_init(Default::default).build_hasher();
+    h.write_u64(NEXT.fetch_add(1, Ordering::Relaxed));
+    h.finish()
+}
+
+/// A first reservation the store is still deciding. The ticket exists once it is granted, so
+/// that nothing is settled for a reservation that was never made.
+pub(crate) struct Opening {
+    reserve: StoreFuture<Result<(), Refusal>>,
+    ticket: Option<Ticket>,
+}
+
+impl fmt::Debug for Opening {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Opening").finish_non_exhaustive()
+    }
+}
+
+impl Opening {
+    /// The ticket once the reservation is granted; the error to fail the request with when it
+    /// is not.
+    pub(crate) fn poll_open(&mut self, cx: &mut Context<'_>) -> Poll<Result<Arc<Ticket>, Error>> {
+        let granted = ready!(Pin::new(&mut self.reserve).poll(cx));
+        Poll::Ready(self.granted(granted))
+    }
+
+    fn granted(&mut self, granted: Result<(), Refusal>) -> Result<Arc<Ticket>, Error> {
+        let Some(ticket) = self.ticket.take() else {
+            return Err(Error::new(ErrorKind::BudgetExhausted { owner: None })
+                .with_source("the reservation was already decided"));
+        };
+        let reserved = ticket.lock().reserved();
+        let owner = ticket.owner.clone();
+        let cap = ticket.cfg.cap;
+        // The ticket was never granted a reservation: it must not settle one.
+        let forget = |t: Ticket| {
+            t.state.lock().unwrap_or_else(|p| p.into_inner()).settled = Some(Settled::NOTHING)
+        };
+        match granted {
+            Ok(()) => Ok(Arc::new(ticket)),
+            Err(Refusal::Spend(status)) => {
+                forget(ticket);
+                Err(
+                    Error::new(ErrorKind::BudgetExhausted { owner: Some(owner) }).with_source(
+                        format!(
+                            "reserving {} would exceed the cap of {} ({} spent, {} reserved)",
+                            to_units(reserved),
+                            to_units(cap),
+                            to_units(status.spent),
+                            to_units(status.reserved)
+                        ),
+                    ),
+                )
+            }
+            Err(refusal) => {
+                forget(ticket);
+                Err(unavailable(refusal))
+            }
+        }
+    }
+}
+
+/// The error of a store that could not be asked.
+pub(crate) fn unavailable(refusal: Refusal) -> Error {
+    let reason = match refusal {
+        Refusal::Unavailable(reason) => reason,
+        other => format!("{other:?}"),
+    };
+    Error::new(ErrorKind::StoreUnavailable).with_source(reason)
 }
 
 /// How a reserved request ended.
@@ -245,12 +333,22 @@ struct Settled {
     answer_price: MicroPrice,
 }
 
+impl Settled {
+    /// A ticket whose reservation was refused: there is nothing to settle.
+    const NOTHING: Settled = Settled {
+        total: 0,
+        answer: 0,
+        answer_price: MicroPrice::ZERO,
+    };
+}
+
 /// One logical request's reservations. Settles exactly once: at the end of the response body,
 /// on an error, or — as a backstop — when the last handle to it is dropped.
 pub(crate) struct Ticket {
     cfg: Arc<SpendConfig>,
     store: Arc<dyn BudgetStore>,
     owner: String,
+    lease: Lease,
     estimate: TokenEstimate,
     /// The price of the first attempt's route: the price of attempts on unpriced routes.
     first_price: MicroPrice,
@@ -288,36 +386,62 @@ impl Ticket {
     }
 
     /// Reserves one more attempt on `route`, atomically in the store.
-    fn admit(&self, route: &RouteName) -> Result<(), SpendDenied> {
-        let mut st = self.lock();
+    fn admit(self: &Arc<Self>, route: &RouteName) -> StoreFuture<Result<(), SpendDenied>> {
         let denied = || SpendDenied::new(self.owner.as_str());
-        if st.settled.is_some() {
-            return Err(denied());
+        if self.lock().settled.is_some() {
+            return StoreFuture::ready(Err(denied()));
         }
         // A route without a price fails closed, as it does at admission.
         let Some(price) = self.cfg.price(route.as_str()) else {
-            return Err(denied());
+            return StoreFuture::ready(Err(denied()));
         };
         let amount = price.cost(self.estimate.input_tokens, self.estimate.max_output_tokens);
-        match self
-            .store
-            .reserve(&self.owner, amount, self.cfg.cap, self.cfg.window)
-        {
-            Ok(()) => {
+        let mut reserve = self.store.reserve(
+            &self.owner,
+            self.lease,
+            amount,
+            self.cfg.cap,
+            self.cfg.window,
+        );
+        if let Some(granted) = reserve.now() {
+            return StoreFuture::ready(self.admitted(route, amount, granted));
+        }
+        let (ticket, route) = (self.clone(), route.clone());
+        StoreFuture::new(async move {
+            let granted = reserve.await;
+            ticket.admitted(&route, amount, granted)
+        })
+    }
+
+    fn admitted(
+        &self,
+        route: &RouteName,
+        amount: u64,
+        granted: Result<(), Refusal>,
+    ) -> Result<(), SpendDenied> {
+        let mut st = self.lock();
+        match granted {
+            Ok(()) if st.settled.is_none() => {
                 st.reservations.push((route.clone(), amount));
                 Ok(())
             }
-            Err(status) => {
+            // Settled while the store decided: nothing would close this reservation.
+            Ok(()) => {
+                drop(st);
+                self.store
+                    .release(&self.owner, self.lease, amount, self.cfg.window);
+                Err(SpendDenied::new(self.owner.as_str()))
+            }
+            Err(refusal) => {
                 tracing::debug!(
                     target: "tower_llm_resilience::budget",
                     owner = %self.owner,
                     route = %route,
                     reservation = to_units(amount),
-                    spent = to_units(status.spent),
-                    reserved = to_units(status.reserved),
+                    refusal = ?refusal,
                     "spend cap denied a further attempt"
                 );
-                Err(denied())
+                Err(SpendDenied::new(self.owner.as_str()))
             }
         }
     }
@@ -330,7 +454,8 @@ impl Ticket {
         }
         if let Some(i) = st.reservations.iter().rposition(|(r, _)| r == route) {
             let (_, amount) = st.reservations.remove(i);
-            self.store.settle(&self.owner, amount, 0, self.cfg.window);
+            self.store
+                .release(&self.owner, self.lease, amount, self.cfg.window);
         }
     }
 
@@ -437,7 +562,7 @@ impl Ticket {
         total = total.saturating_add(answer);
         let reserved = st.reserved();
         self.store
-            .settle(&self.owner, reserved, total, self.cfg.window);
+            .settle(&self.owner, self.lease, reserved, total, self.cfg.window);
         tracing::debug!(
             target: "tower_llm_resilience::budget",
             owner = %self.owner,
@@ -483,11 +608,11 @@ struct TicketGate {
 }
 
 impl AttemptAdmission for TicketGate {
-    fn admit(&self, route: &RouteName) -> Result<(), SpendDenied> {
+    fn admit(&self, route: &RouteName) -> StoreFuture<Result<(), SpendDenied>> {
         match self.ticket.upgrade() {
             Some(t) => t.admit(route),
             // The request has settled: nothing would release a new reservation.
-            None => Err(SpendDenied::new(self.owner.as_str())),
+            None => StoreFuture::ready(Err(SpendDenied::new(self.owner.as_str()))),
         }
     }
 
@@ -561,14 +686,16 @@ impl SpendHandle {
         Some(cost)
     }
 
-    /// The owner's spend in the current window.
-    pub fn status(&self, owner: &str) -> SpendStatus {
-        self.store.status(owner, self.cfg.window)
+    /// The owner's spend in the current window; `Err` with the reason when the store cannot
+    /// be asked.
+    pub async fn status(&self, owner: &str) -> Result<SpendStatus, Refusal> {
+        self.store.status(owner, self.cfg.window).await
     }
 
     /// What the owner may still reserve in the current window, in micro cost units.
-    pub fn remaining_micros(&self, owner: &str) -> u64 {
-        self.cfg.cap.saturating_sub(self.status(owner).committed())
+    pub async fn remaining_micros(&self, owner: &str) -> Result<u64, Refusal> {
+        let status = self.status(owner).await?;
+        Ok(self.cfg.cap.saturating_sub(status.committed()))
     }
 
     /// The cap per owner and window, in micro cost units.

@@ -1,8 +1,8 @@
 //! Where admission state lives: spend per owner and rate-limit buckets.
 //!
 //! [`BudgetStore`] is deliberately small so that a store shared by many replicas (a Redis script
-//! per method, for example) can implement it: every method is one atomic step keyed by owner or
-//! bucket key. [`MemoryStore`] keeps the state in this process.
+//! per method) can implement it: every method is one atomic step keyed by owner or bucket key.
+//! [`MemoryStore`] keeps the state in this process.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -10,6 +10,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+pub use crate::store::StoreFuture;
 
 /// Micro cost units in one cost unit: amounts are integers so that sums are exact.
 pub const MICROS_PER_UNIT: u64 = 1_000_000;
@@ -63,6 +65,53 @@ impl RateDemand {
     }
 }
 
+/// One request's reservations in a store: an id of the request's own, and how long the store
+/// keeps them if the request never settles (its replica died, say). Past its lease a
+/// reservation is reclaimed, so a lost request never holds cap forever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Lease {
+    /// The request's reservation id, unique per request.
+    pub id: u64,
+    /// How long the reservation lives unless settled.
+    pub ttl: Duration,
+}
+
+impl Lease {
+    /// A lease `id` for `ttl`.
+    pub const fn new(id: u64, ttl: Duration) -> Self {
+        Self { id, ttl }
+    }
+}
+
+/// Why a store did not grant an ask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The reservation would take the owner past its cap; the owner's spend now.
+    Spend(SpendStatus),
+    /// A bucket has no room yet: every demand fits in this long.
+    Rate(Duration),
+    /// The store could not be asked (down, slow past its timeout); a reason for the log.
+    Unavailable(String),
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::Spend(s) => write!(
+                f,
+                "the spend cap is reached ({} spent, {} reserved, in micro units)",
+                s.spent, s.reserved
+            ),
+            Refusal::Rate(wait) => write!(f, "no rate-limit capacity for {wait:?}"),
+            Refusal::Unavailable(reason) => write!(f, "the store is unavailable: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for Refusal {}
+
 /// Storage for spend caps and rate-limit buckets.
 ///
 /// Amounts are micro cost units ([`MICROS_PER_UNIT`]). Windows are fixed: a window starts every
@@ -70,33 +119,39 @@ impl RateDemand {
 /// into the new window (they settle into the window current when they settle), so no spend is
 /// ever lost at a boundary.
 ///
-/// Methods are called on the request path and from `Drop` (a body dropped mid-stream settles
-/// there), so they are synchronous and must not block for long: a networked implementation
-/// runs each method as one atomic server-side step with a short timeout, and fails closed
-/// (denies) when the store cannot be reached.
+/// Every method is one atomic step keyed by owner or bucket key, so that a store shared by many
+/// replicas runs each as one server-side script. The asks a request waits for (`reserve`,
+/// `take`, `status`) return a [`StoreFuture`]; the bookings that may happen in `Drop` (a body
+/// dropped mid-stream settles there) return nothing: the store must carry them out later, and
+/// never lose them, without the caller waiting.
 pub trait BudgetStore: Send + Sync + 'static {
-    /// Atomically reserves `amount` for `owner` unless spent plus reserved plus `amount` would
-    /// exceed `cap`; on refusal, returns the owner's status.
+    /// Atomically adds `amount` to `owner`'s reservation `lease` (renewing the lease) unless
+    /// spent plus reserved plus `amount` would exceed `cap`.
     fn reserve(
         &self,
         owner: &str,
+        lease: Lease,
         amount: u64,
         cap: u64,
         window: Duration,
-    ) -> Result<(), SpendStatus>;
+    ) -> StoreFuture<Result<(), Refusal>>;
 
-    /// Releases a reservation of `reserved` and books `charged` instead.
-    fn settle(&self, owner: &str, reserved: u64, charged: u64, window: Duration);
+    /// Takes `amount` off `owner`'s reservation `lease`: an attempt it was held for will not be
+    /// made.
+    fn release(&self, owner: &str, lease: Lease, amount: u64, window: Duration);
+
+    /// Closes `owner`'s reservation `lease`, which holds `reserved`, and books `charged`.
+    fn settle(&self, owner: &str, lease: Lease, reserved: u64, charged: u64, window: Duration);
 
     /// Corrects booked spend: takes `refund` off and books `charge` (usage reported late).
     fn adjust(&self, owner: &str, refund: u64, charge: u64, window: Duration);
 
     /// The owner's spend in the current window.
-    fn status(&self, owner: &str, window: Duration) -> SpendStatus;
+    fn status(&self, owner: &str, window: Duration) -> StoreFuture<Result<SpendStatus, Refusal>>;
 
-    /// Atomically takes every demand from the buckets of `key`, or none of them: `Err` holds
-    /// the time until all of them have room.
-    fn take(&self, key: &str, demands: &[RateDemand]) -> Result<(), Duration>;
+    /// Atomically takes every demand from the buckets of `key`, or none of them:
+    /// [`Refusal::Rate`] holds the time until all of them have room.
+    fn take(&self, key: &str, demands: &[RateDemand]) -> StoreFuture<Result<(), Refusal>>;
 }
 
 /// A [`BudgetStore`] in this process's memory (one per layer unless shared explicitly).
@@ -197,8 +252,8 @@ impl fmt::Debug for MemoryStore {
     }
 }
 
-impl BudgetStore for MemoryStore {
-    fn reserve(
+impl MemoryStore {
+    fn reserve_now(
         &self,
         owner: &str,
         amount: u64,
@@ -217,24 +272,7 @@ impl BudgetStore for MemoryStore {
         })
     }
 
-    fn settle(&self, owner: &str, reserved: u64, charged: u64, window: Duration) {
-        self.with_record(owner, window, |r| {
-            r.reserved = r.reserved.saturating_sub(reserved);
-            r.spent = r.spent.saturating_add(charged);
-        });
-    }
-
-    fn adjust(&self, owner: &str, refund: u64, charge: u64, window: Duration) {
-        self.with_record(owner, window, |r| {
-            r.spent = r.spent.saturating_sub(refund).saturating_add(charge);
-        });
-    }
-
-    fn status(&self, owner: &str, window: Duration) -> SpendStatus {
-        self.with_record(owner, window, |r| SpendStatus::new(r.spent, r.reserved))
-    }
-
-    fn take(&self, key: &str, demands: &[RateDemand]) -> Result<(), Duration> {
+    fn take_now(&self, key: &str, demands: &[RateDemand]) -> Result<(), Duration> {
         let now = self.now();
         let mut table = lock(&self.rates);
         table.prune(|tat| *tat <= now);
@@ -267,6 +305,52 @@ impl BudgetStore for MemoryStore {
     }
 }
 
+// Leases are not needed here: the reservations live and die with the process that holds them.
+impl BudgetStore for MemoryStore {
+    fn reserve(
+        &self,
+        owner: &str,
+        _lease: Lease,
+        amount: u64,
+        cap: u64,
+        window: Duration,
+    ) -> StoreFuture<Result<(), Refusal>> {
+        StoreFuture::ready(
+            self.reserve_now(owner, amount, cap, window)
+                .map_err(Refusal::Spend),
+        )
+    }
+
+    fn release(&self, owner: &str, _lease: Lease, amount: u64, window: Duration) {
+        self.with_record(owner, window, |r| {
+            r.reserved = r.reserved.saturating_sub(amount);
+        });
+    }
+
+    fn settle(&self, owner: &str, _lease: Lease, reserved: u64, charged: u64, window: Duration) {
+        self.with_record(owner, window, |r| {
+            r.reserved = r.reserved.saturating_sub(reserved);
+            r.spent = r.spent.saturating_add(charged);
+        });
+    }
+
+    fn adjust(&self, owner: &str, refund: u64, charge: u64, window: Duration) {
+        self.with_record(owner, window, |r| {
+            r.spent = r.spent.saturating_sub(refund).saturating_add(charge);
+        });
+    }
+
+    fn status(&self, owner: &str, window: Duration) -> StoreFuture<Result<SpendStatus, Refusal>> {
+        StoreFuture::ready(Ok(
+            self.with_record(owner, window, |r| SpendStatus::new(r.spent, r.reserved))
+        ))
+    }
+
+    fn take(&self, key: &str, demands: &[RateDemand]) -> StoreFuture<Result<(), Refusal>> {
+        StoreFuture::ready(self.take_now(key, demands).map_err(Refusal::Rate))
+    }
+}
+
 fn mul(d: Duration, n: u64) -> Duration {
     let nanos = d.as_nanos().saturating_mul(u128::from(n));
     Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
@@ -277,33 +361,43 @@ mod tests {
     use super::*;
 
     const DAY: Duration = Duration::from_secs(86_400);
+    const L: Lease = Lease::new(1, DAY);
+
+    impl MemoryStore {
+        fn status_now(&self, owner: &str, window: Duration) -> SpendStatus {
+            self.with_record(owner, window, |r| SpendStatus::new(r.spent, r.reserved))
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn reservations_never_exceed_the_cap() {
         let s = MemoryStore::new();
-        assert!(s.reserve("a", 60, 100, DAY).is_ok());
-        assert_eq!(s.reserve("a", 41, 100, DAY), Err(SpendStatus::new(0, 60)));
-        assert!(s.reserve("a", 40, 100, DAY).is_ok());
+        assert!(s.reserve_now("a", 60, 100, DAY).is_ok());
+        assert_eq!(
+            s.reserve_now("a", 41, 100, DAY),
+            Err(SpendStatus::new(0, 60))
+        );
+        assert!(s.reserve_now("a", 40, 100, DAY).is_ok());
         // Another owner has its own cap.
-        assert!(s.reserve("b", 100, 100, DAY).is_ok());
-        s.settle("a", 60, 10, DAY);
-        assert_eq!(s.status("a", DAY), SpendStatus::new(10, 40));
-        assert!(s.reserve("a", 50, 100, DAY).is_ok());
+        assert!(s.reserve_now("b", 100, 100, DAY).is_ok());
+        s.settle("a", L, 60, 10, DAY);
+        assert_eq!(s.status_now("a", DAY), SpendStatus::new(10, 40));
+        assert!(s.reserve_now("a", 50, 100, DAY).is_ok());
         s.adjust("a", 10, 4, DAY);
-        assert_eq!(s.status("a", DAY), SpendStatus::new(4, 90));
+        assert_eq!(s.status_now("a", DAY), SpendStatus::new(4, 90));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_new_window_keeps_open_reservations() {
         let s = MemoryStore::new();
         let w = Duration::from_secs(60);
-        assert!(s.reserve("a", 50, 100, w).is_ok());
-        s.settle("a", 50, 50, w);
-        assert!(s.reserve("a", 30, 100, w).is_ok());
+        assert!(s.reserve_now("a", 50, 100, w).is_ok());
+        s.settle("a", L, 50, 50, w);
+        assert!(s.reserve_now("a", 30, 100, w).is_ok());
         tokio::time::advance(w).await;
-        assert_eq!(s.status("a", w), SpendStatus::new(0, 30));
-        assert!(s.reserve("a", 70, 100, w).is_ok());
-        assert!(s.reserve("a", 1, 100, w).is_err());
+        assert_eq!(s.status_now("a", w), SpendStatus::new(0, 30));
+        assert!(s.reserve_now("a", 70, 100, w).is_ok());
+        assert!(s.reserve_now("a", 1, 100, w).is_err());
     }
 
     #[tokio::test(start_paused = true)]
@@ -311,20 +405,23 @@ mod tests {
         let s = MemoryStore::new();
         let rps = RateDemand::new("requests", Duration::from_millis(500), 1, 1);
         let tpm = |n| RateDemand::new("tokens", Duration::from_millis(10), 6000, n);
-        assert_eq!(s.take("k", &[rps, tpm(5000)]), Ok(()));
+        assert_eq!(s.take_now("k", &[rps, tpm(5000)]), Ok(()));
         // The request bucket is empty for 500 ms; the token bucket needs 3000 more tokens (30 s).
-        assert_eq!(s.take("k", &[rps, tpm(4000)]), Err(Duration::from_secs(30)));
+        assert_eq!(
+            s.take_now("k", &[rps, tpm(4000)]),
+            Err(Duration::from_secs(30))
+        );
         tokio::time::advance(Duration::from_millis(500)).await;
         // Nothing was taken by the refusal: 1000 tokens + 5 s worth are there.
-        assert_eq!(s.take("k", &[rps, tpm(1050)]), Ok(()));
-        assert_eq!(s.take("other", &[rps]), Ok(()));
+        assert_eq!(s.take_now("k", &[rps, tpm(1050)]), Ok(()));
+        assert_eq!(s.take_now("other", &[rps]), Ok(()));
     }
 
     #[tokio::test(start_paused = true)]
     async fn oversized_demands_wait_for_a_full_bucket() {
         let s = MemoryStore::new();
         let big = RateDemand::new("tokens", Duration::from_millis(10), 100, 1_000_000);
-        assert_eq!(s.take("k", &[big]), Ok(()));
-        assert_eq!(s.take("k", &[big]), Err(Duration::from_secs(1)));
+        assert_eq!(s.take_now("k", &[big]), Ok(()));
+        assert_eq!(s.take_now("k", &[big]), Err(Duration::from_secs(1)));
     }
 }

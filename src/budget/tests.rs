@@ -158,13 +158,22 @@ async fn spend_cap_admits_exactly_its_capacity_under_1000_concurrent_requests() 
 
     assert_eq!(wave(&svc, &gate, &calls).await, (100, 900));
     // Each settled at 500 of its 1000 reserved: half the cap is booked, nothing is reserved.
-    assert_eq!(spend.status("team"), SpendStatus::new(50_000, 0));
-    assert_eq!(spend.remaining_micros("team"), 50_000);
+    assert_eq!(
+        spend.status("team").await.expect("store"),
+        SpendStatus::new(50_000, 0)
+    );
+    assert_eq!(spend.remaining_micros("team").await.expect("store"), 50_000);
     // The released halves admit exactly 50 more.
     assert_eq!(wave(&svc, &gate, &calls).await, (50, 950));
-    assert_eq!(spend.status("team"), SpendStatus::new(75_000, 0));
+    assert_eq!(
+        spend.status("team").await.expect("store"),
+        SpendStatus::new(75_000, 0)
+    );
     // Another owner has its own cap and is unaffected.
-    assert_eq!(spend.status("other"), SpendStatus::new(0, 0));
+    assert_eq!(
+        spend.status("other").await.expect("store"),
+        SpendStatus::new(0, 0)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -210,13 +219,19 @@ async fn settlement_follows_usage_and_the_charge_rule() {
         .cloned()
         .unwrap_or_else(|| panic!("receipt"));
     assert_eq!(receipt.reserved_micros(), 100);
-    assert_eq!(spend.status("team"), SpendStatus::new(0, 100));
+    assert_eq!(
+        spend.status("team").await.expect("store"),
+        SpendStatus::new(0, 100)
+    );
     resp.into_body()
         .collect()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(receipt.charged_micros(), Some(12));
-    assert_eq!(spend.status("team"), SpendStatus::new(12, 0));
+    assert_eq!(
+        spend.status("team").await.expect("store"),
+        SpendStatus::new(12, 0)
+    );
 
     // A success without usage keeps its reservation, until the application reports usage.
     let resp = call(
@@ -234,10 +249,16 @@ async fn settlement_follows_usage_and_the_charge_rule() {
         .collect()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(spend.status("team"), SpendStatus::new(112, 0));
+    assert_eq!(
+        spend.status("team").await.expect("store"),
+        SpendStatus::new(112, 0)
+    );
     receipt.report(Usage::new(5, 5));
     assert_eq!(receipt.charged_micros(), Some(10));
-    assert_eq!(spend.status("team"), SpendStatus::new(22, 0));
+    assert_eq!(
+        spend.status("team").await.expect("store"),
+        SpendStatus::new(22, 0)
+    );
 
     // A success dropped before its end (possibly generated in full) keeps its reservation.
     let resp = call(
@@ -247,7 +268,10 @@ async fn settlement_follows_usage_and_the_charge_rule() {
     )
     .await;
     drop(resp);
-    assert_eq!(spend.status("team"), SpendStatus::new(122, 0));
+    assert_eq!(
+        spend.status("team").await.expect("store"),
+        SpendStatus::new(122, 0)
+    );
 
     // A provider failure response costs nothing under this rule.
     let resp = call(
@@ -258,11 +282,17 @@ async fn settlement_follows_usage_and_the_charge_rule() {
     .await;
     assert_eq!(resp.status(), 503);
     drop(resp);
-    assert_eq!(spend.status("team"), SpendStatus::new(122, 0));
+    assert_eq!(
+        spend.status("team").await.expect("store"),
+        SpendStatus::new(122, 0)
+    );
 
     // Usage the application books outside any request.
     assert_eq!(spend.report("team", "any", Usage::new(3, 0)), Some(3));
-    assert_eq!(spend.status("team"), SpendStatus::new(125, 0));
+    assert_eq!(
+        spend.status("team").await.expect("store"),
+        SpendStatus::new(125, 0)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -727,7 +757,10 @@ async fn the_deadline_cuts_off_a_request_still_in_flight() {
     let e = r.err().unwrap_or_else(|| panic!("deadline"));
     assert_eq!(events(&e), [LocalEventKind::DeadlineExceeded]);
     // The cut-off request may have been accepted: it keeps its reservation.
-    assert_eq!(spend.status("team"), SpendStatus::new(10, 0));
+    assert_eq!(
+        spend.status("team").await.expect("store"),
+        SpendStatus::new(10, 0)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -897,13 +930,16 @@ async fn each_retry_reserves_its_attempt_and_the_cap_ends_the_retries() {
             .cloned()
             .unwrap_or_else(|| panic!("receipt"));
         assert_eq!(receipt.reserved_micros(), 300);
-        assert_eq!(spend.status("team"), SpendStatus::new(0, 300));
+        assert_eq!(
+            spend.status("team").await.expect("store"),
+            SpendStatus::new(0, 300)
+        );
         resp.into_body()
             .collect()
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            spend.status("team"),
+            spend.status("team").await.expect("store"),
             SpendStatus::new(charged, 0),
             "{rule:?}"
         );
@@ -951,9 +987,15 @@ async fn a_retry_the_retry_budget_refuses_gives_its_spend_back() {
             crate::attempt_log::StopReason::RetryBudgetDenied
         ))
     );
-    assert_eq!(spend.status("team"), SpendStatus::new(0, 100));
+    assert_eq!(
+        spend.status("team").await.expect("store"),
+        SpendStatus::new(0, 100)
+    );
     drop(resp);
-    assert_eq!(spend.status("team"), SpendStatus::new(100, 0));
+    assert_eq!(
+        spend.status("team").await.expect("store"),
+        SpendStatus::new(100, 0)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -1007,7 +1049,10 @@ async fn concurrent_requests_with_retries_never_make_more_attempts_than_the_cap_
             }
         }
         assert_eq!((answered.len(), denied), (100, 900));
-        assert_eq!(spend.status("team"), SpendStatus::new(0, 10_000));
+        assert_eq!(
+            spend.status("team").await.expect("store"),
+            SpendStatus::new(0, 10_000)
+        );
         for resp in answered {
             resp.into_body()
                 .collect()
@@ -1016,7 +1061,7 @@ async fn concurrent_requests_with_retries_never_make_more_attempts_than_the_cap_
         }
         assert_eq!(calls.load(Ordering::SeqCst), 100, "{rule:?}");
         assert_eq!(
-            spend.status("team"),
+            spend.status("team").await.expect("store"),
             SpendStatus::new(charged, 0),
             "{rule:?}"
         );
@@ -1071,13 +1116,19 @@ async fn each_attempt_is_reserved_at_the_price_of_its_route() {
         .unwrap_or_else(|| panic!("receipt"));
     // 2 + 98 at the primary's price, then 2 + 98 × 3 at the backup's for the hop.
     assert_eq!(receipt.reserved_micros(), 100 + 296);
-    assert_eq!(spend.status("team"), SpendStatus::new(0, 396));
+    assert_eq!(
+        spend.status("team").await.expect("store"),
+        SpendStatus::new(0, 396)
+    );
     resp.into_body()
         .collect()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     // The answer at the backup's price; the 503 costs nothing; the rest is released.
-    assert_eq!(spend.status("team"), SpendStatus::new(2 + 30, 0));
+    assert_eq!(
+        spend.status("team").await.expect("store"),
+        SpendStatus::new(2 + 30, 0)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -1116,7 +1167,10 @@ async fn the_spend_cap_ends_the_chain_and_a_hop_without_a_call_gives_its_spend_b
     assert_eq!(events[0].kind, LocalEventKind::BudgetDenied);
     assert_eq!(events[0].route, Some(RouteName::new("backup")));
     drop(resp);
-    assert_eq!(spend.status("team"), SpendStatus::new(0, 0));
+    assert_eq!(
+        spend.status("team").await.expect("store"),
+        SpendStatus::new(0, 0)
+    );
 
     // A hop whose route rejects it without a call (an open circuit) releases its reservation
     // at once; the request still holds only the primary's.
@@ -1140,9 +1194,15 @@ async fn the_spend_cap_ends_the_chain_and_a_hop_without_a_call_gives_its_spend_b
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(resp.status(), 503);
-    assert_eq!(spend.status("team"), SpendStatus::new(0, 100));
+    assert_eq!(
+        spend.status("team").await.expect("store"),
+        SpendStatus::new(0, 100)
+    );
     drop(resp);
-    assert_eq!(spend.status("team"), SpendStatus::new(0, 0));
+    assert_eq!(
+        spend.status("team").await.expect("store"),
+        SpendStatus::new(0, 0)
+    );
 }
 
 /// An inner layer that records attempts as a retry layer with a stream guard below would:
@@ -1220,7 +1280,7 @@ async fn failed_attempts_are_charged_as_the_rule_says() {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            spend.status("team"),
+            spend.status("team").await.expect("store"),
             SpendStatus::new(charged, 0),
             "{rule:?}"
         );
@@ -1246,10 +1306,12 @@ fn both_presets_build() {
 struct Ledger {
     room: Arc<AtomicUsize>,
     calls: Arc<Mutex<Vec<String>>>,
+    /// Answers after a turn of the runtime instead of at once.
+    slow: bool,
 }
 
 impl AttemptAdmission for Ledger {
-    fn admit(&self, route: &RouteName) -> Result<(), SpendDenied> {
+    fn admit(&self, route: &RouteName) -> crate::store::StoreFuture<Result<(), SpendDenied>> {
         let granted = self
             .room
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -1259,11 +1321,19 @@ impl AttemptAdmission for Ledger {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(format!("{verb} {route}"));
-        if granted {
+        let answer = if granted {
             Ok(())
         } else {
             Err(SpendDenied::new("team"))
+        };
+        if self.slow {
+            // An answer that takes a turn of the runtime, as a networked store's does.
+            return crate::store::StoreFuture::new(async move {
+                tokio::task::yield_now().await;
+                answer
+            });
         }
+        crate::store::StoreFuture::ready(answer)
     }
 
     fn release(&self, route: &RouteName) {
@@ -1328,4 +1398,95 @@ async fn a_retry_rejected_without_a_call_gives_its_spend_back() {
         *ledger.calls.lock().unwrap_or_else(|p| p.into_inner()),
         ["deny h"]
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spend_gate_that_answers_later_decides_retries_and_hops_the_same() {
+    // A networked cap answers after a turn of the runtime: the retry waits for it, then makes
+    // the retry it granted...
+    let mut policy = recovery_policy(1_000, ChargeRule::ReportedOnly, 100);
+    policy.retry.max_attempts = 2;
+    let retry = crate::retry::RetryLayer::from_policy(&policy).unwrap_or_else(|e| panic!("{e}"));
+    let (calls, provider) = always_overloaded();
+    let ledger = Ledger {
+        slow: true,
+        ..Ledger::default()
+    };
+    ledger.room.store(5, Ordering::SeqCst);
+    let mut req = chat("h", 98);
+    req.extensions_mut().insert(SpendGate::new(ledger.clone()));
+    let resp = retry
+        .layer(provider)
+        .oneshot(req)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (resp.status().as_u16(), calls.load(Ordering::SeqCst)),
+        (503, 2)
+    );
+    assert_eq!(
+        *ledger.calls.lock().unwrap_or_else(|p| p.into_inner()),
+        ["admit h"]
+    );
+
+    // ...and hands up the failure it had when the cap refuses.
+    let retry = crate::retry::RetryLayer::from_policy(&policy).unwrap_or_else(|e| panic!("{e}"));
+    let (calls, provider) = always_overloaded();
+    let ledger = Ledger {
+        slow: true,
+        ..Ledger::default()
+    };
+    let mut req = chat("h", 98);
+    req.extensions_mut().insert(SpendGate::new(ledger.clone()));
+    let resp = retry
+        .layer(provider)
+        .oneshot(req)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (resp.status().as_u16(), calls.load(Ordering::SeqCst)),
+        (503, 1)
+    );
+    assert_eq!(last_decision(&log_of(&resp)), spend_stop());
+
+    // A hop waits for it too: granted, the backup serves; refused, the primary's failure.
+    for (room, status, decision) in [
+        (
+            1,
+            200,
+            Some(crate::attempt_log::Decision::Fallback {
+                to: RouteName::new("backup"),
+            }),
+        ),
+        (0, 503, spend_stop()),
+    ] {
+        let mut policy = recovery_policy(1_000, ChargeRule::ReportedOnly, 100);
+        policy.retry.max_attempts = 1;
+        policy.fallback.routes = vec![
+            crate::policy::RouteConfig::new("backup")
+                .base_url("http://backup/v1")
+                .model("b"),
+        ];
+        let fallback =
+            crate::fallback::FallbackLayer::from_policy(&policy).unwrap_or_else(|e| panic!("{e}"));
+        let svc = fallback.layer(service_fn(|req: Req| async move {
+            let backup = req.uri().host() == Some("backup");
+            Ok::<_, Infallible>(if backup { answer(None) } else { overloaded() })
+        }));
+        let ledger = Ledger {
+            slow: true,
+            ..Ledger::default()
+        };
+        ledger.room.store(room, Ordering::SeqCst);
+        let mut req = chat("h", 98);
+        req.extensions_mut().insert(SpendGate::new(ledger.clone()));
+        let resp = svc.oneshot(req).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(resp.status(), status);
+        let log = log_of(&resp);
+        assert_eq!(
+            log.attempts()[0].decisions.last().cloned(),
+            decision,
+            "{log}"
+        );
+    }
 }

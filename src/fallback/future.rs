@@ -16,9 +16,10 @@ use super::route::Route;
 use super::{LAST_RESORT_HEADER, ROUTE_HEADER};
 use crate::attempt_log::{Decision, LocalEventKind, StopReason};
 use crate::classify::{Classification, ClassifyResponse, FailureClass};
-use crate::context::{AttemptCap, RequestContext, Sent, SpendGate};
+use crate::context::{AttemptCap, RequestContext, Sent, SpendDenied, SpendGate};
 use crate::policy::FallbackRule;
 use crate::replay::{ReplayBody, try_clone_request};
+use crate::store::StoreFuture;
 use crate::{Body, BoxError, Error, ErrorKind, RouteName};
 
 /// [`ROUTE_HEADER`] built at compile time: inserting by `&str` would parse it on every response.
@@ -44,6 +45,8 @@ pin_project! {
         Calling { #[pin] future: F },
         // Reading the head (and, for an error, a bounded body prefix) to classify it.
         Classifying { future: ClassifyResponse },
+        // Waiting for the spend cap to reserve the hop.
+        Claiming { admit: StoreFuture<Result<(), SpendDenied>> },
         // Waiting for the service to be ready for the next route's request.
         Readying,
         Done,
@@ -62,6 +65,8 @@ pub(crate) struct Chain<S, B> {
     /// A chain outside this one said it has a route after this whole chain.
     pub(crate) outer_fallback: bool,
     next: Option<Request<B>>,
+    /// The hop waiting for the spend cap.
+    planned: Option<PlannedHop<B>>,
     /// 0 is the primary; `i > 0` is `config.routes[i - 1]`.
     current: usize,
     hops: u32,
@@ -95,7 +100,18 @@ enum Failure {
 /// What a step of the chain leads to.
 enum Step {
     Hop,
+    /// A hop, once the spend cap has reserved it.
+    Claim(StoreFuture<Result<(), SpendDenied>>),
     Finish(Result<Response<Body>, Error>),
+}
+
+/// A hop that passed every check but the shared budgets.
+struct PlannedHop<B> {
+    /// The failed attempt it follows, if the route made a call.
+    attempt: Option<usize>,
+    next: usize,
+    to: RouteName,
+    request: Request<B>,
 }
 
 impl<S, B> Chain<S, B> {
@@ -116,6 +132,7 @@ impl<S, B> Chain<S, B> {
             owner,
             outer_fallback,
             next: None,
+            planned: None,
             current: 0,
             hops: 0,
             sent: None,
@@ -186,6 +203,10 @@ where
                     let (response, c) = ready!(Pin::new(future).poll(cx));
                     chain.on_response(response, &c)
                 }
+                StateProj::Claiming { admit } => {
+                    let granted = ready!(Pin::new(admit).poll(cx));
+                    chain.claimed(granted)
+                }
                 StateProj::Readying => match ready!(chain.svc.poll_ready(cx)) {
                     Ok(()) => match chain.next.take() {
                         Some(req) => {
@@ -209,6 +230,7 @@ where
             };
             match step {
                 Step::Hop => this.state.set(State::Readying),
+                Step::Claim(admit) => this.state.set(State::Claiming { admit }),
                 Step::Finish(out) => {
                     this.state.set(State::Done);
                     return Poll::Ready(out);
@@ -373,20 +395,22 @@ impl<S, B: ReplayBody> Chain<S, B> {
             return Step::Finish(self.finish_failed());
         };
         match self.hop(rule, attempt) {
-            Ok(()) => Step::Hop,
-            Err(reason) => {
-                if let Some(idx) = attempt {
-                    self.ctx.log().decide(idx, Decision::Stop(reason));
-                }
-                Step::Finish(self.finish_failed())
-            }
+            Ok(step) => step,
+            Err(reason) => self.stop(attempt, reason),
         }
     }
 
-    /// Prepares the hop to the next route `rule` allows, or says why there is none.
-    fn hop(&mut self, rule: FallbackRule, attempt: Option<usize>) -> Result<(), StopReason> {
+    fn stop(&mut self, attempt: Option<usize>, reason: StopReason) -> Step {
+        if let Some(idx) = attempt {
+            self.ctx.log().decide(idx, Decision::Stop(reason));
+        }
+        Step::Finish(self.finish_failed())
+    }
+
+    /// Plans the hop to the next route `rule` allows, or says why there is none.
+    fn hop(&mut self, rule: FallbackRule, attempt: Option<usize>) -> Result<Step, StopReason> {
         self.constrain(rule)?;
-        let (next, req) = self.next_route()?;
+        let (next, request) = self.next_route()?;
         let policy = &self.config.policy;
         let attempts = self.ctx.log().attempt_count();
         if self.hops >= policy.max_hops || !AttemptCap(policy.max_total_attempts).allows(attempts) {
@@ -399,20 +423,61 @@ impl<S, B: ReplayBody> Chain<S, B> {
                 .event(Some(to), LocalEventKind::DeadlineExceeded);
             return Err(StopReason::DeadlineExceeded);
         }
-        self.admitted = self.claim(&to, attempt)?;
-        if let Some(idx) = attempt {
-            self.ctx
-                .log()
-                .decide(idx, Decision::Fallback { to: to.clone() });
+        // Reserve the hop's spend (for the request's own owner, at the price of the route it
+        // goes to) after every other check, and withdraw from the retry budget last: a hop
+        // refused for any reason costs neither.
+        let admit = self.ctx.spend_gate().map(|gate| gate.admit(&to));
+        self.planned = Some(PlannedHop {
+            attempt,
+            next,
+            to,
+            request,
+        });
+        let Some(mut admit) = admit else {
+            return Ok(self.claimed(Ok(())));
+        };
+        Ok(match admit.now() {
+            Some(granted) => self.claimed(granted),
+            None => Step::Claim(admit),
+        })
+    }
+
+    /// The spend cap answered for the planned hop: withdraw from the retry budget, and hop.
+    fn claimed(&mut self, granted: Result<(), SpendDenied>) -> Step {
+        let Some(hop) = self.planned.take() else {
+            return Step::Finish(self.finish_failed());
+        };
+        let log = self.ctx.log();
+        let gate = self.ctx.spend_gate();
+        if granted.is_err() {
+            log.event(Some(hop.to.clone()), LocalEventKind::BudgetDenied);
+            return self.stop(hop.attempt, StopReason::SpendCapReached);
+        }
+        // A hop away from a route that made no call (its circuit is open) replaces that call
+        // rather than adding one, so it costs no retry budget: under a full outage of the
+        // primary a healthy backup keeps serving every request.
+        let budget = hop.attempt.and(self.ctx.retry_budget());
+        if budget.is_some_and(|b| !b.withdraw()) {
+            if let Some(gate) = &gate {
+                gate.release(&hop.to);
+            }
+            log.event(Some(hop.to.clone()), LocalEventKind::RetryBudgetDenied);
+            return self.stop(hop.attempt, StopReason::RetryBudgetDenied);
+        }
+        self.admitted = gate;
+        if let Some(idx) = hop.attempt {
+            log.decide(idx, Decision::Fallback { to: hop.to.clone() });
         }
         self.hops += 1;
-        self.current = next;
-        let more = self.hops < policy.max_hops
-            && self.config.routes[next..].iter().any(|r| self.eligible(r));
-        self.ctx.set_route(to);
+        self.current = hop.next;
+        let more = self.hops < self.config.policy.max_hops
+            && self.config.routes[hop.next..]
+                .iter()
+                .any(|r| self.eligible(r));
+        self.ctx.set_route(hop.to);
         self.ctx.set_fallback_available(more || self.outer_fallback);
-        self.next = Some(req);
-        Ok(())
+        self.next = Some(hop.request);
+        Step::Hop
     }
 
     /// Adds what `rule` asks of every later route to the chain's needs.
@@ -490,38 +555,6 @@ impl<S, B: ReplayBody> Chain<S, B> {
             }
         }
         Err(StopReason::NoApprovedRoute)
-    }
-
-    /// Reserves the hop's spend (for the request's own owner, at the price of the route it
-    /// goes to) and then withdraws from the retry budget: a hop refused for any reason costs
-    /// neither. Returns the gate that admitted the hop.
-    fn claim(
-        &self,
-        to: &RouteName,
-        attempt: Option<usize>,
-    ) -> Result<Option<SpendGate>, StopReason> {
-        let log = self.ctx.log();
-        let gate = self.ctx.spend_gate();
-        if let Some(gate) = &gate {
-            if gate.admit(to).is_err() {
-                log.event(Some(to.clone()), LocalEventKind::BudgetDenied);
-                return Err(StopReason::SpendCapReached);
-            }
-        }
-        // A hop away from a route that made no call (its circuit is open) replaces that call
-        // rather than adding one, so it costs no retry budget: under a full outage of the
-        // primary a healthy backup keeps serving every request.
-        let budget = attempt.and(self.ctx.retry_budget());
-        if let Some(budget) = budget {
-            if !budget.withdraw() {
-                if let Some(gate) = &gate {
-                    gate.release(to);
-                }
-                log.event(Some(to.clone()), LocalEventKind::RetryBudgetDenied);
-                return Err(StopReason::RetryBudgetDenied);
-            }
-        }
-        Ok(gate)
     }
 
     /// No route served: the last resort if the policy has one and the primary's failure was an

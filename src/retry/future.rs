@@ -16,11 +16,12 @@ use super::layer::Shared;
 use crate::attempt_log::{Decision, LocalEventKind, StopReason, WaitSource};
 use crate::backoff::{NextWait, next_wait};
 use crate::classify::{Classification, ClassifyResponse, FailureClass};
-use crate::context::{RequestContext, Sent, SpendGate};
+use crate::context::{RequestContext, Sent, SpendDenied, SpendGate};
 use crate::duration::ceil_millis;
 use crate::policy::{FallbackRule, ReplayRule, RetryRule};
 use crate::replay::{ReplayBody, try_clone_request};
 use crate::retry_budget::RetryBudget;
+use crate::store::StoreFuture;
 use crate::{Body, BoxError, Error, ErrorKind, RouteName};
 
 /// How much of a retried response's body is read (and dropped) so that its connection can be
@@ -66,6 +67,13 @@ pin_project! {
         // The response head is in; its classification may read a bounded body prefix.
         Classifying {
             future: ClassifyResponse,
+        },
+        // Waiting for the spend cap to reserve the retry; the retried answer's body is kept so
+        // that it can still be handed up if the retry is refused.
+        Claiming {
+            admit: StoreFuture<Result<(), SpendDenied>>,
+            retry: Planned<B>,
+            answer: Result<Response<Body>, Error>,
         },
         // Waiting before the next attempt; the retried response's body drains meanwhile.
         Sleeping {
@@ -200,33 +208,61 @@ impl<B> Attempts<B> {
     }
 }
 
+/// A retry that passed every check but the shared budgets.
+pub(super) struct Planned<B> {
+    idx: usize,
+    class: FailureClass,
+    wait: Duration,
+    source: WaitSource,
+    next: Request<B>,
+}
+
+/// What follows an attempt.
+enum Decided<B> {
+    /// The answer goes up as it is.
+    Done,
+    /// A retry after `.0`, with its request.
+    Retry(Duration, Request<B>),
+    /// A retry, once the spend cap has reserved it.
+    Claim(StoreFuture<Result<(), SpendDenied>>, Planned<B>),
+}
+
 impl<B: ReplayBody> Attempts<B> {
-    /// Decides what follows attempt `idx` that ended as `c`: the wait and the request of the
-    /// next attempt when a retry was granted, `None` when the answer goes up as it is.
-    fn decide(&mut self, idx: usize, c: &Classification) -> Option<(Duration, Request<B>)> {
-        let log = self.ctx.log();
+    /// Decides what follows attempt `idx` that ended as `c`.
+    fn decide(&mut self, idx: usize, c: &Classification) -> Decided<B> {
         let Some(class) = c.class else {
-            log.decide(idx, Decision::Accept);
-            return None;
+            self.ctx.log().decide(idx, Decision::Accept);
+            return Decided::Done;
         };
-        match self.plan(class, c) {
-            Ok((wait, source, next)) => {
-                self.previous_wait = Some(wait);
-                if let Some(n) = class_index(class) {
-                    self.retried[n] += 1;
-                }
-                self.ctx.log().decide(idx, Decision::Retry { wait, source });
-                Some((wait, next))
-            }
+        let planned = match self.plan(class, c) {
+            Ok((wait, source, next)) => Planned {
+                idx,
+                class,
+                wait,
+                source,
+                next,
+            },
             Err(reason) => {
                 self.ctx.log().decide(idx, Decision::Stop(reason));
-                None
+                return Decided::Done;
             }
+        };
+        // Reserve the retry's spend after every other check, and withdraw from the retry budget
+        // last: a retry refused for any reason costs neither.
+        match &self.spend {
+            Some(gate) => {
+                let mut admit = gate.admit(&self.route);
+                match admit.now() {
+                    Some(granted) => self.claimed(granted, planned),
+                    None => Decided::Claim(admit, planned),
+                }
+            }
+            None => self.claimed(Ok(()), planned),
         }
     }
 
-    /// The checks before a retry, in a fixed order; the claims on shared budgets come last, so
-    /// that a retry refused for any reason costs none of them.
+    /// The checks before a retry, in a fixed order: the class's rule, the replay rules, a copy
+    /// of the request, the wait.
     fn plan(
         &mut self,
         class: FailureClass,
@@ -240,8 +276,38 @@ impl<B: ReplayBody> Attempts<B> {
             .and_then(try_clone_request)
             .ok_or(StopReason::NotReplayable)?;
         let (wait, source) = self.wait(class, c)?;
-        self.claim()?;
         Ok((wait, source, next))
+    }
+
+    /// The spend cap answered for the planned retry: withdraw from the retry budget, and the
+    /// retry is granted.
+    fn claimed(&mut self, granted: Result<(), SpendDenied>, retry: Planned<B>) -> Decided<B> {
+        let log = self.ctx.log();
+        let route = Some(self.route.clone());
+        if granted.is_err() {
+            log.event(route, LocalEventKind::BudgetDenied);
+            log.decide(retry.idx, Decision::Stop(StopReason::SpendCapReached));
+            return Decided::Done;
+        }
+        if !self.budget.withdraw() {
+            if let Some(gate) = &self.spend {
+                gate.release(&self.route);
+            }
+            log.event(route, LocalEventKind::RetryBudgetDenied);
+            log.decide(retry.idx, Decision::Stop(StopReason::RetryBudgetDenied));
+            return Decided::Done;
+        }
+        self.granted = Granted {
+            spend: self.spend.is_some(),
+            budget: true,
+        };
+        self.previous_wait = Some(retry.wait);
+        if let Some(n) = class_index(retry.class) {
+            self.retried[n] += 1;
+        }
+        let (wait, source) = (retry.wait, retry.source);
+        log.decide(retry.idx, Decision::Retry { wait, source });
+        Decided::Retry(wait, retry.next)
     }
 
     /// The class's rule (or the server's `x-should-retry`), `max_attempts` and the `Once`
@@ -325,29 +391,6 @@ impl<B: ReplayBody> Attempts<B> {
             return Err(StopReason::DeadlineExceeded);
         }
         Ok((wait, source))
-    }
-
-    /// Reserves the retry's spend, then withdraws from the retry budget.
-    fn claim(&mut self) -> Result<(), StopReason> {
-        let log = self.ctx.log();
-        if let Some(gate) = &self.spend {
-            if gate.admit(&self.route).is_err() {
-                log.event(Some(self.route.clone()), LocalEventKind::BudgetDenied);
-                return Err(StopReason::SpendCapReached);
-            }
-        }
-        if !self.budget.withdraw() {
-            if let Some(gate) = &self.spend {
-                gate.release(&self.route);
-            }
-            log.event(Some(self.route.clone()), LocalEventKind::RetryBudgetDenied);
-            return Err(StopReason::RetryBudgetDenied);
-        }
-        self.granted = Granted {
-            spend: self.spend.is_some(),
-            budget: true,
-        };
-        Ok(())
     }
 }
 
@@ -477,24 +520,40 @@ where
             c.class = e.class();
         }
         let idx = attempts.record(&c, Some(&e));
-        let decision = match c.class {
+        let decided = match c.class {
             Some(_) => attempts.decide(idx, &c),
             // A crate error of no failure class the ladder knows (a deadline from inside,
             // say): nothing to retry.
             None => {
                 let stop = Decision::Stop(StopReason::NotRetryable);
                 attempts.ctx.log().decide(idx, stop);
-                None
+                Decided::Done
             }
         };
-        match decision {
-            Some((wait, next)) => {
-                self.sleep(wait, None, next);
+        self.follow(decided, Err(e))
+    }
+
+    /// Goes on as decided: `answer` is the attempt's answer, handed up when no retry follows.
+    fn follow(&mut self, decided: Decided<B>, answer: Result<Response<Body>, Error>) -> Next {
+        match decided {
+            Decided::Retry(wait, next) => {
+                self.sleep(wait, answer.ok().map(Response::into_body), next);
                 None
             }
-            None => {
+            Decided::Claim(admit, retry) => {
+                self.state.set(State::Claiming {
+                    admit,
+                    retry,
+                    answer,
+                });
+                None
+            }
+            Decided::Done => {
                 self.state.set(State::Done);
-                Some(Err(attempts.finish_error(e)))
+                Some(match answer {
+                    Ok(response) => Ok(self.attempts.finish_response(response)),
+                    Err(e) => Err(self.attempts.finish_error(e)),
+                })
             }
         }
     }
@@ -511,16 +570,23 @@ where
         };
         let attempts = &mut *self.attempts;
         let idx = attempts.record(&c, None);
-        match attempts.decide(idx, &c) {
-            Some((wait, next)) => {
-                self.sleep(wait, Some(response.into_body()), next);
-                Poll::Ready(None)
-            }
-            None => {
-                self.state.set(State::Done);
-                Poll::Ready(Some(Ok(attempts.finish_response(response))))
-            }
-        }
+        let decided = attempts.decide(idx, &c);
+        Poll::Ready(self.follow(decided, Ok(response)))
+    }
+
+    /// `Claiming`: the spend cap's answer for the planned retry.
+    fn poll_claim(&mut self, cx: &mut Context<'_>) -> Poll<Next> {
+        let StateProj::Claiming { admit, .. } = self.state.as_mut().project() else {
+            return Poll::Ready(None);
+        };
+        let granted = ready!(Pin::new(admit).poll(cx));
+        let StateProjReplace::Claiming { retry, answer, .. } =
+            self.state.as_mut().project_replace(State::Done)
+        else {
+            return Poll::Ready(None);
+        };
+        let decided = self.attempts.claimed(granted, retry);
+        Poll::Ready(self.follow(decided, answer))
     }
 
     fn sleep(&mut self, wait: Duration, drain: Option<Body>, next: Request<B>) {
@@ -572,6 +638,7 @@ where
                 StateProj::Ready { .. } => ready!(this.poll_ready(cx)),
                 StateProj::Calling { .. } => ready!(this.poll_call(cx)),
                 StateProj::Classifying { .. } => ready!(this.poll_classify(cx)),
+                StateProj::Claiming { .. } => ready!(this.poll_claim(cx)),
                 StateProj::Sleeping { .. } => ready!(this.poll_sleep(cx)),
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             };
@@ -611,6 +678,7 @@ where
             State::Ready { .. } => "ready",
             State::Calling { .. } => "calling",
             State::Classifying { .. } => "classifying",
+            State::Claiming { .. } => "claiming",
             State::Sleeping { .. } => "sleeping",
             State::Done => "done",
         };
