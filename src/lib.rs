@@ -162,6 +162,7 @@ mod error;
 pub mod fallback;
 mod pacing;
 pub mod policy;
+pub mod redis;
 pub mod replay;
 pub mod reqwest;
 pub mod reqwest_middleware;

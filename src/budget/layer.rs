@@ -44,6 +44,14 @@ pub(crate) struct Shared {
     pub(crate) logging: LoggingPolicy,
 }
 
+/// How long a request's reservations live unless settled: its deadline plus a margin (an hour
+/// when there is no deadline).
+fn lease_for(deadline: Option<std::time::Duration>, margin: std::time::Duration) -> std::time::Duration {
+    deadline
+        .unwrap_or(super::spend::DEFAULT_LEASE)
+        .saturating_add(margin)
+}
+
 impl BudgetLayer {
     /// A layer as the budget section describes; invalid values are a [`PolicyError`].
     ///
@@ -54,10 +62,11 @@ impl BudgetLayer {
     pub fn new(policy: BudgetPolicy) -> Result<Self, PolicyError> {
         policy.validate()?;
         let retry_budget = RetryBudget::new(&policy.retry_budget)?;
+        let lease = lease_for(policy.deadline, crate::policy::StorePolicy::default().lease_margin);
         let spend = policy
             .spend
             .as_ref()
-            .map(SpendConfig::new)
+            .map(|s| SpendConfig::new(s, lease))
             .transpose()?
             .map(Arc::new);
         let owner_header = match &policy.spend {
@@ -109,9 +118,14 @@ impl BudgetLayer {
                 }
             }
         }
+        policy.store.validate()?;
         let shared = Arc::make_mut(&mut layer.shared);
         shared.primary = Some(RouteName::new(&policy.fallback.primary));
         shared.logging = policy.logging.clone();
+        if let Some(spend) = &policy.budget.spend {
+            let lease = lease_for(policy.budget.deadline, policy.store.lease_margin);
+            shared.spend = Some(Arc::new(SpendConfig::new(spend, lease)?));
+        }
         Ok(layer)
     }
 

@@ -119,7 +119,7 @@ impl fmt::Debug for SpendConfig {
 }
 
 impl SpendConfig {
-    pub(crate) fn new(p: &SpendPolicy) -> Result<Self, PolicyError> {
+    pub(crate) fn new(p: &SpendPolicy, lease_ttl: Duration) -> Result<Self, PolicyError> {
         let owner_header = HeaderName::from_bytes(p.owner_header.as_bytes()).map_err(|_| {
             PolicyError::new("budget.spend.owner_header", "is not a valid header name")
         })?;
@@ -134,7 +134,7 @@ impl SpendConfig {
         Ok(Self {
             cap: to_micros(p.cap),
             window: p.window,
-            lease_ttl: DEFAULT_LEASE,
+            lease_ttl,
             owner_header,
             default_owner: p.default_owner.clone(),
             prices: p

@@ -27,6 +27,7 @@ mod fallback;
 mod idempotency;
 mod logging;
 mod retry;
+mod store;
 mod stream;
 
 use std::time::Duration;
@@ -42,6 +43,7 @@ pub use fallback::{CREDENTIAL_HEADERS, FallbackPolicy, RouteConfig, StaticRespon
 pub use idempotency::{IdempotencyPolicy, ReplayRule};
 pub use logging::LoggingPolicy;
 pub use retry::{BackoffPolicy, Jitter, RetryPolicy};
+pub use store::{StoreMode, StoreModes, StorePolicy};
 pub use stream::{CommitPoint, StreamPolicy, StreamSettings};
 
 /// The whole recovery policy: what each rung of the ladder may do.
@@ -69,6 +71,8 @@ pub struct Policy {
     pub actions: ClassActions,
     /// What is logged.
     pub logging: LoggingPolicy,
+    /// Where shared state lives (spend, rate limits, breakers), for a fleet of replicas.
+    pub store: StorePolicy,
 }
 
 impl Default for Policy {
@@ -109,6 +113,7 @@ impl Policy {
             idempotency: IdempotencyPolicy::default(),
             actions: ClassActions::default(),
             logging: LoggingPolicy::default(),
+            store: StorePolicy::default(),
         }
     }
 
@@ -167,6 +172,7 @@ impl Policy {
             },
             actions: ClassActions::default(),
             logging: LoggingPolicy::default(),
+            store: StorePolicy::default(),
         }
     }
 
@@ -182,6 +188,7 @@ impl Policy {
         self.stream.validate()?;
         self.idempotency.validate()?;
         self.logging.validate()?;
+        self.store.validate()?;
         for name in self.stream.routes.keys() {
             if !self.route_names().any(|r| r == name) {
                 return Err(PolicyError::new(

@@ -1,0 +1,172 @@
+//! The Lua scripts: one per store method, each one atomic step on the server, with the
+//! server's clock (`TIME`), touching the keys of one hash slot.
+
+/// Shared by the spend scripts. KEYS[1] the owner's spend hash (`window`, `spent`,
+/// `reserved`), KEYS[2] its reservations (id -> amount), KEYS[3] their leases (id -> expiry,
+/// ms). `now` in ms of server time; `reclaim` gives back every lease that has ended; `roll`
+/// starts a new window (booked spend from zero, open reservations carried over).
+const SPEND_PRELUDE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function reclaim()
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+  for _, id in ipairs(gone) do
+    local a = tonumber(redis.call('HGET', KEYS[2], id) or '0')
+    redis.call('HDEL', KEYS[2], id)
+    redis.call('HINCRBY', KEYS[1], 'reserved', -a)
+  end
+  if #gone > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now) end
+end
+local function roll(window_ms)
+  local w = math.floor(now / window_ms)
+  if tonumber(redis.call('HGET', KEYS[1], 'window') or '-1') ~= w then
+    redis.call('HSET', KEYS[1], 'window', w, 'spent', 0)
+  end
+end
+local function keep(ttl_ms)
+  for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ttl_ms) end
+end
+local function status()
+  local spent = tonumber(redis.call('HGET', KEYS[1], 'spent') or '0')
+  local reserved = tonumber(redis.call('HGET', KEYS[1], 'reserved') or '0')
+  return spent, reserved
+end
+"#;
+
+/// ARGV: lease id, amount, cap, window ms, lease ms. Returns `{granted, spent, reserved}`.
+const RESERVE: &str = r#"
+local id, amount, cap = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local window_ms, lease_ms = tonumber(ARGV[4]), tonumber(ARGV[5])
+reclaim()
+roll(window_ms)
+local spent, reserved = status()
+if spent + reserved + amount > cap then return {0, spent, reserved} end
+redis.call('HINCRBY', KEYS[2], id, amount)
+redis.call('HINCRBY', KEYS[1], 'reserved', amount)
+redis.call('ZADD', KEYS[3], now + lease_ms, id)
+keep(window_ms + lease_ms)
+return {1, spent, reserved + amount}
+"#;
+
+/// ARGV: lease id, amount, window ms, lease ms. Takes `amount` off the reservation.
+const RELEASE: &str = r#"
+local id, amount = ARGV[1], tonumber(ARGV[2])
+local window_ms, lease_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
+reclaim()
+roll(window_ms)
+local held = tonumber(redis.call('HGET', KEYS[2], id) or '0')
+local d = math.min(held, amount)
+if d > 0 then
+  if held - d <= 0 then
+    redis.call('HDEL', KEYS[2], id)
+    redis.call('ZREM', KEYS[3], id)
+  else
+    redis.call('HINCRBY', KEYS[2], id, -d)
+  end
+  redis.call('HINCRBY', KEYS[1], 'reserved', -d)
+end
+keep(window_ms + lease_ms)
+return d
+"#;
+
+/// ARGV: lease id, charged, window ms, lease ms. Closes the reservation (if its lease has not
+/// been reclaimed already) and books `charged`.
+const SETTLE: &str = r#"
+local id, charged = ARGV[1], tonumber(ARGV[2])
+local window_ms, lease_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
+reclaim()
+roll(window_ms)
+local held = redis.call('HGET', KEYS[2], id)
+if held then
+  redis.call('HDEL', KEYS[2], id)
+  redis.call('ZREM', KEYS[3], id)
+  redis.call('HINCRBY', KEYS[1], 'reserved', -tonumber(held))
+end
+redis.call('HINCRBY', KEYS[1], 'spent', charged)
+keep(window_ms + lease_ms)
+return held and 1 or 0
+"#;
+
+/// ARGV: refund, charge, window ms, lease ms. Corrects booked spend.
+const ADJUST: &str = r#"
+local refund, charge = tonumber(ARGV[1]), tonumber(ARGV[2])
+local window_ms, lease_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
+roll(window_ms)
+local spent = tonumber(redis.call('HGET', KEYS[1], 'spent') or '0')
+spent = math.max(0, spent - refund) + charge
+redis.call('HSET', KEYS[1], 'spent', spent)
+keep(window_ms + lease_ms)
+return spent
+"#;
+
+/// ARGV: window ms. Returns `{spent, reserved}`.
+const STATUS: &str = r#"
+reclaim()
+roll(tonumber(ARGV[1]))
+local spent, reserved = status()
+return {spent, reserved}
+"#;
+
+/// The generic cell rate over every bucket in KEYS, all or nothing. ARGV: per bucket, the time
+/// one unit uses (µs, fractional), its capacity and the cost. Each key holds its theoretical
+/// arrival time in µs of server time. Returns `{granted, wait µs}`.
+pub(super) const TAKE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local wait, next = 0, {}
+for i, key in ipairs(KEYS) do
+  local per = tonumber(ARGV[3 * i - 2])
+  local cap = tonumber(ARGV[3 * i - 1])
+  local cost = math.min(tonumber(ARGV[3 * i]), cap)
+  local tat = math.max(tonumber(redis.call('GET', key) or '0'), now)
+  local new = tat + per * cost
+  local ahead = new - now
+  local tolerance = per * cap
+  if ahead > tolerance then wait = math.max(wait, ahead - tolerance) end
+  next[i] = new
+end
+if wait > 0 then return {0, math.ceil(wait)} end
+for i, key in ipairs(KEYS) do
+  local ttl = math.ceil((next[i] - now) / 1000) + 1000
+  redis.call('SET', key, string.format('%.3f', next[i]), 'PX', ttl)
+end
+return {1, 0}
+"#;
+
+/// A script with its SHA-1, sent by `EVALSHA` and, when the server does not have it yet,
+/// by `EVAL` (which also caches it).
+pub(super) struct Lua {
+    pub(super) source: String,
+    pub(super) sha: String,
+}
+
+impl Lua {
+    fn new(source: String) -> Self {
+        let sha = ::redis::Script::new(&source).get_hash().to_owned();
+        Self { source, sha }
+    }
+}
+
+/// The spend scripts, each with the shared prelude.
+pub(super) struct Scripts {
+    pub(super) reserve: Lua,
+    pub(super) release: Lua,
+    pub(super) settle: Lua,
+    pub(super) adjust: Lua,
+    pub(super) status: Lua,
+    pub(super) take: Lua,
+}
+
+impl Scripts {
+    pub(super) fn new() -> Self {
+        let spend = |body: &str| Lua::new(format!("{SPEND_PRELUDE}{body}"));
+        Self {
+            reserve: spend(RESERVE),
+            release: spend(RELEASE),
+            settle: spend(SETTLE),
+            adjust: spend(ADJUST),
+            status: spend(STATUS),
+            take: Lua::new(TAKE.to_owned()),
+        }
+    }
+}
