@@ -69,7 +69,8 @@ async fn spend_settles_with_the_usage_the_provider_reports() {
     let (layer, svc) = budget(policy);
     let spend = layer.spend().expect("spend handle");
 
-    // Reserved: 3 prompt tokens ("user" + "hello" = 9 bytes) + 64 output = 67.
+    // Reserved: 7 prompt tokens ("user" + "hello" = 9 bytes, and 4 for the message) + 64
+    // output = 71.
     let resp = svc
         .clone()
         .oneshot(chat_request(&mock.url(), "json", false))
@@ -77,7 +78,7 @@ async fn spend_settles_with_the_usage_the_provider_reports() {
         .expect("response");
     assert_eq!(
         spend.status("team").await.expect("store"),
-        SpendStatus::new(0, 67)
+        SpendStatus::new(0, 71)
     );
     resp.into_body().collect().await.expect("body");
     // Charged what the provider reported: 9 prompt + 3 completion tokens.
@@ -517,9 +518,9 @@ mod with_recovery_layers {
 
     // ------------------------------------------ the spend cap reserves every attempt
 
-    /// Each attempt of `chat_request` reserves 3 prompt + 64 output tokens at 1 micro unit per
-    /// token.
-    const PER_ATTEMPT: u64 = 67;
+    /// Each attempt of `chat_request` reserves 7 prompt (3 for the text, 4 for its message) +
+    /// 64 output tokens at 1 micro unit per token.
+    const PER_ATTEMPT: u64 = 71;
 
     /// Budget → Fallback (primary + `backup` on the same mock) → Retry (3 attempts per route)
     /// → the hyper-util client, with a spend cap that holds `attempts` attempts' reservations
@@ -742,9 +743,10 @@ mod through_the_whole_stack {
     /// Micro units per token in and out, per route.
     const PRIMARY_PRICE: (u64, u64) = (2, 10);
     const BACKUP_PRICE: (u64, u64) = (3, 15);
-    /// What `chat_request` reserves per attempt: 3 prompt tokens + 64 output tokens.
+    /// What `chat_request` reserves per attempt: 7 prompt tokens (3 for the text, 4 for its
+    /// message) + 64 output tokens.
     const fn reservation((input, output): (u64, u64)) -> u64 {
-        3 * input + 64 * output
+        7 * input + 64 * output
     }
 
     /// The whole ladder with a spend cap and a price table (no default price): `primary`
@@ -810,7 +812,7 @@ mod through_the_whole_stack {
             let log = log_of(&resp);
             // Committed on the first event, not yet settled: the primary's reservation is held.
             let reserved = reservation(PRIMARY_PRICE);
-            assert_eq!(reserved, 646);
+            assert_eq!(reserved, 654);
             assert_eq!(receipt.owner(), "team");
             assert_eq!(receipt.reserved_micros(), reserved);
             assert_eq!(receipt.charged_micros(), None);
@@ -865,7 +867,7 @@ mod through_the_whole_stack {
             let log = log_of(&resp);
             // Three attempts on the primary, then the hop: each reserved at its route's price.
             let reserved = 3 * reservation(PRIMARY_PRICE) + reservation(BACKUP_PRICE);
-            assert_eq!(reserved, 3 * 646 + 969);
+            assert_eq!(reserved, 3 * 654 + 981);
             assert_eq!(receipt.reserved_micros(), reserved);
             assert_eq!(
                 spend.status("team").await.expect("store"),

@@ -9,23 +9,41 @@ use serde_json::Value;
 /// for most providers).
 pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 4096;
 
+/// The tokens a provider bills for each message beyond its text: the chat template's role and
+/// separators (OpenAI counts 3 to 4 per message, Anthropic and Gemini about as many).
+pub const MESSAGE_OVERHEAD_TOKENS: u64 = 4;
+
 /// A request's estimated size in model tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct TokenEstimate {
-    /// Prompt (input) tokens.
+    /// Prompt (input) tokens, as estimated.
     pub input_tokens: u64,
     /// The most output tokens the request may produce.
     pub max_output_tokens: u64,
+    /// The most input tokens the request can be billed: what a hard spend cap reserves.
+    pub input_bound: u64,
 }
 
 impl TokenEstimate {
-    /// An estimate.
+    /// An estimate whose input bound is its input estimate.
     pub const fn new(input_tokens: u64, max_output_tokens: u64) -> Self {
         Self {
             input_tokens,
             max_output_tokens,
+            input_bound: input_tokens,
         }
+    }
+
+    /// The estimate with `bound` as the most input tokens it can be billed (never below the
+    /// estimate).
+    pub const fn with_input_bound(mut self, bound: u64) -> Self {
+        self.input_bound = if bound > self.input_tokens {
+            bound
+        } else {
+            self.input_tokens
+        };
+        self
     }
 
     /// Input plus output tokens: what a tokens-per-minute limit counts.
@@ -58,7 +76,10 @@ where
 /// - Input: the bytes of every string inside `messages`, `prompt`, `input`, `system`,
 ///   `instructions`, `contents`, `systemInstruction` and `tools`, divided by 4 and rounded up
 ///   (about four bytes per token for English text; it overestimates images sent inline, which
-///   errs on the safe side).
+///   errs on the safe side), plus [`MESSAGE_OVERHEAD_TOKENS`] per message of `messages`,
+///   `contents` or an `input` array.
+/// - Input bound: those bytes counted as tokens (a token of text is at least one byte) plus the
+///   same per-message overhead — what a provider can bill at most, for a hard spend cap.
 /// - A body that is not JSON counts its length divided by 4; a body not in memory counts its
 ///   `content-length` the same way.
 #[derive(Debug, Clone, Copy, Default)]
@@ -102,7 +123,17 @@ impl TokenEstimator for DefaultEstimator {
             .filter_map(|f| json.get(*f))
             .map(string_bytes)
             .fold(0, u64::saturating_add);
-        TokenEstimate::new(prompt_bytes.div_ceil(4), max_output)
+        let messages: u64 = ["messages", "contents", "input"]
+            .iter()
+            .filter_map(|f| json.get(*f).and_then(Value::as_array))
+            .map(|a| a.len() as u64)
+            .fold(0, u64::saturating_add);
+        let overhead = messages.saturating_mul(MESSAGE_OVERHEAD_TOKENS);
+        TokenEstimate::new(
+            prompt_bytes.div_ceil(4).saturating_add(overhead),
+            max_output,
+        )
+        .with_input_bound(prompt_bytes.saturating_add(overhead))
     }
 }
 
@@ -137,22 +168,36 @@ mod tests {
     fn reads_output_bounds_of_every_api() {
         let chat =
             r#"{"model":"m","messages":[{"role":"user","content":"abcdefgh"}],"max_tokens":64}"#;
-        // "user" + "abcdefgh" = 12 bytes = 3 tokens.
-        assert_eq!(est(chat), TokenEstimate::new(3, 64));
+        // "user" + "abcdefgh" = 12 bytes = 3 tokens, and 4 for the message; at most 12 + 4.
+        assert_eq!(est(chat), TokenEstimate::new(7, 64).with_input_bound(16));
         let responses = r#"{"model":"m","input":"abcde","max_output_tokens":10}"#;
-        assert_eq!(est(responses), TokenEstimate::new(2, 10));
+        assert_eq!(
+            est(responses),
+            TokenEstimate::new(2, 10).with_input_bound(5)
+        );
         let o1 = r#"{"messages":[],"max_completion_tokens":7}"#;
         assert_eq!(est(o1), TokenEstimate::new(0, 7));
         let gemini = r#"{"contents":[{"parts":[{"text":"abcd"}]}],"generationConfig":{"maxOutputTokens":9}}"#;
-        assert_eq!(est(gemini), TokenEstimate::new(1, 9));
+        assert_eq!(est(gemini), TokenEstimate::new(5, 9).with_input_bound(8));
         let anthropic = r#"{"system":"abcd","messages":[{"role":"user","content":[{"type":"text","text":"abcd"}]}],"max_tokens":5}"#;
-        // "abcd" + "user" + "text" + "abcd" = 16 bytes.
-        assert_eq!(est(anthropic), TokenEstimate::new(4, 5));
+        // "abcd" + "user" + "text" + "abcd" = 16 bytes, one message.
+        assert_eq!(
+            est(anthropic),
+            TokenEstimate::new(8, 5).with_input_bound(20)
+        );
+        // An `input` array counts its items as messages.
+        let items = r#"{"input":[{"role":"user","content":"ab"},{"role":"user","content":"cd"}]}"#;
+        assert_eq!(
+            est(items),
+            TokenEstimate::new(3 + 8, 4096).with_input_bound(12 + 8)
+        );
     }
 
     #[test]
     fn garbage_and_missing_bodies_still_estimate() {
         assert_eq!(est("not json at all"), TokenEstimate::new(4, 4096));
+        // A body that is not JSON has no bound better than its estimate.
+        assert_eq!(est("not json at all").input_bound, 4);
         assert_eq!(est(r#"{"max_tokens":-3}"#), TokenEstimate::new(0, 4096));
         assert_eq!(est("[1,2]"), TokenEstimate::new(2, 4096));
         let mut h = HeaderMap::new();

@@ -46,7 +46,10 @@ pub(crate) struct Shared {
 
 /// How long a request's reservations live unless settled: its deadline plus a margin (an hour
 /// when there is no deadline).
-fn lease_for(deadline: Option<std::time::Duration>, margin: std::time::Duration) -> std::time::Duration {
+fn lease_for(
+    deadline: Option<std::time::Duration>,
+    margin: std::time::Duration,
+) -> std::time::Duration {
     deadline
         .unwrap_or(super::spend::DEFAULT_LEASE)
         .saturating_add(margin)
@@ -62,7 +65,10 @@ impl BudgetLayer {
     pub fn new(policy: BudgetPolicy) -> Result<Self, PolicyError> {
         policy.validate()?;
         let retry_budget = RetryBudget::new(&policy.retry_budget)?;
-        let lease = lease_for(policy.deadline, crate::policy::StorePolicy::default().lease_margin);
+        let lease = lease_for(
+            policy.deadline,
+            crate::policy::StorePolicy::default().lease_margin,
+        );
         let spend = policy
             .spend
             .as_ref()

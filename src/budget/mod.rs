@@ -135,7 +135,10 @@ mod service;
 mod spend;
 pub mod store;
 
-pub use estimate::{DEFAULT_MAX_OUTPUT_TOKENS, DefaultEstimator, TokenEstimate, TokenEstimator};
+pub use estimate::{
+    DEFAULT_MAX_OUTPUT_TOKENS, DefaultEstimator, MESSAGE_OVERHEAD_TOKENS, TokenEstimate,
+    TokenEstimator,
+};
 pub use future::ResponseFuture;
 pub use layer::BudgetLayer;
 pub use service::Budget;

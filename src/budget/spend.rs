@@ -105,6 +105,9 @@ pub(crate) struct SpendConfig {
     prices: HashMap<String, MicroPrice>,
     default_price: Option<MicroPrice>,
     charge: ChargeRule,
+    hard: bool,
+    /// Bookings above their reservation.
+    overruns: std::sync::atomic::AtomicU64,
 }
 
 impl fmt::Debug for SpendConfig {
@@ -144,7 +147,20 @@ impl SpendConfig {
                 .collect(),
             default_price: p.default_price.as_ref().map(MicroPrice::of),
             charge: p.charge_failed,
+            hard: p.hard,
+            overruns: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// What one attempt at `price` reserves: the estimate, or under a hard cap the most the
+    /// attempt can be billed.
+    fn reservation(&self, price: MicroPrice, e: &TokenEstimate) -> u64 {
+        let input = if self.hard {
+            e.input_bound
+        } else {
+            e.input_tokens
+        };
+        price.cost(input, e.max_output_tokens)
     }
 
     pub(crate) fn price(&self, route: &str) -> Option<MicroPrice> {
@@ -190,7 +206,7 @@ impl SpendConfig {
             })
             .with_source(format!("route `{route}` has no price")));
         };
-        let reserved = price.cost(estimate.input_tokens, estimate.max_output_tokens);
+        let reserved = self.reservation(price, &estimate);
         let lease = Lease::new(lease_id(), self.lease_ttl);
         let reserve = store.reserve(&owner, lease, reserved, self.cap, self.window);
         Ok(Opening {
@@ -395,7 +411,7 @@ impl Ticket {
         let Some(price) = self.cfg.price(route.as_str()) else {
             return StoreFuture::ready(Err(denied()));
         };
-        let amount = price.cost(self.estimate.input_tokens, self.estimate.max_output_tokens);
+        let amount = self.cfg.reservation(price, &self.estimate);
         let mut reserve = self.store.reserve(
             &self.owner,
             self.lease,
@@ -476,8 +492,7 @@ impl Ticket {
 
     /// The reservation of one attempt on `route`: the estimate at its price.
     fn reservation_at(&self, route: Option<&RouteName>) -> u64 {
-        self.price_of(route)
-            .cost(self.estimate.input_tokens, self.estimate.max_output_tokens)
+        self.cfg.reservation(self.price_of(route), &self.estimate)
     }
 
     /// What a failed attempt costs: its reported usage, else what the charge rule says.
@@ -542,7 +557,23 @@ impl Ticket {
                     .or_else(|| answer_attempt.and_then(|a| a.stream.as_ref()?.usage))
                     .or(usage);
                 answer = match usage {
-                    Some(u) => answer_price.cost(u.input_tokens, u.output_tokens),
+                    Some(u) => {
+                        let booked = answer_price.cost(u.input_tokens, u.output_tokens);
+                        if booked > reservation {
+                            self.cfg
+                                .overruns
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            tracing::warn!(
+                                target: "tower_llm_resilience::budget",
+                                owner = %self.owner,
+                                route = %route,
+                                reserved = to_units(reservation),
+                                booked = to_units(booked),
+                                "a booking above its reservation: the cap may be exceeded"
+                            );
+                        }
+                        booked
+                    }
                     // A success whose usage is unknown cost something: keep its reservation.
                     None if success && complete => reservation,
                     None => self.rule(success, reservation),
@@ -701,6 +732,12 @@ impl SpendHandle {
     /// The cap per owner and window, in micro cost units.
     pub fn cap_micros(&self) -> u64 {
         self.cfg.cap
+    }
+
+    /// Answers booked above their reservation so far: with a cap that is not `hard`, each
+    /// one could take the owner past the cap.
+    pub fn overruns(&self) -> u64 {
+        self.cfg.overruns.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

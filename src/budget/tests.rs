@@ -200,9 +200,10 @@ async fn settlement_follows_usage_and_the_charge_rule() {
         let r = replies.lock().unwrap_or_else(|p| p.into_inner()).remove(0);
         async move { Ok::<_, Infallible>(r) }
     }));
-    // Estimate: 2 prompt + 98 output tokens = 100 micro units reserved.
+    // Estimate: 6 prompt (2 for the text, 4 for its message) + 94 output tokens = 100 micro
+    // units reserved.
     let call = |svc: &mut Budget<_>| {
-        let fut = svc.call(chat("api.example.com", 98));
+        let fut = svc.call(chat("api.example.com", 94));
         async move { fut.await.unwrap_or_else(|e: Error| panic!("{e}")) }
     };
 
@@ -563,11 +564,12 @@ async fn token_weighted_limit_admits_by_estimated_tokens() {
     policy.rate_limit = Some(rate(None, 1, Some(6000)));
     let (started, inner) = recorder();
     let svc = layer(policy).layer(inner);
-    // 2 prompt tokens each: 3000 + 2000 of the 6000 per minute.
-    assert!(svc.clone().oneshot(chat("h", 2998)).await.is_ok());
-    assert!(svc.clone().oneshot(chat("h", 1998)).await.is_ok());
+    // 6 prompt tokens each (2 for the text, 4 for its message): 3000 + 2000 of the 6000 per
+    // minute.
+    assert!(svc.clone().oneshot(chat("h", 2994)).await.is_ok());
+    assert!(svc.clone().oneshot(chat("h", 1994)).await.is_ok());
     // 2000 more do not fit: 1000 are missing, at 100 per second.
-    let r = svc.clone().oneshot(chat("h", 1998)).await;
+    let r = svc.clone().oneshot(chat("h", 1994)).await;
     assert_eq!(
         kind(&r),
         Some(ErrorKind::RateLimited {
@@ -576,9 +578,9 @@ async fn token_weighted_limit_admits_by_estimated_tokens() {
     );
     // Yet ten small requests of 100 tokens each still fit, one more does not.
     for _ in 0..10 {
-        assert!(svc.clone().oneshot(chat("h", 98)).await.is_ok());
+        assert!(svc.clone().oneshot(chat("h", 94)).await.is_ok());
     }
-    let r = svc.clone().oneshot(chat("h", 98)).await;
+    let r = svc.clone().oneshot(chat("h", 94)).await;
     assert_eq!(
         kind(&r),
         Some(ErrorKind::RateLimited {
@@ -751,7 +753,7 @@ async fn the_deadline_cuts_off_a_request_still_in_flight() {
         Ok::<_, Infallible>(answer(None))
     }));
     let t0 = Instant::now();
-    let r = svc.oneshot(chat("h", 8)).await;
+    let r = svc.oneshot(chat("h", 4)).await;
     assert_eq!(Instant::now() - t0, Duration::from_secs(30));
     assert_eq!(kind(&r), Some(ErrorKind::DeadlineExceeded));
     let e = r.err().unwrap_or_else(|| panic!("deadline"));
@@ -897,7 +899,7 @@ fn spend_stop() -> Option<crate::attempt_log::Decision> {
 
 #[tokio::test(start_paused = true)]
 async fn each_retry_reserves_its_attempt_and_the_cap_ends_the_retries() {
-    // Each attempt reserves 2 + 98 = 100; the cap holds exactly three of them.
+    // Each attempt reserves 6 + 94 = 100; the cap holds exactly three of them.
     for (rule, charged) in [
         // A 503 was not accepted: it costs nothing unless the rule charges every reservation.
         (ChargeRule::ReportedOrReserved, 0),
@@ -912,7 +914,7 @@ async fn each_retry_reserves_its_attempt_and_the_cap_ends_the_retries() {
         let (calls, provider) = always_overloaded();
         let resp = budget
             .layer(retry.layer(provider))
-            .oneshot(chat("h", 98))
+            .oneshot(chat("h", 94))
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         // The failure the retry layer had is handed back.
@@ -958,7 +960,7 @@ async fn a_retry_denied_by_the_spend_cap_costs_no_retry_budget() {
     let (calls, provider) = always_overloaded();
     let resp = budget
         .layer(retry.layer(provider))
-        .oneshot(chat("h", 98))
+        .oneshot(chat("h", 94))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(calls.load(Ordering::SeqCst), 2);
@@ -977,7 +979,7 @@ async fn a_retry_the_retry_budget_refuses_gives_its_spend_back() {
     let (calls, provider) = always_overloaded();
     let resp = budget
         .layer(retry.layer(provider))
-        .oneshot(chat("h", 98))
+        .oneshot(chat("h", 94))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(calls.load(Ordering::SeqCst), 1);
@@ -1026,7 +1028,7 @@ async fn concurrent_requests_with_retries_never_make_more_attempts_than_the_cap_
             }
         })));
         let tasks: Vec<_> = (0..1000)
-            .map(|_| tokio::spawn(svc.clone().oneshot(chat("h", 98))))
+            .map(|_| tokio::spawn(svc.clone().oneshot(chat("h", 94))))
             .collect();
         settle_tasks().await;
         assert_eq!(calls.load(Ordering::SeqCst), 100);
@@ -1105,7 +1107,7 @@ async fn each_attempt_is_reserved_at_the_price_of_its_route() {
         async { Ok::<_, Infallible>(resp) }
     })));
     let resp = svc
-        .oneshot(chat("h", 98))
+        .oneshot(chat("h", 94))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(resp.status(), 200);
@@ -1114,11 +1116,11 @@ async fn each_attempt_is_reserved_at_the_price_of_its_route() {
         .get::<SpendReceipt>()
         .cloned()
         .unwrap_or_else(|| panic!("receipt"));
-    // 2 + 98 at the primary's price, then 2 + 98 × 3 at the backup's for the hop.
-    assert_eq!(receipt.reserved_micros(), 100 + 296);
+    // 6 + 94 at the primary's price, then 6 + 94 × 3 at the backup's for the hop.
+    assert_eq!(receipt.reserved_micros(), 100 + 288);
     assert_eq!(
         spend.status("team").await.expect("store"),
-        SpendStatus::new(0, 396)
+        SpendStatus::new(0, 388)
     );
     resp.into_body()
         .collect()
@@ -1151,7 +1153,7 @@ async fn the_spend_cap_ends_the_chain_and_a_hop_without_a_call_gives_its_spend_b
         }
     })));
     let resp = svc
-        .oneshot(chat("h", 98))
+        .oneshot(chat("h", 94))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     // The primary's failure comes back; the backup was never called.
@@ -1190,7 +1192,7 @@ async fn the_spend_cap_ends_the_chain_and_a_hop_without_a_call_gives_its_spend_b
         }
     })));
     let resp = svc
-        .oneshot(chat("h", 98))
+        .oneshot(chat("h", 94))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(resp.status(), 503);
@@ -1252,7 +1254,7 @@ fn attempts_then_answer()
 
 #[tokio::test(start_paused = true)]
 async fn failed_attempts_are_charged_as_the_rule_says() {
-    // Reservation: 2 + 98 = 100; the answer's stream record reports 2 + 8 = 10.
+    // Reservation: 6 + 94 = 100; the answer's stream record reports 2 + 8 = 10.
     for (rule, charged) in [
         // The timeout may have been accepted: it keeps a reservation; the 503 costs nothing.
         (ChargeRule::ReportedOrReserved, 100 + 10),
@@ -1267,7 +1269,7 @@ async fn failed_attempts_are_charged_as_the_rule_says() {
         let spend = layer.spend().unwrap_or_else(|| panic!("spend"));
         let resp = layer
             .layer(attempts_then_answer())
-            .oneshot(chat("h", 98))
+            .oneshot(chat("h", 94))
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
@@ -1370,7 +1372,7 @@ async fn a_retry_rejected_without_a_call_gives_its_spend_back() {
     }));
     let ledger = Ledger::default();
     ledger.room.store(5, Ordering::SeqCst);
-    let mut req = chat("h", 98);
+    let mut req = chat("h", 94);
     req.extensions_mut().insert(SpendGate::new(ledger.clone()));
     let r = svc.oneshot(req).await;
     assert!(matches!(kind(&r), Some(ErrorKind::CircuitOpen { .. })));
@@ -1384,7 +1386,7 @@ async fn a_retry_rejected_without_a_call_gives_its_spend_back() {
     let retry = crate::retry::RetryLayer::from_policy(&policy).unwrap_or_else(|e| panic!("{e}"));
     let (calls, provider) = always_overloaded();
     let ledger = Ledger::default();
-    let mut req = chat("h", 98);
+    let mut req = chat("h", 94);
     req.extensions_mut().insert(SpendGate::new(ledger.clone()));
     let resp = retry
         .layer(provider)
@@ -1413,7 +1415,7 @@ async fn a_spend_gate_that_answers_later_decides_retries_and_hops_the_same() {
         ..Ledger::default()
     };
     ledger.room.store(5, Ordering::SeqCst);
-    let mut req = chat("h", 98);
+    let mut req = chat("h", 94);
     req.extensions_mut().insert(SpendGate::new(ledger.clone()));
     let resp = retry
         .layer(provider)
@@ -1436,7 +1438,7 @@ async fn a_spend_gate_that_answers_later_decides_retries_and_hops_the_same() {
         slow: true,
         ..Ledger::default()
     };
-    let mut req = chat("h", 98);
+    let mut req = chat("h", 94);
     req.extensions_mut().insert(SpendGate::new(ledger.clone()));
     let resp = retry
         .layer(provider)
@@ -1478,7 +1480,7 @@ async fn a_spend_gate_that_answers_later_decides_retries_and_hops_the_same() {
             ..Ledger::default()
         };
         ledger.room.store(room, Ordering::SeqCst);
-        let mut req = chat("h", 98);
+        let mut req = chat("h", 94);
         req.extensions_mut().insert(SpendGate::new(ledger.clone()));
         let resp = svc.oneshot(req).await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(resp.status(), status);

@@ -205,6 +205,12 @@ pub struct SpendPolicy {
     pub default_price: Option<Price>,
     /// What failed and partial attempts cost.
     pub charge_failed: ChargeRule,
+    /// A hard cap: each reservation is an upper bound of what its attempt can be billed (the
+    /// request's input bytes counted as tokens, plus the per-message overhead, plus its output
+    /// bound), so that concurrent requests can never book past the cap together. Off, a
+    /// reservation is the estimate, and a provider billing more than it is counted as an
+    /// overrun.
+    pub hard: bool,
 }
 
 impl Default for SpendPolicy {
@@ -217,6 +223,7 @@ impl Default for SpendPolicy {
             prices: BTreeMap::new(),
             default_price: None,
             charge_failed: ChargeRule::ReportedOrReserved,
+            hard: false,
         }
     }
 }

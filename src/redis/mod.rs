@@ -477,7 +477,12 @@ impl BudgetStore for RedisStore {
         inner.queue(Booking {
             script: |s| &s.release,
             keys: self.spend_keys(owner),
-            args: vec![lease.id.to_string(), amount.to_string(), ms(window), ms(lease.ttl)],
+            args: vec![
+                lease.id.to_string(),
+                amount.to_string(),
+                ms(window),
+                ms(lease.ttl),
+            ],
             retry_until: Instant::now() + lease.ttl,
         });
     }
@@ -491,7 +496,12 @@ impl BudgetStore for RedisStore {
         inner.queue(Booking {
             script: |s| &s.settle,
             keys: self.spend_keys(owner),
-            args: vec![lease.id.to_string(), charged.to_string(), ms(window), ms(lease.ttl)],
+            args: vec![
+                lease.id.to_string(),
+                charged.to_string(),
+                ms(window),
+                ms(lease.ttl),
+            ],
             retry_until: Instant::now() + lease.ttl,
         });
     }
@@ -500,7 +510,12 @@ impl BudgetStore for RedisStore {
         self.inner.queue(Booking {
             script: |s| &s.adjust,
             keys: self.spend_keys(owner),
-            args: vec![refund.to_string(), charge.to_string(), ms(window), ms(window)],
+            args: vec![
+                refund.to_string(),
+                charge.to_string(),
+                ms(window),
+                ms(window),
+            ],
             retry_until: Instant::now() + ADJUST_RETRY_FOR,
         });
     }
@@ -540,7 +555,11 @@ impl BudgetStore for RedisStore {
             .iter()
             .flat_map(|d| {
                 let per_us = d.per_unit.as_nanos() as f64 / 1000.0;
-                [format!("{per_us:.3}"), d.capacity.to_string(), d.cost.to_string()]
+                [
+                    format!("{per_us:.3}"),
+                    d.capacity.to_string(),
+                    d.cost.to_string(),
+                ]
             })
             .collect();
         let (store, key, demands) = (self.clone(), key.to_owned(), demands.to_vec());
