@@ -86,6 +86,13 @@ impl ResilienceLayer {
         }
     }
 
+    /// Keeps spend and rate-limit state in `store` — a `redis::RedisStore` shared by every
+    /// replica, say (see [`BudgetLayer::store`]).
+    pub fn budget_store(mut self, store: std::sync::Arc<dyn crate::budget::BudgetStore>) -> Self {
+        self.budget = self.budget.store(store);
+        self
+    }
+
     /// The circuit breakers' handle: state per route, force open or closed, reset, snapshots.
     pub fn circuit_breaker(&self) -> CircuitBreakerHandle {
         self.circuit_breaker.handle()
