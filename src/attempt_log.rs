@@ -375,6 +375,8 @@ pub enum LocalEventKind {
     },
     /// The deadline passed before the next step.
     DeadlineExceeded,
+    /// The answer came from the idempotent result cache: no provider was called.
+    CacheHit,
     /// The store of shared state could not be asked in time (the policy's mode decided what
     /// followed).
     StoreUnavailable,
@@ -402,6 +404,7 @@ impl fmt::Display for LocalEventKind {
             LocalEventKind::Queued { waited } => write!(f, "queued {}ms", waited.as_millis()),
             LocalEventKind::DeadlineExceeded => f.write_str("deadline exceeded"),
             LocalEventKind::StoreUnavailable => f.write_str("shared-state store unavailable"),
+            LocalEventKind::CacheHit => f.write_str("answered from the idempotent result cache"),
             LocalEventKind::LastResort => f.write_str("served the last-resort answer"),
             LocalEventKind::RouteSkipped { reason } => write!(f, "route skipped: {reason}"),
         }

@@ -32,6 +32,12 @@ pub enum ErrorKind {
     /// The store of shared state (spend, rate limits) could not be asked in time, and the
     /// policy says to fail closed then; the request was not sent.
     StoreUnavailable,
+    /// Another request with the same idempotency key is still being answered, and the cache's
+    /// policy refuses duplicates in flight.
+    InFlight,
+    /// The idempotency key was sent before with another request body: a client bug, never
+    /// answered with the other request's result.
+    IdempotencyKeyReused,
     /// A client-side rate limit rejected the request.
     RateLimited {
         /// When capacity is expected.
@@ -79,6 +85,12 @@ impl fmt::Display for ErrorKind {
             }
             ErrorKind::DeadlineExceeded => f.write_str("deadline exceeded"),
             ErrorKind::StoreUnavailable => f.write_str("the shared-state store is unavailable"),
+            ErrorKind::InFlight => {
+                f.write_str("a request with this idempotency key is still being answered")
+            }
+            ErrorKind::IdempotencyKeyReused => {
+                f.write_str("the idempotency key was used before with another request body")
+            }
             ErrorKind::FailedClosed { class } => write!(f, "failed closed on {class}"),
             ErrorKind::StreamFailed { cause } => {
                 write!(f, "stream failed before its commit point: {cause}")

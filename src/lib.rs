@@ -154,6 +154,7 @@ pub mod attempt_log;
 pub mod backoff;
 mod body;
 pub mod budget;
+pub mod cache;
 pub mod circuit_breaker;
 pub mod classify;
 pub mod context;

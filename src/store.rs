@@ -63,3 +63,16 @@ impl<T> fmt::Debug for StoreFuture<T> {
         f.debug_tuple("StoreFuture").field(&state).finish()
     }
 }
+
+/// An id no other request of any replica is likely to have: the process's random hash keys
+/// over a counter, so there is no coordination and no clock in it.
+pub(crate) fn unique_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    let mut h = KEYS.get_or_init(Default::default).build_hasher();
+    h.write_u64(NEXT.fetch_add(1, Ordering::Relaxed));
+    h.finish()
+}

@@ -207,7 +207,7 @@ impl SpendConfig {
             .with_source(format!("route `{route}` has no price")));
         };
         let reserved = self.reservation(price, &estimate);
-        let lease = Lease::new(lease_id(), self.lease_ttl);
+        let lease = Lease::new(crate::store::unique_id(), self.lease_ttl);
         let reserve = store.reserve(&owner, lease, reserved, self.cap, self.window);
         Ok(Opening {
             reserve,
@@ -227,19 +227,6 @@ impl SpendConfig {
             }),
         })
     }
-}
-
-/// An id no other request of any replica is likely to have: the process's random hash keys
-/// over a counter, so there is no coordination and no clock in it.
-fn lease_id() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
-        std::sync::OnceLock::new();
-    let mut h = KEYS.get_or_init(Default::default).build_hasher();
-    h.write_u64(NEXT.fetch_add(1, Ordering::Relaxed));
-    h.finish()
 }
 
 /// A first reservation the store is still deciding. The ticket exists once it is granted, so

@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use super::error::{PolicyError, check};
 
 /// When a request the provider may already have accepted (a timeout, a broken connection after
@@ -28,6 +30,9 @@ pub struct IdempotencyPolicy {
     pub key_header: Option<String>,
     /// When a possibly-accepted request may be replayed.
     pub replay_possibly_accepted: ReplayRule,
+    /// Remember complete answers by their idempotency key, so that the same request sent
+    /// again gets the first answer instead of a second generation; off when `None`.
+    pub cache: Option<CachePolicy>,
 }
 
 impl Default for IdempotencyPolicy {
@@ -35,8 +40,55 @@ impl Default for IdempotencyPolicy {
         Self {
             key_header: None,
             replay_possibly_accepted: ReplayRule::IfIdempotent,
+            cache: None,
         }
     }
+}
+
+/// The idempotent result cache: see `cache::CacheLayer`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
+#[non_exhaustive]
+pub struct CachePolicy {
+    /// How long an answer is kept.
+    #[cfg_attr(feature = "serde", serde(with = "crate::duration::serde_duration"))]
+    pub ttl: Duration,
+    /// The largest answer (body bytes) kept; a larger one is passed on and not kept.
+    pub max_entry_bytes: u64,
+    /// The most answers kept at once; the least recently used goes first.
+    pub max_entries: u64,
+    /// What a request does while the first one with its key is still being answered.
+    pub in_flight: InFlightRule,
+    /// How long the first request holds its key before another may try: a request whose
+    /// replica died never holds it for longer.
+    #[cfg_attr(feature = "serde", serde(with = "crate::duration::serde_duration"))]
+    pub lock_ttl: Duration,
+}
+
+impl Default for CachePolicy {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(600),
+            max_entry_bytes: 1024 * 1024,
+            max_entries: 10_000,
+            in_flight: InFlightRule::Wait,
+            lock_ttl: Duration::from_secs(600),
+        }
+    }
+}
+
+/// What a request does while another with the same idempotency key is being answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
+pub enum InFlightRule {
+    /// Wait for the first answer and get it (single flight).
+    #[default]
+    Wait,
+    /// Be refused at once with `ErrorKind::InFlight`.
+    Refuse,
 }
 
 impl IdempotencyPolicy {
@@ -44,6 +96,12 @@ impl IdempotencyPolicy {
     pub fn validate(&self) -> Result<(), PolicyError> {
         if let Some(h) = &self.key_header {
             check::header_name("idempotency.key_header", h)?;
+        }
+        if let Some(c) = &self.cache {
+            check::positive("idempotency.cache.ttl", c.ttl)?;
+            check::positive("idempotency.cache.lock_ttl", c.lock_ttl)?;
+            check::at_least_one("idempotency.cache.max_entry_bytes", c.max_entry_bytes)?;
+            check::at_least_one("idempotency.cache.max_entries", c.max_entries)?;
         }
         Ok(())
     }

@@ -40,7 +40,7 @@ pub use budget::{
 pub use circuit_breaker::{CircuitBreakerPolicy, FailureRateRule, SlowCallRule};
 pub use error::PolicyError;
 pub use fallback::{CREDENTIAL_HEADERS, FallbackPolicy, RouteConfig, StaticResponse};
-pub use idempotency::{IdempotencyPolicy, ReplayRule};
+pub use idempotency::{CachePolicy, IdempotencyPolicy, InFlightRule, ReplayRule};
 pub use logging::LoggingPolicy;
 pub use retry::{BackoffPolicy, Jitter, RetryPolicy};
 pub use store::{StoreMode, StoreModes, StorePolicy};
@@ -169,6 +169,7 @@ impl Policy {
             idempotency: IdempotencyPolicy {
                 key_header: Some("idempotency-key".to_owned()),
                 replay_possibly_accepted: ReplayRule::IfIdempotent,
+                cache: None,
             },
             actions: ClassActions::default(),
             logging: LoggingPolicy::default(),
