@@ -160,6 +160,7 @@ pub mod context;
 mod duration;
 mod error;
 pub mod fallback;
+pub mod observe;
 mod pacing;
 pub mod policy;
 pub mod replay;

@@ -26,6 +26,7 @@ mod error;
 mod fallback;
 mod idempotency;
 mod logging;
+mod observability;
 mod retry;
 mod stream;
 
@@ -41,6 +42,7 @@ pub use error::PolicyError;
 pub use fallback::{CREDENTIAL_HEADERS, FallbackPolicy, RouteConfig, StaticResponse};
 pub use idempotency::{IdempotencyPolicy, ReplayRule};
 pub use logging::LoggingPolicy;
+pub use observability::ObservabilityPolicy;
 pub use retry::{BackoffPolicy, Jitter, RetryPolicy};
 pub use stream::{CommitPoint, StreamPolicy, StreamSettings};
 
@@ -69,6 +71,8 @@ pub struct Policy {
     pub actions: ClassActions,
     /// What is logged.
     pub logging: LoggingPolicy,
+    /// Metrics and alerts.
+    pub observability: ObservabilityPolicy,
 }
 
 impl Default for Policy {
@@ -109,6 +113,7 @@ impl Policy {
             idempotency: IdempotencyPolicy::default(),
             actions: ClassActions::default(),
             logging: LoggingPolicy::default(),
+            observability: ObservabilityPolicy::default(),
         }
     }
 
@@ -167,6 +172,7 @@ impl Policy {
             },
             actions: ClassActions::default(),
             logging: LoggingPolicy::default(),
+            observability: ObservabilityPolicy::default(),
         }
     }
 
@@ -182,6 +188,7 @@ impl Policy {
         self.stream.validate()?;
         self.idempotency.validate()?;
         self.logging.validate()?;
+        self.observability.validate()?;
         for name in self.stream.routes.keys() {
             if !self.route_names().any(|r| r == name) {
                 return Err(PolicyError::new(
