@@ -359,3 +359,65 @@ impl fmt::Debug for Alerts {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Kept(Arc<Mutex<Vec<Alert>>>);
+
+    impl AlertSink for Kept {
+        fn send(&self, alert: Alert) -> AlertFuture {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).push(alert);
+            Box::pin(async {})
+        }
+    }
+
+    fn alert(kind: AlertKind, owner: &str) -> Alert {
+        Alert::new(
+            kind,
+            Some(RouteName::new("primary")),
+            Some(owner.to_owned()),
+        )
+    }
+
+    #[test]
+    fn without_a_runtime_alerts_wait_and_nothing_panics() {
+        let alerts = Alerts::new("w", Duration::from_secs(60), 4);
+        let kept = Kept::default();
+        alerts.set_sink(Arc::new(kept.clone()));
+        assert!(alerts.raise(alert(AlertKind::Auth, "a")));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            assert!(alerts.raise(alert(AlertKind::Auth, "b")));
+            for _ in 0..5 {
+                tokio::task::yield_now().await;
+            }
+        });
+        let got = kept.0.lock().unwrap().clone();
+        let owners: Vec<_> = got
+            .iter()
+            .map(|a| a.owner.clone().unwrap_or_default())
+            .collect();
+        assert_eq!(owners, ["a", "b"]);
+        assert!(got.iter().all(|a| a.workflow == "w"));
+    }
+
+    #[test]
+    fn one_alert_per_kind_route_and_owner_in_a_window() {
+        let alerts = Alerts::new("w", Duration::from_secs(60), 16);
+        assert!(alerts.raise(alert(AlertKind::Auth, "a")));
+        assert!(!alerts.raise(alert(AlertKind::Auth, "a")));
+        assert!(alerts.raise(alert(AlertKind::Auth, "b")));
+        assert!(alerts.raise(alert(AlertKind::PolicyBlock, "a")));
+        let other_route = Alert::new(AlertKind::Auth, Some(RouteName::new("backup")), None);
+        assert!(alerts.raise(other_route.clone()));
+        assert!(!alerts.raise(other_route));
+        assert_eq!(alerts.sent.load(Ordering::Relaxed), 4);
+        assert_eq!(alerts.suppressed.load(Ordering::Relaxed), 2);
+    }
+}
