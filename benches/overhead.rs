@@ -9,6 +9,7 @@
 //!
 //! ```text
 //! cargo bench --bench overhead
+//! cargo bench --bench overhead --features metrics   # adds the rows with metrics on
 //! OVERHEAD_REPORT=overhead.jsonl cargo bench --bench overhead -- --quick   # rows as JSON lines
 //! ```
 
@@ -330,6 +331,29 @@ fn main() {
         "tower-resilience fallback+retry+circuitbreaker",
         tower_resilience_stack(bare())
     );
+
+    // Metrics on (feature `metrics` and the policy's switch): with no recorder installed, and
+    // with a Prometheus recorder on this thread.
+    #[cfg(feature = "metrics")]
+    {
+        let mut with_metrics = interactive();
+        with_metrics.observability.metrics = true;
+        bench!(
+            "ResilienceLayer (interactive, metrics on, no recorder)",
+            ResilienceLayer::new(&with_metrics)
+                .expect("policy")
+                .layer(bare())
+        );
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        metrics::with_local_recorder(&recorder, || {
+            bench!(
+                "ResilienceLayer (interactive, metrics on, Prometheus recorder)",
+                ResilienceLayer::new(&with_metrics)
+                    .expect("policy")
+                    .layer(bare())
+            );
+        });
+    }
 
     c.final_summary();
 

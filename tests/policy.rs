@@ -300,7 +300,9 @@ const CASES: &[Case] = &[
     ("observability.alert_window", |p| {
         p.observability.alert_window = Duration::ZERO
     }),
-    ("observability.alert_queue", |p| p.observability.alert_queue = 0),
+    ("observability.alert_queue", |p| {
+        p.observability.alert_queue = 0
+    }),
 ];
 
 #[test]

@@ -11,7 +11,7 @@ use super::Noted;
 use super::finish::Ended;
 use crate::attempt_log::{AttemptLog, Usage};
 use crate::error::Error;
-use crate::sse::event::usage_of;
+use crate::sse::event::counts;
 
 pin_project! {
     /// Passes the answer's body through untouched and ends the request once it has ended,
@@ -37,11 +37,16 @@ pin_project! {
 impl<B> Watched<B> {
     /// Watches `inner` for the request of `log`. `json_limit`: read a JSON answer's `usage`
     /// (held up to that many bytes), when nothing else reports it.
-    pub(crate) fn new(inner: B, log: AttemptLog, noted: Noted, json_limit: Option<usize>) -> Self {
+    pub(crate) fn new(inner: B, log: AttemptLog, noted: Noted, json_limit: Option<usize>) -> Self
+    where
+        B: http_body::Body,
+    {
+        // Sized once for an answer that says how long it is.
+        let expected = inner.size_hint().exact().map_or(0, |n| n as usize);
         Self {
+            json: json_limit.map(|limit| JsonUsage::new(limit, expected)),
             inner: Some(inner),
             end: Some((log, noted)),
-            json: json_limit.map(JsonUsage::new),
         }
     }
 }
@@ -111,10 +116,10 @@ struct JsonUsage {
 }
 
 impl JsonUsage {
-    fn new(limit: usize) -> Self {
+    fn new(limit: usize, expected: usize) -> Self {
         Self {
             limit,
-            buf: Vec::new(),
+            buf: Vec::with_capacity(expected.min(limit)),
             over: false,
         }
     }
@@ -132,11 +137,59 @@ impl JsonUsage {
         }
     }
 
+    /// The counts of the first `usage` (or Gemini's `usageMetadata`) object of the answer.
+    /// Only that object is parsed: the answer around it is never built into a value.
     fn finish(self) -> Option<Usage> {
         if self.over {
             return None;
         }
-        let v = serde_json::from_slice::<serde_json::Value>(&self.buf).ok()?;
-        usage_of(&v)?.usage()
+        [&b"\"usage\""[..], b"\"usageMetadata\""]
+            .into_iter()
+            .find_map(|key| {
+                memchr::memmem::find_iter(&self.buf, key).find_map(|at| {
+                    // A key is a string followed by a colon; the object is its value.
+                    let rest = self.buf.get(at + key.len()..)?.trim_ascii_start();
+                    let rest = rest.strip_prefix(b":")?.trim_ascii_start();
+                    if !rest.starts_with(b"{") {
+                        return None;
+                    }
+                    let mut values =
+                        serde_json::Deserializer::from_slice(rest).into_iter::<serde_json::Value>();
+                    counts(&values.next()?.ok()?)
+                })
+            })?
+            .usage()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(chunks: &[&str]) -> Option<Usage> {
+        let mut j = JsonUsage::new(1024, 0);
+        for c in chunks {
+            j.feed(c.as_bytes());
+        }
+        j.finish()
+    }
+
+    #[test]
+    fn the_usage_object_of_each_api() {
+        let openai = r#"{"choices":[{"message":{"content":"usage"}}],"usage" : {"prompt_tokens":12,"completion_tokens":7}}"#;
+        assert_eq!(
+            usage(&[&openai[..30], &openai[30..]]),
+            Some(Usage::new(12, 7))
+        );
+        let anthropic = r#"{"type":"message","usage":{"input_tokens":3,"output_tokens":4}}"#;
+        assert_eq!(usage(&[anthropic]), Some(Usage::new(3, 4)));
+        let gemini = r#"{"usageMetadata":{"promptTokenCount":5,"candidatesTokenCount":6,"thoughtsTokenCount":1}}"#;
+        assert_eq!(usage(&[gemini]), Some(Usage::new(5, 7)));
+        // No usage, a usage that is not an object, or an answer too large to hold.
+        assert_eq!(usage(&[r#"{"choices":[]}"#]), None);
+        assert_eq!(usage(&[r#"{"usage":"lots"}"#]), None);
+        let mut small = JsonUsage::new(10, 0);
+        small.feed(openai.as_bytes());
+        assert_eq!(small.finish(), None);
     }
 }

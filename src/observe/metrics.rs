@@ -74,7 +74,8 @@ pub(super) fn request(o: &Observer, v: &View<'_>, noted: &Noted, end: &End<'_>) 
     let served = end.served.and_then(|r| o.facts(r));
 
     // The GenAI operation.
-    let mut attrs = Vec::with_capacity(7);
+    // Room for every attribute (and the token type): one allocation per label set.
+    let mut attrs = Vec::with_capacity(8);
     attrs.push(Label::new(n::OPERATION, s(noted.operation)));
     if let Some(m) = &noted.model {
         attrs.push(Label::new(n::REQUEST_MODEL, SharedString::from(m.clone())));
@@ -94,7 +95,8 @@ pub(super) fn request(o: &Observer, v: &View<'_>, noted: &Noted, end: &End<'_>) 
             ("input", usage.input_tokens),
             ("output", usage.output_tokens),
         ] {
-            let mut with_type = attrs.clone();
+            let mut with_type = Vec::with_capacity(attrs.len() + 1);
+            with_type.extend(attrs.iter().cloned());
             with_type.push(Label::new(n::TOKEN_TYPE, s(kind)));
             histogram!(n::TOKEN_USAGE, with_type).record(tokens as f64);
         }
