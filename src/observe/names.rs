@@ -48,6 +48,26 @@ pub const ALERTS: &str = "llm_resilience.alerts";
 /// [`KIND`].
 pub const ALERTS_SUPPRESSED: &str = "llm_resilience.alerts.suppressed";
 
+/// Every metric above.
+pub const METRICS: [&str; 16] = [
+    OPERATION_DURATION,
+    TIME_TO_FIRST_CHUNK,
+    TOKEN_USAGE,
+    REQUESTS,
+    ATTEMPTS,
+    RETRIES,
+    FALLBACKS,
+    REJECTIONS,
+    CIRCUIT_STATE,
+    CIRCUIT_TRANSITIONS,
+    RETRY_BUDGET_EXHAUSTED,
+    SPEND,
+    STREAMS_INTERRUPTED,
+    QUEUE_WAIT,
+    ALERTS,
+    ALERTS_SUPPRESSED,
+];
+
 /// OpenTelemetry: `chat`, `text_completion`, `embeddings`, `generate_content`, from the
 /// request's path; `_OTHER` for any other path.
 pub const OPERATION: &str = "gen_ai.operation.name";
