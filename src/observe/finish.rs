@@ -1,8 +1,6 @@
 //! The one place where a finished request's attempt log becomes metric updates, alert
 //! candidates and the request's closing `tracing` event.
 
-use std::time::Duration;
-
 use super::{Alert, AlertKind, Noted, Observer, key_fingerprint};
 use crate::attempt_log::{Attempt, AttemptLog, LocalEventKind, Outcome, Usage, View};
 use crate::classify::FailureClass;
@@ -32,7 +30,6 @@ pub(super) struct End<'a> {
     /// The attempt the request ended on.
     pub(super) last: Option<&'a Attempt>,
     pub(super) usage: Option<Usage>,
-    pub(super) duration: Duration,
 }
 
 impl<'a> End<'a> {
@@ -83,7 +80,6 @@ impl<'a> End<'a> {
             served,
             last,
             usage,
-            duration: v.elapsed(),
         }
     }
 }
@@ -115,6 +111,33 @@ impl Observer {
 
     /// The alerts the request's end calls for.
     fn candidates(&self, v: &View<'_>, noted: &Noted, end: &End<'_>) {
+        let kind = match end.class.filter(|_| end.error_type.is_some()) {
+            Some(FailureClass::Auth) => Some(AlertKind::Auth),
+            Some(FailureClass::QuotaExhausted) => Some(AlertKind::QuotaExhausted),
+            Some(FailureClass::PolicyBlock) => Some(AlertKind::PolicyBlock),
+            _ => None,
+        };
+        if let Some(kind) = kind {
+            self.failed_closed(kind, v, noted, end);
+        }
+        // One alert per kind and route for the request, however many refusals it met.
+        let mut raised: Vec<(AlertKind, Option<&RouteName>)> = Vec::new();
+        for e in v.events() {
+            let (kind, owner) = match e.kind {
+                LocalEventKind::RetryBudgetDenied => (AlertKind::RetryBudgetExhausted, None),
+                LocalEventKind::BudgetDenied => (AlertKind::SpendCapReached, v.budget_owner()),
+                _ => continue,
+            };
+            if raised.contains(&(kind, e.route.as_ref())) {
+                continue;
+            }
+            raised.push((kind, e.route.as_ref()));
+            self.alert(Alert::new(kind, e.route.clone(), owner.map(str::to_owned)));
+        }
+    }
+
+    /// The alert of a request that failed closed on the class `kind` stands for.
+    fn failed_closed(&self, kind: AlertKind, v: &View<'_>, noted: &Noted, end: &End<'_>) {
         let owner = v.budget_owner();
         // The failing attempt: the last one that failed.
         let failing = v
@@ -132,9 +155,9 @@ impl Observer {
             }
             alert
         };
-        match end.class.filter(|_| end.error_type.is_some()) {
-            Some(FailureClass::Auth) => {
-                let mut alert = failure(AlertKind::Auth, owner);
+        let alert = match kind {
+            AlertKind::Auth => {
+                let mut alert = failure(kind, owner);
                 alert.key_fingerprint = route
                     .and_then(|r| self.facts(r))
                     .and_then(|f| f.fingerprint.clone())
@@ -142,31 +165,17 @@ impl Observer {
                         let key = noted.credential.as_ref()?.to_str().ok()?;
                         Some(key_fingerprint(key))
                     });
-                self.alert(alert);
+                alert
             }
-            Some(FailureClass::QuotaExhausted) => {
+            AlertKind::QuotaExhausted => {
                 let route_owner = route
                     .and_then(|r| self.facts(r))
                     .and_then(|f| f.budget_owner.as_deref());
-                self.alert(failure(AlertKind::QuotaExhausted, route_owner.or(owner)));
+                failure(kind, route_owner.or(owner))
             }
-            Some(FailureClass::PolicyBlock) => self.alert(failure(AlertKind::PolicyBlock, owner)),
-            _ => {}
-        }
-        // One alert per kind and route for the request, however many refusals it met.
-        let mut raised: Vec<(AlertKind, Option<&RouteName>)> = Vec::new();
-        for e in v.events() {
-            let (kind, owner) = match e.kind {
-                LocalEventKind::RetryBudgetDenied => (AlertKind::RetryBudgetExhausted, None),
-                LocalEventKind::BudgetDenied => (AlertKind::SpendCapReached, owner),
-                _ => continue,
-            };
-            if raised.contains(&(kind, e.route.as_ref())) {
-                continue;
-            }
-            raised.push((kind, e.route.as_ref()));
-            self.alert(Alert::new(kind, e.route.clone(), owner.map(str::to_owned)));
-        }
+            _ => failure(kind, owner),
+        };
+        self.alert(alert);
     }
 }
 
@@ -179,7 +188,7 @@ fn closing_event(v: &View<'_>, end: &End<'_>) {
         attempts = v.attempt_count(),
         outcome = end.outcome,
         error_type = end.error_type,
-        duration_ms = end.duration.as_millis() as u64,
+        duration_ms = v.elapsed().as_millis() as u64,
         budget_owner = v.budget_owner(),
         cost_micros = v.cost_micros(),
         input_tokens = end.usage.map(|u| u.input_tokens),

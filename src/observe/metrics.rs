@@ -111,7 +111,7 @@ pub(super) fn request(o: &Observer, v: &View<'_>, noted: &Noted, end: &End<'_>) 
     if let Some(t) = first_chunk {
         histogram!(n::TIME_TO_FIRST_CHUNK, attrs.clone()).record(t.as_secs_f64());
     }
-    histogram!(n::OPERATION_DURATION, attrs).record(end.duration.as_secs_f64());
+    histogram!(n::OPERATION_DURATION, attrs).record(v.elapsed().as_secs_f64());
 
     // The ladder's work.
     let requested = label(end.requested);

@@ -98,7 +98,7 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 pub use alert::{Alert, AlertFuture, AlertKind, AlertSink, TracingAlerts};
 pub(crate) use body::Watched;
@@ -535,10 +535,20 @@ fn model_field(body: &[u8]) -> Option<&[u8]> {
     rest.get(..end)
 }
 
-/// The request's credential header, the first of [`CREDENTIAL_HEADERS`] it carries.
+/// [`CREDENTIAL_HEADERS`] as header names, so that looking for them parses nothing.
+static CREDENTIALS: [HeaderName; 5] = [
+    http::header::AUTHORIZATION,
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("api-key"),
+    HeaderName::from_static("x-goog-api-key"),
+    http::header::PROXY_AUTHORIZATION,
+];
+
+/// The request's credential header, the first of [`CREDENTIAL_HEADERS`] it carries. A clone
+/// shares the value's bytes (the retry layer's copy of the request shares them too).
 fn credential_of(headers: &HeaderMap) -> Option<HeaderValue> {
-    CREDENTIAL_HEADERS.iter().find_map(|h| {
-        let mut v = headers.get(*h)?.clone();
+    CREDENTIALS.iter().find_map(|h| {
+        let mut v = headers.get(h)?.clone();
         v.set_sensitive(true);
         Some(v)
     })
@@ -570,6 +580,12 @@ mod tests {
         assert_eq!(model_field(br#"{"model":4}"#), None);
         assert_eq!(model_field(b"{}"), None);
         assert_eq!(model_field(br#"{"model":"unterminated"#), None);
+    }
+
+    #[test]
+    fn the_credential_names_are_the_policys() {
+        let names: Vec<&str> = CREDENTIALS.iter().map(HeaderName::as_str).collect();
+        assert_eq!(names, CREDENTIAL_HEADERS);
     }
 
     #[test]
