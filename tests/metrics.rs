@@ -369,3 +369,110 @@ fn metrics_off_in_the_policy_records_nothing() {
         assert!(Snap::take(&metrics).0.is_empty());
     });
 }
+
+#[test]
+fn refusals_are_counted_by_reason() {
+    use tower_llm_resilience::policy::{
+        AdmissionMode, Price, RateLimitPolicy, RetryBudgetPolicy, SpendPolicy,
+    };
+
+    let recorder = DebuggingRecorder::new();
+    let metrics = recorder.snapshotter();
+    with_recorder(&recorder, async move {
+        let mock = MockProvider::start().await.expect("mock starts");
+        let send = |policy: Policy| {
+            let url = mock.url();
+            async move {
+                let svc = ServiceBuilder::new()
+                    .layer(ResilienceLayer::new(&policy).expect("valid policy"))
+                    .service(testing::client());
+                let requests = (0..2).map(|_| {
+                    svc.clone()
+                        .oneshot(testing::chat_request(&url, "gpt-4o", false))
+                });
+                for r in futures_util::future::join_all(requests).await {
+                    if let Ok(r) = r {
+                        let _ = r.into_body().collect().await;
+                    }
+                }
+            }
+        };
+
+        // One request a second, queued: the second waits exactly a second.
+        let mut p = policy(&mock);
+        p.budget.admission = AdmissionMode::Queue {
+            max_wait: Duration::from_secs(5),
+            max_queued: 10,
+        };
+        let mut rate = RateLimitPolicy::default();
+        rate.requests_per_second = Some(1.0);
+        p.budget.rate_limit = Some(rate);
+        send(p).await;
+        let s = Snap::take(&metrics);
+        assert_eq!(s.histogram(n::QUEUE_WAIT, &[(n::ROUTE, "primary")]), [1.0]);
+        assert_eq!(
+            s.counter(n::REQUESTS, &[(n::OUTCOME, "success")]),
+            2,
+            "{:?}",
+            s.labels_of(n::REQUESTS)
+        );
+
+        // A spend cap no request fits under: refused at admission, by reason.
+        let mut p = policy(&mock);
+        let mut spend = SpendPolicy::default();
+        spend.cap = 0.000_001;
+        spend.default_owner = Some("team".to_owned());
+        spend.default_price = Some(Price::new(1.0, 1.0));
+        p.budget.spend = Some(spend);
+        send(p).await;
+        let s = Snap::take(&metrics);
+        assert_eq!(
+            s.counter(
+                n::REJECTIONS,
+                &[(n::ROUTE, "primary"), (n::REASON, "spend_cap")]
+            ),
+            2
+        );
+        assert_eq!(
+            s.counter(
+                n::REQUESTS,
+                &[(n::OUTCOME, "error"), (n::ERROR_TYPE, "budget_exhausted")]
+            ),
+            2
+        );
+        assert_eq!(s.histogram(n::ATTEMPTS, &[]), [0.0, 0.0]);
+
+        // One retry for the whole stack: the other request's retry is refused.
+        let mut p = policy(&mock);
+        p.circuit_breaker.consecutive_failures = None;
+        p.budget.retry_budget = RetryBudgetPolicy::TokenBucket {
+            capacity: 1,
+            refill_per_sec: 0.0,
+            per_request: 0.0,
+        };
+        p.fallback.routes.clear();
+        mock.script(
+            ScriptKey::model("gpt-4o"),
+            std::iter::repeat_n(Reply::openai_overloaded(), 6),
+        );
+        send(p).await;
+        let s = Snap::take(&metrics);
+        assert_eq!(
+            s.counter(n::RETRY_BUDGET_EXHAUSTED, &[(n::ROUTE, "primary")]),
+            2,
+            "one refusal per request: {:?}",
+            s.labels_of(n::RETRY_BUDGET_EXHAUSTED)
+        );
+        assert_eq!(s.counter(n::RETRIES, &[(n::CLASS, "overloaded")]), 1);
+        assert_eq!(
+            s.counter(
+                n::REQUESTS,
+                &[
+                    (n::OUTCOME, "provider_failure"),
+                    (n::ERROR_TYPE, "overloaded")
+                ]
+            ),
+            2
+        );
+    });
+}
