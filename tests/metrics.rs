@@ -390,10 +390,12 @@ fn refusals_are_counted_by_reason() {
                     svc.clone()
                         .oneshot(testing::chat_request(&url, "gpt-4o", false))
                 });
-                for r in futures_util::future::join_all(requests).await {
-                    if let Ok(r) = r {
-                        let _ = r.into_body().collect().await;
-                    }
+                for r in futures_util::future::join_all(requests)
+                    .await
+                    .into_iter()
+                    .flatten()
+                {
+                    let _ = r.into_body().collect().await;
                 }
             }
         };
