@@ -9,6 +9,7 @@
 //!
 //! ```text
 //! cargo bench --bench overhead
+//! cargo bench --bench overhead --features metrics   # adds the rows with metrics on
 //! OVERHEAD_REPORT=overhead.jsonl cargo bench --bench overhead -- --quick   # rows as JSON lines
 //! ```
 
@@ -60,6 +61,18 @@ where
     while let Some(frame) = body.frame().await {
         black_box(frame.expect("body"));
     }
+}
+
+/// `svc` behind a step that gives each request `authorization: Bearer …`, a header value made
+/// for the request (as `reqwest`'s `bearer_auth` makes one).
+fn with_key<S>(svc: S) -> tower::util::MapRequest<S, fn(Req) -> Req> {
+    fn add_key(mut req: Req) -> Req {
+        if let Ok(v) = http::HeaderValue::from_str("Bearer sk-bench-0123456789abcdef0123456789") {
+            req.headers_mut().insert(http::header::AUTHORIZATION, v);
+        }
+        req
+    }
+    tower::util::MapRequest::new(svc, add_key as fn(Req) -> Req)
 }
 
 /// The interactive preset, seeded so that every run draws the same jitter.
@@ -330,6 +343,46 @@ fn main() {
         "tower-resilience fallback+retry+circuitbreaker",
         tower_resilience_stack(bare())
     );
+
+    // A request that carries a key, as clients build it (a new header value per request): the
+    // alerts note it for an auth alert's fingerprint.
+    bench!(
+        "ResilienceLayer (interactive, request with a key)",
+        with_key(ResilienceLayer::new(&policy).expect("policy").layer(bare()))
+    );
+    let mut no_alerts = interactive();
+    no_alerts.observability.alerts = false;
+    bench!(
+        "ResilienceLayer (interactive, request with a key, alerts off)",
+        with_key(
+            ResilienceLayer::new(&no_alerts)
+                .expect("policy")
+                .layer(bare())
+        )
+    );
+
+    // Metrics on (feature `metrics` and the policy's switch): with no recorder installed, and
+    // with a Prometheus recorder on this thread.
+    #[cfg(feature = "metrics")]
+    {
+        let mut with_metrics = interactive();
+        with_metrics.observability.metrics = true;
+        bench!(
+            "ResilienceLayer (interactive, metrics on, no recorder)",
+            ResilienceLayer::new(&with_metrics)
+                .expect("policy")
+                .layer(bare())
+        );
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        metrics::with_local_recorder(&recorder, || {
+            bench!(
+                "ResilienceLayer (interactive, metrics on, Prometheus recorder)",
+                ResilienceLayer::new(&with_metrics)
+                    .expect("policy")
+                    .layer(bare())
+            );
+        });
+    }
 
     c.final_summary();
 

@@ -2,7 +2,7 @@
 //! front of its upstream.
 //!
 //! ```text
-//! cargo run --example axum_gateway --features reqwest
+//! cargo run --example axum_gateway --features reqwest,metrics
 //! ```
 //!
 //! By default the upstream is an embedded `MockProvider` on loopback, scripted per model so
@@ -22,9 +22,22 @@
 //!
 //! ```text
 //! OPENAI_API_KEY=... cargo run --example axum_gateway \
-//!     --features reqwest,reqwest/rustls -- \
+//!     --features reqwest,metrics,reqwest/rustls -- \
 //!     --upstream https://api.openai.com --listen 127.0.0.1:8080
 //! ```
+//!
+//! # Watching it
+//!
+//! - `GET /metrics`: the stack's metrics in the Prometheus text format
+//!   (`metrics-exporter-prometheus`): `gen_ai_client_operation_duration`,
+//!   `llm_resilience_requests`, `llm_resilience_retries`, `llm_resilience_circuit_state`, …
+//!   (see `tower_llm_resilience::observe::names`). `docs/grafana-dashboard.json` charts them.
+//! - `GET /status`: JSON with each route's circuit (state, trips in a row, time to the next
+//!   probe, the window's counts), the retry budget left, and the alerts sent, suppressed and
+//!   dropped.
+//! - Alerts (a bad key, an exhausted quota, a policy block, a circuit open with no backup, the
+//!   retry budget spent, a spend cap reached) are error-level log lines; with
+//!   `--alert-webhook URL` each is also POSTed to `URL` as JSON ([`WebhookSink`]).
 //!
 //! The upstream client is reqwest (through [`ReqwestService`]); the crate compiles it without a
 //! TLS stack, so an `https` upstream needs `reqwest/rustls` (or `native-tls`) as above. A
@@ -61,18 +74,22 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
 use http_body::Frame;
 use http_body_util::Full;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use pin_project_lite::pin_project;
 use tower::{ServiceBuilder, ServiceExt};
+use tower_llm_resilience::circuit_breaker::CircuitBreakerHandle;
+use tower_llm_resilience::observe::{Alert, AlertFuture, AlertSink, Observability, names};
 use tower_llm_resilience::reqwest::ReqwestService;
 use tower_llm_resilience::testing::{MockProvider, Reply, ScriptKey};
 use tower_llm_resilience::{
     AttemptLog, Error, ErrorKind, FailureClass, Policy, PolicyError, ResilienceLayer, Resilient,
+    RetryBudget,
 };
 
 /// Largest request body accepted (axum's default of 2 MiB is small for prompts with images);
@@ -94,6 +111,13 @@ pub struct Config {
     pub layer: ResilienceLayer,
     /// Print one attempt log per request to stderr when its answer ends.
     pub log_requests: bool,
+    /// What `GET /metrics` renders: the handle of the Prometheus recorder the metrics go to
+    /// (none: no `/metrics`).
+    pub metrics: Option<PrometheusHandle>,
+    /// POST every alert to this URL as JSON, besides logging it (none: log only).
+    pub alert_webhook: Option<String>,
+    /// The policy's routes, which `/status` lists before any request has reached them.
+    pub routes: Vec<String>,
 }
 
 impl Config {
@@ -104,16 +128,80 @@ impl Config {
             api_key: None,
             layer: policy.layer()?,
             log_requests: false,
+            metrics: None,
+            alert_webhook: None,
+            routes: policy.route_names().map(str::to_owned).collect(),
         })
     }
 }
 
 /// The policy the gateway runs with by default: the interactive preset (no queueing, streams
-/// committed at the first token, a 60 s deadline).
+/// committed at the first token, a 60 s deadline), with metrics on.
 pub fn default_policy() -> Policy {
     let mut policy = Policy::interactive();
     policy.workflow = "gateway".to_owned();
+    policy.observability.metrics = true;
     policy
+}
+
+/// A Prometheus recorder whose histograms have buckets: seconds for the durations (the
+/// OpenTelemetry GenAI advice), powers of four for token counts, small counts for attempts.
+pub fn prometheus() -> PrometheusBuilder {
+    let seconds = [
+        0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+    ];
+    let tokens = [
+        1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0,
+    ];
+    let buckets = [
+        (names::OPERATION_DURATION, &seconds[..]),
+        (names::TIME_TO_FIRST_CHUNK, &seconds[..]),
+        (names::QUEUE_WAIT, &seconds[..]),
+        (names::TOKEN_USAGE, &tokens[..]),
+        (names::ATTEMPTS, &[1.0, 2.0, 3.0, 4.0, 6.0, 8.0][..]),
+    ];
+    buckets
+        .into_iter()
+        .fold(PrometheusBuilder::new(), |b, (name, values)| {
+            // Non-empty bucket lists cannot fail.
+            b.set_buckets_for_metric(Matcher::Full(name.to_owned()), values)
+                .unwrap_or_else(|_| PrometheusBuilder::new())
+        })
+}
+
+/// An alert sink that POSTs each alert as JSON to a URL (a chat webhook, an incident tool).
+/// Alerts hold metadata only; a failed delivery is logged and not retried.
+#[derive(Clone)]
+pub struct WebhookSink {
+    client: reqwest::Client,
+    url: String,
+}
+
+impl WebhookSink {
+    /// Posts to `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            client: reqwest::Client::new(),
+            url: url.into(),
+        }
+    }
+}
+
+impl AlertSink for WebhookSink {
+    fn send(&self, alert: Alert) -> AlertFuture {
+        let request = self
+            .client
+            .post(&self.url)
+            .header(CONTENT_TYPE, "application/json")
+            .body(serde_json::to_vec(&alert).unwrap_or_default());
+        Box::pin(async move {
+            match request.send().await {
+                Ok(r) if r.status().is_success() => {}
+                Ok(r) => eprintln!("alert webhook answered {}: {alert}", r.status()),
+                Err(e) => eprintln!("alert webhook unreachable ({e}): {alert}"),
+            }
+        })
+    }
 }
 
 struct Gateway {
@@ -123,10 +211,30 @@ struct Gateway {
     log_requests: bool,
 }
 
-/// The gateway's router: `POST /v1/chat/completions`.
+/// What `/metrics` and `/status` read.
+struct Watch {
+    metrics: Option<PrometheusHandle>,
+    breakers: CircuitBreakerHandle,
+    retry_budget: RetryBudget,
+    observability: Observability,
+    routes: Vec<String>,
+}
+
+/// The gateway's router: `POST /v1/chat/completions`, `GET /metrics`, `GET /status`.
 pub fn app(config: Config) -> Router {
+    let mut layer = config.layer;
+    if let Some(url) = &config.alert_webhook {
+        layer = layer.alert_sink(WebhookSink::new(url.clone()));
+    }
+    let watch = Watch {
+        metrics: config.metrics,
+        breakers: layer.circuit_breaker(),
+        retry_budget: layer.retry_budget().clone(),
+        observability: layer.observability(),
+        routes: config.routes,
+    };
     let client = ServiceBuilder::new()
-        .layer(config.layer)
+        .layer(layer)
         .service(ReqwestService::new(reqwest::Client::new()));
     let authorization = config.api_key.as_deref().and_then(|key| {
         let mut value = HeaderValue::try_from(format!("Bearer {key}")).ok()?;
@@ -139,10 +247,70 @@ pub fn app(config: Config) -> Router {
         authorization,
         log_requests: config.log_requests,
     };
+    let watching = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .with_state(Arc::new(watch));
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(Arc::new(gateway))
+        .merge(watching)
+}
+
+/// `GET /metrics`: Prometheus text.
+async fn metrics(State(watch): State<Arc<Watch>>) -> Response {
+    match &watch.metrics {
+        Some(handle) => (
+            [(CONTENT_TYPE, "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// `GET /status`: each route's circuit, the retry budget left, the alerts so far.
+async fn status(State(watch): State<Arc<Watch>>) -> Response {
+    let mut routes: Vec<serde_json::Value> = watch
+        .breakers
+        .snapshots()
+        .into_iter()
+        .map(|r| {
+            serde_json::json!({
+                "route": r.route.as_str(),
+                "state": r.state.as_str(),
+                "trips": r.trips,
+                "retry_in_ms": r.retry_in.map(|d| d.as_millis() as u64),
+                "calls": r.calls,
+                "failures": r.failures,
+                "consecutive_failures": r.consecutive_failures,
+                "probes_in_flight": r.probes_in_flight,
+            })
+        })
+        .collect();
+    // Routes no request has reached yet are closed.
+    for name in &watch.routes {
+        if !routes.iter().any(|r| r["route"] == name.as_str()) {
+            routes.push(serde_json::json!({"route": name, "state": "closed", "trips": 0}));
+        }
+    }
+    let o = &watch.observability;
+    let body = serde_json::json!({
+        "routes": routes,
+        "retry_budget": {"available": watch.retry_budget.available()},
+        "alerts": {
+            "sent": o.alerts_sent(),
+            "suppressed": o.alerts_suppressed(),
+            "dropped": o.alerts_dropped(),
+        },
+        "metrics": o.metrics_enabled(),
+    });
+    (
+        [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 /// The chat completion URL for `base_url`.
@@ -471,18 +639,21 @@ pub async fn start_mock() -> std::io::Result<MockProvider> {
 struct Args {
     upstream: Option<String>,
     listen: SocketAddr,
+    alert_webhook: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         upstream: None,
         listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        alert_webhook: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
         match arg.as_str() {
             "--upstream" => args.upstream = Some(value("--upstream")?),
+            "--alert-webhook" => args.alert_webhook = Some(value("--alert-webhook")?),
             "--listen" => {
                 let v = value("--listen")?;
                 args.listen = v
@@ -491,7 +662,8 @@ fn parse_args() -> Result<Args, String> {
             }
             "-h" | "--help" => {
                 return Err(
-                    "usage: axum_gateway [--upstream URL] [--listen 127.0.0.1:8080]\n\
+                    "usage: axum_gateway [--upstream URL] [--listen 127.0.0.1:8080] \
+                     [--alert-webhook URL]\n\
                      the API key for --upstream is read from OPENAI_API_KEY"
                         .to_owned(),
                 );
@@ -527,12 +699,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
 
+    // Warnings and alerts to stderr (the per-attempt events are at info level).
+    tracing_subscriber::fmt()
+        .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
+        .with_writer(std::io::stderr)
+        .init();
+    // The recorder goes in before the stack is built: the stack describes its metrics to it.
+    let metrics = prometheus().install_recorder()?;
     let mut config = Config::new(upstream.clone(), &default_policy())?;
     config.api_key = api_key;
     config.log_requests = true;
+    config.metrics = Some(metrics);
+    config.alert_webhook = args.alert_webhook;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     println!("gateway on http://{addr}/v1/chat/completions -> {upstream}");
+    println!("metrics on http://{addr}/metrics, status on http://{addr}/status");
     if _mock.is_some() {
         println!("embedded mock provider; try:");
         for (model, stream) in [

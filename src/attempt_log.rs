@@ -487,6 +487,13 @@ pub struct LogSnapshot {
     pub events: Vec<LocalEvent>,
     /// How it ended, once it has.
     pub outcome: Option<Outcome>,
+    /// The budget owner the request was charged to, when a spend cap applies.
+    pub budget_owner: Option<String>,
+    /// What the request cost, in micro cost units, once its spend has settled.
+    pub cost_micros: Option<u64>,
+    /// The answer's token usage as it was booked (the provider's report, or the application's
+    /// through `SpendReceipt::report`), once its spend has settled.
+    pub usage: Option<Usage>,
 }
 
 /// One attempt as the log keeps it: its first decision inline, so that recording an attempt
@@ -558,6 +565,9 @@ struct State {
     attempts: Entries,
     events: Vec<LocalEvent>,
     outcome: Option<Outcome>,
+    budget_owner: Option<String>,
+    cost_micros: Option<u64>,
+    usage: Option<Usage>,
 }
 
 /// The shared, cheap-to-clone record of one logical request.
@@ -607,6 +617,9 @@ impl AttemptLog {
                     attempts: Entries::default(),
                     events: Vec::new(),
                     outcome: None,
+                    budget_owner: None,
+                    cost_micros: None,
+                    usage: None,
                 }),
             }),
         }
@@ -809,6 +822,28 @@ impl AttemptLog {
         self.lock().outcome = Some(outcome);
     }
 
+    /// Sets the budget owner the request is charged to (a spend cap does when it admits or
+    /// refuses the request).
+    pub fn set_budget_owner(&self, owner: impl Into<String>) {
+        self.lock().budget_owner = Some(owner.into());
+    }
+
+    /// Sets what the request cost, in micro cost units, and the answer's usage booked with it
+    /// (a spend cap does when it settles, and again when the application corrects the usage).
+    pub fn set_charge(&self, cost_micros: u64, usage: Option<Usage>) {
+        let mut s = self.lock();
+        s.cost_micros = Some(cost_micros);
+        if usage.is_some() {
+            s.usage = usage;
+        }
+    }
+
+    /// Reads the whole log under one lock, without copying it: what the end of a request is
+    /// turned into.
+    pub(crate) fn view<R>(&self, f: impl FnOnce(View<'_>) -> R) -> R {
+        f(View(&self.lock()))
+    }
+
     /// A copy of everything recorded so far.
     pub fn snapshot(&self) -> LogSnapshot {
         let s = self.lock();
@@ -818,6 +853,9 @@ impl AttemptLog {
             attempts: s.attempts.iter().map(Entry::to_attempt).collect(),
             events: s.events.clone(),
             outcome: s.outcome.clone(),
+            budget_owner: s.budget_owner.clone(),
+            cost_micros: s.cost_micros,
+            usage: s.usage,
         }
     }
 
@@ -834,6 +872,74 @@ impl AttemptLog {
     /// Whether two handles share one log.
     pub fn ptr_eq(&self, other: &AttemptLog) -> bool {
         Arc::ptr_eq(&self.state, &other.state)
+    }
+}
+
+/// The log as the end of a request reads it: borrowed under the log's lock.
+pub(crate) struct View<'a>(&'a State);
+
+impl<'a> View<'a> {
+    /// Every attempt with its decisions, in order.
+    pub(crate) fn attempts(
+        &self,
+    ) -> impl Iterator<Item = (&'a Attempt, impl Iterator<Item = &'a Decision>)> {
+        self.0.attempts.iter().map(|e| {
+            (
+                &e.attempt,
+                e.first_decision.iter().chain(&e.attempt.decisions),
+            )
+        })
+    }
+
+    /// The last attempt.
+    pub(crate) fn last_attempt(&self) -> Option<&'a Attempt> {
+        let a = &self.0.attempts;
+        a.rest.last().or(a.first.as_ref()).map(|e| &e.attempt)
+    }
+
+    pub(crate) fn attempt_count(&self) -> usize {
+        self.0.attempts.len()
+    }
+
+    pub(crate) fn events(&self) -> &'a [LocalEvent] {
+        &self.0.events
+    }
+
+    pub(crate) fn outcome(&self) -> Option<&'a Outcome> {
+        self.0.outcome.as_ref()
+    }
+
+    pub(crate) fn requested_route(&self) -> Option<&'a RouteName> {
+        self.0.requested_route.as_ref()
+    }
+
+    pub(crate) fn selected_route(&self) -> Option<&'a RouteName> {
+        self.0.selected_route.as_ref()
+    }
+
+    pub(crate) fn budget_owner(&self) -> Option<&'a str> {
+        self.0.budget_owner.as_deref()
+    }
+
+    pub(crate) fn cost_micros(&self) -> Option<u64> {
+        self.0.cost_micros
+    }
+
+    pub(crate) fn usage(&self) -> Option<Usage> {
+        self.0.usage
+    }
+
+    /// Time since the log started.
+    pub(crate) fn elapsed(&self) -> Duration {
+        self.0.started.elapsed()
+    }
+
+    pub(crate) fn tracing(&self) -> bool {
+        self.0.tracing
+    }
+
+    pub(crate) fn request_ids(&self) -> bool {
+        self.0.request_ids
     }
 }
 
@@ -925,6 +1031,24 @@ impl fmt::Display for LogSnapshot {
                 route(&e.route),
                 e.kind
             )?;
+        }
+        if self.budget_owner.is_some() || self.cost_micros.is_some() {
+            write!(
+                f,
+                "spend: owner {}",
+                self.budget_owner.as_deref().unwrap_or("-")
+            )?;
+            if let Some(c) = self.cost_micros {
+                write!(f, ", cost {c} micro units")?;
+            }
+            if let Some(u) = self.usage {
+                write!(
+                    f,
+                    ", {} in / {} out tokens",
+                    u.input_tokens, u.output_tokens
+                )?;
+            }
+            writeln!(f)?;
         }
         match &self.outcome {
             Some(o) => write!(f, "outcome: {o}"),

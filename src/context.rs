@@ -57,9 +57,13 @@ use tokio::time::Instant;
 
 use std::time::Duration;
 
+use bytes::Bytes;
+
+use crate::Body;
 use crate::attempt_log::{Attempt, AttemptLog, Outcome};
 use crate::classify::{Classification, FailureClass};
 use crate::error::Error;
+use crate::observe::{Ended, Noted, Watched};
 use crate::pacing::Pacer;
 use crate::policy::LoggingPolicy;
 use crate::retry_budget::RetryBudget;
@@ -279,6 +283,8 @@ pub(crate) struct State {
     pub(crate) fallback_available: bool,
     pub(crate) spend: Option<SpendGate>,
     pub(crate) pacer: Option<Arc<Pacer>>,
+    /// What the log's owner noted for the request's end, when it reports metrics or alerts.
+    pub(crate) observed: Option<Noted>,
     /// When the attempt in flight was handed inward, and the log's attempt count then: the
     /// one clock read of an attempt, taken by the outermost layer that sends it and reused by
     /// the layers below (an attempt recorded since makes it stale).
@@ -327,6 +333,7 @@ impl RequestContext {
             fallback_available: ext.get::<FallbackAvailable>().is_some(),
             spend: ext.get::<SpendGate>().cloned(),
             pacer: None,
+            observed: None,
             sent: Some((0, now)),
         };
         let ctx = RequestContext(Arc::new(Inner {
@@ -540,15 +547,61 @@ impl RequestContext {
         response
     }
 
-    /// The owner's last step for an error: the outcome. Every layer attaches the log.
+    /// The owner's last step for an error: the outcome, and the request's end. Every layer
+    /// attaches the log.
     pub(crate) fn close_error(&self, owner: bool, error: Error) -> Error {
         if owner {
             self.0.log.set_outcome(Outcome::Error {
                 error: error.kind().to_string(),
                 class: error.class(),
             });
+            let noted = self.lock().observed.take();
+            if let Some(noted) = noted {
+                let error_kind = Some(crate::observe::kind_name(error.kind()));
+                noted.finish(
+                    &self.0.log,
+                    Ended {
+                        error_kind,
+                        json_usage: None,
+                    },
+                );
+            }
         }
         error.with_log(&self.0.log)
+    }
+
+    /// The outermost layer's step after [`close_response`](Self::close_response): the request
+    /// ends now, or — when its observer reads whole answers, or a spend reservation
+    /// `settles` when the body ends — once the body has ended (or failed, or been dropped).
+    /// Without an observer noted, the body is handed on as it is.
+    pub(crate) fn end_response<B>(
+        &self,
+        owner: bool,
+        response: http::Response<B>,
+        settles: bool,
+    ) -> http::Response<Body>
+    where
+        B: http_body::Body<Data = Bytes, Error = Error> + Send + 'static,
+    {
+        let noted = if owner {
+            self.lock().observed.take()
+        } else {
+            None
+        };
+        let Some(noted) = noted else {
+            return response.map(Body::new);
+        };
+        let whole = noted.observer().watches_bodies();
+        if !whole && !settles {
+            noted.finish(&self.0.log, Ended::default());
+            return response.map(Body::new);
+        }
+        let (parts, body) = response.into_parts();
+        // A JSON answer's usage, when no spend settlement books it.
+        let json = (whole && !settles && parts.status.is_success() && is_json(&parts.headers))
+            .then_some(crate::classify::DEFAULT_PEEK_LIMIT);
+        let body = Watched::new(body, self.0.log.clone(), noted, json);
+        http::Response::from_parts(parts, Body::new(body))
     }
 
     /// Whether two handles share one context.
@@ -568,6 +621,13 @@ impl fmt::Debug for RequestContext {
             .field("spend_gate", &s.spend.is_some())
             .finish_non_exhaustive()
     }
+}
+
+fn is_json(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json") || v.contains("+json"))
 }
 
 /// One attempt a layer handed inward: the log's attempt count then (the recording rule: a

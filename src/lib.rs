@@ -133,6 +133,8 @@
 //!   extensions and on every [`Error`].
 //! - [`Error`] / [`ErrorKind`] — the one error type; [`Body`] — the one response body type.
 //! - [`replay`] — try-clone request replay; [`context`] — what the layers hand each other.
+//! - [`observe`] — metrics (OpenTelemetry GenAI names) and alerts to the people who must act,
+//!   fed from the attempt log when a request ends.
 //!
 //! # Features
 //!
@@ -141,6 +143,9 @@
 //! - `testing` — [`testing::MockProvider`], a scripted model-API server on loopback for tests.
 //! - `reqwest` — `reqwest::ReqwestService`, which makes a `reqwest::Client` (reqwest 0.13) a
 //!   tower service (reqwest is built without a TLS stack; enable your own).
+//! - `metrics` — metrics through the [`metrics`](https://docs.rs/metrics) facade, to the
+//!   recorder the application installs, when the policy's `observability.metrics` is on; see
+//!   [`observe`].
 //! - `reqwest-middleware` — `reqwest_middleware::ResilienceMiddleware`, the whole stack as one
 //!   `reqwest_middleware::Middleware` for `ClientBuilder::with` (reqwest-middleware 0.5); the
 //!   response carries the attempt log, crate errors are recovered by downcast. Implies `reqwest`.
@@ -161,6 +166,7 @@ pub mod context;
 mod duration;
 mod error;
 pub mod fallback;
+pub mod observe;
 mod pacing;
 pub mod policy;
 pub mod redis;

@@ -20,6 +20,8 @@
 //! [`ServiceBuilderExt`] adds the same layers to a `tower::ServiceBuilder`, one by one or all at
 //! once.
 
+use std::sync::Arc;
+
 use tower::ServiceBuilder;
 use tower::layer::util::Stack;
 use tower_layer::Layer;
@@ -28,6 +30,7 @@ use crate::budget::{Budget, BudgetLayer, SpendHandle};
 use crate::circuit_breaker::{CircuitBreaker, CircuitBreakerHandle, CircuitBreakerLayer};
 use crate::classify::SharedClassifier;
 use crate::fallback::{Fallback, FallbackLayer};
+use crate::observe::{AlertSink, Observability, Observer};
 use crate::policy::{Policy, PolicyError};
 use crate::retry::{Retry, RetryLayer};
 use crate::retry_budget::RetryBudget;
@@ -60,18 +63,24 @@ pub struct ResilienceLayer {
     retry: RetryLayer,
     circuit_breaker: CircuitBreakerLayer,
     stream_guard: StreamGuardLayer,
+    observer: Arc<Observer>,
 }
 
 impl ResilienceLayer {
     /// Validates `policy` and builds every layer from it.
     pub fn new(policy: &Policy) -> Result<Self, PolicyError> {
         policy.validate()?;
+        // One observer for the stack: the budget layer reports the ends of requests, the
+        // breakers their transitions, into the same metrics and the same alert queue.
+        let observer = Observer::from_policy(policy);
         Ok(Self {
-            budget: BudgetLayer::from_policy(policy)?,
+            budget: BudgetLayer::from_policy(policy)?.observed_by(observer.clone()),
             fallback: FallbackLayer::from_policy(policy)?,
             retry: RetryLayer::from_policy(policy)?,
-            circuit_breaker: CircuitBreakerLayer::from_policy(policy)?,
+            circuit_breaker: CircuitBreakerLayer::from_policy(policy)?
+                .observed_by(observer.clone()),
             stream_guard: StreamGuardLayer::from_policy(policy)?,
+            observer,
         })
     }
 
@@ -83,6 +92,7 @@ impl ResilienceLayer {
             retry: self.retry.classifier(classifier.clone()),
             circuit_breaker: self.circuit_breaker.classifier(classifier.clone()),
             stream_guard: self.stream_guard.classifier(classifier),
+            observer: self.observer,
         }
     }
 
@@ -91,6 +101,19 @@ impl ResilienceLayer {
     pub fn budget_store(mut self, store: std::sync::Arc<dyn crate::budget::BudgetStore>) -> Self {
         self.budget = self.budget.store(store);
         self
+    }
+
+    /// Sends alerts to `sink` instead of the default [`TracingAlerts`](crate::observe::TracingAlerts)
+    /// (for this layer and every clone of it). Alerts are on unless the policy's
+    /// `observability.alerts` turns them off; see [`observe`](crate::observe).
+    pub fn alert_sink(self, sink: impl AlertSink) -> Self {
+        self.observer.set_sink(Arc::new(sink));
+        self
+    }
+
+    /// A handle on what the stack reports: alert counts, the alert sink.
+    pub fn observability(&self) -> Observability {
+        self.observer.handle()
     }
 
     /// The circuit breakers' handle: state per route, force open or closed, reset, snapshots.

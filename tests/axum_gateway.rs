@@ -1,8 +1,9 @@
 //! The `axum_gateway` example's app, served on loopback in front of `MockProvider` and called
-//! over real HTTP with the hyper-util client: answers pass through the ladder, and each crate
-//! error kind becomes its documented status, headers and OpenAI-shaped body.
+//! over real HTTP with the hyper-util client: answers pass through the ladder, each crate error
+//! kind becomes its documented status, headers and OpenAI-shaped body, and `/metrics`,
+//! `/status` and the alert webhook show what the ladder did.
 
-#![cfg(all(feature = "reqwest", feature = "testing"))]
+#![cfg(all(feature = "reqwest", feature = "testing", feature = "metrics"))]
 
 #[path = "../examples/axum_gateway.rs"]
 #[allow(dead_code)]
@@ -588,4 +589,205 @@ fn every_error_kind_maps_to_its_documented_answer() {
         answer(Error::transport(FailureClass::Timeout, io)),
         (504, "upstream_unreachable", Some("timeout"), None)
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Watching the gateway: `/metrics`, `/status`, the alert webhook.
+
+/// GETs `path` from the gateway.
+async fn get(gateway: &str, path: &str) -> Answer {
+    let mut request = http::Request::new(http_body_util::Full::new(Bytes::new()));
+    *request.uri_mut() = format!("{gateway}{path}").parse().expect("a URI");
+    let response = client()
+        .request(request)
+        .await
+        .expect("the gateway answers");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("a whole body").to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// The value of the series `series` (name and labels, as rendered) in Prometheus text.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn metrics_are_scraped_over_http() {
+    // The gateway's recorder, for this test's thread only: the mock, the gateway and the
+    // client all run on it.
+    let recorder = example::prometheus().build_recorder();
+    let handle = recorder.handle();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("runtime");
+    metrics::with_local_recorder(&recorder, || {
+        rt.block_on(async {
+            let mock = MockProvider::start().await.expect("mock starts");
+            mock.script(
+                ScriptKey::model(MODEL),
+                [
+                    Reply::openai_overloaded(),
+                    Reply::openai_chat(MODEL, "Hi there"),
+                ],
+            );
+            mock.script(ScriptKey::model("bad-key"), [Reply::unauthorized()]);
+            let mut policy = policy();
+            policy.observability.models = vec![MODEL.to_owned()];
+            let mut config = example::Config::new(mock.url(), &policy).expect("valid policy");
+            config.metrics = Some(handle);
+            let gw = serve(config).await;
+
+            assert_eq!(post(&gw, MODEL, false).await.status, StatusCode::OK);
+            assert_eq!(
+                post(&gw, "bad-key", false).await.status,
+                StatusCode::UNAUTHORIZED
+            );
+            let scrape = get(&gw, "/metrics").await;
+            assert_eq!(scrape.status, StatusCode::OK);
+            assert!(
+                scrape
+                    .header("content-type")
+                    .is_some_and(|v| v.starts_with("text/plain"))
+            );
+            let text = scrape.text();
+            let expect = [
+                (
+                    r#"llm_resilience_requests{route="primary",outcome="success"}"#,
+                    1.0,
+                ),
+                (
+                    r#"llm_resilience_requests{route="primary",outcome="provider_failure",error_type="auth"}"#,
+                    1.0,
+                ),
+                (
+                    r#"llm_resilience_retries{route="primary",class="overloaded"}"#,
+                    1.0,
+                ),
+                (r#"llm_resilience_circuit_state{route="primary"}"#, 0.0),
+                (r#"llm_resilience_attempts_bucket{route="primary",le="1"}"#, 1.0),
+                (r#"llm_resilience_attempts_bucket{route="primary",le="2"}"#, 2.0),
+                (r#"llm_resilience_attempts_count{route="primary"}"#, 2.0),
+                (r#"llm_resilience_attempts_sum{route="primary"}"#, 3.0),
+                (
+                    r#"gen_ai_client_token_usage_sum{gen_ai_operation_name="chat",gen_ai_request_model="gpt-4o",gen_ai_response_model="gpt-4o",server_address="127.0.0.1",route="primary",gen_ai_token_type="input"}"#,
+                    9.0,
+                ),
+                (
+                    r#"gen_ai_client_token_usage_sum{gen_ai_operation_name="chat",gen_ai_request_model="gpt-4o",gen_ai_response_model="gpt-4o",server_address="127.0.0.1",route="primary",gen_ai_token_type="output"}"#,
+                    2.0,
+                ),
+                (
+                    r#"gen_ai_client_operation_duration_count{gen_ai_operation_name="chat",gen_ai_request_model="gpt-4o",gen_ai_response_model="gpt-4o",server_address="127.0.0.1",route="primary"}"#,
+                    1.0,
+                ),
+                (
+                    r#"gen_ai_client_operation_duration_count{gen_ai_operation_name="chat",gen_ai_request_model="_OTHER",gen_ai_response_model="_OTHER",server_address="127.0.0.1",route="primary",error_type="auth"}"#,
+                    1.0,
+                ),
+                (r#"llm_resilience_alerts{kind="auth"}"#, 1.0),
+            ];
+            for (series, value) in expect {
+                assert_eq!(sample(&text, series), Some(value), "{series} in\n{text}");
+            }
+            // Histograms have buckets (not summaries), and no label holds a request's detail.
+            assert!(text.contains("# TYPE gen_ai_client_operation_duration histogram"));
+            assert!(!text.contains("bad-key"), "{text}");
+            assert!(!text.contains("req_mock"), "{text}");
+        });
+    });
+}
+
+#[tokio::test(start_paused = true)]
+async fn status_shows_each_route_the_budget_and_the_alerts() {
+    let mock = MockProvider::start().await.expect("mock starts");
+    mock.script(ScriptKey::model(MODEL), [Reply::unauthorized()]);
+    let mut policy = policy();
+    policy.fallback.routes = vec![
+        tower_llm_resilience::policy::RouteConfig::new("backup")
+            .base_url(format!("{}/backup", mock.url()))
+            .model("backup-model"),
+    ];
+    let config = example::Config::new(mock.url(), &policy).expect("valid policy");
+    let breakers = config.layer.circuit_breaker();
+    let gw = serve(config).await;
+    // Without a recorder handle there is no `/metrics`.
+    assert_eq!(get(&gw, "/metrics").await.status, StatusCode::NOT_FOUND);
+
+    assert_eq!(
+        post(&gw, MODEL, false).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    breakers.force_open("backup");
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let status = get(&gw, "/status").await;
+    assert_eq!(status.status, StatusCode::OK);
+    assert_eq!(status.header("content-type"), Some("application/json"));
+    let json = status.json();
+    let routes = json["routes"].as_array().expect("routes");
+    let state = |name: &str| {
+        routes
+            .iter()
+            .find(|r| r["route"] == name)
+            .map(|r| r["state"].clone())
+    };
+    assert_eq!(routes.len(), 2, "{json}");
+    assert_eq!(state("primary"), Some("closed".into()));
+    assert_eq!(state("backup"), Some("forced_open".into()));
+    // The interactive retry budget: 10 retries a second over 10 s, plus 20 % of one request.
+    assert_eq!(json["retry_budget"]["available"], 100);
+    assert_eq!(json["alerts"]["sent"], 1);
+    assert_eq!(json["alerts"]["suppressed"], 0);
+    assert_eq!(json["metrics"], true);
+}
+
+#[tokio::test(start_paused = true)]
+async fn alerts_are_posted_to_the_webhook_without_the_key() {
+    let mock = MockProvider::start().await.expect("mock starts");
+    mock.script(
+        ScriptKey::model(MODEL),
+        [Reply::unauthorized(), Reply::unauthorized()],
+    );
+    let receiver = MockProvider::start().await.expect("receiver starts");
+    receiver.script(ScriptKey::path("/alerts"), [Reply::ok(), Reply::ok()]);
+    let mut config = example::Config::new(mock.url(), &policy()).expect("valid policy");
+    config.api_key = Some("sk-gateway".to_owned());
+    config.alert_webhook = Some(format!("{}/alerts", receiver.url()));
+    let gw = serve(config).await;
+
+    for _ in 0..2 {
+        assert_eq!(
+            post(&gw, MODEL, false).await.status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    for _ in 0..100 {
+        if receiver.request_count() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let posted = receiver.requests();
+    assert_eq!(posted.len(), 1, "one alert for the window");
+    assert_eq!(posted[0].method, http::Method::POST);
+    assert_eq!(posted[0].path, "/alerts");
+    let alert: serde_json::Value = serde_json::from_slice(&posted[0].body).expect("JSON");
+    assert_eq!(alert["kind"], "auth");
+    assert_eq!(alert["route"], "primary");
+    assert_eq!(alert["workflow"], "gateway");
+    assert_eq!(alert["status"], 401);
+    assert_eq!(
+        alert["key_fingerprint"],
+        tower_llm_resilience::observe::key_fingerprint("sk-gateway")
+    );
+    let body = String::from_utf8_lossy(&posted[0].body);
+    assert!(!body.contains("sk-gateway"), "{body}");
+    assert!(!body.contains("sk-client"), "{body}");
 }

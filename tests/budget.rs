@@ -897,6 +897,60 @@ mod through_the_whole_stack {
             );
         }
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_exported_record_holds_the_chain_owner_cost_and_usage() {
+        let mock = start().await;
+        mock.script(ScriptKey::model("gpt-4o"), [Reply::openai_overloaded()]);
+        mock.script(
+            ScriptKey::model("backup-model"),
+            [Reply::openai_chat("backup-model", "one two three four")],
+        );
+        let (_, svc) = stack(&mock, None);
+        let resp = svc
+            .oneshot(chat_request(&mock.url(), "gpt-4o", false))
+            .await
+            .expect("response");
+        let log = log_of(&resp);
+        // Nothing is booked before the answer's body has ended.
+        assert_eq!(log.snapshot().cost_micros, None);
+        read_to_end(resp).await;
+
+        let record = serde_json::to_value(&log).expect("the log serializes");
+        assert_eq!(record["requested_route"], "primary");
+        assert_eq!(record["selected_route"], "backup");
+        let chain: Vec<(&str, u64)> = record["attempts"]
+            .as_array()
+            .expect("attempts")
+            .iter()
+            .map(|a| {
+                (
+                    a["route"].as_str().unwrap_or("-"),
+                    a["status"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        assert_eq!(
+            chain,
+            [
+                ("primary", 503),
+                ("primary", 503),
+                ("primary", 503),
+                ("backup", 200)
+            ]
+        );
+        assert_eq!(record["outcome"]["success"]["status"], 200);
+        // Owner, cost and usage beside the chain: 9 prompt and 4 completion tokens at the
+        // backup's price, the failed attempts free (`ReportedOnly`).
+        assert_eq!(record["budget_owner"], "team");
+        let charge = 9 * BACKUP_PRICE.0 + 4 * BACKUP_PRICE.1;
+        assert_eq!(record["cost_micros"], charge);
+        assert_eq!(record["usage"]["input_tokens"], 9);
+        assert_eq!(record["usage"]["output_tokens"], 4);
+        assert!(log.to_string().contains(&format!(
+            "spend: owner team, cost {charge} micro units, 9 in / 4 out tokens"
+        )));
+    }
 }
 
 /// Pacing with `FallbackLayer` inside: every route's answer is noted, and a hop to a route the

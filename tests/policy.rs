@@ -294,7 +294,30 @@ const CASES: &[Case] = &[
     ("idempotency.key_header", |p| {
         p.idempotency.key_header = Some("bad:header".into())
     }),
+    ("observability.models[1]", |p| {
+        p.observability.models = vec!["gpt-4o".into(), " ".into()]
+    }),
+    ("observability.alert_window", |p| {
+        p.observability.alert_window = Duration::ZERO
+    }),
+    ("observability.alert_queue", |p| {
+        p.observability.alert_queue = 0
+    }),
 ];
+
+#[test]
+fn metrics_need_the_metrics_feature() {
+    let mut p = Policy::interactive();
+    assert!(!p.observability.metrics, "off by default");
+    assert!(p.observability.alerts, "on by default");
+    p.observability.metrics = true;
+    let e = p.validate().err().map(|e| e.field().to_owned());
+    if cfg!(feature = "metrics") {
+        assert_eq!(e, None);
+    } else {
+        assert_eq!(e.as_deref(), Some("observability.metrics"));
+    }
+}
 
 #[test]
 fn every_policy_error_names_its_field() {
@@ -480,6 +503,9 @@ mod files {
         assert_eq!(p.budget.admission, AdmissionMode::Reject);
         let spend = p.budget.spend.as_ref().map(|s| s.prices.len());
         assert_eq!(spend, Some(3));
+        assert!(!p.observability.metrics);
+        assert_eq!(p.observability.models, ["gpt-4o"]);
+        assert_eq!(p.observability.alert_window, Duration::from_secs(600));
     }
 
     #[test]

@@ -159,3 +159,55 @@ async fn every_transition_is_a_tracing_event() {
         assert!(line.contains(fields), "{fields} in {line}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn each_request_ends_with_one_event_holding_owner_and_cost() -> Result<(), BoxError> {
+    use tower_llm_resilience::policy::{Price, SpendPolicy};
+
+    let (captured, _guard) = Captured::install();
+    let mock = MockProvider::start().await?;
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        [
+            Reply::openai_overloaded(),
+            Reply::openai_chat("gpt-4o", "one two"),
+        ],
+    );
+    let mut policy = policy_with_backup(&mock);
+    let mut spend = SpendPolicy::default();
+    spend.cap = 1.0;
+    spend.default_owner = Some("team".to_owned());
+    spend.default_price = Some(Price::new(1.0, 1.0));
+    policy.budget.spend = Some(spend);
+    let service = ServiceBuilder::new()
+        .llm_resilience(&policy)?
+        .service(testing::client());
+    let response = service
+        .oneshot(testing::chat_request(&mock.url(), "gpt-4o", false))
+        .await?;
+    assert_eq!(response.status(), 200);
+    // The request ends with its body, once its spend has settled.
+    assert!(!captured.text().contains("request ended"));
+    http_body_util::BodyExt::collect(response.into_body()).await?;
+
+    let text = captured.text();
+    let ends: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("tower_llm_resilience::request: request ended"))
+        .collect();
+    assert_eq!(ends.len(), 1, "{text}");
+    // 9 prompt and 2 completion tokens at one micro unit each; the 503 reported nothing.
+    for field in [
+        "requested_route=\"primary\"",
+        "selected_route=\"primary\"",
+        "attempts=2",
+        "outcome=\"success\"",
+        "budget_owner=\"team\"",
+        "cost_micros=11",
+        "input_tokens=9",
+        "output_tokens=2",
+    ] {
+        assert!(ends[0].contains(field), "{field} in {}", ends[0]);
+    }
+    Ok(())
+}

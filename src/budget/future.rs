@@ -131,13 +131,15 @@ impl Admitted {
         let success = c.is_success() && !(status.is_client_error() || status.is_server_error());
         let mut resp = self.ctx.close_response(self.owner, resp);
         let Some(ticket) = self.ticket.take() else {
-            return resp;
+            return self.ctx.end_response(self.owner, resp, false);
         };
         resp.extensions_mut().insert(SpendReceipt(ticket.clone()));
         let limit = self.shared.classifier.peek_limit();
         let (parts, body) = resp.into_parts();
         let body = SpendBody::new(body, ticket, &parts.headers, success, served, limit);
-        http::Response::from_parts(parts, Body::new(body))
+        let resp = http::Response::from_parts(parts, body);
+        // The request ends when its spend has settled, at the body's end.
+        self.ctx.end_response(self.owner, resp, true)
     }
 }
 

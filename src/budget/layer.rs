@@ -12,6 +12,7 @@ use super::spend::{SpendConfig, SpendHandle};
 use super::store::{BudgetStore, MemoryStore};
 use crate::RouteName;
 use crate::classify::SharedClassifier;
+use crate::observe::Observer;
 use crate::policy::{AdmissionMode, BudgetPolicy, LoggingPolicy, Policy, PolicyError};
 use crate::retry_budget::RetryBudget;
 
@@ -42,6 +43,8 @@ pub(crate) struct Shared {
     pub(crate) primary: Option<RouteName>,
     /// Applied to the attempt logs this layer creates.
     pub(crate) logging: LoggingPolicy,
+    /// Turns the end of the requests whose log this layer owns into metrics and alerts.
+    pub(crate) observer: Option<Arc<Observer>>,
 }
 
 /// How long a request's reservations live unless settled: its deadline plus a margin (an hour
@@ -96,6 +99,7 @@ impl BudgetLayer {
             owner_header,
             primary: None,
             logging: LoggingPolicy::default(),
+            observer: None,
         };
         shared.rebuild_gate();
         Ok(Self {
@@ -132,7 +136,15 @@ impl BudgetLayer {
             let lease = lease_for(policy.budget.deadline, policy.store.lease_margin);
             shared.spend = Some(Arc::new(SpendConfig::new(spend, lease)?));
         }
+        policy.observability.validate()?;
+        shared.observer = Some(Observer::from_policy(policy));
         Ok(layer)
+    }
+
+    /// Reports the ends of its requests to `observer` (one shared by a whole stack).
+    pub(crate) fn observed_by(mut self, observer: Arc<Observer>) -> Self {
+        Arc::make_mut(&mut self.shared).observer = Some(observer);
+        self
     }
 
     /// Keeps spend and rate-limit state in `store` (share one store between layers, or put

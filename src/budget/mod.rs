@@ -72,7 +72,15 @@
 //! provider may have accepted: timeouts, broken streams). Everything else reserved for the
 //! request — every attempt's reservation, whatever layer made it — is released. Settlement
 //! happens when the response body ends or is dropped, on an error, or when the caller abandons
-//! the request.
+//! the request. The attempt log records the owner (`budget_owner`), the cost booked
+//! (`cost_micros`) and the usage booked with it, so one exported log is the whole record.
+//!
+//! # The request's end
+//!
+//! As the stack's outermost layer, `BudgetLayer` ([`from_policy`](BudgetLayer::from_policy))
+//! reports the end of every request whose log it owns to the policy's metrics and alerts (see
+//! [`observe`](crate::observe)), once the log is final: with an error, or at the end of the
+//! answer's body (after its settlement) when metrics are on or a spend cap applies.
 //!
 //! So booked spend stays within the cap as long as real usage stays within the estimate: a
 //! failed attempt is charged at most its own reservation. Only usage above the estimate (the

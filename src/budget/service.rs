@@ -75,7 +75,13 @@ where
         // One deposit per logical request; the inner layers withdraw per retry and per hop.
         shared.retry_budget.deposit();
         let sent = ctx.send();
+        // What the request's end reports (metrics, alerts) needs of the request itself.
+        let noted = match (&shared.observer, owner) {
+            (Some(observer), true) => Some(observer.note(&req)),
+            _ => None,
+        };
         let (deadline, route) = ctx.write(|v| {
+            v.observed = noted;
             v.retry_budget = Some(shared.retry_budget.clone());
             if let Some(d) = shared.deadline {
                 v.tighten_deadline(Deadline(crate::duration::saturating_add(sent.at, d)));

@@ -200,6 +200,8 @@ impl SpendConfig {
             return Err(Error::new(ErrorKind::BudgetExhausted { owner: None })
                 .with_source("the request names no budget owner"));
         };
+        // The exported record names whom the request was (or would have been) charged to.
+        log.set_budget_owner(owner.as_str());
         let Some(price) = self.price(route.as_str()) else {
             return Err(Error::new(ErrorKind::BudgetExhausted {
                 owner: Some(owner.clone()),
@@ -525,6 +527,7 @@ impl Ticket {
             .fold(0, u64::saturating_add);
         let mut answer = 0;
         let mut answer_price = self.first_price;
+        let mut booked_usage = None;
         match end {
             End::Response {
                 success,
@@ -543,6 +546,7 @@ impl Ticket {
                     .reported
                     .or_else(|| answer_attempt.and_then(|a| a.stream.as_ref()?.usage))
                     .or(usage);
+                booked_usage = usage;
                 answer = match usage {
                     Some(u) => {
                         let booked = answer_price.cost(u.input_tokens, u.output_tokens);
@@ -581,6 +585,7 @@ impl Ticket {
         let reserved = st.reserved();
         self.store
             .settle(&self.owner, self.lease, reserved, total, self.cfg.window);
+        self.log.set_charge(total, booked_usage);
         tracing::debug!(
             target: "tower_llm_resilience::budget",
             owner = %self.owner,
@@ -606,7 +611,9 @@ impl Ticket {
                     .adjust(&self.owner, s.answer, new, self.cfg.window);
                 s.total = s.total - s.answer + new;
                 s.answer = new;
+                let total = s.total;
                 st.reported = Some(usage);
+                self.log.set_charge(total, Some(usage));
             }
         }
     }

@@ -11,6 +11,7 @@ use super::state::{RouteState, Transition};
 use crate::RouteName;
 use crate::backoff::JitterSource;
 use crate::classify::{FailureClass, SharedClassifier};
+use crate::observe::Observer;
 use crate::policy::{CircuitBreakerPolicy, ClassActions, LoggingPolicy, Policy, PolicyError};
 
 /// What the breakers are configured with; fixed once the layer is built.
@@ -35,6 +36,9 @@ pub(crate) struct Shared {
     // Only touched when a circuit opens or a transition happens: never on the fast path.
     jitter: Mutex<Option<JitterSource>>,
     on_transition: RwLock<Option<Arc<TransitionFn>>>,
+    /// Metrics and alerts of the transitions; read only when a route is first seen and at a
+    /// transition.
+    observer: RwLock<Option<Arc<Observer>>>,
 }
 
 impl Shared {
@@ -45,10 +49,27 @@ impl Shared {
             return r;
         }
         let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
-        routes
-            .entry(name.clone())
-            .or_insert_with(|| Arc::new(RouteState::new(name.clone(), self)))
+        if let Some(r) = routes.get(name) {
+            return r.clone();
+        }
+        let r = Arc::new(RouteState::new(name.clone(), self));
+        routes.insert(name.clone(), r.clone());
+        drop(routes);
+        if let Some(o) = self.observer() {
+            o.route_seen(name);
+        }
+        r
+    }
+
+    fn observer(&self) -> Option<Arc<Observer>> {
+        self.observer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    pub(crate) fn set_observer(&self, observer: Arc<Observer>) {
+        *self.observer.write().unwrap_or_else(|p| p.into_inner()) = Some(observer);
     }
 
     pub(crate) fn get(&self, name: &RouteName) -> Option<Arc<RouteState>> {
@@ -125,6 +146,9 @@ impl Shared {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        if let Some(o) = self.observer() {
+            o.transition(route, t.from.as_str(), t.to.as_str());
+        }
         if let Some(f) = callback {
             f(route, t.from, t.to);
         }
@@ -173,12 +197,21 @@ impl CircuitBreakerLayer {
     /// cell is set in `policy.actions` (rate limits count only if the policy says so), with
     /// open times jittered from `policy.retry.seed` when it is set.
     pub fn from_policy(policy: &Policy) -> Result<Self, PolicyError> {
-        Self::build(
+        let layer = Self::build(
             policy.circuit_breaker.clone(),
             policy.actions.clone(),
             policy.logging.clone(),
             Some(JitterSource::from_seed(policy.retry.seed)),
-        )
+        )?;
+        policy.observability.validate()?;
+        layer.shared.set_observer(Observer::from_policy(policy));
+        Ok(layer)
+    }
+
+    /// Reports transitions to `observer` (one shared by a whole stack).
+    pub(crate) fn observed_by(self, observer: Arc<Observer>) -> Self {
+        self.shared.set_observer(observer);
+        self
     }
 
     fn build(
@@ -199,6 +232,7 @@ impl CircuitBreakerLayer {
                 routes: RwLock::new(HashMap::new()),
                 jitter: Mutex::new(jitter),
                 on_transition: RwLock::new(None),
+                observer: RwLock::new(None),
             }),
             classifier: SharedClassifier::default(),
         })

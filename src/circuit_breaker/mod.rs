@@ -94,7 +94,10 @@
 //! the state of a route, force open, force closed, reset, and snapshots of the counts. Every
 //! transition is a `tracing` event (target `tower_llm_resilience::circuit_breaker`, fields
 //! `route`, `from`, `to`, `trips`, and `open_ms` when it opens) and calls the callback set
-//! with [`on_transition`](CircuitBreakerHandle::on_transition).
+//! with [`on_transition`](CircuitBreakerHandle::on_transition). Built with
+//! [`from_policy`](CircuitBreakerLayer::from_policy), the breakers also set the
+//! `llm_resilience.circuit.state` gauge and count transitions (feature `metrics`), and alert
+//! when a route with no backup in the policy's chain opens (see [`observe`](crate::observe)).
 //!
 //! # Example
 //!

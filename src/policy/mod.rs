@@ -26,6 +26,7 @@ mod error;
 mod fallback;
 mod idempotency;
 mod logging;
+mod observability;
 mod retry;
 mod store;
 mod stream;
@@ -42,6 +43,7 @@ pub use error::PolicyError;
 pub use fallback::{CREDENTIAL_HEADERS, FallbackPolicy, RouteConfig, StaticResponse};
 pub use idempotency::{CachePolicy, IdempotencyPolicy, InFlightRule, ReplayRule};
 pub use logging::LoggingPolicy;
+pub use observability::ObservabilityPolicy;
 pub use retry::{BackoffPolicy, Jitter, RetryPolicy};
 pub use store::{StoreMode, StoreModes, StorePolicy};
 pub use stream::{CommitPoint, StreamPolicy, StreamSettings};
@@ -73,6 +75,8 @@ pub struct Policy {
     pub logging: LoggingPolicy,
     /// Where shared state lives (spend, rate limits, breakers), for a fleet of replicas.
     pub store: StorePolicy,
+    /// Metrics and alerts.
+    pub observability: ObservabilityPolicy,
 }
 
 impl Default for Policy {
@@ -114,6 +118,7 @@ impl Policy {
             actions: ClassActions::default(),
             logging: LoggingPolicy::default(),
             store: StorePolicy::default(),
+            observability: ObservabilityPolicy::default(),
         }
     }
 
@@ -174,6 +179,7 @@ impl Policy {
             actions: ClassActions::default(),
             logging: LoggingPolicy::default(),
             store: StorePolicy::default(),
+            observability: ObservabilityPolicy::default(),
         }
     }
 
@@ -190,6 +196,7 @@ impl Policy {
         self.idempotency.validate()?;
         self.logging.validate()?;
         self.store.validate()?;
+        self.observability.validate()?;
         for name in self.stream.routes.keys() {
             if !self.route_names().any(|r| r == name) {
                 return Err(PolicyError::new(

@@ -727,6 +727,7 @@ async fn a_timed_out_post_with_a_key_is_replayed_once() {
     let idem = IdempotencyPolicy {
         key_header: Some("x-idempotency-key".into()),
         replay_possibly_accepted: ReplayRule::Never,
+        cache: None,
     };
     let p = Provider::new([Step::Fail(FailureClass::Timeout)]);
     let l = layer(retry_policy())

@@ -440,7 +440,8 @@ pub(crate) fn usage_of(v: &Value) -> Option<UsagePart> {
     .find_map(counts)
 }
 
-fn counts(u: &Value) -> Option<UsagePart> {
+/// The counts of one usage object (`usage`, `usageMetadata`), whichever API's names it uses.
+pub(crate) fn counts(u: &Value) -> Option<UsagePart> {
     let num = |k: &str| u.get(k).and_then(Value::as_u64);
     let input = num("prompt_tokens")
         .or_else(|| num("input_tokens"))
