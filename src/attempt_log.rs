@@ -83,6 +83,9 @@ pub enum StopReason {
     SpendCapReached,
     /// The answer was already committed to the caller.
     Committed,
+    /// The attempt left its route's circuit open and the request has a backup route: a retry
+    /// would only be turned away, so the fallback takes over at once.
+    CircuitOpen,
 }
 
 impl StopReason {
@@ -101,6 +104,7 @@ impl StopReason {
             StopReason::ChainLimit => "chain_limit",
             StopReason::SpendCapReached => "spend_cap_reached",
             StopReason::Committed => "committed",
+            StopReason::CircuitOpen => "circuit_open",
         }
     }
 }
@@ -307,6 +311,12 @@ pub enum LocalEventKind {
         #[cfg_attr(feature = "serde", serde(with = "millis"))]
         retry_in: Duration,
     },
+    /// The route's throttle turned the call away (the request had no backup route).
+    Throttled {
+        /// Time until the throttle lets the next call through whatever its probability.
+        #[cfg_attr(feature = "serde", serde(with = "millis"))]
+        retry_in: Duration,
+    },
     /// The spend cap denied the request (at admission) or one more attempt of it (a retry or
     /// a hop).
     BudgetDenied,
@@ -341,6 +351,9 @@ impl fmt::Display for LocalEventKind {
         match self {
             LocalEventKind::CircuitOpen { retry_in } => {
                 write!(f, "circuit open, next probe in {}ms", ceil_ms(*retry_in))
+            }
+            LocalEventKind::Throttled { retry_in } => {
+                write!(f, "throttled, next call in {}ms", ceil_ms(*retry_in))
             }
             LocalEventKind::BudgetDenied => f.write_str("spend cap denied the request"),
             LocalEventKind::RetryBudgetDenied => f.write_str("retry budget denied"),

@@ -84,6 +84,14 @@ pub enum ErrorKind {
         /// When the breaker will admit a probe.
         retry_in: Duration,
     },
+    /// The route has no backup and its throttle turned the call away: the provider refused
+    /// too many of the route's recent calls. No call was made.
+    Throttled {
+        /// The route.
+        route: RouteName,
+        /// When the throttle lets the next call through whatever its probability.
+        retry_in: Duration,
+    },
     /// A spend cap would be exceeded; the request was not sent (fail closed).
     BudgetExhausted {
         /// The budget owner whose cap was reached, if known.
@@ -125,6 +133,12 @@ impl fmt::Display for ErrorKind {
                 write!(
                     f,
                     "circuit open for route `{route}`, next probe in {retry_in:?}"
+                )
+            }
+            ErrorKind::Throttled { route, retry_in } => {
+                write!(
+                    f,
+                    "route `{route}` throttled locally, next call let through in {retry_in:?}"
                 )
             }
             ErrorKind::BudgetExhausted { owner: Some(o) } => {

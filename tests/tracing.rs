@@ -109,6 +109,11 @@ async fn every_transition_is_a_tracing_event() {
     );
     let mut policy = Policy::interactive().circuit_breaker;
     policy.consecutive_failures = Some(1);
+    // Opens for 2 s, closes on one good probe; no throttle, so every request fails fast.
+    policy.open_base = Duration::from_secs(2);
+    policy.open_cap = Duration::from_secs(5);
+    policy.half_open_successes = 1;
+    policy.throttle = None;
     let layer = CircuitBreakerLayer::new(policy).unwrap().without_jitter();
     let mut svc = layer.layer(client());
     let url = mock.url();

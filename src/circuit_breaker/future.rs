@@ -117,6 +117,7 @@ impl Call {
         let v = verdict(&self.permit.shared.config, c.class);
         let slow = self.is_slow(latency);
         let epoch = self.permit.complete(v, slow);
+        super::state::mark_if_opened(&mut response, v, &self.permit.route);
         self.log.record_since(self.mark, || {
             Attempt::new(Some(self.route.clone()), self.offset, latency, &c)
         });

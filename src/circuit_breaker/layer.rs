@@ -13,6 +13,9 @@ use crate::classify::{FailureClass, SharedClassifier};
 use crate::context::RouteName;
 use crate::policy::{CircuitBreakerPolicy, ClassActions, Policy, PolicyError};
 
+/// Mixed into the policy's seed for the throttle's draws.
+const THROTTLE_SEED: u64 = 0x7468_726f_7474_6c65;
+
 /// What the breakers are configured with; fixed once the layer is built.
 #[derive(Debug)]
 pub(crate) struct Config {
@@ -33,6 +36,8 @@ pub(crate) struct Shared {
     routes: RwLock<HashMap<RouteName, Arc<RouteState>>>,
     // Only touched when a circuit opens or a transition happens: never on the fast path.
     jitter: Mutex<Option<JitterSource>>,
+    // The throttle's draws, made only while a route with no backup is being throttled.
+    throttle_source: Mutex<JitterSource>,
     on_transition: RwLock<Option<Arc<TransitionFn>>>,
 }
 
@@ -92,6 +97,21 @@ impl Shared {
             Some(j) => j.between(open.mul_f64(0.8), open),
             None => open,
         }
+    }
+
+    fn set_throttle_source(&self, source: JitterSource) {
+        *self
+            .throttle_source
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = source;
+    }
+
+    /// A uniform sample in `[0, 1)` for the throttle.
+    pub(crate) fn throttle_draw(&self) -> f64 {
+        self.throttle_source
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unit()
     }
 
     /// Announces a transition: a tracing event, then the user's callback. Called with no
@@ -158,23 +178,28 @@ impl CircuitBreakerLayer {
     /// [`Policy`]). The failure classes that count are the default table's (provider health:
     /// connect, timeout, transport, overloaded, server error, stream interrupted); use
     /// [`from_policy`](Self::from_policy) to take a policy's per-class overrides into account.
-    /// Open times are jittered from an unseeded source; see [`jitter`](Self::jitter).
+    /// Open times are jittered, and the throttle draws, from unseeded sources; see
+    /// [`jitter`](Self::jitter) and [`throttle_source`](Self::throttle_source).
     pub fn new(policy: CircuitBreakerPolicy) -> Result<Self, PolicyError> {
         Self::build(
             policy,
             ClassActions::default(),
             Some(JitterSource::from_entropy()),
+            JitterSource::from_entropy(),
         )
     }
 
     /// Breakers configured by `policy.circuit_breaker`, counting the classes whose `breaker`
     /// cell is set in `policy.actions` (rate limits count only if the policy says so), with
-    /// open times jittered from `policy.retry.seed` when it is set.
+    /// open times jittered and the throttle's draws made from `policy.retry.seed` when it is
+    /// set (two sequences of their own, so one does not shift the other).
     pub fn from_policy(policy: &Policy) -> Result<Self, PolicyError> {
+        let seed = policy.retry.seed;
         Self::build(
             policy.circuit_breaker.clone(),
             policy.actions.clone(),
-            Some(JitterSource::from_seed(policy.retry.seed)),
+            Some(JitterSource::from_seed(seed)),
+            JitterSource::from_seed(seed.map(|s| s ^ THROTTLE_SEED)),
         )
     }
 
@@ -182,6 +207,7 @@ impl CircuitBreakerLayer {
         policy: CircuitBreakerPolicy,
         actions: ClassActions,
         jitter: Option<JitterSource>,
+        throttle_source: JitterSource,
     ) -> Result<Self, PolicyError> {
         policy.validate()?;
         Ok(Self {
@@ -189,6 +215,7 @@ impl CircuitBreakerLayer {
                 config: Config { policy, actions },
                 routes: RwLock::new(HashMap::new()),
                 jitter: Mutex::new(jitter),
+                throttle_source: Mutex::new(throttle_source),
                 on_transition: RwLock::new(None),
             }),
             classifier: SharedClassifier::default(),
@@ -199,6 +226,13 @@ impl CircuitBreakerLayer {
     /// service and handle sharing these breakers.
     pub fn jitter(self, jitter: JitterSource) -> Self {
         self.shared.set_jitter(Some(jitter));
+        self
+    }
+
+    /// Makes the throttle's random draws from `source` (seed it for reproducible runs and exact
+    /// tests). Affects every service and handle sharing these breakers.
+    pub fn throttle_source(self, source: JitterSource) -> Self {
+        self.shared.set_throttle_source(source);
         self
     }
 

@@ -10,9 +10,9 @@ use super::future::{Call, Permit, ResponseFuture};
 use super::handle::CircuitBreakerHandle;
 use super::layer::{Config, Shared};
 use super::state::Verdict;
-use crate::attempt_log::{AttemptLog, LocalEventKind, Outcome};
+use crate::attempt_log::{AttemptLog, Outcome};
 use crate::classify::{FailureClass, SharedClassifier};
-use crate::context::RouteName;
+use crate::context::{FallbackAvailable, RouteName};
 use crate::error::{BoxError, Error, ErrorKind, StreamCause};
 
 /// Per-route circuit breakers around a service; built by
@@ -93,13 +93,12 @@ where
         let state = self.shared.route(&route);
         let (log, created) = AttemptLog::get_or_insert(&mut req);
         let now = Instant::now();
-        match state.admit(&self.shared, now) {
-            Err(retry_in) => {
-                log.event(
-                    Some(route.clone()),
-                    LocalEventKind::CircuitOpen { retry_in },
-                );
-                let error = Error::new(ErrorKind::CircuitOpen { route, retry_in }).with_log(&log);
+        // Without a backup route the throttle decides, not the open circuit (see `throttle`).
+        let backup = req.extensions().get::<FallbackAvailable>().is_some();
+        match state.admit(&self.shared, now, backup) {
+            Err(refusal) => {
+                log.event(Some(route.clone()), refusal.event());
+                let error = Error::new(refusal.kind(route)).with_log(&log);
                 if created {
                     log.set_outcome(Outcome::Error {
                         error: error.to_string(),
@@ -149,6 +148,7 @@ pub(crate) fn verdict(config: &Config, class: Option<FailureClass>) -> Verdict {
     match class {
         None => Verdict::Success,
         Some(c) if config.counts(c) => Verdict::Failure,
+        Some(c) if super::throttle::refused_uncounted(c) => Verdict::Refused,
         Some(_) => Verdict::Neutral,
     }
 }

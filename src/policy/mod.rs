@@ -28,6 +28,7 @@ mod idempotency;
 mod logging;
 mod retry;
 mod stream;
+mod throttle;
 
 use std::time::Duration;
 
@@ -43,6 +44,7 @@ pub use idempotency::{IdempotencyPolicy, ReplayRule};
 pub use logging::LoggingPolicy;
 pub use retry::{BackoffPolicy, Jitter, RetryPolicy};
 pub use stream::{CommitPoint, StreamPolicy, StreamSettings};
+pub use throttle::ThrottlePolicy;
 
 /// The whole recovery policy: what each rung of the ladder may do.
 #[derive(Debug, Clone, PartialEq)]

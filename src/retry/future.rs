@@ -378,6 +378,7 @@ fn is_local_rejection(e: &Error) -> bool {
     matches!(
         e.kind(),
         ErrorKind::CircuitOpen { .. }
+            | ErrorKind::Throttled { .. }
             | ErrorKind::BudgetExhausted { .. }
             | ErrorKind::RateLimited { .. }
     )
@@ -505,7 +506,18 @@ where
                         }
                     };
                     let idx = attempts.record(&c, None);
-                    match attempts.decide(idx, &c) {
+                    // This answer opened the route's circuit: with a backup route, a retry would
+                    // only wait to be turned away, so the fallback takes over at once.
+                    let decision = if attempts.fallback_available
+                        && crate::circuit_breaker::opened_circuit(&response)
+                    {
+                        let stop = Decision::Stop(StopReason::CircuitOpen);
+                        attempts.log.decide(idx, stop);
+                        None
+                    } else {
+                        attempts.decide(idx, &c)
+                    };
+                    match decision {
                         Some((wait, next)) => this.state.set(State::Sleeping {
                             sleep: tokio::time::sleep(wait),
                             drain: Some(response.into_body()),
