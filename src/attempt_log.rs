@@ -934,4 +934,30 @@ mod tests {
         assert_eq!(direct["requested_route"], "primary");
         assert_eq!(direct["events"].as_array().map(Vec::len), Some(1));
     }
+
+    #[test]
+    fn a_throttled_call_is_an_event_with_its_wait() {
+        let log = AttemptLog::new();
+        log.event(
+            Some(RouteName::new("primary")),
+            LocalEventKind::Throttled {
+                retry_in: Duration::from_micros(40_500),
+            },
+        );
+        assert_eq!(log.attempt_count(), 0);
+        let shown = log.to_string();
+        assert!(
+            shown.contains("primary: throttled, next call in 41ms"),
+            "{shown}"
+        );
+        assert_eq!(StopReason::CircuitOpen.as_str(), "circuit_open");
+        #[cfg(feature = "serde")]
+        {
+            let v = serde_json::to_value(log.snapshot()).unwrap_or_default();
+            assert_eq!(v["events"][0]["kind"], "throttled");
+            // Whole milliseconds, as every duration of the serialised log.
+            assert_eq!(v["events"][0]["retry_in"], 40);
+            assert_eq!(v["events"][0]["route"], "primary");
+        }
+    }
 }

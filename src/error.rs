@@ -329,6 +329,19 @@ mod tests {
     }
 
     #[test]
+    fn a_throttled_call_names_its_route_and_wait() {
+        let e = Error::new(ErrorKind::Throttled {
+            route: RouteName::new("primary"),
+            retry_in: Duration::from_millis(40),
+        });
+        assert_eq!(
+            e.to_string(),
+            "route `primary` throttled locally, next call let through in 40ms"
+        );
+        assert_eq!(e.class(), None, "a local decision, not a provider failure");
+    }
+
+    #[test]
     fn foreign_errors_keep_their_source_and_class() {
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
         let e = Error::from_service_error(io, |_| Classification::failure(FailureClass::Connect));

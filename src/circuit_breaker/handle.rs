@@ -87,7 +87,7 @@ pub struct RouteSnapshot {
 /// [`ThrottlePolicy`](crate::policy::ThrottlePolicy)): the probability of turning a call away is
 /// `max(0, (requests − k × accepts) / (requests + 1))`, which
 /// [`CircuitBreakerHandle::throttle_probability`] gives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ThrottleSnapshot {
     /// Calls that ended in the window, those the throttle turned away included.

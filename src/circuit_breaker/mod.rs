@@ -197,3 +197,5 @@ pub(crate) use state::opened_circuit;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod throttle_tests;

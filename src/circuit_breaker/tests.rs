@@ -123,8 +123,8 @@ fn req(route: &str) -> Request<Full<Bytes>> {
         .unwrap_or_default()
 }
 
-/// A policy with only the rules a test names, opening for 2 s (at most 5 s) and closing on one
-/// good probe: the timings these tests are written in.
+/// A policy with only the rules a test names, opening for 2 s (at most 5 s), one probe at a time
+/// and closing on one good probe: the timings these tests are written in.
 fn bare() -> CircuitBreakerPolicy {
     CircuitBreakerPolicy {
         failure_rate: None,
@@ -132,6 +132,7 @@ fn bare() -> CircuitBreakerPolicy {
         slow_call: None,
         open_base: Duration::from_secs(2),
         open_cap: Duration::from_secs(5),
+        half_open_probes: 1,
         half_open_successes: 1,
         ..CircuitBreakerPolicy::default()
     }

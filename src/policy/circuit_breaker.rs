@@ -106,7 +106,7 @@ impl Default for CircuitBreakerPolicy {
             slow_call: None,
             open_base: Duration::from_millis(300),
             open_cap: Duration::from_millis(600),
-            half_open_probes: 1,
+            half_open_probes: 2,
             half_open_successes: 5,
             throttle: Some(ThrottlePolicy::default()),
         }
