@@ -90,7 +90,7 @@ pub struct RouteSnapshot {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ThrottleSnapshot {
-    /// Calls that ended in the window, those the throttle turned away included.
+    /// Calls that ended in the window (calls the throttle turned away are not counted).
     pub requests: u32,
     /// Of those, the calls the provider accepted (answered with anything but a failure that
     /// counts for the breaker or a rate limit).

@@ -5,12 +5,13 @@ use super::error::{PolicyError, check};
 /// Client-side adaptive throttling of a route a request has no backup for (the
 /// `circuit_breaker.throttle` sub-section).
 ///
-/// Per route, over a sliding window, the breaker counts the calls that ended (`requests`, the
-/// calls it turned away itself included) and those the provider accepted (`accepts`), and turns
-/// a new call away with probability `max(0, (requests − k × accepts) / (requests + 1))` (Google
-/// SRE book, "Handling Overload"). A healthy route is never throttled, a route that answers
-/// half its calls with `k = 2` hardly, a route that is down sheds nearly all of them; as soon
-/// as calls succeed again the probability falls. Nothing is turned away while the window holds
+/// Per route, over a sliding window, the breaker counts the calls that ended (`requests`; a call
+/// the throttle turns away is not one) and those the provider accepted (`accepts`: anything but a
+/// failure that counts for the breaker or a rate limit), and turns a new call away with
+/// probability `max(0, (requests − k × accepts) / (requests + 1))` (Google SRE book, "Handling
+/// Overload"). A healthy route is never throttled, a route that answers half its calls with
+/// `k = 2` hardly, a route that is down sheds nearly all of them; as soon as calls succeed again
+/// the probability falls. Nothing is turned away while the window holds
 /// fewer than `min_requests` requests: that floor keeps sending a route that is down a few
 /// calls per window, so its recovery is seen at once, and keeps one early failure from
 /// throttling a route that has seen no answer yet.
@@ -36,6 +37,8 @@ pub struct ThrottlePolicy {
 }
 
 impl Default for ThrottlePolicy {
+    /// `k` 2 over 1 s in 10 buckets, never below 10 requests in the window: the interactive
+    /// preset's values, tuned in the outage simulator (see BENCHMARKS.md).
     fn default() -> Self {
         Self {
             k: 2.0,
