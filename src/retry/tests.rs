@@ -1116,12 +1116,14 @@ async fn a_retry_the_throttle_turns_away_is_no_attempt_and_gives_its_budget_back
 fn tripping_stack(
     calls: Arc<AtomicUsize>,
 ) -> impl Service<Request<Full<Bytes>>, Response = Response<crate::Body>, Error = Error> {
-    let mut breaker = crate::policy::CircuitBreakerPolicy::default();
-    breaker.failure_rate = None;
-    breaker.consecutive_failures = Some(1);
-    breaker.throttle = None;
-    breaker.open_base = Duration::from_secs(5);
-    breaker.open_cap = Duration::from_secs(5);
+    let breaker = crate::policy::CircuitBreakerPolicy {
+        failure_rate: None,
+        consecutive_failures: Some(1),
+        throttle: None,
+        open_base: Duration::from_secs(5),
+        open_cap: Duration::from_secs(5),
+        ..crate::policy::CircuitBreakerPolicy::default()
+    };
     let breaker = crate::circuit_breaker::CircuitBreakerLayer::new(breaker)
         .unwrap_or_else(|e| panic!("{e}"))
         .without_jitter();
