@@ -7,10 +7,14 @@
 //! ```
 //!
 //! Under `cargo test --benches` it runs the small parameters only.
+//!
+//! With `OUTAGE_REPORT=path` set, the table is also written to `path` as JSON lines, one
+//! object per row (see `sim::json_row`), for a script to check.
 
 #[path = "sim/mod.rs"]
 mod sim;
 
+use std::io::Write;
 use std::time::Instant;
 
 use sim::{Params, Scenario, Setup};
@@ -36,12 +40,24 @@ fn main() {
         params.seed,
     );
     println!();
+    let mut json = std::env::var_os("OUTAGE_REPORT").map(|path| {
+        let file = std::fs::File::create(&path)
+            .unwrap_or_else(|e| panic!("OUTAGE_REPORT {}: {e}", path.to_string_lossy()));
+        std::io::BufWriter::new(file)
+    });
     println!("{}", sim::TABLE_HEADER);
     for scenario in Scenario::standard(params.duration) {
         for setup in Setup::ALL {
             let report = sim::run(setup, &scenario, &params);
             println!("{}", sim::table_row(&scenario, setup, &report));
+            if let Some(out) = json.as_mut() {
+                writeln!(out, "{}", sim::json_row(&scenario, setup, &report))
+                    .expect("OUTAGE_REPORT is writable");
+            }
         }
+    }
+    if let Some(mut out) = json {
+        out.flush().expect("OUTAGE_REPORT is writable");
     }
     println!();
     println!(

@@ -15,7 +15,7 @@
 //! | `mock-stream` | a stream, token by token | the stream, passed through as it comes |
 //! | `mock-cut` | a stream cut after two tokens | the tokens, then a final `data: {"error":…}` event |
 //! | `mock-unauthorized` | 401 | the provider's 401, unchanged |
-//! | `mock-down` | 500, always | the provider's 500 once the retries are spent; a few requests later the route's circuit opens: 503 with `Retry-After`, for every model of the route |
+//! | `mock-down` | 500, always | the provider's 500 once the retries are spent; once the route refuses most of its calls (and more than the floor of 10 a second are sent) it is throttled: most requests get 503 with `Retry-After` at once, for every model of the route, while a few still reach it so its recovery is seen |
 //! | any other | answers `ok` | the answer |
 //!
 //! Pointed at a real provider (no mock), with the key in `OPENAI_API_KEY`:
@@ -480,6 +480,7 @@ pub struct ErrorAnswer {
 /// | [`ErrorKind`] | status | `error.type` | `Retry-After` |
 /// |---|---|---|---|
 /// | `CircuitOpen { retry_in }` | 503 Service Unavailable | `circuit_open` | `retry_in`, seconds rounded up |
+/// | `Throttled { retry_in }` (the route, with no backup, refuses most calls) | 503 Service Unavailable | `throttled` | `retry_in`, seconds rounded up |
 /// | `RateLimited { retry_in }` (the gateway's own limit rejected it) | 429 Too Many Requests | `rate_limited` | `retry_in`, seconds rounded up |
 /// | `BudgetExhausted` | 402 Payment Required | `budget_exhausted` | — |
 /// | `DeadlineExceeded` | 504 Gateway Timeout | `deadline_exceeded` | — |
@@ -517,6 +518,10 @@ pub fn error_answer(error: &Error) -> ErrorAnswer {
         ErrorKind::CircuitOpen { retry_in, .. } => ErrorAnswer {
             retry_after: Some(ceil_secs(*retry_in)),
             ..answer(StatusCode::SERVICE_UNAVAILABLE, "circuit_open")
+        },
+        ErrorKind::Throttled { retry_in, .. } => ErrorAnswer {
+            retry_after: Some(ceil_secs(*retry_in)),
+            ..answer(StatusCode::SERVICE_UNAVAILABLE, "throttled")
         },
         ErrorKind::RateLimited { retry_in } => ErrorAnswer {
             retry_after: Some(ceil_secs(*retry_in)),

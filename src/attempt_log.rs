@@ -132,6 +132,9 @@ pub enum StopReason {
     SpendCapReached,
     /// The answer was already committed to the caller.
     Committed,
+    /// The attempt left its route's circuit open and the request has a backup route: a retry
+    /// would only be turned away, so the fallback takes over at once.
+    CircuitOpen,
 }
 
 impl StopReason {
@@ -150,6 +153,7 @@ impl StopReason {
             StopReason::ChainLimit => "chain_limit",
             StopReason::SpendCapReached => "spend_cap_reached",
             StopReason::Committed => "committed",
+            StopReason::CircuitOpen => "circuit_open",
         }
     }
 }
@@ -356,6 +360,12 @@ pub enum LocalEventKind {
         #[cfg_attr(feature = "serde", serde(with = "millis"))]
         retry_in: Duration,
     },
+    /// The route's throttle turned the call away (the request had no backup route).
+    Throttled {
+        /// Time until the throttle lets the next call through whatever its probability.
+        #[cfg_attr(feature = "serde", serde(with = "millis"))]
+        retry_in: Duration,
+    },
     /// The spend cap denied the request (at admission) or one more attempt of it (a retry or
     /// a hop).
     BudgetDenied,
@@ -395,6 +405,9 @@ impl fmt::Display for LocalEventKind {
         match self {
             LocalEventKind::CircuitOpen { retry_in } => {
                 write!(f, "circuit open, next probe in {}ms", ceil_ms(*retry_in))
+            }
+            LocalEventKind::Throttled { retry_in } => {
+                write!(f, "throttled, next call in {}ms", ceil_ms(*retry_in))
             }
             LocalEventKind::BudgetDenied => f.write_str("spend cap denied the request"),
             LocalEventKind::RetryBudgetDenied => f.write_str("retry budget denied"),
@@ -1243,5 +1256,31 @@ mod tests {
         );
         assert_eq!(direct["requested_route"], "primary");
         assert_eq!(direct["events"].as_array().map(Vec::len), Some(1));
+    }
+
+    #[test]
+    fn a_throttled_call_is_an_event_with_its_wait() {
+        let log = AttemptLog::new();
+        log.event(
+            Some(RouteName::new("primary")),
+            LocalEventKind::Throttled {
+                retry_in: Duration::from_micros(40_500),
+            },
+        );
+        assert_eq!(log.attempt_count(), 0);
+        let shown = log.to_string();
+        assert!(
+            shown.contains("primary: throttled, next call in 41ms"),
+            "{shown}"
+        );
+        assert_eq!(StopReason::CircuitOpen.as_str(), "circuit_open");
+        #[cfg(feature = "serde")]
+        {
+            let v = serde_json::to_value(log.snapshot()).unwrap_or_default();
+            assert_eq!(v["events"][0]["kind"], "throttled");
+            // Whole milliseconds, as every duration of the serialised log.
+            assert_eq!(v["events"][0]["retry_in"], 40);
+            assert_eq!(v["events"][0]["route"], "primary");
+        }
     }
 }

@@ -24,6 +24,14 @@ pub enum ErrorKind {
         /// When the breaker will admit a probe.
         retry_in: Duration,
     },
+    /// The route has no backup and its throttle turned the call away: the provider refused
+    /// too many of the route's recent calls. No call was made.
+    Throttled {
+        /// The route.
+        route: RouteName,
+        /// When the throttle lets the next call through whatever its probability.
+        retry_in: Duration,
+    },
     /// A spend cap would be exceeded; the request was not sent (fail closed).
     BudgetExhausted {
         /// The budget owner whose cap was reached, if known.
@@ -74,6 +82,12 @@ impl fmt::Display for ErrorKind {
                 write!(
                     f,
                     "circuit open for route `{route}`, next probe in {retry_in:?}"
+                )
+            }
+            ErrorKind::Throttled { route, retry_in } => {
+                write!(
+                    f,
+                    "route `{route}` throttled locally, next call let through in {retry_in:?}"
                 )
             }
             ErrorKind::BudgetExhausted { owner: Some(o) } => {
@@ -268,6 +282,19 @@ mod tests {
         let again = Error::from_service_error(boxed, |_| unreachable!("not reclassified"));
         assert_eq!(again.kind(), &ErrorKind::DeadlineExceeded);
         assert!(std::error::Error::source(&again).is_none());
+    }
+
+    #[test]
+    fn a_throttled_call_names_its_route_and_wait() {
+        let e = Error::new(ErrorKind::Throttled {
+            route: RouteName::new("primary"),
+            retry_in: Duration::from_millis(40),
+        });
+        assert_eq!(
+            e.to_string(),
+            "route `primary` throttled locally, next call let through in 40ms"
+        );
+        assert_eq!(e.class(), None, "a local decision, not a provider failure");
     }
 
     #[test]

@@ -252,6 +252,41 @@ async fn an_open_circuit_is_503_with_retry_after() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_throttled_route_is_503_with_retry_after() {
+    let mock = MockProvider::start().await.expect("mock starts");
+    mock.script(ScriptKey::model(MODEL), [Reply::openai_overloaded()]);
+    let mut policy = policy();
+    // One client, one request at a time: a floor of 2 calls per window lets it be throttled.
+    if let Some(t) = policy.circuit_breaker.throttle.as_mut() {
+        t.min_requests = 2;
+    }
+    let config = example::Config::new(mock.url(), &policy).expect("valid policy");
+    let gw = serve(config).await;
+
+    let mut throttled = None;
+    for _ in 0..20 {
+        let answer = post(&gw, MODEL, false).await;
+        if answer.status == StatusCode::SERVICE_UNAVAILABLE
+            && answer.openai_error()["type"] == "throttled"
+        {
+            throttled = Some(answer);
+            break;
+        }
+        // Until then, the provider's own 503 once the retries are spent.
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer.header("x-llm-route"), Some("primary"));
+    }
+    let answer = throttled.expect("the route is throttled");
+    // The throttle's wait is under a second: `Retry-After: 1`, never 0.
+    assert_eq!(answer.header("retry-after"), Some("1"));
+    assert!(
+        answer.openai_error()["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("primary"))
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_spend_cap_reached_is_402() {
     let mock = MockProvider::start().await.expect("mock starts");
     let mut policy = policy();
@@ -512,6 +547,15 @@ fn every_error_kind_maps_to_its_documented_answer() {
     assert_eq!(
         answer(Error::new(open)),
         (503, "circuit_open", None, Some(5))
+    );
+    let throttled = ErrorKind::Throttled {
+        route: RouteName::new("primary"),
+        retry_in: Duration::from_millis(40),
+    };
+    assert_eq!(
+        answer(Error::new(throttled)),
+        (503, "throttled", None, Some(1)),
+        "a wait under a second is Retry-After: 1"
     );
     let limited = ErrorKind::RateLimited {
         retry_in: Duration::from_secs(2),

@@ -8,6 +8,7 @@ use tokio::time::Instant;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_llm_resilience::attempt_log::LocalEventKind;
 use tower_llm_resilience::circuit_breaker::{CircuitBreakerLayer, CircuitState};
+use tower_llm_resilience::context::FallbackAvailable;
 use tower_llm_resilience::retry::RetryLayer;
 use tower_llm_resilience::testing::{MockProvider, Reply, ScriptKey, chat_request, client};
 use tower_llm_resilience::{Classification, ErrorKind, FailureClass, Policy};
@@ -15,6 +16,15 @@ use tower_llm_resilience::{Classification, ErrorKind, FailureClass, Policy};
 #[path = "support/routed.rs"]
 mod routed;
 use routed::{routed, send};
+
+/// `req` with a backup route to go to, as `FallbackLayer` marks one: an open circuit fails it
+/// fast (a request without one is throttled instead; see `tests/throttle.rs`).
+fn backed(
+    mut req: http::Request<http_body_util::Full<bytes::Bytes>>,
+) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    req.extensions_mut().insert(FallbackAvailable);
+    req
+}
 
 fn models(mock: &MockProvider, model: &str) -> usize {
     mock.requests()
@@ -38,7 +48,7 @@ async fn two_routes_on_one_provider_one_tripped_the_other_unaffected() {
 
     // The default policy trips after 10 consecutive provider failures.
     for _ in 0..10 {
-        let s = send(&mut svc, routed(&url, "gpt-down", "down"))
+        let s = send(&mut svc, backed(routed(&url, "gpt-down", "down")))
             .await
             .unwrap();
         assert_eq!(s, 503);
@@ -49,7 +59,7 @@ async fn two_routes_on_one_provider_one_tripped_the_other_unaffected() {
     }
     assert_eq!(handle.state("down"), CircuitState::Open);
     for _ in 0..10 {
-        let e = send(&mut svc, routed(&url, "gpt-down", "down"))
+        let e = send(&mut svc, backed(routed(&url, "gpt-down", "down")))
             .await
             .unwrap_err();
         assert!(
@@ -78,7 +88,7 @@ async fn routes_default_to_the_authority() {
     let handle = layer.handle();
     let mut svc = layer.layer(client());
     for _ in 0..12 {
-        let _ = send(&mut svc, chat_request(&down.url(), "claude", false)).await;
+        let _ = send(&mut svc, backed(chat_request(&down.url(), "claude", false))).await;
         assert_eq!(
             send(&mut svc, chat_request(&up.url(), "gpt-4o", false))
                 .await
@@ -165,6 +175,11 @@ async fn an_open_circuit_ends_the_retries_outside_it_at_once() {
     policy.retry.max_attempts = 5;
     policy.retry.seed = Some(3);
     policy.circuit_breaker.consecutive_failures = Some(2);
+    // No throttle and no backup: every request fails fast on the open circuit, which stays
+    // open longer than the retries' backoff.
+    policy.circuit_breaker.throttle = None;
+    policy.circuit_breaker.open_base = Duration::from_secs(2);
+    policy.circuit_breaker.open_cap = Duration::from_secs(5);
     let breaker = CircuitBreakerLayer::from_policy(&policy).unwrap();
     let handle = breaker.handle();
     let svc = ServiceBuilder::new()
@@ -249,8 +264,9 @@ async fn streams_cut_after_the_head_count_against_the_route() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_flapping_provider_is_tripped_probed_and_back_within_10s() {
-    // 503 for the first 60 s, then healthy; one request every 4 s; the default policy.
+async fn a_provider_down_for_a_minute_is_probed_by_every_call_and_serves_at_recovery() {
+    // 503 for the first 60 s, then healthy; one request (with a backup route) every 4 s; the
+    // default policy.
     let mock = MockProvider::start().await.unwrap();
     mock.script(ScriptKey::Any, [Reply::openai_overloaded()]);
     let mut policy = Policy::interactive();
@@ -267,7 +283,7 @@ async fn a_flapping_provider_is_tripped_probed_and_back_within_10s() {
             mock.script(ScriptKey::Any, [Reply::ok()]);
             recovered = true;
         }
-        match send(&mut svc, chat_request(&mock.url(), "gpt-4o", false)).await {
+        match send(&mut svc, backed(chat_request(&mock.url(), "gpt-4o", false))).await {
             Ok(200) => {
                 back.get_or_insert(start.elapsed());
             }
@@ -280,11 +296,18 @@ async fn a_flapping_provider_is_tripped_probed_and_back_within_10s() {
         }
         tokio::time::sleep(Duration::from_secs(4)).await;
     }
-    assert!(refused > 0, "tripped");
+    // Ten 503s in a row tripped it; its open time (at most 600 ms) has always passed when the
+    // next request comes 4 s later, so each later one was a probe: none refused, one call
+    // each, and the first after the recovery served.
+    assert_eq!(refused, 0);
     let back = back.unwrap();
-    assert!(
-        back >= Duration::from_secs(60) && back <= Duration::from_secs(70),
-        "traffic back at {back:?}"
+    assert_eq!(back, Duration::from_secs(60));
+    assert_eq!(
+        mock.requests()
+            .iter()
+            .filter(|r| r.at - start < Duration::from_secs(60))
+            .count(),
+        15
     );
     assert_eq!(
         handle.state(mock.addr().to_string().as_str()),

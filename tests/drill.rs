@@ -9,7 +9,9 @@ mod scenarios;
 use std::time::Duration;
 
 use scenarios::{Call, ScenarioReport};
-use tower_llm_resilience::attempt_log::{Decision, LocalEventKind, LogSnapshot, StreamEnd};
+use tower_llm_resilience::attempt_log::{
+    Decision, LocalEventKind, LogSnapshot, StopReason, StreamEnd,
+};
 use tower_llm_resilience::{ErrorKind, FailureClass, StreamCause};
 
 fn scenario<'a>(reports: &'a [ScenarioReport], name: &str) -> &'a ScenarioReport {
@@ -80,11 +82,20 @@ async fn every_scenario_of_the_drill_keeps_the_ladders_promise() {
             Some("backup"),
             Some("backup"),
             Some("primary"),
+            Some("primary"),
+            Some("primary"),
+            Some("primary"),
             Some("primary")
         ]
     );
-    // Ten failures in a row trip it: three requests of three attempts, then request 4's first.
-    assert_eq!(routes(log(r, call(r, "request 4"))), ["primary", "backup"]);
+    // Ten failures in a row trip it: three requests of three attempts, then request 4's first,
+    // whose answer hands it to the backup at once.
+    let fourth = log(r, call(r, "request 4"));
+    assert_eq!(routes(fourth), ["primary", "backup"]);
+    assert_eq!(
+        fourth.attempts[0].decisions.first(),
+        Some(&Decision::Stop(StopReason::CircuitOpen))
+    );
     let fifth = log(r, call(r, "request 5"));
     assert_eq!(routes(fifth), ["backup"]);
     assert!(

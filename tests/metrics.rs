@@ -104,6 +104,8 @@ fn policy(mock: &MockProvider) -> Policy {
     policy.circuit_breaker.consecutive_failures = Some(3);
     policy.circuit_breaker.open_base = Duration::from_secs(2);
     policy.circuit_breaker.open_cap = Duration::from_secs(8);
+    // One good probe closes the circuit.
+    policy.circuit_breaker.half_open_successes = 1;
     policy
 }
 

@@ -1,6 +1,8 @@
 //! The outage simulator at small parameters, in virtual time: the interactive stack keeps load
-//! amplification within its bound under a total outage, keeps the success rate of naive retries
-//! under independent failures, and is back on the primary soon after an outage ends.
+//! amplification within its bound under a total outage, serves a route with no backup about as
+//! well as retry-only clients (it throttles instead of failing everything), is back on the
+//! primary within a second of an outage's end with or without a backup route, and with a backup
+//! serves what it served before the throttle.
 //!
 //! The full run is `cargo bench --bench outage`; the figures are in BENCHMARKS.md.
 
@@ -22,6 +24,13 @@ fn run(setup: Setup, script: Script) -> Report {
     sim::run(setup, &scenario(script), &Params::small())
 }
 
+const PEERS: [Setup; 4] = [
+    Setup::FixedRetries,
+    Setup::TowerRetry,
+    Setup::TowerRetryBudget,
+    Setup::TowerResilienceRetry,
+];
+
 #[test]
 fn total_outage_amplification_stays_within_the_bound() {
     let naive = run(Setup::FixedRetries, Script::Independent(1.0));
@@ -39,7 +48,7 @@ fn total_outage_amplification_stays_within_the_bound() {
         "attempts per logical request {} > 1.1: {ours:?}",
         ours.amplification()
     );
-    // The breaker fast-fails: the outage is detected, i.e. requests are kept off the route.
+    // The throttle sheds: the outage is detected, i.e. requests are kept off the route.
     assert!(
         matches!(ours.detect.as_slice(), [Some(_)]),
         "never detected: {ours:?}"
@@ -61,7 +70,39 @@ fn independent_failures_keep_the_success_rate_of_naive_retries() {
 }
 
 #[test]
-fn back_on_the_primary_within_ten_seconds_of_recovery() {
+fn with_no_backup_route_every_scenario_is_served_about_as_well_as_by_retries() {
+    let params = Params::small();
+    for s in Scenario::standard(params.duration) {
+        let ours = sim::run(Setup::Interactive, &s, &params);
+        let peers: Vec<Report> = PEERS.iter().map(|p| sim::run(*p, &s, &params)).collect();
+        let best = peers.iter().map(|r| r.successes).max().unwrap_or(0);
+        let budget = &peers[2];
+        assert!(
+            ours.successes as f64 >= 0.9 * best as f64,
+            "{}: {} served < 90 % of the best peer's {best}",
+            s.name,
+            ours.successes
+        );
+        // At least what `tower::retry` with the same retry budget serves — except when the
+        // provider is fully down for seconds at a time: that peer's requests wait out the end
+        // of an outage in their backoff (up to 3 s), ours are turned away at once (BENCHMARKS.md
+        // has the figures). There it must stay within 5 %.
+        let bound = match s.script {
+            Script::Independent(_) => budget.successes as f64,
+            _ => 0.95 * budget.successes as f64,
+        };
+        assert!(
+            ours.successes as f64 >= bound,
+            "{}: {} served < {bound} (TpsBudget peer: {})",
+            s.name,
+            ours.successes,
+            budget.successes
+        );
+    }
+}
+
+#[test]
+fn back_on_the_primary_within_a_second_of_recovery() {
     let outage = Script::Outage {
         start: Duration::from_secs(15),
         end: Duration::from_secs(30),
@@ -69,10 +110,33 @@ fn back_on_the_primary_within_ten_seconds_of_recovery() {
     for setup in [Setup::Interactive, Setup::InteractiveBackup] {
         let r = run(setup, outage.clone());
         match r.back_on_primary.as_slice() {
-            [Some(back)] => assert!(*back <= Duration::from_secs(10), "{setup}: {r:?}"),
+            [Some(back)] => assert!(*back <= Duration::from_secs(1), "{setup}: {r:?}"),
             other => panic!("{setup}: never back on the primary: {other:?}"),
         }
         assert!(matches!(r.detect.as_slice(), [Some(_)]), "{setup}: {r:?}");
+    }
+}
+
+#[test]
+fn with_a_backup_route_every_scenario_is_served_as_before() {
+    // What the interactive stack with a backup route served at these parameters before the
+    // throttle (all-or-nothing breaker, open 2–5 s, closed by one good probe), scenario by
+    // scenario as `Scenario::standard` lists them.
+    const BEFORE: [u64; 7] = [672, 660, 614, 639, 662, 664, 653];
+    let params = Params::small();
+    for (s, before) in Scenario::standard(params.duration).iter().zip(BEFORE) {
+        let r = sim::run(Setup::InteractiveBackup, s, &params);
+        // Every request is served by one route or the other...
+        assert_eq!(r.successes, r.logical, "{}: {r:?}", s.name);
+        // ...and as many as before, to within 0.5 %: probing the primary a few times a second
+        // during an outage makes some requests a failed probe slower (the figures are in
+        // BENCHMARKS.md; the 30–60 s outage of the full run serves more than before).
+        assert!(
+            r.successes as f64 >= 0.995 * before as f64,
+            "{}: {} served, {before} before",
+            s.name,
+            r.successes
+        );
     }
 }
 
@@ -88,4 +152,33 @@ fn a_run_is_deterministic() {
         let b = run(setup, script.clone());
         assert_eq!(a, b, "{setup}");
     }
+}
+
+#[test]
+fn a_report_row_is_a_json_object_with_the_documented_fields() {
+    let s = scenario(Script::Outage {
+        start: Duration::from_secs(15),
+        end: Duration::from_secs(30),
+    });
+    let r = sim::run(Setup::Interactive, &s, &Params::small());
+    let row = sim::json_row(&s, Setup::Interactive, &r);
+    let line = row.to_string();
+    assert!(!line.contains('\n'), "one line per row");
+    let back = r.back_on_primary[0].map(|d| d.as_secs_f64());
+    assert_eq!(
+        row,
+        serde_json::json!({
+            "scenario": s.name,
+            "setup": "this crate, interactive",
+            "logical": r.logical,
+            "succeeded": r.successes,
+            "attempts_per_request": r.amplification(),
+            "back_on_primary_s": back,
+        })
+    );
+    assert!(row["back_on_primary_s"].is_f64());
+    // A scenario with no outage window that ends has no time back on the primary.
+    let s = scenario(Script::Independent(0.5));
+    let r = sim::run(Setup::Interactive, &s, &Params::small());
+    assert!(sim::json_row(&s, Setup::Interactive, &r)["back_on_primary_s"].is_null());
 }

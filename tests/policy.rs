@@ -9,6 +9,12 @@ use log::ms;
 use tower_llm_resilience::FailureClass;
 use tower_llm_resilience::policy::*;
 
+fn throttle(p: &mut Policy) -> &mut ThrottlePolicy {
+    p.circuit_breaker
+        .throttle
+        .get_or_insert_with(ThrottlePolicy::default)
+}
+
 fn rate(p: &mut Policy) -> &mut FailureRateRule {
     p.circuit_breaker
         .failure_rate
@@ -88,6 +94,26 @@ const CASES: &[Case] = &[
     }),
     ("circuit_breaker.half_open_probes", |p| {
         p.circuit_breaker.half_open_probes = 0
+    }),
+    ("circuit_breaker.half_open_successes", |p| {
+        p.circuit_breaker.half_open_successes = 0
+    }),
+    ("circuit_breaker.throttle.k", |p| throttle(p).k = 0.5),
+    ("circuit_breaker.throttle.k", |p| throttle(p).k = f64::NAN),
+    ("circuit_breaker.throttle.k", |p| {
+        throttle(p).k = f64::INFINITY
+    }),
+    ("circuit_breaker.throttle.window", |p| {
+        throttle(p).window = Duration::ZERO
+    }),
+    ("circuit_breaker.throttle.buckets", |p| {
+        throttle(p).buckets = 0
+    }),
+    ("circuit_breaker.throttle.buckets", |p| {
+        throttle(p).buckets = 1001
+    }),
+    ("circuit_breaker.throttle.min_requests", |p| {
+        throttle(p).min_requests = 0
     }),
     ("fallback.primary", |p| p.fallback.primary = String::new()),
     ("fallback.primary", |p| {
@@ -598,6 +624,40 @@ mod files {
             Some("retry.max_attempts")
         );
         assert!(Policy::from_json("{not json").is_err());
+    }
+
+    #[test]
+    fn the_throttle_section_loads_from_toml_and_json_and_can_be_turned_off() {
+        let toml_policy: Policy = toml::from_str(
+            "[circuit_breaker.throttle]\nk = 3.0\nwindow = \"2s\"\nbuckets = 20\nmin_requests = 4\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let t = toml_policy.circuit_breaker.throttle.unwrap_or_default();
+        assert_eq!(
+            (t.k, t.window, t.buckets, t.min_requests),
+            (3.0, Duration::from_secs(2), 20, 4)
+        );
+        // A field left out takes the section's default; a typo is an error.
+        let partial: Policy = toml::from_str("[circuit_breaker.throttle]\nk = 4.0\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let t = partial.circuit_breaker.throttle.unwrap_or_default();
+        assert_eq!((t.k, t.window), (4.0, ThrottlePolicy::default().window));
+        let typo = toml::from_str::<Policy>("[circuit_breaker.throttle]\nfloor = 3\n");
+        assert!(typo.is_err_and(|e| e.to_string().contains("floor")));
+        // JSON `null` turns the throttle off; a bad value names its field.
+        let off = Policy::from_json(r#"{"circuit_breaker":{"throttle":null}}"#)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(off.circuit_breaker.throttle, None);
+        let bad = Policy::from_json(r#"{"circuit_breaker":{"throttle":{"k":0.5}}}"#).err();
+        assert_eq!(
+            bad.map(|e| e.field().to_owned()).as_deref(),
+            Some("circuit_breaker.throttle.k")
+        );
+        // The presets have it on.
+        assert_eq!(
+            Policy::interactive().circuit_breaker.throttle,
+            Some(ThrottlePolicy::default())
+        );
     }
 
     #[test]

@@ -37,6 +37,7 @@ use tower_llm_resilience::backoff::JitterSource;
 use tower_llm_resilience::budget::store::{Lease, Refusal, StoreFuture};
 use tower_llm_resilience::budget::{BudgetStore, MemoryStore, RateDemand, SpendStatus};
 use tower_llm_resilience::circuit_breaker::{CircuitBreakerLayer, CircuitState};
+use tower_llm_resilience::context::FallbackAvailable;
 use tower_llm_resilience::policy::{
     BackoffPolicy, CircuitBreakerPolicy, CommitPoint, FailureRateRule, Policy, RetryBudgetPolicy,
     RouteConfig, SlowCallRule,
@@ -554,6 +555,8 @@ struct BreakerCase {
     slow: Option<SlowCase>,
     base_ms: u64,
     cap_factor: u32,
+    /// Good probes in a row that close a half-open circuit.
+    close_after: u32,
     seed: u64,
 }
 
@@ -574,6 +577,7 @@ impl BreakerCase {
             .map(|s| SlowCallRule::new(ms(s.threshold_ms), s.rate));
         policy.open_base = self.base();
         policy.open_cap = self.cap();
+        policy.half_open_successes = self.close_after;
         policy
     }
 
@@ -624,6 +628,7 @@ fn window_case() -> impl Strategy<Value = BreakerCase> {
                 slow,
                 base_ms,
                 cap_factor,
+                close_after: 1 + (seed % 3) as u32,
                 seed,
             },
         )
@@ -701,9 +706,9 @@ struct Counted {
 ///   the moment the route's breaker was created; it holds the outcomes of the current span and
 ///   the `buckets - 1` before it, so an outcome ages out between `window - width` and `window`
 ///   after it was recorded. Only calls admitted while closed count, at the time they answer;
-///   neutral and abandoned ones not at all. Closing (a successful probe) empties it; a trip
-///   does not, nor does forcing a state. A reset forgets the route: the next breaker's spans
-///   start with its first call.
+///   neutral and abandoned ones not at all. Closing (`close_after` good probes in a row)
+///   empties it; a trip does not, nor does forcing a state. A reset forgets the route: the next
+///   breaker's spans start with its first call.
 /// - The rate is judged, once the window holds `min_calls` calls, when a failure or a slow call
 ///   is recorded (the consecutive-failures rule first). It is *not* judged when a success that
 ///   is not slow is recorded, though that success can bring the window to `min_calls` calls at
@@ -721,6 +726,8 @@ struct Model {
     state: ModelState,
     consecutive: u32,
     trips: u32,
+    /// Good probes in a row since the circuit went half-open.
+    probe_successes: u32,
     window: Vec<Counted>,
 }
 
@@ -732,6 +739,7 @@ impl Model {
             state: ModelState::Closed,
             consecutive: 0,
             trips: 0,
+            probe_successes: 0,
             window: Vec::new(),
         }
     }
@@ -812,6 +820,7 @@ impl Model {
     fn force(&mut self, now: Instant, to: ModelState) {
         self.origin.get_or_insert(now);
         self.state = to;
+        self.probe_successes = 0;
     }
 }
 
@@ -882,6 +891,7 @@ async fn breaker_follows_its_model(case: BreakerCase, ops: Vec<Op>) -> Result<()
                     ModelState::Closed | ModelState::HalfOpen | ModelState::ForcedClosed => true,
                     ModelState::Open { until } if now >= until => {
                         m.state = ModelState::HalfOpen;
+                        m.probe_successes = 0;
                         true
                     }
                     ModelState::Open { .. } | ModelState::ForcedOpen => false,
@@ -895,6 +905,8 @@ async fn breaker_follows_its_model(case: BreakerCase, ops: Vec<Op>) -> Result<()
                 };
                 let mut req = Request::new(Full::new(Bytes::from_static(b"{}")));
                 *req.uri_mut() = http::Uri::from_static("http://127.0.0.1:9/v1/chat/completions");
+                // A request with a backup route: the circuit decides, not the throttle.
+                req.extensions_mut().insert(FallbackAvailable);
                 req.headers_mut()
                     .insert("x-outcome", http::HeaderValue::from_static(status));
                 req.headers_mut()
@@ -978,7 +990,12 @@ async fn breaker_follows_its_model(case: BreakerCase, ops: Vec<Op>) -> Result<()
                                 m.trips += 1;
                             }
                         }
-                        (ModelState::HalfOpen, Outcome::Success) if !slow => m.close(),
+                        (ModelState::HalfOpen, Outcome::Success) if !slow => {
+                            m.probe_successes += 1;
+                            if m.probe_successes >= case.close_after {
+                                m.close();
+                            }
+                        }
                         (ModelState::HalfOpen, Outcome::Success | Outcome::Failure) => {
                             tripped = Some(m.open_time());
                             m.trips += 1;
@@ -1073,6 +1090,7 @@ proptest! {
             slow: None,
             base_ms,
             cap_factor,
+            close_after: 1 + (base_ms % 3) as u32,
             seed: u64::from(threshold) + base_ms,
         };
         runtime().block_on(breaker_follows_its_model(case, ops))?;

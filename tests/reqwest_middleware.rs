@@ -481,6 +481,8 @@ async fn breaker_state_is_shared_across_requests() {
     policy.retry.max_attempts = 1;
     policy.circuit_breaker.failure_rate = None;
     policy.circuit_breaker.consecutive_failures = Some(2);
+    // The all-or-nothing breaker on a single route (no throttle), whose state is shared.
+    policy.circuit_breaker.throttle = None;
     let middleware = ResilienceMiddleware::new(&policy).expect("valid policy");
     let breakers = middleware.layer().circuit_breaker();
     let client = client(middleware);

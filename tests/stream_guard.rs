@@ -690,6 +690,8 @@ async fn streams_interrupted_after_commit_count_for_the_breaker_above() -> Resul
     let mut breaker = CircuitBreakerPolicy::default();
     breaker.failure_rate = None;
     breaker.consecutive_failures = Some(2);
+    // No throttle: a request without a backup route fails fast on the open circuit too.
+    breaker.throttle = None;
     let breaker = CircuitBreakerLayer::new(breaker)?.without_jitter();
     let handle = breaker.handle();
     let svc = tower::ServiceBuilder::new()

@@ -109,6 +109,11 @@ async fn every_transition_is_a_tracing_event() {
     );
     let mut policy = Policy::interactive().circuit_breaker;
     policy.consecutive_failures = Some(1);
+    // Opens for 2 s, closes on one good probe; no throttle, so every request fails fast.
+    policy.open_base = Duration::from_secs(2);
+    policy.open_cap = Duration::from_secs(5);
+    policy.half_open_successes = 1;
+    policy.throttle = None;
     let layer = CircuitBreakerLayer::new(policy).unwrap().without_jitter();
     let mut svc = layer.layer(client());
     let url = mock.url();
@@ -209,5 +214,44 @@ async fn each_request_ends_with_one_event_holding_owner_and_cost() -> Result<(),
     ] {
         assert!(ends[0].contains(field), "{field} in {}", ends[0]);
     }
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_throttled_call_is_a_tracing_event_with_its_route_and_wait() -> Result<(), BoxError> {
+    let (captured, _guard) = Captured::install();
+    let mock = MockProvider::start().await?;
+    mock.script(ScriptKey::model("gpt-4o"), [Reply::openai_overloaded()]);
+    let mut policy = Policy::interactive().circuit_breaker;
+    policy.failure_rate = None;
+    policy.consecutive_failures = None;
+    // A floor of one call per window: the second request already meets the throttle.
+    if let Some(t) = policy.throttle.as_mut() {
+        t.min_requests = 1;
+    }
+    let mut svc = CircuitBreakerLayer::new(policy)?
+        .throttle_source(tower_llm_resilience::backoff::JitterSource::seeded(1))
+        .layer(client());
+    let url = mock.url();
+    let mut refused = None;
+    for _ in 0..20 {
+        if let Err(e) = send(&mut svc, routed(&url, "gpt-4o", "primary")).await {
+            refused = Some(e);
+            break;
+        }
+    }
+    let e = refused.ok_or("never throttled")?;
+    assert!(
+        matches!(e.kind(), tower_llm_resilience::ErrorKind::Throttled { .. }),
+        "{e}"
+    );
+    let text = captured.text();
+    let events: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("tower_llm_resilience::event:") && l.contains("Throttled"))
+        .collect();
+    assert_eq!(events.len(), 1, "{text}");
+    assert!(events[0].contains("route=\"primary\""), "{}", events[0]);
+    assert!(events[0].contains("retry_in"), "{}", events[0]);
     Ok(())
 }

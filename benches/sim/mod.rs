@@ -695,6 +695,29 @@ fn worst(v: &[Option<Duration>]) -> String {
 /// The report's table header.
 pub const TABLE_HEADER: &str = "| scenario | setup | logical requests | succeeded | attempts / request (primary) | success rate | p50 | p99 | time to detect | back on primary |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|";
 
+/// The worst time back on the primary over the outage windows that ended within the run;
+/// `None` when none ended, or when the primary was never back after one of them.
+pub fn worst_back_on_primary(r: &Report) -> Option<Duration> {
+    if r.back_on_primary.iter().any(Option::is_none) {
+        return None;
+    }
+    r.back_on_primary.iter().flatten().copied().max()
+}
+
+/// One table row as a JSON object (one line of the `OUTAGE_REPORT` file): `scenario`, `setup`,
+/// `logical`, `succeeded`, `attempts_per_request` (every route), `back_on_primary_s` (the
+/// worst window, `null` when no window ended within the run or the primary was never back).
+pub fn json_row(scenario: &Scenario, setup: Setup, r: &Report) -> serde_json::Value {
+    serde_json::json!({
+        "scenario": scenario.name,
+        "setup": setup.to_string(),
+        "logical": r.logical,
+        "succeeded": r.successes,
+        "attempts_per_request": r.amplification(),
+        "back_on_primary_s": worst_back_on_primary(r).map(|d| d.as_secs_f64()),
+    })
+}
+
 /// One table row.
 pub fn table_row(scenario: &Scenario, setup: Setup, r: &Report) -> String {
     format!(

@@ -542,7 +542,7 @@ pub async fn run_all() -> Vec<ScenarioReport> {
         scenario!(
             sustained_outage,
             "sustained outage",
-            "the breaker opens and stops the retries, the backup serves, the primary is probed and gets traffic again once it recovers",
+            "the breaker opens and stops the retries, the backup serves, the primary is probed and gets traffic again once it recovers; five good probes close its circuit",
             "interactive preset, one backup route"
         ),
         scenario!(
@@ -738,7 +738,8 @@ async fn sustained_outage(run: &mut Run) -> Result<(), BoxError> {
     }
 
     // The outage: every primary attempt is a 503. Requests 1 to 3 spend their three attempts
-    // each; the tenth failure in a row, on request 4's first attempt, trips the breaker.
+    // each; the tenth failure in a row, on request 4's first attempt, trips the breaker, and
+    // that answer hands request 4 to the backup at once.
     let mut calls = Vec::new();
     for n in 1..=4 {
         calls.push(run.send(&format!("request {n}"), &svc, chat(&mock)).await);
@@ -758,7 +759,8 @@ async fn sustained_outage(run: &mut Run) -> Result<(), BoxError> {
         .and_then(|s| s.retry_in)
         .unwrap_or_default();
 
-    // The primary recovers; once the open time has passed the next request probes it.
+    // The primary recovers; once the open time has passed the next request probes it, and
+    // five good probes in a row close its circuit.
     script(
         &mock,
         MODEL,
@@ -766,8 +768,9 @@ async fn sustained_outage(run: &mut Run) -> Result<(), BoxError> {
     );
     let recovered_at = run.now();
     tokio::time::sleep(retry_in).await;
-    calls.push(run.send("request 6", &svc, chat(&mock)).await);
-    calls.push(run.send("request 7", &svc, chat(&mock)).await);
+    for n in 6..=10 {
+        calls.push(run.send(&format!("request {n}"), &svc, chat(&mock)).await);
+    }
 
     let transitions = transitions.lock().map(|t| t.clone()).unwrap_or_default();
     let mut notes: Vec<(Duration, String)> = transitions
@@ -793,10 +796,10 @@ async fn sustained_outage(run: &mut Run) -> Result<(), BoxError> {
     );
     let backup_then_primary: Vec<Option<&str>> = [Some(BACKUP); 5]
         .into_iter()
-        .chain([Some(PRIMARY); 2])
+        .chain([Some(PRIMARY); 5])
         .collect();
     run.check(
-        "the backup serves requests 1 to 5, the primary requests 6 and 7",
+        "the backup serves requests 1 to 5, the primary requests 6 to 10",
         served == backup_then_primary,
     );
     let logs = calls.iter().map(log_of).collect::<Result<Vec<_>, _>>()?;
@@ -812,9 +815,13 @@ async fn sustained_outage(run: &mut Run) -> Result<(), BoxError> {
                 && e.route.as_ref().map(|r| r.as_str()) == Some(PRIMARY)
         })
     };
+    let handed_over = logs[3]
+        .attempts
+        .first()
+        .is_some_and(|a| a.decisions.first() == Some(&Decision::Stop(StopReason::CircuitOpen)));
     run.check(
-        "request 4 trips the breaker on its 1st attempt: the open circuit ends its retries",
-        routes_of(logs[3]) == [PRIMARY, BACKUP] && circuit_open(logs[3]),
+        "request 4 trips the breaker on its 1st attempt: that answer ends its retries at once",
+        routes_of(logs[3]) == [PRIMARY, BACKUP] && handed_over,
     );
     run.check(
         "request 5 goes straight to the backup: the primary is not called",
@@ -823,8 +830,8 @@ async fn sustained_outage(run: &mut Run) -> Result<(), BoxError> {
             && primary_calls_after == primary_calls_before,
     );
     run.check(
-        "request 6 is the probe: one attempt on the primary",
-        routes_of(logs[5]) == [PRIMARY],
+        "requests 6 to 10 are the probes: one attempt each on the primary",
+        logs[5..].iter().all(|l| routes_of(l) == [PRIMARY]),
     );
     let changes: Vec<(CircuitState, CircuitState)> = transitions
         .iter()

@@ -124,13 +124,14 @@ impl Call {
 
     fn answered(
         mut self,
-        response: http::Response<crate::Body>,
+        mut response: http::Response<crate::Body>,
         c: Classification,
         latency: Option<Duration>,
     ) -> http::Response<crate::Body> {
         let v = verdict(&self.permit.shared.config, c.class);
         let slow = self.is_slow(latency);
         let epoch = self.permit.complete(v, slow);
+        super::state::mark_if_opened(&mut response, v, &self.permit.route);
         self.ctx.record(&self.sent, &self.route, latency, &c, None);
         let mut response = self.ctx.close_response(self.owner, response);
         if v == Verdict::Success && self.permit.admission != Admission::Untracked {

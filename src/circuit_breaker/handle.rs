@@ -79,6 +79,22 @@ pub struct RouteSnapshot {
     /// Calls admitted while closed that have no outcome yet; they count in the failure rate's
     /// denominator.
     pub calls_in_flight: u32,
+    /// The throttle's window, when the policy has a throttle.
+    pub throttle: Option<ThrottleSnapshot>,
+}
+
+/// The window of a route's throttle (see
+/// [`ThrottlePolicy`](crate::policy::ThrottlePolicy)): the probability of turning a call away is
+/// `max(0, (requests − k × accepts) / (requests + 1))`, which
+/// [`CircuitBreakerHandle::throttle_probability`] gives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ThrottleSnapshot {
+    /// Calls that ended in the window (calls the throttle turned away are not counted).
+    pub requests: u32,
+    /// Of those, the calls the provider accepted (answered with anything but a failure that
+    /// counts for the breaker or a rate limit).
+    pub accepts: u32,
 }
 
 /// The callback type of [`CircuitBreakerHandle::on_transition`].
@@ -147,6 +163,14 @@ impl CircuitBreakerHandle {
         self.shared
             .get(&route.into())
             .map(|r| r.snapshot(Instant::now()))
+    }
+
+    /// The probability that the throttle turns a call to `route` with no backup away now;
+    /// `None` when the policy has no throttle or the route has seen no call.
+    pub fn throttle_probability(&self, route: impl Into<RouteName>) -> Option<f64> {
+        self.shared
+            .get(&route.into())
+            .and_then(|r| r.throttle_probability(Instant::now()))
     }
 
     /// Counts and state of every route seen so far, sorted by route name.

@@ -14,6 +14,9 @@ use crate::classify::{FailureClass, SharedClassifier};
 use crate::observe::Observer;
 use crate::policy::{CircuitBreakerPolicy, ClassActions, LoggingPolicy, Policy, PolicyError};
 
+/// Mixed into the policy's seed for the throttle's draws.
+const THROTTLE_SEED: u64 = 0x7468_726f_7474_6c65;
+
 /// What the breakers are configured with; fixed once the layer is built.
 #[derive(Debug)]
 pub(crate) struct Config {
@@ -35,6 +38,8 @@ pub(crate) struct Shared {
     routes: RwLock<HashMap<RouteName, Arc<RouteState>>>,
     // Only touched when a circuit opens or a transition happens: never on the fast path.
     jitter: Mutex<Option<JitterSource>>,
+    // The throttle's draws, made only while a route with no backup is being throttled.
+    throttle_source: Mutex<JitterSource>,
     on_transition: RwLock<Option<Arc<TransitionFn>>>,
     /// Metrics and alerts of the transitions; read only when a route is first seen and at a
     /// transition.
@@ -116,6 +121,21 @@ impl Shared {
         }
     }
 
+    fn set_throttle_source(&self, source: JitterSource) {
+        *self
+            .throttle_source
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = source;
+    }
+
+    /// A uniform sample in `[0, 1)` for the throttle.
+    pub(crate) fn throttle_draw(&self) -> f64 {
+        self.throttle_source
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unit()
+    }
+
     /// Announces a transition: a tracing event, then the user's callback. Called with no
     /// route lock held, so the callback may use the handle.
     pub(crate) fn emit(&self, route: &RouteName, t: Transition) {
@@ -183,25 +203,30 @@ impl CircuitBreakerLayer {
     /// [`Policy`]). The failure classes that count are the default table's (provider health:
     /// connect, timeout, transport, overloaded, server error, stream interrupted); use
     /// [`from_policy`](Self::from_policy) to take a policy's per-class overrides into account.
-    /// Open times are jittered from an unseeded source; see [`jitter`](Self::jitter).
+    /// Open times are jittered, and the throttle draws, from unseeded sources; see
+    /// [`jitter`](Self::jitter) and [`throttle_source`](Self::throttle_source).
     pub fn new(policy: CircuitBreakerPolicy) -> Result<Self, PolicyError> {
         Self::build(
             policy,
             ClassActions::default(),
             LoggingPolicy::default(),
             Some(JitterSource::from_entropy()),
+            JitterSource::from_entropy(),
         )
     }
 
     /// Breakers configured by `policy.circuit_breaker`, counting the classes whose `breaker`
     /// cell is set in `policy.actions` (rate limits count only if the policy says so), with
-    /// open times jittered from `policy.retry.seed` when it is set.
+    /// open times jittered and the throttle's draws made from `policy.retry.seed` when it is
+    /// set (two sequences of their own, so one does not shift the other).
     pub fn from_policy(policy: &Policy) -> Result<Self, PolicyError> {
+        let seed = policy.retry.seed;
         let layer = Self::build(
             policy.circuit_breaker.clone(),
             policy.actions.clone(),
             policy.logging.clone(),
-            Some(JitterSource::from_seed(policy.retry.seed)),
+            Some(JitterSource::from_seed(seed)),
+            JitterSource::from_seed(seed.map(|s| s ^ THROTTLE_SEED)),
         )?;
         policy.observability.validate()?;
         layer.shared.set_observer(Observer::from_policy(policy));
@@ -219,6 +244,7 @@ impl CircuitBreakerLayer {
         actions: ClassActions,
         logging: LoggingPolicy,
         jitter: Option<JitterSource>,
+        throttle_source: JitterSource,
     ) -> Result<Self, PolicyError> {
         policy.validate()?;
         logging.validate()?;
@@ -231,6 +257,7 @@ impl CircuitBreakerLayer {
                 },
                 routes: RwLock::new(HashMap::new()),
                 jitter: Mutex::new(jitter),
+                throttle_source: Mutex::new(throttle_source),
                 on_transition: RwLock::new(None),
                 observer: RwLock::new(None),
             }),
@@ -242,6 +269,13 @@ impl CircuitBreakerLayer {
     /// service and handle sharing these breakers.
     pub fn jitter(self, jitter: JitterSource) -> Self {
         self.shared.set_jitter(Some(jitter));
+        self
+    }
+
+    /// Makes the throttle's random draws from `source` (seed it for reproducible runs and exact
+    /// tests). Affects every service and handle sharing these breakers.
+    pub fn throttle_source(self, source: JitterSource) -> Self {
+        self.shared.set_throttle_source(source);
         self
     }
 

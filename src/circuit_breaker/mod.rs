@@ -8,6 +8,10 @@
 //! stops retrying and a `FallbackLayer` moves on to the next route. It sits inside the retry
 //! layer in the recommended stack, so every attempt counts.
 //!
+//! That is right when there is a next route. For a request that has none (no
+//! [`FallbackAvailable`](crate::context::FallbackAvailable)), failing every call would shed a
+//! provider that still answers half of them: such calls are *throttled* instead (see below).
+//!
 //! # Routes
 //!
 //! The breaker of a call is the one of its route: the [`RouteName`](crate::RouteName) request
@@ -62,10 +66,43 @@
 //! capped at `open_cap`, and jittered *downward* into `[0.8, 1.0)` of that time so routes that
 //! tripped together do not probe together and the cap is never exceeded. Then the route is
 //! half-open: `half_open_probes` calls go through at once, the others still fail fast (with a
-//! `retry_in` of zero: a slot frees as soon as a probe ends). A successful probe closes the
-//! route and resets `k` and the window; a failed one (or, with the slow-call rule on, a slow
-//! one) opens it again for the doubled time; a neutral one just frees its slot. A probe whose
-//! future is dropped gives its slot back.
+//! `retry_in` of zero: a slot frees as soon as a probe ends). `half_open_successes` probes in a
+//! row that succeed close the route and reset `k` and the window; a failed one (or, with the
+//! slow-call rule on, a slow one) opens it again for the doubled time; a neutral one just frees
+//! its slot. A probe whose future is dropped gives its slot back.
+//!
+//! The defaults probe often (open 300 ms, at most 600 ms) and close only after five good
+//! probes: a recovered primary answers its first probe within a second of coming back, while
+//! one that still fails every other call almost never answers five in a row and stays behind
+//! its backup. When an answer's failure leaves its route's circuit open, the response says so
+//! to a `RetryLayer` outside, which then hands a request that has a backup to the fallback at
+//! once ([`StopReason::CircuitOpen`](crate::attempt_log::StopReason::CircuitOpen)) instead of
+//! waiting out a backoff only to be turned away.
+//!
+//! # Without a backup route: adaptive throttling
+//!
+//! With a [`ThrottlePolicy`](crate::policy::ThrottlePolicy) (the default), a call whose request
+//! carries no `FallbackAvailable` is judged by the route's throttle, not by its circuit. Over a
+//! sliding window (1 s by default) the throttle counts the calls that ended (`requests`) and
+//! those the provider accepted (`accepts`: anything but a failure that counts for the breaker
+//! or a rate limit), and turns a call away with probability
+//! `max(0, (requests − k × accepts) / (requests + 1))` — client-side adaptive throttling as in
+//! the Google SRE book, `k = 2`. A healthy route is never throttled, one that answers half its
+//! calls hardly, one that is down sheds all but a floor: nothing is turned away while the
+//! window holds fewer than `min_requests` requests, so a route that is down still gets a few
+//! calls a second and its recovery is seen as soon as one of them answers. A call the
+//! throttle lets through goes to the provider whatever the circuit says (as a probe when the
+//! circuit is due for one), and counts for both.
+//!
+//! A turned-away call fails at once with
+//! [`ErrorKind::Throttled { route, retry_in }`](crate::ErrorKind::Throttled) and a
+//! [`LocalEventKind::Throttled`](crate::attempt_log::LocalEventKind::Throttled) event, no call
+//! made; `retry_in` is the time until the window next moves on. A `RetryLayer` outside treats
+//! it like an open circuit: no attempt recorded, the retry's budget refunded, no further retry.
+//! The throttle's random draws are seedable
+//! ([`throttle_source`](CircuitBreakerLayer::throttle_source), or `policy.retry.seed` through
+//! [`from_policy`](CircuitBreakerLayer::from_policy)). A route forced open or closed through
+//! the handle is forced for these calls too.
 //!
 //! # Readiness
 //!
@@ -76,7 +113,7 @@
 //! # The attempt log
 //!
 //! A refused call records a [`LocalEventKind::CircuitOpen`](crate::attempt_log::LocalEventKind)
-//! event in the request's [`AttemptLog`](crate::AttemptLog). An admitted call is recorded as an
+//! (or, throttled, a `Throttled`) event in the request's [`AttemptLog`](crate::AttemptLog). An admitted call is recorded as an
 //! attempt only if no crate layer nearer the transport recorded it already; the breaker adds no
 //! decision of its own to it.
 //!
@@ -108,6 +145,7 @@
 //! use http_body_util::Full;
 //! use tower::{Layer, Service, ServiceExt};
 //! use tower_llm_resilience::circuit_breaker::{CircuitBreakerLayer, CircuitState};
+//! use tower_llm_resilience::context::FallbackAvailable;
 //! use tower_llm_resilience::{ErrorKind, Policy};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -124,8 +162,11 @@
 //!     Ok::<_, Infallible>(response)
 //! });
 //! let mut client = layer.layer(provider);
+//! // Requests with a backup route to go to, as `FallbackLayer` marks them (without one, the
+//! // calls would be throttled instead of failed fast).
 //! let request = || {
 //!     http::Request::post("https://api.openai.com/v1/chat/completions")
+//!         .extension(FallbackAvailable)
 //!         .body(Full::new(Bytes::from_static(b"{}")))
 //! };
 //!
@@ -149,11 +190,15 @@ mod handle;
 mod layer;
 mod service;
 mod state;
+mod throttle;
 
 pub use future::ResponseFuture;
-pub use handle::{CircuitBreakerHandle, CircuitState, RouteSnapshot};
+pub use handle::{CircuitBreakerHandle, CircuitState, RouteSnapshot, ThrottleSnapshot};
 pub use layer::CircuitBreakerLayer;
 pub use service::CircuitBreaker;
+pub(crate) use state::opened_circuit;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod throttle_tests;

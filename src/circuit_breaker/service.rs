@@ -10,7 +10,6 @@ use super::handle::CircuitBreakerHandle;
 use super::layer::{Config, Shared};
 use super::state::Verdict;
 use crate::StreamCause;
-use crate::attempt_log::LocalEventKind;
 use crate::classify::{FailureClass, SharedClassifier};
 use crate::context::RequestContext;
 use crate::error::{BoxError, Error, ErrorKind};
@@ -93,13 +92,12 @@ where
         let route = ctx.route_of(&req);
         let state = self.shared.route(&route);
         let sent = ctx.send();
-        match state.admit(&self.shared, sent.at) {
-            Err(retry_in) => {
-                ctx.log().event(
-                    Some(route.clone()),
-                    LocalEventKind::CircuitOpen { retry_in },
-                );
-                let error = Error::new(ErrorKind::CircuitOpen { route, retry_in });
+        // Without a backup route the throttle decides, not the open circuit (see `throttle`).
+        let backup = ctx.fallback_available();
+        match state.admit(&self.shared, sent.at, backup) {
+            Err(refusal) => {
+                ctx.log().event(Some(route.clone()), refusal.event());
+                let error = Error::new(refusal.kind(route));
                 ResponseFuture::rejected(ctx.close_error(owner, error))
             }
             Ok(admission) => {
@@ -140,6 +138,7 @@ pub(crate) fn verdict(config: &Config, class: Option<FailureClass>) -> Verdict {
     match class {
         None => Verdict::Success,
         Some(c) if config.counts(c) => Verdict::Failure,
+        Some(c) if super::throttle::refused_uncounted(c) => Verdict::Refused,
         Some(_) => Verdict::Neutral,
     }
 }

@@ -22,9 +22,12 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::handle::{CircuitState, RouteSnapshot};
+use super::handle::{CircuitState, RouteSnapshot, ThrottleSnapshot};
 use super::layer::Shared;
+use super::throttle::Throttle;
 use crate::RouteName;
+use crate::attempt_log::LocalEventKind;
+use crate::error::ErrorKind;
 
 const CLOSED: u8 = 0;
 const OPEN: u8 = 1;
@@ -59,9 +62,74 @@ pub(crate) enum Verdict {
     Success,
     /// A failure of a class that counts for the breaker.
     Failure,
-    /// Says nothing about the provider's health (an invalid request, auth, quota, a rate
-    /// limit by default): neither a success nor a failure.
+    /// Says nothing about the provider's health (an invalid request, auth, quota): neither a
+    /// success nor a failure.
     Neutral,
+    /// Neutral for the breaker, but the provider refused the call (a rate limit the breaker
+    /// does not count): not an accept for the throttle.
+    Refused,
+}
+
+impl Verdict {
+    /// Whether the provider accepted the call, for the throttle.
+    fn accepted(self) -> bool {
+        matches!(self, Verdict::Success | Verdict::Neutral)
+    }
+
+    /// Neither a success nor a failure for the breaker.
+    fn neutral(self) -> bool {
+        matches!(self, Verdict::Neutral | Verdict::Refused)
+    }
+}
+
+/// Response extension: the call that got this failed response left its route's circuit open.
+/// A retry on the same route would only be turned away, so a request with a backup moves on at
+/// once (see `RetryLayer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CircuitOpened;
+
+/// Marks `response` when its failure left `route`'s circuit open.
+pub(crate) fn mark_if_opened<B>(
+    response: &mut http::Response<B>,
+    verdict: Verdict,
+    route: &RouteState,
+) {
+    if verdict == Verdict::Failure && route.state().is_open() {
+        response.extensions_mut().insert(CircuitOpened);
+    }
+}
+
+/// Whether the call that got `response` left its route's circuit open.
+pub(crate) fn opened_circuit<B>(response: &http::Response<B>) -> bool {
+    response.extensions().get::<CircuitOpened>().is_some()
+}
+
+/// Why a call was not let through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The circuit is open: time until a probe is admitted.
+    Open(Duration),
+    /// The route has no backup and the throttle turned the call away: time until its floor
+    /// lets the next call through.
+    Throttled(Duration),
+}
+
+impl Refusal {
+    /// The attempt-log event of the refusal.
+    pub(crate) fn event(self) -> LocalEventKind {
+        match self {
+            Refusal::Open(retry_in) => LocalEventKind::CircuitOpen { retry_in },
+            Refusal::Throttled(retry_in) => LocalEventKind::Throttled { retry_in },
+        }
+    }
+
+    /// The error kind of the refusal.
+    pub(crate) fn kind(self, route: RouteName) -> ErrorKind {
+        match self {
+            Refusal::Open(retry_in) => ErrorKind::CircuitOpen { route, retry_in },
+            Refusal::Throttled(retry_in) => ErrorKind::Throttled { route, retry_in },
+        }
+    }
 }
 
 /// A state change, emitted after the route's lock is released.
@@ -196,6 +264,8 @@ struct Control {
     /// Consecutive trips since the circuit last closed.
     trips: u32,
     probes: u32,
+    /// Probes that succeeded in a row since the circuit went half-open.
+    probe_successes: u32,
 }
 
 /// The breaker of one route.
@@ -210,6 +280,8 @@ pub(crate) struct RouteState {
     /// have ended are, early in a window, mostly the failures.
     in_flight: AtomicU32,
     window: Option<Window>,
+    /// Adaptive throttling for the calls that have no backup route.
+    throttle: Option<Throttle>,
     control: Mutex<Control>,
 }
 
@@ -222,6 +294,9 @@ pub(crate) enum Admission {
     Probe { generation: u64 },
     /// The route is forced closed: nothing is recorded.
     Untracked,
+    /// A call with no backup route that the throttle let through while the circuit is open
+    /// (or half-open with every probe slot taken): it counts for the throttle only.
+    Bypass,
 }
 
 impl RouteState {
@@ -239,10 +314,12 @@ impl RouteState {
             consecutive: AtomicU32::new(0),
             in_flight: AtomicU32::new(0),
             window,
+            throttle: shared.config.policy.throttle.as_ref().map(Throttle::new),
             control: Mutex::new(Control {
                 open_until: None,
                 trips: 0,
                 probes: 0,
+                probe_successes: 0,
             }),
         }
     }
@@ -266,8 +343,35 @@ impl RouteState {
         self.state.store(to, Ordering::Release);
     }
 
-    /// Admits a call or says how long until the route takes one.
-    pub(crate) fn admit(&self, shared: &Shared, now: Instant) -> Result<Admission, Duration> {
+    /// Admits a call or says why not. `backup`: the request has another route to go to
+    /// ([`FallbackAvailable`](crate::context::FallbackAvailable)). With one, the circuit
+    /// decides (fail fast, so the fallback moves on); without one, the throttle does (when the
+    /// policy has it), and a call it lets through goes to the provider whatever the circuit
+    /// says — as a probe when the circuit is due for one.
+    pub(crate) fn admit(
+        &self,
+        shared: &Shared,
+        now: Instant,
+        backup: bool,
+    ) -> Result<Admission, Refusal> {
+        let throttle = match &self.throttle {
+            Some(t) if !backup => t,
+            _ => return self.admit_circuit(shared, now).map_err(Refusal::Open),
+        };
+        // The handle's word stands over the throttle's.
+        match self.state.load(Ordering::Acquire) {
+            FORCED_OPEN => return Err(Refusal::Open(shared.config.policy.open_cap)),
+            FORCED_CLOSED => return Ok(Admission::Untracked),
+            _ => {}
+        }
+        throttle
+            .admit(self.elapsed(now), || shared.throttle_draw())
+            .map_err(Refusal::Throttled)?;
+        Ok(self.admit_circuit(shared, now).unwrap_or(Admission::Bypass))
+    }
+
+    /// The circuit's admission: a call or how long until the route takes one.
+    fn admit_circuit(&self, shared: &Shared, now: Instant) -> Result<Admission, Duration> {
         // Load the generation before the state: if the state is still closed the generation
         // is at least as new as the closed period the call is admitted in.
         let generation = self.generation.load(Ordering::Acquire);
@@ -291,6 +395,7 @@ impl RouteState {
                 let generation = self.generation.load(Ordering::Acquire);
                 c.open_until = None;
                 c.probes = 1;
+                c.probe_successes = 0;
                 let t = Transition {
                     from: CircuitState::Open,
                     to: CircuitState::HalfOpen,
@@ -324,7 +429,7 @@ impl RouteState {
         match admission {
             Admission::Normal { .. } => self.landed(),
             Admission::Probe { generation } => self.release_probe(generation),
-            Admission::Untracked => {}
+            Admission::Untracked | Admission::Bypass => {}
         }
     }
 
@@ -346,11 +451,14 @@ impl RouteState {
         slow: bool,
         now: Instant,
     ) -> Option<u64> {
+        if let (Some(t), false) = (&self.throttle, admission == Admission::Untracked) {
+            t.record(self.elapsed(now), verdict.accepted());
+        }
         match admission {
-            Admission::Untracked => None,
+            Admission::Untracked | Admission::Bypass => None,
             Admission::Normal { generation } => {
                 self.landed();
-                if verdict == Verdict::Neutral || !self.current(generation, CLOSED) {
+                if verdict.neutral() || !self.current(generation, CLOSED) {
                     return None;
                 }
                 self.record_closed(shared, generation, verdict == Verdict::Failure, slow, now)
@@ -365,8 +473,16 @@ impl RouteState {
                 let slow_counts = slow && shared.config.policy.slow_call.is_some();
                 let t = match verdict {
                     // No health evidence: the slot is free again, the circuit stays half-open.
-                    Verdict::Neutral => return None,
-                    Verdict::Success if !slow_counts => self.close(&mut c, CircuitState::HalfOpen),
+                    Verdict::Neutral | Verdict::Refused => return None,
+                    Verdict::Success if !slow_counts => {
+                        // One good answer does not make a route that fails half its calls
+                        // healthy: the circuit closes after `half_open_successes` in a row.
+                        c.probe_successes = c.probe_successes.saturating_add(1);
+                        if c.probe_successes < shared.config.policy.half_open_successes {
+                            return None;
+                        }
+                        self.close(&mut c, CircuitState::HalfOpen)
+                    }
                     _ => self.open(shared, &mut c, CircuitState::HalfOpen, now),
                 };
                 drop(c);
@@ -393,7 +509,7 @@ impl RouteState {
             Admission::Normal { generation: g } | Admission::Probe { generation: g } => {
                 g == generation
             }
-            Admission::Untracked => false,
+            Admission::Untracked | Admission::Bypass => false,
         };
         // The head counted a success in the same closed period: turn it into a failure
         // instead of adding a second call for one request.
@@ -508,6 +624,7 @@ impl RouteState {
         c.open_until = Some(crate::duration::saturating_add(now, open_for));
         c.trips = c.trips.saturating_add(1);
         c.probes = 0;
+        c.probe_successes = 0;
         self.set_state(OPEN);
         Transition {
             from,
@@ -521,6 +638,7 @@ impl RouteState {
         c.open_until = None;
         c.trips = 0;
         c.probes = 0;
+        c.probe_successes = 0;
         self.consecutive.store(0, Ordering::Release);
         // The outcomes that tripped it must not trip it again the moment it closes.
         if let Some(w) = &self.window {
@@ -547,6 +665,7 @@ impl RouteState {
         }
         c.open_until = None;
         c.probes = 0;
+        c.probe_successes = 0;
         self.set_state(encode(to));
         Some(Transition {
             from,
@@ -554,6 +673,14 @@ impl RouteState {
             open_for: None,
             trips: c.trips,
         })
+    }
+
+    /// The throttle's probability of turning a call with no backup away now; `None` without a
+    /// throttle.
+    pub(crate) fn throttle_probability(&self, now: Instant) -> Option<f64> {
+        self.throttle
+            .as_ref()
+            .map(|t| t.probability(self.elapsed(now)))
     }
 
     pub(crate) fn snapshot(&self, now: Instant) -> RouteSnapshot {
@@ -578,6 +705,13 @@ impl RouteState {
             },
             probes_in_flight: c.probes,
             calls_in_flight: self.in_flight.load(Ordering::Acquire),
+            throttle: self.throttle.as_ref().map(|t| {
+                let counts = t.counts(self.elapsed(now));
+                ThrottleSnapshot {
+                    requests: counts.requests,
+                    accepts: counts.accepts,
+                }
+            }),
         }
     }
 }

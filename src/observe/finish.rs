@@ -209,6 +209,7 @@ pub(crate) fn kind_name(kind: &ErrorKind) -> &'static str {
         ErrorKind::StreamFailed { .. } => "stream_failed",
         ErrorKind::StreamInterrupted { .. } => "stream_interrupted",
         ErrorKind::StoreUnavailable => "store_unavailable",
+        ErrorKind::Throttled { .. } => "throttled",
         ErrorKind::InFlight => "in_flight",
         ErrorKind::IdempotencyKeyReused => "idempotency_key_reused",
     }

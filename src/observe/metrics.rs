@@ -160,6 +160,7 @@ pub(super) fn request(o: &Observer, v: &View<'_>, noted: &Noted, end: &End<'_>) 
             }
             LocalEventKind::RateLimited { .. } => "rate_limit",
             LocalEventKind::BudgetDenied => "spend_cap",
+            LocalEventKind::Throttled { .. } => "throttle",
             LocalEventKind::StoreUnavailable => "store_unavailable",
             LocalEventKind::RetryBudgetDenied => {
                 counter!(n::RETRY_BUDGET_EXHAUSTED, n::ROUTE => label(route)).increment(1);

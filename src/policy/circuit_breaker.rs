@@ -1,6 +1,7 @@
 use std::time::Duration;
 
 use super::error::{PolicyError, check};
+use super::throttle::ThrottlePolicy;
 
 /// Trip when the share of failed calls over a sliding window reaches a threshold.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -74,6 +75,10 @@ pub struct CircuitBreakerPolicy {
     /// Slow-call rule; disabled when `None`.
     pub slow_call: Option<SlowCallRule>,
     /// Open time after the first trip; doubles with each further trip.
+    ///
+    /// Short on purpose: with a backup route a failed probe costs the request that carries it
+    /// one fast failure before the fallback, and a recovered primary is back within a second.
+    /// `half_open_successes` is what keeps a route that still fails often off.
     #[cfg_attr(feature = "serde", serde(with = "crate::duration::serde_duration"))]
     pub open_base: Duration,
     /// Longest open time.
@@ -81,6 +86,16 @@ pub struct CircuitBreakerPolicy {
     pub open_cap: Duration,
     /// Concurrent probes admitted while half-open.
     pub half_open_probes: u32,
+    /// Probes in a row that must succeed before a half-open circuit closes; a failed probe
+    /// opens it again. One good answer does not make a route that fails one call in two
+    /// healthy: with the default of 5 such a route closes about once in 32 tries, while a
+    /// recovered one closes after five answers (and serves each of them).
+    pub half_open_successes: u32,
+    /// Adaptive throttling for the requests that have no backup route (no
+    /// [`FallbackAvailable`](crate::context::FallbackAvailable)): instead of failing every call
+    /// while the circuit is open, the breaker turns calls away in proportion to how many the
+    /// provider refuses. `None`: such requests fail fast on an open circuit like the others.
+    pub throttle: Option<ThrottlePolicy>,
 }
 
 impl Default for CircuitBreakerPolicy {
@@ -89,9 +104,11 @@ impl Default for CircuitBreakerPolicy {
             failure_rate: Some(FailureRateRule::default()),
             consecutive_failures: Some(10),
             slow_call: None,
-            open_base: Duration::from_secs(2),
-            open_cap: Duration::from_secs(5),
-            half_open_probes: 1,
+            open_base: Duration::from_millis(300),
+            open_cap: Duration::from_millis(600),
+            half_open_probes: 2,
+            half_open_successes: 5,
+            throttle: Some(ThrottlePolicy::default()),
         }
     }
 }
@@ -146,6 +163,14 @@ impl CircuitBreakerPolicy {
         check::at_least_one(
             "circuit_breaker.half_open_probes",
             self.half_open_probes.into(),
-        )
+        )?;
+        check::at_least_one(
+            "circuit_breaker.half_open_successes",
+            self.half_open_successes.into(),
+        )?;
+        match &self.throttle {
+            Some(t) => t.validate(),
+            None => Ok(()),
+        }
     }
 }

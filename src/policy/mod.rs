@@ -30,6 +30,7 @@ mod observability;
 mod retry;
 mod store;
 mod stream;
+mod throttle;
 
 use std::time::Duration;
 
@@ -47,6 +48,7 @@ pub use observability::ObservabilityPolicy;
 pub use retry::{BackoffPolicy, Jitter, RetryPolicy};
 pub use store::{StoreMode, StoreModes, StorePolicy};
 pub use stream::{CommitPoint, StreamPolicy, StreamSettings};
+pub use throttle::ThrottlePolicy;
 
 /// The whole recovery policy: what each rung of the ladder may do.
 #[derive(Debug, Clone, PartialEq)]

@@ -411,6 +411,7 @@ fn is_local_rejection(e: &Error) -> bool {
     matches!(
         e.kind(),
         ErrorKind::CircuitOpen { .. }
+            | ErrorKind::Throttled { .. }
             | ErrorKind::BudgetExhausted { .. }
             | ErrorKind::RateLimited { .. }
     )
@@ -570,7 +571,17 @@ where
         };
         let attempts = &mut *self.attempts;
         let idx = attempts.record(&c, None);
-        let decided = attempts.decide(idx, &c);
+        // This answer opened the route's circuit: with a backup route, a retry would only wait
+        // to be turned away, so the fallback takes over at once.
+        let decided = if attempts.facts.fallback_available
+            && crate::circuit_breaker::opened_circuit(&response)
+        {
+            let stop = Decision::Stop(StopReason::CircuitOpen);
+            attempts.ctx.log().decide(idx, stop);
+            Decided::Done
+        } else {
+            attempts.decide(idx, &c)
+        };
         Poll::Ready(self.follow(decided, Ok(response)))
     }
 

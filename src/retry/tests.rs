@@ -1059,3 +1059,115 @@ async fn from_policy_uses_the_whole_policy() {
     assert!(p.calls()[0].1.contains_key("idempotency-key"));
     assert_eq!(log.attempts()[1].request_id, None, "request ids off");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_the_throttle_turns_away_is_no_attempt_and_gives_its_budget_back() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    // The first attempt gets a 503; the throttle inside turns the retry away without a call.
+    let inner = tower::service_fn(move |_req: Request<Full<Bytes>>| {
+        let n = seen.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                Ok(respond(503, TestBody::full(body_of(503))))
+            } else {
+                Err(Error::new(ErrorKind::Throttled {
+                    route: "api.test".into(),
+                    retry_in: Duration::from_millis(40),
+                }))
+            }
+        }
+    });
+    let budget = budget_of(1);
+    let mut svc = tower::Layer::layer(&layer(retry_policy()).retry_budget(budget.clone()), inner);
+    let out = svc
+        .ready()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .call(post("{}"))
+        .await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        out.as_ref().err().map(|e| e.kind().clone()),
+        Some(ErrorKind::Throttled {
+            route: "api.test".into(),
+            retry_in: Duration::from_millis(40),
+        })
+    );
+    // One attempt (the 503); the turned-away retry is none, and cost no budget.
+    assert_eq!(log_of(&out).attempt_count(), 1);
+    assert_eq!(budget.available(), 1);
+}
+
+/// A breaker inside that trips on the first 503 (no throttle, so a request without a backup
+/// fails fast too), over a provider that answers 503 after 50 ms.
+fn tripping_stack(
+    calls: Arc<AtomicUsize>,
+) -> impl Service<Request<Full<Bytes>>, Response = Response<crate::Body>, Error = Error> {
+    let breaker = crate::policy::CircuitBreakerPolicy {
+        failure_rate: None,
+        consecutive_failures: Some(1),
+        throttle: None,
+        open_base: Duration::from_secs(5),
+        open_cap: Duration::from_secs(5),
+        ..crate::policy::CircuitBreakerPolicy::default()
+    };
+    let breaker = crate::circuit_breaker::CircuitBreakerLayer::new(breaker)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .without_jitter();
+    let inner = tower::service_fn(move |_req: Request<Full<Bytes>>| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok::<_, std::convert::Infallible>(respond(503, TestBody::full(body_of(503))))
+        }
+    });
+    tower::ServiceBuilder::new()
+        .layer(layer(retry_policy()))
+        .layer(breaker)
+        .service(inner)
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_answer_that_opens_the_circuit_hands_a_backed_request_over_at_once() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut svc = tripping_stack(calls.clone());
+    let mut req = post("{}");
+    req.extensions_mut().insert(FallbackAvailable);
+    let start = Instant::now();
+    let out = svc
+        .ready()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .call(req)
+        .await;
+    // The provider's 503 goes up the moment it arrives: no backoff, no second call.
+    assert_eq!(out.as_ref().map(|r| r.status().as_u16()).ok(), Some(503));
+    assert_eq!(start.elapsed(), Duration::from_millis(50));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let attempts = log_of(&out).attempts();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(
+        attempts[0].decisions,
+        [Decision::Stop(StopReason::CircuitOpen)]
+    );
+
+    // Without a backup the retry waits its backoff and is then refused by the open circuit.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut svc = tripping_stack(calls.clone());
+    let out = svc
+        .ready()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .call(post("{}"))
+        .await;
+    assert!(matches!(
+        out.as_ref().err().map(|e| e.kind().clone()),
+        Some(ErrorKind::CircuitOpen { .. })
+    ));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert!(matches!(
+        log_of(&out).attempts()[0].decisions[..],
+        [Decision::Retry { .. }]
+    ));
+}
