@@ -50,7 +50,10 @@
 #![cfg(feature = "redis")]
 #![cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 
+mod cache;
 mod scripts;
+
+pub use cache::RedisCache;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -133,7 +136,7 @@ pub struct StoreStats {
 struct Booking {
     script: fn(&Scripts) -> &Lua,
     keys: Vec<String>,
-    args: Vec<String>,
+    args: Vec<Vec<u8>>,
     retry_until: Instant,
 }
 
@@ -233,6 +236,11 @@ fn tag(name: &str) -> String {
     out
 }
 
+/// Script arguments as bytes.
+fn bytes<const N: usize>(args: [String; N]) -> Vec<Vec<u8>> {
+    args.into_iter().map(String::into_bytes).collect()
+}
+
 fn ms(d: Duration) -> String {
     d.as_millis().max(1).to_string()
 }
@@ -272,7 +280,12 @@ impl Inner {
     }
 
     /// One script, one round trip, within the timeout.
-    async fn eval(&self, lua: &Lua, keys: &[String], args: &[String]) -> Result<Value, String> {
+    async fn eval<A: ::redis::ToRedisArgs + Send + Sync>(
+        &self,
+        lua: &Lua,
+        keys: &[String],
+        args: &[A],
+    ) -> Result<Value, String> {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
         let mut conn = self.conn.clone();
         let run = async {
@@ -477,12 +490,12 @@ impl BudgetStore for RedisStore {
         inner.queue(Booking {
             script: |s| &s.release,
             keys: self.spend_keys(owner),
-            args: vec![
+            args: bytes([
                 lease.id.to_string(),
                 amount.to_string(),
                 ms(window),
                 ms(lease.ttl),
-            ],
+            ]),
             retry_until: Instant::now() + lease.ttl,
         });
     }
@@ -496,12 +509,12 @@ impl BudgetStore for RedisStore {
         inner.queue(Booking {
             script: |s| &s.settle,
             keys: self.spend_keys(owner),
-            args: vec![
+            args: bytes([
                 lease.id.to_string(),
                 charged.to_string(),
                 ms(window),
                 ms(lease.ttl),
-            ],
+            ]),
             retry_until: Instant::now() + lease.ttl,
         });
     }
@@ -510,12 +523,12 @@ impl BudgetStore for RedisStore {
         self.inner.queue(Booking {
             script: |s| &s.adjust,
             keys: self.spend_keys(owner),
-            args: vec![
+            args: bytes([
                 refund.to_string(),
                 charge.to_string(),
                 ms(window),
                 ms(window),
-            ],
+            ]),
             retry_until: Instant::now() + ADJUST_RETRY_FOR,
         });
     }

@@ -133,6 +133,34 @@ end
 return {1, 0}
 "#;
 
+/// KEYS: the answer's hash, its lock. ARGV: the claimant's token, the lock's ms. Returns
+/// `{1, status, headers, body, digest}` for a kept answer, `{2}` when the lock is taken for
+/// the token, `{3}` when another holds it.
+const CACHE_CLAIM: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local v = redis.call('HMGET', KEYS[1], 'status', 'headers', 'body', 'digest')
+  return {1, v[1], v[2], v[3], v[4]}
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2} end
+return {3}
+"#;
+
+/// KEYS: the answer's hash, its lock. ARGV: token, ttl ms, status, headers, body, digest.
+/// Keeps the answer only while the token still holds the lock.
+const CACHE_FILL: &str = r#"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[3], 'headers', ARGV[4], 'body', ARGV[5], 'digest', ARGV[6])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('DEL', KEYS[2])
+return 1
+"#;
+
+/// KEYS: the lock. ARGV: token. Lets go of the lock the token holds.
+const CACHE_RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
 /// A script with its SHA-1, sent by `EVALSHA` and, when the server does not have it yet,
 /// by `EVAL` (which also caches it).
 pub(super) struct Lua {
@@ -155,6 +183,9 @@ pub(super) struct Scripts {
     pub(super) adjust: Lua,
     pub(super) status: Lua,
     pub(super) take: Lua,
+    pub(super) cache_claim: Lua,
+    pub(super) cache_fill: Lua,
+    pub(super) cache_release: Lua,
 }
 
 impl Scripts {
@@ -167,6 +198,9 @@ impl Scripts {
             adjust: spend(ADJUST),
             status: spend(STATUS),
             take: Lua::new(TAKE.to_owned()),
+            cache_claim: Lua::new(CACHE_CLAIM.to_owned()),
+            cache_fill: Lua::new(CACHE_FILL.to_owned()),
+            cache_release: Lua::new(CACHE_RELEASE.to_owned()),
         }
     }
 }
