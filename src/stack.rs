@@ -116,6 +116,18 @@ impl ResilienceLayer {
         self.observer.handle()
     }
 
+    /// Shares the circuit breakers with every replica that uses the same health `store` — a
+    /// `redis::RedisHealth` — (see [`CircuitBreakerLayer::health_store`]). Inside a Tokio
+    /// runtime.
+    pub fn health_store(
+        mut self,
+        store: Arc<dyn crate::circuit_breaker::fleet::HealthStore>,
+        mode: crate::policy::StoreMode,
+    ) -> Result<Self, crate::BoxError> {
+        self.circuit_breaker = self.circuit_breaker.health_store(store, mode)?;
+        Ok(self)
+    }
+
     /// The circuit breakers' handle: state per route, force open or closed, reset, snapshots.
     pub fn circuit_breaker(&self) -> CircuitBreakerHandle {
         self.circuit_breaker.handle()

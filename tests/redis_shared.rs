@@ -504,3 +504,180 @@ async fn bodies_dropped_mid_stream_leave_no_reservation_open() -> Result<(), Box
     );
     Ok(())
 }
+
+// ------------------------------------------------------------- breakers across the fleet
+
+/// A stack whose breaker (all or nothing: no throttle) shares its route health through Redis.
+fn breaker_replica(
+    url: &str,
+    edit: impl Fn(&mut Policy),
+) -> Result<
+    (
+        Resilient<Client>,
+        tower_llm_resilience::circuit_breaker::CircuitBreakerHandle,
+    ),
+    BoxError,
+> {
+    let mut p = Policy::interactive();
+    p.retry.seed = Some(1);
+    p.retry.max_attempts = 1;
+    p.store.url = Some(url.to_owned());
+    p.store.timeout = Duration::from_secs(2);
+    let cb = &mut p.circuit_breaker;
+    cb.throttle = None;
+    cb.failure_rate = None;
+    cb.consecutive_failures = Some(2);
+    cb.half_open_probes = 1;
+    cb.half_open_successes = 1;
+    edit(&mut p);
+    let store = RedisStore::new(&p.store)?;
+    let layer = ResilienceLayer::new(&p)?.health_store(
+        Arc::new(tower_llm_resilience::redis::RedisHealth::new(&store)),
+        StoreMode::Local,
+    )?;
+    let handle = layer.circuit_breaker();
+    Ok((layer.layer(testing::client()), handle))
+}
+
+async fn status_of(
+    svc: &Resilient<Client>,
+    base: &str,
+) -> Result<u16, tower_llm_resilience::Error> {
+    let resp = svc
+        .clone()
+        .oneshot(testing::chat_request(base, "gpt-4o", false))
+        .await?;
+    let status = resp.status().as_u16();
+    resp.into_body().collect_bytes().await?;
+    Ok(status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trip_on_one_replica_fails_fast_on_another_within_a_second() -> Result<(), BoxError> {
+    let Some(redis) =
+        RedisServer::start("a_trip_on_one_replica_fails_fast_on_another_within_a_second").await
+    else {
+        return Ok(());
+    };
+    let mock = MockProvider::start().await?;
+    mock.script(ScriptKey::Any, [Reply::openai_overloaded()]);
+    let long_open = |p: &mut Policy| {
+        p.circuit_breaker.open_base = Duration::from_secs(30);
+        p.circuit_breaker.open_cap = Duration::from_secs(30);
+    };
+    let (a, a_breakers) = breaker_replica(&redis.url(), long_open)?;
+    let (b, b_breakers) = breaker_replica(&redis.url(), long_open)?;
+    // B has seen the route once (healthy as far as it knows).
+    assert_eq!(status_of(&b, &mock.url()).await?, 503);
+    // A trips it: two failures in a row.
+    for _ in 0..2 {
+        assert_eq!(status_of(&a, &mock.url()).await?, 503);
+    }
+    let tripped = Instant::now();
+    let route = "primary";
+    assert!(a_breakers.state(route).is_open());
+    while !b_breakers.state(route).is_open() {
+        assert!(
+            tripped.elapsed() < Duration::from_secs(1),
+            "B still closed after 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let calls = mock.request_count();
+    let err = status_of(&b, &mock.url())
+        .await
+        .err()
+        .ok_or("B called the route")?;
+    assert!(matches!(err.kind(), ErrorKind::CircuitOpen { .. }), "{err}");
+    assert_eq!(mock.request_count(), calls, "B failed fast without calling");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_replicas_at_half_open_send_exactly_the_configured_probes() -> Result<(), BoxError> {
+    let Some(redis) =
+        RedisServer::start("four_replicas_at_half_open_send_exactly_the_configured_probes").await
+    else {
+        return Ok(());
+    };
+    let mock = MockProvider::start().await?;
+    mock.script(ScriptKey::Any, [Reply::openai_overloaded()]);
+    let short_open = |p: &mut Policy| {
+        p.circuit_breaker.open_base = Duration::from_millis(800);
+        p.circuit_breaker.open_cap = Duration::from_millis(800);
+    };
+    let replicas: Vec<_> = (0..4)
+        .map(|_| breaker_replica(&redis.url(), short_open))
+        .collect::<Result<_, _>>()?;
+    // Every replica has seen the route (a replica learns a route's fleet state at its first
+    // exchange after it first calls it); then one of them trips it.
+    for (svc, _) in &replicas {
+        status_of(svc, &mock.url()).await?;
+    }
+    status_of(&replicas[0].0, &mock.url()).await?;
+    // Within a couple of exchanges every replica has it open.
+    let tripped = Instant::now();
+    while !replicas.iter().all(|(_, b)| b.state("primary").is_open()) {
+        assert!(
+            tripped.elapsed() < Duration::from_secs(1),
+            "not open everywhere"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The route now answers never: a probe that reaches it holds its slot.
+    mock.script(ScriptKey::Any, [Reply::never()]);
+    let before = mock.request_count();
+    // Every replica keeps trying for 2 s, well past the open time.
+    let stop = Instant::now() + Duration::from_millis(2000);
+    let mut probes = Vec::new();
+    let mut hammer = Vec::new();
+    for (svc, _) in &replicas {
+        let (svc, base) = (svc.clone(), mock.url());
+        hammer.push(tokio::spawn(async move {
+            let mut hung = Vec::new();
+            while Instant::now() < stop {
+                let svc = svc.clone();
+                let req = testing::chat_request(&base, "gpt-4o", false);
+                let call = tokio::spawn(async move { svc.oneshot(req).await.map(|_| ()) });
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if !call.is_finished() {
+                    // Still waiting: it is a probe in flight.
+                    hung.push(call);
+                }
+            }
+            hung
+        }));
+    }
+    for h in hammer {
+        probes.extend(h.await?);
+    }
+    assert_eq!(
+        mock.request_count() - before,
+        1,
+        "one probe across the fleet"
+    );
+    assert_eq!(probes.len(), 1);
+    // A probe whose future is dropped frees its slot: another one goes.
+    for p in probes {
+        p.abort();
+    }
+    let freed = Instant::now();
+    while mock.request_count() - before < 2 {
+        assert!(
+            freed.elapsed() < Duration::from_secs(2),
+            "the slot was not freed"
+        );
+        for (svc, _) in &replicas {
+            let (svc, base) = (svc.clone(), mock.url());
+            tokio::spawn(async move {
+                let _ = svc
+                    .oneshot(testing::chat_request(&base, "gpt-4o", false))
+                    .await;
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(mock.request_count() - before, 2, "again exactly one probe");
+    Ok(())
+}

@@ -44,9 +44,53 @@ pub(crate) struct Shared {
     /// Metrics and alerts of the transitions; read only when a route is first seen and at a
     /// transition.
     observer: RwLock<Option<Arc<Observer>>>,
+    /// The health store shared with other replicas, when there is one.
+    fleet: std::sync::OnceLock<super::fleet::Fleet>,
+    /// The last exchange with the health store failed.
+    fleet_down: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
+    pub(crate) fn fleet(&self) -> Option<&super::fleet::Fleet> {
+        self.fleet.get()
+    }
+
+    pub(crate) fn fleet_down(&self) -> bool {
+        self.fleet_down.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_fleet_down(&self, down: bool) {
+        self.fleet_down
+            .store(down, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether calls must fail closed: the health store is down and the policy says so.
+    pub(crate) fn fleet_refuses(&self) -> bool {
+        self.fleet()
+            .is_some_and(|f| f.mode == crate::policy::StoreMode::FailClosed)
+            && self.fleet_down()
+    }
+
+    pub(crate) fn fleet_rules(&self) -> super::fleet::FleetRules {
+        let p = &self.config.policy;
+        super::fleet::FleetRules {
+            failure_rate: p.failure_rate,
+            open_for: p.open_base,
+            half_open_probes: p.half_open_probes,
+            probe_ttl: p.open_cap.max(std::time::Duration::from_secs(10)),
+        }
+    }
+
+    /// Every route seen so far.
+    pub(crate) fn routes(&self) -> Vec<Arc<RouteState>> {
+        self.routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
     /// The route's breaker, created on first use. The map is read-mostly: a read lock for
     /// every call, the write lock only when a route is seen for the first time.
     pub(crate) fn route(&self, name: &RouteName) -> Arc<RouteState> {
@@ -260,6 +304,8 @@ impl CircuitBreakerLayer {
                 throttle_source: Mutex::new(throttle_source),
                 on_transition: RwLock::new(None),
                 observer: RwLock::new(None),
+                fleet: std::sync::OnceLock::new(),
+                fleet_down: std::sync::atomic::AtomicBool::new(false),
             }),
             classifier: SharedClassifier::default(),
         })
@@ -301,6 +347,32 @@ impl CircuitBreakerLayer {
     {
         self.shared.set_on_transition(Arc::new(f));
         self
+    }
+
+    /// Shares the breakers with every replica that uses the same health `store` (a
+    /// `redis::RedisHealth`, with the `redis` feature): see [`fleet`](super::fleet). `mode`
+    /// says what calls do while the store is down: carry on with this replica's breakers
+    /// (`Local`, the default), or fail with `ErrorKind::StoreUnavailable` (`FailClosed`).
+    ///
+    /// Must be called inside a Tokio runtime, before the layer makes services: it starts the
+    /// task that exchanges with the store.
+    pub fn health_store(
+        self,
+        store: Arc<dyn super::fleet::HealthStore>,
+        mode: crate::policy::StoreMode,
+    ) -> Result<Self, crate::BoxError> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| "a health store must be attached inside a Tokio runtime")?;
+        let fleet = super::fleet::Fleet {
+            store,
+            replica: crate::store::unique_id(),
+            mode,
+        };
+        if self.shared.fleet.set(fleet).is_err() {
+            return Err("this layer already has a health store".into());
+        }
+        runtime.spawn(super::fleet::keep_in_step(Arc::downgrade(&self.shared)));
+        Ok(self)
     }
 
     /// A handle on the breakers this layer's services share.

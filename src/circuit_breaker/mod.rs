@@ -185,6 +185,7 @@
 //! ```
 
 mod body;
+pub mod fleet;
 mod future;
 mod handle;
 mod layer;

@@ -10,6 +10,7 @@ use super::handle::CircuitBreakerHandle;
 use super::layer::{Config, Shared};
 use super::state::Verdict;
 use crate::StreamCause;
+use crate::attempt_log::LocalEventKind;
 use crate::classify::{FailureClass, SharedClassifier};
 use crate::context::RequestContext;
 use crate::error::{BoxError, Error, ErrorKind};
@@ -92,6 +93,12 @@ where
         let route = ctx.route_of(&req);
         let state = self.shared.route(&route);
         let sent = ctx.send();
+        if self.shared.fleet_refuses() {
+            let route = Some(route);
+            ctx.log().event(route, LocalEventKind::StoreUnavailable);
+            let error = Error::new(ErrorKind::StoreUnavailable);
+            return ResponseFuture::rejected(ctx.close_error(owner, error));
+        }
         // Without a backup route the throttle decides, not the open circuit (see `throttle`).
         let backup = ctx.fallback_available();
         match state.admit(&self.shared, sent.at, backup) {

@@ -266,6 +266,45 @@ struct Control {
     probes: u32,
     /// Probes that succeeded in a row since the circuit went half-open.
     probe_successes: u32,
+    /// What the fleet (a shared health store) granted, and what is still to be told to it.
+    fleet: FleetControl,
+}
+
+impl FleetControl {
+    /// A probe slot that was used without deciding anything serves the next probe.
+    fn reuse(&mut self) {
+        if self.managed {
+            self.slots += 1;
+        }
+    }
+
+    fn trip(&mut self, open_for: Duration) {
+        if self.managed {
+            self.tripped = Some(open_for);
+            self.closed = false;
+            self.slots = 0;
+        }
+    }
+
+    fn close(&mut self) {
+        if self.managed {
+            self.closed = true;
+            self.tripped = None;
+            self.slots = 0;
+        }
+    }
+}
+
+/// A route's part in a fleet of replicas: the probe slots the store granted this replica and
+/// has not seen used, and what the next exchange tells the store.
+#[derive(Debug, Default)]
+struct FleetControl {
+    /// A health store is attached: probes need a slot from it.
+    managed: bool,
+    slots: u32,
+    release: u32,
+    tripped: Option<Duration>,
+    closed: bool,
 }
 
 /// The breaker of one route.
@@ -282,6 +321,9 @@ pub(crate) struct RouteState {
     window: Option<Window>,
     /// Adaptive throttling for the calls that have no backup route.
     throttle: Option<Throttle>,
+    /// Outcomes recorded while closed since the last exchange with the health store; only
+    /// counted when there is one.
+    fleet_outcomes: Option<(AtomicU32, AtomicU32)>,
     control: Mutex<Control>,
 }
 
@@ -315,11 +357,18 @@ impl RouteState {
             in_flight: AtomicU32::new(0),
             window,
             throttle: shared.config.policy.throttle.as_ref().map(Throttle::new),
+            fleet_outcomes: shared
+                .fleet()
+                .map(|_| (AtomicU32::new(0), AtomicU32::new(0))),
             control: Mutex::new(Control {
                 open_until: None,
                 trips: 0,
                 probes: 0,
                 probe_successes: 0,
+                fleet: FleetControl {
+                    managed: shared.fleet().is_some(),
+                    ..FleetControl::default()
+                },
             }),
         }
     }
@@ -391,6 +440,13 @@ impl RouteState {
                 if now < until {
                     return Err(until - now);
                 }
+                // In a fleet a probe goes only with a slot the store granted this replica.
+                if c.fleet.managed {
+                    if c.fleet.slots == 0 {
+                        return Err(super::fleet::EXCHANGE_EVERY);
+                    }
+                    c.fleet.slots -= 1;
+                }
                 self.set_state(HALF_OPEN);
                 let generation = self.generation.load(Ordering::Acquire);
                 c.open_until = None;
@@ -408,8 +464,12 @@ impl RouteState {
             }
             _ => {
                 // Half-open.
-                if c.probes < shared.config.policy.half_open_probes {
+                let slot = !c.fleet.managed || c.fleet.slots > 0;
+                if c.probes < shared.config.policy.half_open_probes && slot {
                     c.probes += 1;
+                    if c.fleet.managed {
+                        c.fleet.slots -= 1;
+                    }
                     Ok(Admission::Probe { generation })
                 } else {
                     // A slot frees the moment a probe ends; there is no timer to report.
@@ -473,12 +533,16 @@ impl RouteState {
                 let slow_counts = slow && shared.config.policy.slow_call.is_some();
                 let t = match verdict {
                     // No health evidence: the slot is free again, the circuit stays half-open.
-                    Verdict::Neutral | Verdict::Refused => return None,
+                    Verdict::Neutral | Verdict::Refused => {
+                        c.fleet.reuse();
+                        return None;
+                    }
                     Verdict::Success if !slow_counts => {
                         // One good answer does not make a route that fails half its calls
                         // healthy: the circuit closes after `half_open_successes` in a row.
                         c.probe_successes = c.probe_successes.saturating_add(1);
                         if c.probe_successes < shared.config.policy.half_open_successes {
+                            c.fleet.reuse();
                             return None;
                         }
                         self.close(&mut c, CircuitState::HalfOpen)
@@ -539,6 +603,10 @@ impl RouteState {
         let mut c = self.lock();
         if self.current(generation, HALF_OPEN) {
             c.probes = c.probes.saturating_sub(1);
+            // Its fleet slot goes back to the store, for any replica's next probe.
+            if c.fleet.managed {
+                c.fleet.release += 1;
+            }
         }
     }
 
@@ -559,6 +627,9 @@ impl RouteState {
             .window
             .as_ref()
             .map(|w| w.record(self.elapsed(now), failure, slow));
+        if let Some((ok, failed)) = &self.fleet_outcomes {
+            if failure { failed } else { ok }.fetch_add(1, Ordering::Relaxed);
+        }
         // A success resets the consecutive count only once its body has ended well (see
         // `body_ended`): a stream that fails after a good head must not break the run.
         if failure {
@@ -625,6 +696,7 @@ impl RouteState {
         c.trips = c.trips.saturating_add(1);
         c.probes = 0;
         c.probe_successes = 0;
+        c.fleet.trip(open_for);
         self.set_state(OPEN);
         Transition {
             from,
@@ -635,6 +707,7 @@ impl RouteState {
     }
 
     fn close(&self, c: &mut Control, from: CircuitState) -> Transition {
+        c.fleet.close();
         c.open_until = None;
         c.trips = 0;
         c.probes = 0;
@@ -673,6 +746,123 @@ impl RouteState {
             open_for: None,
             trips: c.trips,
         })
+    }
+
+    /// What the next exchange tells the health store; taken, so that it is told once.
+    pub(crate) fn fleet_report(&self, shared: &Shared) -> super::fleet::HealthReport {
+        let (successes, failures) = match &self.fleet_outcomes {
+            Some((ok, failed)) => (
+                ok.swap(0, Ordering::Relaxed),
+                failed.swap(0, Ordering::Relaxed),
+            ),
+            None => (0, 0),
+        };
+        let mut c = self.lock();
+        let now = Instant::now();
+        let probing = match self.state.load(Ordering::Acquire) {
+            HALF_OPEN => true,
+            OPEN => c.open_until.is_none_or(|u| now >= u),
+            _ => false,
+        };
+        let want = if probing {
+            shared
+                .config
+                .policy
+                .half_open_probes
+                .saturating_sub(c.probes + c.fleet.slots)
+        } else {
+            0
+        };
+        super::fleet::HealthReport {
+            successes,
+            failures,
+            tripped: c.fleet.tripped.take(),
+            closed: std::mem::take(&mut c.fleet.closed),
+            want_probes: want,
+            release_probes: std::mem::take(&mut c.fleet.release),
+        }
+    }
+
+    /// An exchange failed: what it was to tell is told at the next one.
+    pub(crate) fn fleet_unreport(&self, r: super::fleet::HealthReport) {
+        if let Some((ok, failed)) = &self.fleet_outcomes {
+            ok.fetch_add(r.successes, Ordering::Relaxed);
+            failed.fetch_add(r.failures, Ordering::Relaxed);
+        }
+        let mut c = self.lock();
+        c.fleet.tripped = c.fleet.tripped.or(r.tripped);
+        c.fleet.closed |= r.closed;
+        c.fleet.release += r.release_probes;
+    }
+
+    /// Follows the fleet's view of the route: open where any replica tripped it, half-open
+    /// (with the slots granted) when its open time has passed, closed when another replica's
+    /// probes closed it.
+    pub(crate) fn fleet_apply(
+        &self,
+        shared: &Shared,
+        view: super::fleet::FleetHealth,
+        now: Instant,
+    ) {
+        use super::fleet::FleetState;
+        let mut c = self.lock();
+        let state = self.state.load(Ordering::Acquire);
+        if matches!(state, FORCED_OPEN | FORCED_CLOSED) {
+            return;
+        }
+        let t = match view.state {
+            FleetState::Open(left) => {
+                c.fleet.slots = 0;
+                let until = crate::duration::saturating_add(now, left);
+                match state {
+                    OPEN if c.open_until.is_some_and(|u| u >= until) => None,
+                    OPEN => {
+                        c.open_until = Some(until);
+                        None
+                    }
+                    _ => {
+                        // Tripped elsewhere: open here too, for as long as the fleet says.
+                        let from = decode(state);
+                        c.open_until = Some(until);
+                        c.probes = 0;
+                        c.probe_successes = 0;
+                        self.set_state(OPEN);
+                        Some(Transition {
+                            from,
+                            to: CircuitState::Open,
+                            open_for: Some(left),
+                            trips: c.trips,
+                        })
+                    }
+                }
+            }
+            FleetState::HalfOpen => {
+                c.fleet.slots += view.granted;
+                if state == OPEN {
+                    // The fleet's open time is over: probe as soon as a slot allows.
+                    c.open_until = Some(now);
+                }
+                None
+            }
+            // A trip made since the report was taken is told at the next exchange.
+            FleetState::Closed if c.fleet.tripped.is_some() => None,
+            FleetState::Closed => {
+                c.fleet.slots = 0;
+                match state {
+                    OPEN | HALF_OPEN => {
+                        let t = self.close(&mut c, decode(state));
+                        // Closed by the fleet: nothing to tell it back.
+                        c.fleet.closed = false;
+                        Some(t)
+                    }
+                    _ => None,
+                }
+            }
+        };
+        drop(c);
+        if let Some(t) = t {
+            shared.emit(&self.name, t);
+        }
     }
 
     /// The throttle's probability of turning a call with no backup away now; `None` without a

@@ -51,9 +51,11 @@
 #![cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 
 mod cache;
+mod health;
 mod scripts;
 
 pub use cache::RedisCache;
+pub use health::RedisHealth;
 
 use std::collections::HashSet;
 use std::fmt;

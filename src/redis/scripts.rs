@@ -161,6 +161,92 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 "#;
 
+/// One exchange of a replica's breaker with the fleet. KEYS: the route's state hash (`state`
+/// closed|open|half_open, `until` ms, `trips`), its window's successes and failures (hashes of
+/// bucket -> count), its probe slots (zset member -> expiry ms). ARGV: replica, successes,
+/// failures, tripped ms (0: no trip), closed (0/1), probes wanted, probes released,
+/// threshold (-1: no rate rule), min calls, window ms, buckets, probes at most, probe ttl ms,
+/// open ms. Returns `{state 0|1|2, ms left open, slots granted}`.
+const HEALTH: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local replica = ARGV[1]
+local ok, failed = tonumber(ARGV[2]), tonumber(ARGV[3])
+local tripped, closed = tonumber(ARGV[4]), tonumber(ARGV[5])
+local want, release = tonumber(ARGV[6]), tonumber(ARGV[7])
+local threshold, min_calls = tonumber(ARGV[8]), tonumber(ARGV[9])
+local window_ms, buckets = tonumber(ARGV[10]), math.max(1, tonumber(ARGV[11]))
+local max_probes, probe_ttl, open_ms = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
+local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
+local untl = tonumber(redis.call('HGET', KEYS[1], 'until') or '0')
+local trips = tonumber(redis.call('HGET', KEYS[1], 'trips') or '0')
+local function clear_window() redis.call('DEL', KEYS[2], KEYS[3]) end
+local function open(ms)
+  state = 'open'
+  untl = math.max(untl, now + ms)
+  trips = trips + 1
+  redis.call('DEL', KEYS[4])
+  clear_window()
+end
+-- Slots whose holder never gave them back, and the ones given back now.
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+if release > 0 then
+  for _, m in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+    if release == 0 then break end
+    if string.sub(m, 1, #replica + 1) == replica .. ':' then
+      redis.call('ZREM', KEYS[4], m)
+      release = release - 1
+    end
+  end
+end
+if closed == 1 and state ~= 'closed' and tripped == 0 then
+  state = 'closed'
+  untl = 0
+  trips = 0
+  redis.call('DEL', KEYS[4])
+  clear_window()
+end
+if tripped > 0 then open(tripped) end
+-- The window, in buckets of server time.
+local width = math.max(1, math.floor(window_ms / buckets))
+local b = math.floor(now / width)
+if state == 'closed' then
+  if ok > 0 then redis.call('HINCRBY', KEYS[2], b, ok) end
+  if failed > 0 then redis.call('HINCRBY', KEYS[3], b, failed) end
+  local calls, fails = 0, 0
+  for i = 2, 3 do
+    local kv = redis.call('HGETALL', KEYS[i])
+    for j = 1, #kv, 2 do
+      local bucket, n = tonumber(kv[j]), tonumber(kv[j + 1])
+      if bucket <= b - buckets then
+        redis.call('HDEL', KEYS[i], kv[j])
+      else
+        calls = calls + n
+        if i == 3 then fails = fails + n end
+      end
+    end
+  end
+  if threshold >= 0 and calls >= min_calls and calls > 0 and fails / calls >= threshold then
+    open(open_ms)
+  end
+end
+if state == 'open' and now >= untl then state = 'half_open' end
+local granted = 0
+if state == 'half_open' and want > 0 then
+  local held = redis.call('ZCARD', KEYS[4])
+  granted = math.max(0, math.min(want, max_probes - held))
+  for i = 1, granted do
+    redis.call('ZADD', KEYS[4], now + probe_ttl, replica .. ':' .. now .. ':' .. i .. ':' .. held)
+  end
+end
+redis.call('HSET', KEYS[1], 'state', state, 'until', untl, 'trips', trips)
+local keep = window_ms * 2 + probe_ttl + 60000
+for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], keep) end
+local code = 0
+if state == 'open' then code = 1 elseif state == 'half_open' then code = 2 end
+return {code, math.max(0, untl - now), granted}
+"#;
+
 /// A script with its SHA-1, sent by `EVALSHA` and, when the server does not have it yet,
 /// by `EVAL` (which also caches it).
 pub(super) struct Lua {
@@ -186,6 +272,7 @@ pub(super) struct Scripts {
     pub(super) cache_claim: Lua,
     pub(super) cache_fill: Lua,
     pub(super) cache_release: Lua,
+    pub(super) health: Lua,
 }
 
 impl Scripts {
@@ -201,6 +288,7 @@ impl Scripts {
             cache_claim: Lua::new(CACHE_CLAIM.to_owned()),
             cache_fill: Lua::new(CACHE_FILL.to_owned()),
             cache_release: Lua::new(CACHE_RELEASE.to_owned()),
+            health: Lua::new(HEALTH.to_owned()),
         }
     }
 }
