@@ -221,6 +221,29 @@ impl RedisStore {
             .map(|k| format!("{p}:{k}:{{{tag}}}"))
             .collect()
     }
+
+    /// Queues `script` (release or settle) over `lease`: the lease's id, the amount, the
+    /// window and the lease's time to live, retried for as long as the lease would live.
+    fn book_lease(
+        &self,
+        script: fn(&Scripts) -> &Lua,
+        owner: &str,
+        lease: Lease,
+        amount: u64,
+        window: Duration,
+    ) {
+        self.inner.queue(Booking {
+            script,
+            keys: self.spend_keys(owner),
+            args: bytes([
+                lease.id.to_string(),
+                amount.to_string(),
+                ms(window),
+                ms(lease.ttl),
+            ]),
+            retry_until: Instant::now() + lease.ttl,
+        });
+    }
 }
 
 /// A hash tag for `name`: the braces that delimit a tag (and `%`) escaped, so that no name
@@ -484,41 +507,21 @@ impl BudgetStore for RedisStore {
     }
 
     fn release(&self, owner: &str, lease: Lease, amount: u64, window: Duration) {
-        let inner = &self.inner;
-        if inner.local_lease(lease.id) {
-            inner.local.release(owner, lease, amount, window);
+        if self.inner.local_lease(lease.id) {
+            self.inner.local.release(owner, lease, amount, window);
             return;
         }
-        inner.queue(Booking {
-            script: |s| &s.release,
-            keys: self.spend_keys(owner),
-            args: bytes([
-                lease.id.to_string(),
-                amount.to_string(),
-                ms(window),
-                ms(lease.ttl),
-            ]),
-            retry_until: Instant::now() + lease.ttl,
-        });
+        self.book_lease(|s| &s.release, owner, lease, amount, window);
     }
 
     fn settle(&self, owner: &str, lease: Lease, reserved: u64, charged: u64, window: Duration) {
-        let inner = &self.inner;
-        if Inner::lock(&inner.local_leases).remove(&lease.id) {
-            inner.local.settle(owner, lease, reserved, charged, window);
+        if Inner::lock(&self.inner.local_leases).remove(&lease.id) {
+            self.inner
+                .local
+                .settle(owner, lease, reserved, charged, window);
             return;
         }
-        inner.queue(Booking {
-            script: |s| &s.settle,
-            keys: self.spend_keys(owner),
-            args: bytes([
-                lease.id.to_string(),
-                charged.to_string(),
-                ms(window),
-                ms(lease.ttl),
-            ]),
-            retry_until: Instant::now() + lease.ttl,
-        });
+        self.book_lease(|s| &s.settle, owner, lease, charged, window);
     }
 
     fn adjust(&self, owner: &str, refund: u64, charge: u64, window: Duration) {
