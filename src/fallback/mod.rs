@@ -120,6 +120,8 @@
 //! # }
 //! ```
 
+mod body;
+mod continuation;
 mod future;
 mod layer;
 mod route;
@@ -127,6 +129,7 @@ mod service;
 #[cfg(test)]
 mod tests;
 
+pub use continuation::{ContinuationSender, ContinuationService};
 pub use future::ResponseFuture;
 pub use layer::FallbackLayer;
 pub use service::Fallback;

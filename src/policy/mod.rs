@@ -39,12 +39,15 @@ pub use budget::{
 };
 pub use circuit_breaker::{CircuitBreakerPolicy, FailureRateRule, SlowCallRule};
 pub use error::PolicyError;
-pub use fallback::{CREDENTIAL_HEADERS, FallbackPolicy, RouteConfig, StaticResponse};
+pub use fallback::{CREDENTIAL_HEADERS, FallbackPolicy, PrefillForm, RouteConfig, StaticResponse};
 pub use idempotency::{IdempotencyPolicy, ReplayRule};
 pub use logging::LoggingPolicy;
 pub use retry::{BackoffPolicy, Jitter, RetryPolicy};
 pub use store::{StoreMode, StoreModes, StorePolicy};
-pub use stream::{CommitPoint, StreamPolicy, StreamSettings};
+pub use stream::{
+    CommitPoint, ContinuationCause, ContinuationPolicy, DEFAULT_CONTINUATION_INSTRUCTION,
+    StreamPolicy, StreamSettings,
+};
 
 /// The whole recovery policy: what each rung of the ladder may do.
 #[derive(Debug, Clone, PartialEq)]
