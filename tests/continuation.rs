@@ -67,7 +67,9 @@ fn policy(mock: &MockProvider, form: PrefillForm) -> Policy {
 
 fn stack(policy: &Policy) -> Resilient<Client> {
     let layer = ResilienceLayer::new(policy).unwrap_or_else(|e| panic!("valid policy: {e}"));
-    let mut client = ServiceBuilder::new().layer(layer).service(testing::client());
+    let mut client = ServiceBuilder::new()
+        .layer(layer)
+        .service(testing::client());
     client.get_mut().enable_continuation::<Full<Bytes>>();
     client
 }
@@ -299,14 +301,16 @@ async fn an_openai_stream_cut_after_three_content_events_is_finished_by_the_back
     // Two attempts: the cut one, then the continuation, each its own record.
     let attempts = log.attempts();
     assert_eq!(attempts.len(), 2, "{log}");
-    assert_eq!(attempts[0].route.as_ref().map(|r| r.as_str()), Some("primary"));
-    assert_eq!(attempts[1].route.as_ref().map(|r| r.as_str()), Some("backup"));
-    let delivered = events_len(&stream, 4);
     assert_eq!(
-        continues(&log),
-        [("backup".to_owned(), delivered)],
-        "{log}"
+        attempts[0].route.as_ref().map(|r| r.as_str()),
+        Some("primary")
     );
+    assert_eq!(
+        attempts[1].route.as_ref().map(|r| r.as_str()),
+        Some("backup")
+    );
+    let delivered = events_len(&stream, 4);
+    assert_eq!(continues(&log), [("backup".to_owned(), delivered)], "{log}");
     assert_eq!(
         ends(&log),
         [
@@ -319,10 +323,17 @@ async fn an_openai_stream_cut_after_three_content_events_is_finished_by_the_back
         Some(delivered)
     );
     assert_eq!(
-        attempts[1].stream.as_ref().and_then(|s| s.usage).map(|u| u.output_tokens),
+        attempts[1]
+            .stream
+            .as_ref()
+            .and_then(|s| s.usage)
+            .map(|u| u.output_tokens),
         Some(5)
     );
-    assert_eq!(log.snapshot().outcome, Some(Outcome::Success { status: 200 }));
+    assert_eq!(
+        log.snapshot().outcome,
+        Some(Outcome::Success { status: 200 })
+    );
     assert!(
         log.to_string()
             .contains(&format!("continue on backup after {delivered} bytes")),
@@ -340,7 +351,14 @@ async fn an_openai_stream_cut_after_three_content_events_is_finished_by_the_back
 async fn the_continuation_request_is_the_original_with_the_partial_answer_last() {
     let original = {
         let req = testing::chat_request("http://127.0.0.1:1", PRIMARY_MODEL, true);
-        String::from_utf8_lossy(&req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default()).into_owned()
+        String::from_utf8_lossy(
+            &req.into_body()
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default(),
+        )
+        .into_owned()
     };
     let instruction = serde_json::to_string(DEFAULT_CONTINUATION_INSTRUCTION).unwrap_or_default();
     for (form, added) in [
@@ -386,8 +404,8 @@ async fn the_continuation_request_is_the_original_with_the_partial_answer_last()
             requests[1].headers["content-length"],
             want.len().to_string().as_str()
         );
-        let has_instruction = String::from_utf8_lossy(&requests[1].body)
-            .contains(DEFAULT_CONTINUATION_INSTRUCTION);
+        let has_instruction =
+            String::from_utf8_lossy(&requests[1].body).contains(DEFAULT_CONTINUATION_INSTRUCTION);
         assert_eq!(has_instruction, form == PrefillForm::OpenAi, "{form:?}");
     }
 }
@@ -420,12 +438,10 @@ async fn an_anthropic_stream_cut_after_three_content_events_is_finished_by_the_b
     let requests = mock.requests();
     assert_eq!(requests[1].path, "/backup/v1/messages");
     assert_eq!(requests[1].prefill.as_deref(), Some("The quick brown"));
-    let want = ANTHROPIC_BODY
-        .replace(PRIMARY_MODEL, BACKUP_MODEL)
-        .replace(
-            r#""content":"hello"}"#,
-            r#""content":"hello"},{"role":"assistant","content":"The quick brown"}"#,
-        );
+    let want = ANTHROPIC_BODY.replace(PRIMARY_MODEL, BACKUP_MODEL).replace(
+        r#""content":"hello"}"#,
+        r#""content":"hello"},{"role":"assistant","content":"The quick brown"}"#,
+    );
     assert_eq!(String::from_utf8_lossy(&requests[1].body), want);
     assert!(!want.contains("Continue exactly"));
     assert_eq!(requests[1].headers["anthropic-version"], "2023-06-01");
@@ -488,7 +504,11 @@ async fn a_continuation_that_is_cut_itself_ends_in_stream_interrupted() {
         .unwrap_or_else(|| panic!("well-formed events: {stream}"))
         .iter()
         .filter_map(|e| serde_json::from_str::<Value>(&e.data).ok())
-        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
         .collect();
     assert_eq!(text, "The quick brown fox jumps ");
     assert!(!stream.contains("[DONE]"));
@@ -521,10 +541,12 @@ async fn two_continuations_when_the_policy_allows_two() {
         [Reply::openai_continuation("second-model", &ANSWER)],
     );
     let mut policy = policy(&mock, PrefillForm::OpenAi);
-    policy
-        .fallback
-        .routes
-        .push(backup(&mock, "second", "second-model", Some(PrefillForm::OpenAi)));
+    policy.fallback.routes.push(backup(
+        &mock,
+        "second",
+        "second-model",
+        Some(PrefillForm::OpenAi),
+    ));
     policy.stream.continuation.max_continuations = 2;
     let mut svc = stack(&policy);
     let response = call(&mut svc, openai_request(&mock)).await;
@@ -534,7 +556,10 @@ async fn two_continuations_when_the_policy_allows_two() {
     assert_eq!(openai_stream_text(&stream), canonical());
     let requests = mock.requests();
     assert_eq!(requests.len(), 3);
-    assert_eq!(requests[2].prefill.as_deref(), Some("The quick brown fox jumps "));
+    assert_eq!(
+        requests[2].prefill.as_deref(),
+        Some("The quick brown fox jumps ")
+    );
     let c = continues(&log);
     assert_eq!(
         c.iter().map(|(to, _)| to.as_str()).collect::<Vec<_>>(),
@@ -700,7 +725,9 @@ async fn spend_counts_both_attempts() {
     policy.budget.spend = Some(spend);
     let layer = ResilienceLayer::new(&policy).unwrap_or_else(|e| panic!("{e}"));
     let handle = layer.spend().unwrap_or_else(|| panic!("a spend handle"));
-    let mut svc = ServiceBuilder::new().layer(layer).service(testing::client());
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(testing::client());
     svc.get_mut().enable_continuation::<Full<Bytes>>();
     let response = call(&mut svc, openai_request(&mock)).await;
     // Each attempt reserves 71 (7 prompt tokens, 64 output); the continuation's is taken only
@@ -745,7 +772,10 @@ fn the_policy_file_turns_it_on_per_route() {
     assert!(c.enabled);
     assert_eq!(
         c.causes,
-        [ContinuationCause::ConnectionLost, ContinuationCause::Truncated]
+        [
+            ContinuationCause::ConnectionLost,
+            ContinuationCause::Truncated
+        ]
     );
     assert_eq!(c.max_continuations, 2);
     assert_eq!(
@@ -768,5 +798,222 @@ fn the_policy_file_turns_it_on_per_route() {
         Some("stream.continuation.max_continuations".to_owned())
     );
     // Unknown fields stay errors.
-    assert!(toml::from_str::<Policy>(&toml.replace("max_continuations", "max_contnuations")).is_err());
+    assert!(
+        toml::from_str::<Policy>(&toml.replace("max_continuations", "max_contnuations")).is_err()
+    );
+}
+
+// ------------------------------------------------------------------------------ property
+
+mod any_cut {
+    use super::*;
+    use std::collections::VecDeque;
+    use std::convert::Infallible;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use http_body::Frame;
+    use proptest::prelude::*;
+    use tower_llm_resilience::replay::ReplayBody;
+
+    /// An OpenAI chat stream of `chunks` with chunk id `id`, as providers write it.
+    fn stream_of(id: &str, chunks: &[String]) -> Vec<u8> {
+        let head = format!(r#""id":"{id}","object":"chat.completion.chunk","model":"m""#);
+        let mut s = format!(
+            "data: {{{head},\"choices\":[{{\"index\":0,\"delta\":{{\"role\":\"assistant\",\"content\":\"\"}},\"finish_reason\":null}}]}}\n\n"
+        );
+        for c in chunks {
+            let text = serde_json::to_string(c).unwrap_or_default();
+            s.push_str(&format!(
+                "data: {{{head},\"choices\":[{{\"index\":0,\"delta\":{{\"content\":{text}}},\"finish_reason\":null}}]}}\n\n"
+            ));
+        }
+        s.push_str(&format!(
+            "data: {{{head},\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"stop\"}}]}}\n\n"
+        ));
+        s.push_str(&format!(
+            "data: {{{head},\"choices\":[],\"usage\":{{\"prompt_tokens\":9,\"completion_tokens\":{}}}}}\n\n",
+            chunks.len()
+        ));
+        s.push_str("data: [DONE]\n\n");
+        s.into_bytes()
+    }
+
+    /// A body of the given chunks that ends cleanly, or with an error when `cut`.
+    struct Chunks {
+        chunks: VecDeque<Bytes>,
+        cut: bool,
+    }
+
+    impl http_body::Body for Chunks {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            if let Some(c) = self.chunks.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(c))));
+            }
+            if self.cut {
+                self.cut = false;
+                return Poll::Ready(Some(Err(std::io::Error::other("connection reset"))));
+            }
+            Poll::Ready(None)
+        }
+    }
+
+    /// `bytes` up to `cut` (all of it when `None`), split at `points`.
+    fn body(bytes: &[u8], cut: Option<usize>, points: &[usize]) -> Chunks {
+        let end = cut.map_or(bytes.len(), |c| c.min(bytes.len()));
+        let mut at: Vec<usize> = points.iter().map(|p| p % (end + 1)).collect();
+        at.sort_unstable();
+        let mut chunks = VecDeque::new();
+        let mut from = 0;
+        for p in at.into_iter().chain([end]) {
+            if p > from {
+                chunks.push_back(Bytes::copy_from_slice(&bytes[from..p]));
+                from = p;
+            }
+        }
+        Chunks {
+            chunks,
+            cut: end < bytes.len(),
+        }
+    }
+
+    fn answer() -> Vec<String> {
+        ANSWER.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    /// The text of the OpenAI chunks of a caller's stream; a partial event at the end is not
+    /// text the caller can read.
+    fn text_of(stream: &str) -> String {
+        stream
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter_map(|v| {
+                v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect()
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => panic!("a test runtime: {e}"),
+        }
+    }
+
+    fn config() -> ProptestConfig {
+        let c = ProptestConfig {
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        };
+        if std::env::var_os("PROPTEST_CASES").is_some() {
+            return c;
+        }
+        ProptestConfig { cases: 96, ..c }
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        /// For any cut point and chunking of the primary's stream, and any cut (or none) of the
+        /// continuation's: the caller's text is a prefix of the canonical answer or the whole of
+        /// it, and a clean end is the whole of it in one well-formed stream.
+        #[test]
+        fn the_callers_text_is_a_prefix_and_a_clean_end_is_whole(
+            cut in proptest::option::weighted(0.9, 0usize..2000),
+            points in proptest::collection::vec(0usize..2000, 0..12),
+            backup_cut in proptest::option::weighted(0.3, 0usize..2000),
+            backup_points in proptest::collection::vec(0usize..2000, 0..6),
+        ) {
+            let whole_answer = canonical();
+            let primary = stream_of("p1", &answer());
+            let transport = tower::service_fn(move |req: Request<Full<Bytes>>| {
+                let primary = primary.clone();
+                let points = points.clone();
+                let backup_points = backup_points.clone();
+                async move {
+                    let body = if req.uri().path().starts_with("/backup") {
+                        let sent = req.body().to_bytes().unwrap_or_default();
+                        let prefill = serde_json::from_slice::<Value>(&sent)
+                            .ok()
+                            .and_then(|v| {
+                                let last = v["messages"].as_array()?.last()?.clone();
+                                (last["role"] == "assistant")
+                                    .then(|| last["content"].as_str().map(str::to_owned))
+                                    .flatten()
+                            })
+                            .unwrap_or_default();
+                        let whole = canonical();
+                        let Some(rest) = whole.strip_prefix(prefill.as_str()) else {
+                            let response = Response::builder()
+                                .status(400)
+                                .body(body(b"{}", None, &[]))
+                                .unwrap_or_else(|e| panic!("{e}"));
+                            return Ok::<_, Infallible>(response);
+                        };
+                        let words: Vec<String> =
+                            rest.split_inclusive(' ').map(str::to_owned).collect();
+                        body(&stream_of("b1", &words), backup_cut, &backup_points)
+                    } else {
+                        body(&primary, cut, &points)
+                    };
+                    let response = Response::builder()
+                        .header("content-type", "text/event-stream")
+                        .body(body)
+                        .unwrap_or_else(|e| panic!("{e}"));
+                    Ok::<_, Infallible>(response)
+                }
+            });
+            let mut policy = Policy::interactive();
+            policy.retry.seed = Some(3);
+            policy.stream.continuation = ContinuationPolicy::enabled();
+            policy.fallback.routes = vec![
+                RouteConfig::new("backup")
+                    .base_url("http://127.0.0.1:9/backup")
+                    .model("backup-model")
+                    .prefill(PrefillForm::OpenAi),
+            ];
+            let layer = ResilienceLayer::new(&policy).unwrap_or_else(|e| panic!("{e}"));
+            let mut svc = ServiceBuilder::new().layer(layer).service(transport);
+            svc.get_mut().enable_continuation::<Full<Bytes>>();
+            let (stream, error, answered) = runtime().block_on(async move {
+                let req = testing::chat_request("http://127.0.0.1:9", "primary-model", true);
+                match svc.ready().await {
+                    Ok(svc) => match svc.call(req).await {
+                        Ok(response) => {
+                            let (stream, error) = read(response.into_body()).await;
+                            (stream, error, true)
+                        }
+                        Err(e) => (String::new(), Some(e), false),
+                    },
+                    Err(e) => (String::new(), Some(e), false),
+                }
+            });
+            let text = text_of(&stream);
+            prop_assert!(whole_answer.starts_with(&text), "{text:?} is not a prefix\n{stream}");
+            if error.is_none() {
+                prop_assert!(answered);
+                prop_assert_eq!(openai_stream_text(&stream), whole_answer);
+            } else if answered {
+                let interrupted = matches!(
+                    error.as_ref().map(Error::kind),
+                    Some(ErrorKind::StreamInterrupted { delivered_bytes, .. })
+                        if *delivered_bytes == stream.len() as u64
+                );
+                prop_assert!(interrupted, "{error:?}");
+            }
+        }
+    }
 }

@@ -14,6 +14,9 @@ use crate::sse::event::Scanner;
 use crate::sse::splice::{Splicer, Transcript};
 use crate::{Body, BoxError, Error, ErrorKind, StreamCause};
 
+/// What a poll of the body gives.
+type Next = Poll<Option<Result<Frame<Bytes>, Error>>>;
+
 /// Where the body stands.
 enum Phase {
     /// Passing the served stream on, whole events at a time.
@@ -78,7 +81,7 @@ impl ContinuingBody {
         }
     }
 
-    fn data(&mut self, data: Bytes) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+    fn data(&mut self, data: Bytes) -> Next {
         self.delivered = self.delivered.saturating_add(data.len() as u64);
         Poll::Ready(Some(Ok(Frame::data(data))))
     }
@@ -114,7 +117,7 @@ impl ContinuingBody {
 
     /// The served stream failed with `e`: continue it if the policy and the plan allow, else
     /// hand over the tail and `e`.
-    fn served_failed(&mut self, e: Error) -> Option<Poll<Option<Result<Frame<Bytes>, Error>>>> {
+    fn served_failed(&mut self, e: Error) -> Option<Next> {
         if let ErrorKind::StreamInterrupted { cause, .. } = e.kind() {
             if self.start(cause.clone()) {
                 self.tail.clear();
@@ -165,7 +168,7 @@ impl ContinuingBody {
         self.failed = Some(e);
     }
 
-    fn done(&mut self) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+    fn done(&mut self) -> Next {
         if !self.tail.is_empty() {
             let tail = self.tail.split().freeze();
             return self.data(tail);
@@ -188,10 +191,7 @@ impl http_body::Body for ContinuingBody {
     type Data = Bytes;
     type Error = Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Next {
         let this = self.get_mut();
         loop {
             match &mut this.phase {

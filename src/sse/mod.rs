@@ -103,6 +103,9 @@ impl Framer {
             if let [b'\n', rest @ ..] = chunk {
                 chunk = rest;
                 at += 1;
+                if self.at_rest() {
+                    self.rest = at;
+                }
             }
         }
         while let Some(pos) = memchr::memchr2(b'\n', b'\r', chunk) {
@@ -226,5 +229,50 @@ impl Framer {
         self.data.clear();
         self.event.clear();
         self.has_data = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rest_and_event_starts_are_the_same_over_any_split() {
+        let s: &[u8] = b"data: a\n\n: c\n\nid: 1\nevent: e\ndata: b\r\n\r\ndata: x";
+        let pos = |needle: &[u8]| {
+            s.windows(needle.len())
+                .position(|w| w == needle)
+                .unwrap_or(usize::MAX) as u64
+        };
+        let (comment, id, last) = (pos(b": c"), pos(b"id: 1"), pos(b"data: x"));
+        // Every line end with no event in progress: after an event's blank line, a comment
+        // line, a blank line, a field of no event (`id`); a `\r\n` split after its `\r` ends
+        // the line there.
+        let boundaries = [
+            0,
+            comment,
+            comment + 4,
+            id,
+            pos(b"event: e"),
+            last - 1,
+            last,
+        ];
+        for split in 0..=s.len() {
+            let mut f = Framer::default();
+            let mut starts = Vec::new();
+            let mut on = |frame: Frame<'_>| {
+                if let Frame::Event { start, .. } = frame {
+                    starts.push(start);
+                }
+            };
+            f.feed(&s[..split], &mut on);
+            assert!(f.rest() <= split as u64, "{split}");
+            assert!(boundaries.contains(&f.rest()), "{split}: {}", f.rest());
+            f.feed(&s[split..], &mut on);
+            assert_eq!(f.rest(), last, "{split}");
+            f.finish(&mut on);
+            assert_eq!(f.rest(), s.len() as u64);
+            assert_eq!(starts, [0, pos(b"event: e"), last], "{split}");
+        }
     }
 }

@@ -176,10 +176,8 @@ impl Transcript {
                     None => self.block("a delta that is not text"),
                 }
             }
-            b"content_block_stop" => {
-                if self.open_block == Some(index_of(&v)) {
-                    self.open_block = None;
-                }
+            b"content_block_stop" if self.open_block == Some(index_of(&v)) => {
+                self.open_block = None;
             }
             _ if ev.kind == EventKind::Content => {
                 self.block("content of an API without prefill continuation");
