@@ -924,6 +924,124 @@ mod any_cut {
         ProptestConfig { cases: 96, ..c }
     }
 
+    /// The stack over a fake transport: the primary answers `primary` cut at `cut` in
+    /// `points`; the backup continues from the prefill, cut at `backup_cut`.
+    fn fake_stack(
+        policy: &Policy,
+        cut: Option<usize>,
+        points: Vec<usize>,
+        backup_cut: Option<usize>,
+        backup_points: Vec<usize>,
+    ) -> impl Service<Request<Full<Bytes>>, Response = Response<Body>, Error = Error, Future: Send> + use<>
+    {
+        let primary = stream_of("p1", &answer());
+        let transport = tower::service_fn(move |req: Request<Full<Bytes>>| {
+            let primary = primary.clone();
+            let points = points.clone();
+            let backup_points = backup_points.clone();
+            async move {
+                let body = if req.uri().path().starts_with("/backup") {
+                    let sent = req.body().to_bytes().unwrap_or_default();
+                    let prefill = serde_json::from_slice::<Value>(&sent)
+                        .ok()
+                        .and_then(|v| {
+                            let last = v["messages"].as_array()?.last()?.clone();
+                            (last["role"] == "assistant")
+                                .then(|| last["content"].as_str().map(str::to_owned))
+                                .flatten()
+                        })
+                        .unwrap_or_default();
+                    let whole = canonical();
+                    let Some(rest) = whole.strip_prefix(prefill.as_str()) else {
+                        let response = Response::builder()
+                            .status(400)
+                            .body(body(b"{}", None, &[]))
+                            .unwrap_or_else(|e| panic!("{e}"));
+                        return Ok::<_, Infallible>(response);
+                    };
+                    let words: Vec<String> = rest.split_inclusive(' ').map(str::to_owned).collect();
+                    body(&stream_of("b1", &words), backup_cut, &backup_points)
+                } else {
+                    body(&primary, cut, &points)
+                };
+                let response = Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(body)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let layer = ResilienceLayer::new(policy).unwrap_or_else(|e| panic!("{e}"));
+        let mut svc = ServiceBuilder::new().layer(layer).service(transport);
+        svc.get_mut().enable_continuation::<Full<Bytes>>();
+        svc
+    }
+
+    fn fake_policy() -> Policy {
+        let mut policy = Policy::interactive();
+        policy.retry.seed = Some(3);
+        policy.stream.continuation = ContinuationPolicy::enabled();
+        policy.fallback.routes = vec![
+            RouteConfig::new("backup")
+                .base_url("http://127.0.0.1:9/backup")
+                .model("backup-model")
+                .prefill(PrefillForm::OpenAi),
+        ];
+        policy
+    }
+
+    /// Sends one streamed request: what reached the caller, the error it ended with, and
+    /// whether a response came at all.
+    fn run<S>(svc: S) -> (String, Option<Error>, bool)
+    where
+        S: Service<Request<Full<Bytes>>, Response = Response<Body>, Error = Error>,
+    {
+        let mut svc = svc;
+        runtime().block_on(async move {
+            let req = testing::chat_request("http://127.0.0.1:9", "primary-model", true);
+            match svc.ready().await {
+                Ok(svc) => match svc.call(req).await {
+                    Ok(response) => {
+                        let (stream, error) = read(response.into_body()).await;
+                        (stream, error, true)
+                    }
+                    Err(e) => (String::new(), Some(e), false),
+                },
+                Err(e) => (String::new(), Some(e), false),
+            }
+        })
+    }
+
+    #[test]
+    fn a_cut_inside_an_event_reaches_the_caller_only_when_not_continued() {
+        let primary = stream_of("p1", &answer());
+        // Four whole events and half of the fifth.
+        let fourth = {
+            let s = String::from_utf8_lossy(&primary).into_owned();
+            events_len(&s, 4) as usize
+        };
+        let cut = fourth + 20;
+        let (stream, error, _) = run(fake_stack(&fake_policy(), Some(cut), vec![], None, vec![]));
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(openai_stream_text(&stream), canonical());
+        // The four whole events as they came, then the continuation: no part of the fifth
+        // (which `openai_stream_text` would have found malformed).
+        assert_eq!(&stream.as_bytes()[..fourth], &primary[..fourth]);
+
+        // Not a cause to continue: the stream ends as the guard ended it, partial event and all.
+        let mut policy = fake_policy();
+        policy.stream.continuation.causes = vec![ContinuationCause::IdleTimeout];
+        let (stream, error, _) = run(fake_stack(&policy, Some(cut), vec![7, 300], None, vec![]));
+        assert_eq!(stream.as_bytes(), &primary[..cut]);
+        assert_eq!(
+            error.map(|e| e.kind().clone()),
+            Some(ErrorKind::StreamInterrupted {
+                delivered_bytes: cut as u64,
+                cause: StreamCause::Disconnected
+            })
+        );
+    }
+
     proptest! {
         #![proptest_config(config())]
 
@@ -938,69 +1056,8 @@ mod any_cut {
             backup_points in proptest::collection::vec(0usize..2000, 0..6),
         ) {
             let whole_answer = canonical();
-            let primary = stream_of("p1", &answer());
-            let transport = tower::service_fn(move |req: Request<Full<Bytes>>| {
-                let primary = primary.clone();
-                let points = points.clone();
-                let backup_points = backup_points.clone();
-                async move {
-                    let body = if req.uri().path().starts_with("/backup") {
-                        let sent = req.body().to_bytes().unwrap_or_default();
-                        let prefill = serde_json::from_slice::<Value>(&sent)
-                            .ok()
-                            .and_then(|v| {
-                                let last = v["messages"].as_array()?.last()?.clone();
-                                (last["role"] == "assistant")
-                                    .then(|| last["content"].as_str().map(str::to_owned))
-                                    .flatten()
-                            })
-                            .unwrap_or_default();
-                        let whole = canonical();
-                        let Some(rest) = whole.strip_prefix(prefill.as_str()) else {
-                            let response = Response::builder()
-                                .status(400)
-                                .body(body(b"{}", None, &[]))
-                                .unwrap_or_else(|e| panic!("{e}"));
-                            return Ok::<_, Infallible>(response);
-                        };
-                        let words: Vec<String> =
-                            rest.split_inclusive(' ').map(str::to_owned).collect();
-                        body(&stream_of("b1", &words), backup_cut, &backup_points)
-                    } else {
-                        body(&primary, cut, &points)
-                    };
-                    let response = Response::builder()
-                        .header("content-type", "text/event-stream")
-                        .body(body)
-                        .unwrap_or_else(|e| panic!("{e}"));
-                    Ok::<_, Infallible>(response)
-                }
-            });
-            let mut policy = Policy::interactive();
-            policy.retry.seed = Some(3);
-            policy.stream.continuation = ContinuationPolicy::enabled();
-            policy.fallback.routes = vec![
-                RouteConfig::new("backup")
-                    .base_url("http://127.0.0.1:9/backup")
-                    .model("backup-model")
-                    .prefill(PrefillForm::OpenAi),
-            ];
-            let layer = ResilienceLayer::new(&policy).unwrap_or_else(|e| panic!("{e}"));
-            let mut svc = ServiceBuilder::new().layer(layer).service(transport);
-            svc.get_mut().enable_continuation::<Full<Bytes>>();
-            let (stream, error, answered) = runtime().block_on(async move {
-                let req = testing::chat_request("http://127.0.0.1:9", "primary-model", true);
-                match svc.ready().await {
-                    Ok(svc) => match svc.call(req).await {
-                        Ok(response) => {
-                            let (stream, error) = read(response.into_body()).await;
-                            (stream, error, true)
-                        }
-                        Err(e) => (String::new(), Some(e), false),
-                    },
-                    Err(e) => (String::new(), Some(e), false),
-                }
-            });
+            let svc = fake_stack(&fake_policy(), cut, points, backup_cut, backup_points);
+            let (stream, error, answered) = run(svc);
             let text = text_of(&stream);
             prop_assert!(whole_answer.starts_with(&text), "{text:?} is not a prefix\n{stream}");
             if error.is_none() {

@@ -56,6 +56,8 @@ pub(crate) struct ContinuingBody {
     delivered: u64,
     /// The cause of the last failure, for the error a failed continuation ends with.
     cause: Option<StreamCause>,
+    /// The served stream's trailers, handed over after `tail`.
+    trailers: Option<Frame<Bytes>>,
     /// The error handed over after `tail`.
     failed: Option<Error>,
     out: BytesMut,
@@ -75,6 +77,7 @@ impl ContinuingBody {
             held_from: None,
             delivered: 0,
             cause: None,
+            trailers: None,
             failed: None,
             out: BytesMut::new(),
             plan: Box::new(plan),
@@ -131,11 +134,24 @@ impl ContinuingBody {
 
     /// Starts a continuation after `cause`, if one may be made.
     fn start(&mut self, cause: StreamCause) -> bool {
-        if !self.plan.allows(&cause) || self.transcript.continuable().is_err() {
+        if !self.plan.allows(&cause) {
+            return false;
+        }
+        if let Err(reason) = self.transcript.continuable() {
+            tracing::debug!(
+                target: "tower_llm_resilience::fallback",
+                reason,
+                "stream not continued"
+            );
             return false;
         }
         let text = self.transcript.text();
         let Some((_, skip, future)) = self.plan.start(&cause, text, self.delivered) else {
+            tracing::debug!(
+                target: "tower_llm_resilience::fallback",
+                reason = "no route can take it, or a limit says no",
+                "stream not continued"
+            );
             return false;
         };
         self.cause = Some(cause);
@@ -173,6 +189,9 @@ impl ContinuingBody {
             let tail = self.tail.split().freeze();
             return self.data(tail);
         }
+        if let Some(trailers) = self.trailers.take() {
+            return Poll::Ready(Some(Ok(trailers)));
+        }
         Poll::Ready(self.failed.take().map(Err))
     }
 }
@@ -203,7 +222,12 @@ impl http_body::Body for ContinuingBody {
                                 return this.data(out);
                             }
                         }
-                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                        // Trailers end the stream: after the tail.
+                        Err(frame) => {
+                            this.trailers = Some(frame);
+                            this.phase = Phase::Done;
+                            return this.done();
+                        }
                     },
                     Some(Err(e)) => {
                         if let Some(out) = this.served_failed(e) {
@@ -290,6 +314,9 @@ impl http_body::Body for ContinuingBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.phase, Phase::Done) && self.tail.is_empty() && self.failed.is_none()
+        matches!(self.phase, Phase::Done)
+            && self.tail.is_empty()
+            && self.trailers.is_none()
+            && self.failed.is_none()
     }
 }
