@@ -181,6 +181,15 @@ pub enum Decision {
     },
     /// Go no further on this rung.
     Stop(StopReason),
+    /// The stream was cut after its commit point and is continued on another route: the
+    /// partial answer goes to `to` as a prefill, and its new tokens follow in the caller's
+    /// stream. The continuation is the next attempt on `to`.
+    Continue {
+        /// The route that continues the answer.
+        to: RouteName,
+        /// Bytes the caller had received before the continuation.
+        delivered_bytes: u64,
+    },
 }
 
 impl fmt::Display for Decision {
@@ -196,6 +205,10 @@ impl fmt::Display for Decision {
             }
             Decision::Fallback { to } => write!(f, "fallback to {to}"),
             Decision::Stop(r) => write!(f, "stop: {}", r.as_str()),
+            Decision::Continue {
+                to,
+                delivered_bytes,
+            } => write!(f, "continue on {to} after {delivered_bytes} bytes"),
         }
     }
 }

@@ -480,3 +480,68 @@ fn refusals_are_counted_by_reason() {
         );
     });
 }
+
+#[test]
+fn a_continued_stream_is_counted_by_its_routes() {
+    use http_body_util::Full;
+    use tower_llm_resilience::policy::{ContinuationPolicy, PrefillForm};
+
+    const ANSWER: [&str; 4] = ["The ", "quick ", "brown ", "fox."];
+    let recorder = DebuggingRecorder::new();
+    let metrics = recorder.snapshotter();
+    with_recorder(&recorder, async move {
+        let mock = MockProvider::start().await.expect("mock starts");
+        let mut p = policy(&mock);
+        p.stream.continuation = ContinuationPolicy::enabled();
+        p.fallback.routes = vec![
+            tower_llm_resilience::policy::RouteConfig::new("backup")
+                .base_url(format!("{}/backup", mock.url()))
+                .model("backup-model")
+                .prefill(PrefillForm::OpenAi),
+        ];
+        // The role chunk and two content chunks, then the connection drops.
+        mock.script(
+            ScriptKey::model("gpt-4o"),
+            [Reply::openai_stream("gpt-4o", &ANSWER).cut_after(3)],
+        );
+        mock.script(
+            ScriptKey::model("backup-model"),
+            [Reply::openai_continuation("backup-model", &ANSWER)],
+        );
+        let mut svc = ServiceBuilder::new()
+            .layer(ResilienceLayer::new(&p).expect("valid policy"))
+            .service(testing::client());
+        svc.get_mut().enable_continuation::<Full<bytes::Bytes>>();
+        let response = svc
+            .ready()
+            .await
+            .expect("ready")
+            .call(testing::chat_request(&mock.url(), "gpt-4o", true))
+            .await
+            .expect("a committed stream");
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("a whole answer");
+        assert!(String::from_utf8_lossy(&body.to_bytes()).contains("[DONE]"));
+
+        let s = Snap::take(&metrics);
+        assert_eq!(
+            s.counter(
+                n::STREAMS_CONTINUED,
+                &[(n::FROM_ROUTE, "primary"), (n::TO_ROUTE, "backup")]
+            ),
+            1,
+            "{:?}",
+            s.labels_of(n::STREAMS_CONTINUED)
+        );
+        // The primary's stream was still cut: its interruption is counted, and the request
+        // succeeded.
+        assert_eq!(
+            s.counter(n::STREAMS_INTERRUPTED, &[(n::ROUTE, "primary")]),
+            1
+        );
+        assert_eq!(s.counter(n::REQUESTS, &[(n::OUTCOME, "success")]), 1);
+    });
+}

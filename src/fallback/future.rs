@@ -11,6 +11,8 @@ use http::{HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
+use super::body::ContinuingBody;
+use super::continuation::{Plan, SendContinuation};
 use super::layer::Config;
 use super::route::Route;
 use super::{LAST_RESORT_HEADER, ROUTE_HEADER};
@@ -21,6 +23,15 @@ use crate::policy::FallbackRule;
 use crate::replay::{ReplayBody, try_clone_request};
 use crate::store::StoreFuture;
 use crate::{Body, BoxError, Error, ErrorKind, RouteName};
+
+/// Whether a response is a server-sent event stream.
+pub(crate) fn is_sse(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("text/event-stream"))
+}
 
 /// [`ROUTE_HEADER`] built at compile time: inserting by `&str` would parse it on every response.
 const ROUTE_HEADER_NAME: http::HeaderName = http::HeaderName::from_static(ROUTE_HEADER);
@@ -80,16 +91,57 @@ pub(crate) struct Chain<S, B> {
     admitted: Option<SpendGate>,
     primary_failure: Option<Failure>,
     primary_rule: Option<FallbackRule>,
+    /// Sends a served stream's continuation, when the service has one installed.
+    pub(crate) continuation: Option<Arc<dyn SendContinuation>>,
 }
 
 /// What every later route must offer, after the failures seen so far in the chain.
-#[derive(Default)]
-struct Needs {
+#[derive(Default, Clone)]
+pub(crate) struct Needs {
     /// A context overflow was seen: every later route must be larger-context.
     larger_context: bool,
     /// An exhausted quota was seen: every later route must have an approved, unspent owner.
     other_owner: bool,
     spent_owners: Vec<Option<String>>,
+}
+
+impl Needs {
+    /// Adds what `rule` asks of every later route, after a failure of a route whose budget
+    /// owner is `owner`.
+    pub(crate) fn add(
+        &mut self,
+        rule: FallbackRule,
+        owner: Option<String>,
+    ) -> Result<(), StopReason> {
+        match rule {
+            FallbackRule::Yes => {}
+            FallbackRule::LargerContext => self.larger_context = true,
+            FallbackRule::ApprovedOwner => {
+                self.other_owner = true;
+                self.spent_owners.push(owner);
+            }
+            // The class never switches: no route is approved for it.
+            _ => return Err(StopReason::NoApprovedRoute),
+        }
+        Ok(())
+    }
+
+    /// Whether `route` may be switched to under these needs.
+    pub(crate) fn allow(&self, route: &Route, approved_owners: &[String]) -> bool {
+        if self.larger_context && !route.larger_context {
+            return false;
+        }
+        if self.other_owner {
+            let approved = route
+                .budget_owner
+                .as_ref()
+                .is_some_and(|o| approved_owners.contains(o));
+            if !approved || self.spent_owners.contains(&route.budget_owner) {
+                return false;
+            }
+        }
+        true
+    }
 }
 
 enum Failure {
@@ -141,6 +193,7 @@ impl<S, B> Chain<S, B> {
             admitted: None,
             primary_failure: None,
             primary_rule: None,
+            continuation: None,
         }
     }
 }
@@ -290,21 +343,54 @@ impl<S, B: ReplayBody> Chain<S, B> {
         self.observe(&response);
         let idx = self.record(c, None);
         if c.is_success() {
-            Step::Finish(Ok(self.served(response)))
+            Step::Finish(Ok(self.served(response, idx)))
         } else {
             self.after_failure(Failure::Response(response), c.class, false, idx)
         }
     }
 
-    /// A route answered with success: it serves the request.
-    fn served(&mut self, mut response: Response<Body>) -> Response<Body> {
+    /// A route answered with success (its attempt is `attempt`): it serves the request.
+    fn served(&mut self, mut response: Response<Body>, attempt: Option<usize>) -> Response<Body> {
         let route = self.route_name().clone();
         response
             .headers_mut()
             .insert(ROUTE_HEADER_NAME, self.route_header().clone());
         response.extensions_mut().insert(route.clone());
         self.ctx.log().set_selected_route(route);
+        if let Some(plan) = self.continuation_plan(&response, attempt) {
+            response = response.map(|body| Body::new(ContinuingBody::new(body, plan)));
+        }
         self.ctx.close_response(self.owner, response)
+    }
+
+    /// What the body of a served stream needs to continue it, when continuation is on and
+    /// the stream can be continued at all.
+    fn continuation_plan(&self, response: &Response<Body>, attempt: Option<usize>) -> Option<Plan> {
+        self.config.continuation.as_ref()?;
+        if !is_sse(response.headers()) {
+            return None;
+        }
+        let Some(sender) = self.continuation.clone() else {
+            self.config.warn_no_sender();
+            return None;
+        };
+        let template = self.template.as_ref()?;
+        let mut copy = Request::new(template.body().to_bytes()?);
+        *copy.method_mut() = template.method().clone();
+        *copy.uri_mut() = template.uri().clone();
+        *copy.version_mut() = template.version();
+        *copy.headers_mut() = template.headers().clone();
+        *copy.extensions_mut() = template.extensions().clone();
+        Some(Plan::new(
+            self.config.clone(),
+            sender,
+            copy,
+            self.ctx.clone(),
+            response.status(),
+            self.current,
+            attempt,
+            self.need.clone(),
+        ))
     }
 
     /// `called`: whether the request was handed to the service (a readiness error was not).
@@ -482,38 +568,14 @@ impl<S, B: ReplayBody> Chain<S, B> {
 
     /// Adds what `rule` asks of every later route to the chain's needs.
     fn constrain(&mut self, rule: FallbackRule) -> Result<(), StopReason> {
-        match rule {
-            FallbackRule::Yes => {}
-            FallbackRule::LargerContext => self.need.larger_context = true,
-            FallbackRule::ApprovedOwner => {
-                self.need.other_owner = true;
-                let owner = match self.route(self.current) {
-                    Some(r) => r.budget_owner.clone(),
-                    None => self.config.policy.primary_budget_owner.clone(),
-                };
-                self.need.spent_owners.push(owner);
-            }
-            // The class never switches: no route is approved for it.
-            _ => return Err(StopReason::NoApprovedRoute),
-        }
-        Ok(())
+        let owner = self.config.owner_of(self.current);
+        self.need.add(rule, owner)
     }
 
     /// Whether `route` may be switched to under the constraints seen so far in the chain.
     fn eligible(&self, route: &Route) -> bool {
-        if self.need.larger_context && !route.larger_context {
-            return false;
-        }
-        if self.need.other_owner {
-            let approved = route
-                .budget_owner
-                .as_ref()
-                .is_some_and(|o| self.config.policy.approved_budget_owners.contains(o));
-            if !approved || self.need.spent_owners.contains(&route.budget_owner) {
-                return false;
-            }
-        }
-        true
+        self.need
+            .allow(route, &self.config.policy.approved_budget_owners)
     }
 
     /// The next eligible route that is not paused and that the request can be rewritten for,

@@ -1,11 +1,13 @@
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 use tower_layer::Layer;
 
 use super::Fallback;
+use super::continuation::ContinuationConfig;
 use super::route::{Route, header_value_of_name};
 use crate::RouteName;
 use crate::classify::SharedClassifier;
@@ -54,6 +56,10 @@ pub(crate) struct Config {
     pub(crate) classifier: SharedClassifier,
     /// Applied to the attempt logs this layer creates.
     pub(crate) logging: LoggingPolicy,
+    /// `stream.continuation`, when it is on.
+    pub(crate) continuation: Option<ContinuationConfig>,
+    /// Continuation is on but no sender was installed, and that was said once.
+    no_sender_warned: Arc<AtomicBool>,
 }
 
 #[derive(Clone)]
@@ -64,6 +70,27 @@ pub(crate) struct LastResort {
 }
 
 impl Config {
+    /// Says once per layer that continuation is on in the policy but cannot happen: the
+    /// service has no continuation sender.
+    pub(crate) fn warn_no_sender(&self) {
+        if !self.no_sender_warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                target: "tower_llm_resilience::fallback",
+                "stream.continuation is on, but no continuation sender is installed \
+                 (Fallback::enable_continuation): streams cut after their commit point end \
+                 with StreamInterrupted"
+            );
+        }
+    }
+
+    /// The budget owner of the chain's route `i` (0 is the primary).
+    pub(crate) fn owner_of(&self, i: usize) -> Option<String> {
+        match i.checked_sub(1).and_then(|i| self.routes.get(i)) {
+            Some(r) => r.budget_owner.clone(),
+            None => self.policy.primary_budget_owner.clone(),
+        }
+    }
+
     pub(crate) fn new(policy: FallbackPolicy, actions: ClassActions) -> Result<Self, PolicyError> {
         policy.validate()?;
         let mut routes = Vec::with_capacity(policy.routes.len());
@@ -93,6 +120,8 @@ impl Config {
             actions,
             classifier: SharedClassifier::default(),
             logging: LoggingPolicy::default(),
+            continuation: None,
+            no_sender_warned: Arc::new(AtomicBool::new(false)),
             policy,
         })
     }
@@ -111,9 +140,27 @@ impl FallbackLayer {
 
     /// A layer for `policy.fallback`, switching per `policy.actions` (the fallback column of the
     /// per-class table, with the policy's overrides).
+    ///
+    /// With `stream.continuation` on, a stream cut after its commit point may be continued on a
+    /// backup route with `supports_prefill`; the policy must have one. The service needs its
+    /// continuation sender too: see [`Fallback::enable_continuation`].
     pub fn from_policy(policy: &Policy) -> Result<Self, PolicyError> {
         let mut config = Config::new(policy.fallback.clone(), policy.actions.clone())?;
         config.logging = policy.logging.clone();
+        let continuation = &policy.stream.continuation;
+        if continuation.enabled {
+            continuation.validate()?;
+            if !config.routes.iter().any(|r| r.prefill.is_some()) {
+                return Err(PolicyError::new(
+                    "stream.continuation.enabled",
+                    "is on, but no route of `fallback.routes` sets `supports_prefill`",
+                ));
+            }
+            config.continuation = Some(ContinuationConfig {
+                policy: continuation.clone(),
+                max_text: usize::try_from(policy.stream.max_buffer).unwrap_or(usize::MAX),
+            });
+        }
         Ok(Self {
             config: Arc::new(config),
         })
@@ -152,6 +199,7 @@ impl<S> Layer<S> for FallbackLayer {
         Fallback {
             inner,
             config: self.config.clone(),
+            continuation: None,
         }
     }
 }

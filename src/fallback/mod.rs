@@ -83,6 +83,33 @@
 //! `Decision::Stop(..)` when the chain ends on a failure, and the selected route: the one whose
 //! answer is returned.
 //!
+//! # Continuing a stream cut after its commit point
+//!
+//! Off by default. With `stream.continuation` on ([`ContinuationPolicy`](crate::policy::ContinuationPolicy)),
+//! [`FallbackLayer::from_policy`] and the service's sender installed
+//! ([`Fallback::enable_continuation`]), a served event stream gets a body of this layer that
+//! passes it on whole events at a time. When the stream guard below ends it with
+//! `StreamInterrupted` for a cause the policy lists (connection lost, idle timeout, in-band
+//! error, truncation), the body sends a continuation instead of handing the error on:
+//!
+//! - to the next backup route after the one serving that marks `supports_prefill`, that the
+//!   failure's class and the chain's needs approve (as for a hop), that is not paused, and that
+//!   the spend cap and the retry budget admit (the breaker has its say when the request reaches
+//!   it); at most `max_continuations` per request, within `max_total_attempts` and the deadline;
+//! - with the caller's request, the text the caller has received as the last, assistant
+//!   message in the route's [`PrefillForm`](crate::policy::PrefillForm) (plus the policy's
+//!   instruction in the `openai` form), rewritten for the route like a hop;
+//! - through the layers below this one, so it is retried, guarded and recorded as its own
+//!   attempt, after a `Decision::Continue { to, delivered_bytes }` on the cut attempt.
+//!
+//! Its content events follow in the caller's wire format (the caller's chunk id and choice
+//! index, Anthropic content-block indices going on; no second role chunk or `message_start`),
+//! then its finish reason, usage and terminal marker. The result is a complete answer — the
+//! continuation ended with a finish reason *and* its terminal marker — or a body that ends in
+//! `StreamInterrupted` with the bytes the caller got; never a clean end made up. A stream that
+//! is not continued (off, a cause not listed, a tool call or reasoning in the answer, text
+//! longer than `stream.max_buffer`, no route) ends exactly as without this body.
+//!
 //! # Example
 //!
 //! ```
@@ -120,6 +147,8 @@
 //! # }
 //! ```
 
+mod body;
+mod continuation;
 mod future;
 mod layer;
 mod route;
@@ -127,6 +156,7 @@ mod service;
 #[cfg(test)]
 mod tests;
 
+pub use continuation::{ContinuationSender, ContinuationService};
 pub use future::ResponseFuture;
 pub use layer::FallbackLayer;
 pub use service::Fallback;

@@ -10,7 +10,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderName, HeaderValue, Request, Uri};
 
 use crate::RouteName;
-use crate::policy::{CREDENTIAL_HEADERS, PolicyError, RouteConfig};
+use crate::policy::{CREDENTIAL_HEADERS, PolicyError, PrefillForm, RouteConfig};
 use crate::replay::ReplayBody;
 
 /// A backup route, parsed from its [`RouteConfig`] when the layer is built.
@@ -26,6 +26,8 @@ pub(crate) struct Route {
     pub(crate) larger_context: bool,
     pub(crate) budget_owner: Option<String>,
     credentials_approved: bool,
+    /// How a continuation's prefill is written for the route; `None`: it is never sent one.
+    pub(crate) prefill: Option<PrefillForm>,
 }
 
 impl fmt::Debug for Route {
@@ -42,6 +44,7 @@ impl fmt::Debug for Route {
             .field("remove_headers", &self.remove_headers)
             .field("larger_context", &self.larger_context)
             .field("budget_owner", &self.budget_owner)
+            .field("prefill", &self.prefill)
             .finish()
     }
 }
@@ -145,6 +148,7 @@ impl Route {
             larger_context: config.larger_context,
             budget_owner: config.budget_owner.clone(),
             credentials_approved: config.credentials_approved,
+            prefill: config.prefill_form.filter(|_| config.supports_prefill),
         })
     }
 
@@ -285,6 +289,43 @@ pub(crate) fn replace_model(body: &[u8], model_json: &[u8]) -> Result<Bytes, Ski
 
 /// The byte range (quotes included) of the string value of the top-level `model` field.
 fn find_model(body: &[u8]) -> Result<Range<usize>, SkipReason> {
+    let mut found: Option<Range<usize>> = None;
+    let mut duplicate = false;
+    let mut not_string = false;
+    top_level_fields(body, |key, value| {
+        if key_is(key, "model") {
+            duplicate |= found.is_some();
+            not_string |= body.get(value.start) != Some(&b'"');
+            found = Some(value);
+        }
+    })?;
+    if duplicate {
+        return Err(SkipReason::DuplicateModelField);
+    }
+    if not_string {
+        return Err(SkipReason::NoModelField);
+    }
+    found.ok_or(SkipReason::NoModelField)
+}
+
+/// The byte range of the value of the top-level field `key` of the JSON object `body` (the
+/// last one, should it appear twice).
+pub(crate) fn top_level_value(body: &[u8], key: &str) -> Result<Option<Range<usize>>, SkipReason> {
+    let mut found = None;
+    top_level_fields(body, |k, value| {
+        if key_is(k, key) {
+            found = Some(value);
+        }
+    })?;
+    Ok(found)
+}
+
+/// Hands over each top-level field of the JSON object `body`: its raw key (quotes included)
+/// and the byte range of its value.
+fn top_level_fields(
+    body: &[u8],
+    mut on_field: impl FnMut(&[u8], Range<usize>),
+) -> Result<(), SkipReason> {
     // The scanner below only has to be right on valid JSON; serde checks validity first.
     serde_json::from_slice::<&serde_json::value::RawValue>(body)
         .map_err(|_| SkipReason::NotJson)?;
@@ -293,7 +334,6 @@ fn find_model(body: &[u8]) -> Result<Range<usize>, SkipReason> {
         return Err(SkipReason::NotJson);
     }
     i += 1;
-    let mut found: Option<Range<usize>> = None;
     loop {
         i = skip_ws(body, i);
         match body.get(i) {
@@ -306,33 +346,26 @@ fn find_model(body: &[u8]) -> Result<Range<usize>, SkipReason> {
             _ => return Err(SkipReason::NotJson),
         }
         let key_end = string_end(body, i).ok_or(SkipReason::NotJson)?;
-        let is_model = key_is_model(&body[i..key_end]);
+        let key = &body[i..key_end];
         i = skip_ws(body, key_end);
         if body.get(i) != Some(&b':') {
             return Err(SkipReason::NotJson);
         }
         i = skip_ws(body, i + 1);
         let value_end = value_end(body, i).ok_or(SkipReason::NotJson)?;
-        if is_model {
-            if found.is_some() {
-                return Err(SkipReason::DuplicateModelField);
-            }
-            if body.get(i) != Some(&b'"') {
-                return Err(SkipReason::NoModelField);
-            }
-            found = Some(i..value_end);
-        }
+        on_field(key, i..value_end);
         i = value_end;
     }
-    found.ok_or(SkipReason::NoModelField)
+    Ok(())
 }
 
-fn key_is_model(raw: &[u8]) -> bool {
-    if raw == b"\"model\"" {
+/// Whether the raw JSON key `raw` (quotes included) is `key`.
+fn key_is(raw: &[u8], key: &str) -> bool {
+    if raw.len() == key.len() + 2 && &raw[1..raw.len() - 1] == key.as_bytes() {
         return true;
     }
     // An escaped key (`"mod\u0065l"`) names the same field once decoded.
-    raw.contains(&b'\\') && serde_json::from_slice::<String>(raw).is_ok_and(|k| k == "model")
+    raw.contains(&b'\\') && serde_json::from_slice::<String>(raw).is_ok_and(|k| k == key)
 }
 
 fn skip_ws(b: &[u8], mut i: usize) -> usize {

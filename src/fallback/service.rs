@@ -6,6 +6,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use tower_service::Service;
 
+use super::continuation::{ContinuationService, SendContinuation};
 use super::future::{Chain, ResponseFuture};
 use super::layer::Config;
 use crate::context::{AttemptCap, RequestContext};
@@ -22,6 +23,7 @@ use crate::{Body, BoxError, Error};
 pub struct Fallback<S> {
     pub(crate) inner: S,
     pub(crate) config: Arc<Config>,
+    pub(crate) continuation: Option<Arc<dyn SendContinuation>>,
 }
 
 impl<S> Fallback<S> {
@@ -31,7 +33,54 @@ impl<S> Fallback<S> {
         Ok(Self {
             inner,
             config: Arc::new(Config::new(policy, ClassActions::default())?),
+            continuation: None,
         })
+    }
+
+    /// Lets the chain continue a stream cut after its commit point, as `stream.continuation`
+    /// allows (see [`FallbackLayer::from_policy`](super::FallbackLayer::from_policy)): the
+    /// served stream's body sends the continuation through a clone of the inner service,
+    /// taken now, with requests of body type `B`.
+    ///
+    /// After the commit point every layer's future has returned and only the response body
+    /// runs, so the body must hold what sends the continuation: a `Send + 'static` service.
+    /// That is why this is a step of its own rather than a policy switch alone: a stack whose
+    /// transport borrows (the `reqwest-middleware` one) cannot take it, and continuation is
+    /// simply not available there.
+    ///
+    /// ```
+    /// # use bytes::Bytes;
+    /// # use http_body_util::Full;
+    /// # use tower::ServiceBuilder;
+    /// use tower_llm_resilience::policy::{ContinuationPolicy, Policy, PrefillForm, RouteConfig};
+    /// use tower_llm_resilience::ResilienceLayer;
+    ///
+    /// # fn main() -> Result<(), tower_llm_resilience::PolicyError> {
+    /// let mut policy = Policy::interactive();
+    /// policy.stream.continuation = ContinuationPolicy::enabled();
+    /// policy.fallback.routes.push(
+    ///     RouteConfig::new("backup")
+    ///         .base_url("https://backup.example/v1")
+    ///         .model("backup-model")
+    ///         .prefill(PrefillForm::OpenAi),
+    /// );
+    /// # let transport = tower::service_fn(|_req: http::Request<Full<Bytes>>| async {
+    /// #     Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::new())))
+    /// # });
+    /// let mut client = ServiceBuilder::new()
+    ///     .layer(ResilienceLayer::new(&policy)?)
+    ///     .service(transport);
+    /// // The budget layer is outermost; the fallback layer is right inside it.
+    /// client.get_mut().enable_continuation::<Full<Bytes>>();
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn enable_continuation<B>(&mut self) -> &mut Self
+    where
+        S: ContinuationService<B>,
+    {
+        self.continuation = Some(self.inner.continuation_sender().0);
+        self
     }
 
     /// The inner service.
@@ -82,23 +131,29 @@ where
         let (ctx, owner) = RequestContext::begin(&mut req, &config.logging);
         ctx.log().set_requested_route(config.primary.clone());
         // The copy every backup's request is made from. It shares the request's context.
-        let template = if config.routes.is_empty() || config.policy.max_hops == 0 {
-            None
-        } else {
+        let hops = !config.routes.is_empty() && config.policy.max_hops > 0;
+        // A continuation needs the caller's request too, hops or not.
+        let continues = !config.routes.is_empty()
+            && config.continuation.is_some()
+            && self.continuation.is_some();
+        let template = if hops || continues {
             try_clone_request(&req)
+        } else {
+            None
         };
         let outer_fallback = ctx.write(|v| {
             v.tighten_attempt_cap(AttemptCap(config.policy.max_total_attempts));
             v.route = Some(config.primary.clone());
             let outer = v.fallback_available;
-            v.fallback_available |= template.is_some();
+            v.fallback_available |= hops && template.is_some();
             outer
         });
         // Call the service that was driven to readiness; keep it for the hops, which clone it
         // again and wait for its readiness before each call.
         let clone = self.inner.clone();
         let svc = std::mem::replace(&mut self.inner, clone);
-        let chain = Chain::new(config, svc, template, ctx, owner, outer_fallback);
+        let mut chain = Chain::new(config, svc, template, ctx, owner, outer_fallback);
+        chain.continuation = self.continuation.clone();
         ResponseFuture::start(chain, req)
     }
 }

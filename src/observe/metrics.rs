@@ -49,6 +49,10 @@ pub(super) fn describe() {
         n::STREAMS_INTERRUPTED,
         "Streams that failed after their commit point"
     );
+    describe_counter!(
+        n::STREAMS_CONTINUED,
+        "Cut streams finished on another route by stream continuation"
+    );
     describe_histogram!(
         n::QUEUE_WAIT,
         Unit::Seconds,
@@ -136,10 +140,21 @@ pub(super) fn request(o: &Observer, v: &View<'_>, noted: &Noted, end: &End<'_>) 
     for (a, decisions) in v.attempts() {
         visit(a.route.as_ref());
         for d in decisions {
-            if let Decision::Retry { .. } = d {
-                let class = a.class.map_or(n::OTHER, FailureClass::as_str);
-                counter!(n::RETRIES, n::ROUTE => label(a.route.as_ref()), n::CLASS => class)
+            match d {
+                Decision::Retry { .. } => {
+                    let class = a.class.map_or(n::OTHER, FailureClass::as_str);
+                    counter!(n::RETRIES, n::ROUTE => label(a.route.as_ref()), n::CLASS => class)
+                        .increment(1);
+                }
+                Decision::Continue { to, .. } => {
+                    counter!(
+                        n::STREAMS_CONTINUED,
+                        n::FROM_ROUTE => label(a.route.as_ref()),
+                        n::TO_ROUTE => label(Some(to))
+                    )
                     .increment(1);
+                }
+                _ => {}
             }
         }
         if let Some(StreamEnd::Interrupted(cause)) = a.stream.as_ref().map(|st| &st.end) {

@@ -40,6 +40,9 @@ pub const SPEND: &str = "llm_resilience.spend.micros";
 /// Counter: streams that failed after their commit point (the caller had part of the answer),
 /// by [`ROUTE`] and [`CAUSE`].
 pub const STREAMS_INTERRUPTED: &str = "llm_resilience.stream.interrupted";
+/// Counter: streams cut after their commit point and finished on another route by stream
+/// continuation, by [`FROM_ROUTE`] and [`TO_ROUTE`].
+pub const STREAMS_CONTINUED: &str = "llm_resilience.stream.continued";
 /// Histogram, seconds: time a request waited in the rate limit's queue, by [`ROUTE`].
 pub const QUEUE_WAIT: &str = "llm_resilience.rate_limit.queue_wait";
 /// Counter: alerts handed to the sink, by [`KIND`].
@@ -49,7 +52,7 @@ pub const ALERTS: &str = "llm_resilience.alerts";
 pub const ALERTS_SUPPRESSED: &str = "llm_resilience.alerts.suppressed";
 
 /// Every metric above.
-pub const METRICS: [&str; 16] = [
+pub const METRICS: [&str; 17] = [
     OPERATION_DURATION,
     TIME_TO_FIRST_CHUNK,
     TOKEN_USAGE,
@@ -63,6 +66,7 @@ pub const METRICS: [&str; 16] = [
     RETRY_BUDGET_EXHAUSTED,
     SPEND,
     STREAMS_INTERRUPTED,
+    STREAMS_CONTINUED,
     QUEUE_WAIT,
     ALERTS,
     ALERTS_SUPPRESSED,

@@ -55,6 +55,34 @@ pub struct RouteConfig {
     /// credentials follow the request to a `base_url` on another host; without it they are
     /// stripped there.
     pub credentials_approved: bool,
+    /// The route accepts a partial answer as an assistant prefill and continues it: a stream
+    /// cut after its commit point may be finished here (see
+    /// [`ContinuationPolicy`](crate::policy::ContinuationPolicy)). Needs
+    /// [`prefill_form`](Self::prefill_form). A route without it is never sent a prefill.
+    pub supports_prefill: bool,
+    /// How the prefill is written for this route; required with `supports_prefill`.
+    pub prefill_form: Option<PrefillForm>,
+}
+
+/// How a partial answer is handed to a route as a prefill. The request keeps its API's shape
+/// (routes rewrite the URL, the model and headers, never the body's format), so the form
+/// follows the API the caller speaks, plus what the route's model accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
+pub enum PrefillForm {
+    /// Anthropic Messages: a final assistant message is a native prefill. Its trailing
+    /// whitespace is left out (the API rejects it) and dropped from the start of the
+    /// continuation instead.
+    Anthropic,
+    /// OpenAI-compatible chat: the assistant message last, after a system message with the
+    /// policy's instruction to continue exactly where it ends.
+    #[cfg_attr(feature = "serde", serde(rename = "openai"))]
+    OpenAi,
+    /// OpenAI-compatible chat on Mistral: the assistant message last with `"prefix": true`, a
+    /// native prefill (no instruction).
+    Mistral,
 }
 
 impl RouteConfig {
@@ -108,6 +136,13 @@ impl RouteConfig {
         self
     }
 
+    /// Builder: the route accepts a prefill in `form` (sets `supports_prefill`).
+    pub fn prefill(mut self, form: PrefillForm) -> Self {
+        self.supports_prefill = true;
+        self.prefill_form = Some(form);
+        self
+    }
+
     /// Whether the route sets or removes a credential header.
     pub fn changes_credentials(&self) -> bool {
         self.credential_change().is_some()
@@ -143,6 +178,8 @@ impl fmt::Debug for RouteConfig {
             .field("larger_context", &self.larger_context)
             .field("budget_owner", &self.budget_owner)
             .field("credentials_approved", &self.credentials_approved)
+            .field("supports_prefill", &self.supports_prefill)
+            .field("prefill_form", &self.prefill_form)
             .finish()
     }
 }
@@ -287,6 +324,21 @@ impl FallbackPolicy {
                         r.name
                     ),
                 ));
+            }
+            match (r.supports_prefill, r.prefill_form) {
+                (true, None) => {
+                    return Err(PolicyError::new(
+                        at("prefill_form"),
+                        "must name the wire form of the prefill (anthropic, openai or mistral) when `supports_prefill` is set",
+                    ));
+                }
+                (false, Some(_)) => {
+                    return Err(PolicyError::new(
+                        at("supports_prefill"),
+                        "must be set for a route that names a `prefill_form`",
+                    ));
+                }
+                _ => {}
             }
             if let Some(model) = &r.model {
                 if self.blocked_models.iter().any(|m| m == model) {

@@ -41,13 +41,16 @@ pub use budget::{
 };
 pub use circuit_breaker::{CircuitBreakerPolicy, FailureRateRule, SlowCallRule};
 pub use error::PolicyError;
-pub use fallback::{CREDENTIAL_HEADERS, FallbackPolicy, RouteConfig, StaticResponse};
+pub use fallback::{CREDENTIAL_HEADERS, FallbackPolicy, PrefillForm, RouteConfig, StaticResponse};
 pub use idempotency::{CachePolicy, IdempotencyPolicy, InFlightRule, ReplayRule};
 pub use logging::LoggingPolicy;
 pub use observability::ObservabilityPolicy;
 pub use retry::{BackoffPolicy, Jitter, RetryPolicy};
 pub use store::{StoreMode, StoreModes, StorePolicy};
-pub use stream::{CommitPoint, StreamPolicy, StreamSettings};
+pub use stream::{
+    CommitPoint, ContinuationCause, ContinuationPolicy, DEFAULT_CONTINUATION_INSTRUCTION,
+    StreamPolicy, StreamSettings,
+};
 pub use throttle::ThrottlePolicy;
 
 /// The whole recovery policy: what each rung of the ladder may do.

@@ -152,6 +152,8 @@ pub struct StreamPolicy {
     pub max_buffer: u64,
     /// Settings for particular routes, by route name.
     pub routes: BTreeMap<String, StreamSettings>,
+    /// Finishing a stream cut after its commit point on a backup route (off by default).
+    pub continuation: ContinuationPolicy,
 }
 
 impl Default for StreamPolicy {
@@ -170,6 +172,7 @@ impl StreamPolicy {
             commit: s.commit,
             max_buffer: s.max_buffer,
             routes: BTreeMap::new(),
+            continuation: ContinuationPolicy::default(),
         }
     }
 
@@ -196,6 +199,136 @@ impl StreamPolicy {
         self.defaults().validate("stream")?;
         for (name, s) in &self.routes {
             s.validate(&format!("stream.routes.{name}"))?;
+        }
+        self.continuation.validate()
+    }
+}
+
+/// A failure after the commit point that a continuation may finish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
+pub enum ContinuationCause {
+    /// The connection broke or the body reported an error
+    /// ([`StreamCause::Disconnected`](crate::StreamCause::Disconnected)).
+    ConnectionLost,
+    /// Silence longer than the idle timeout
+    /// ([`StreamCause::IdleTimeout`](crate::StreamCause::IdleTimeout)).
+    IdleTimeout,
+    /// An error event in the stream
+    /// ([`StreamCause::InBandError`](crate::StreamCause::InBandError)).
+    InBandError,
+    /// The stream ended without its terminal marker and without a finish reason
+    /// ([`StreamCause::Truncated`](crate::StreamCause::Truncated)).
+    Truncated,
+}
+
+impl ContinuationCause {
+    /// Every cause, in the order of the policy's default list.
+    pub const ALL: [ContinuationCause; 4] = [
+        ContinuationCause::ConnectionLost,
+        ContinuationCause::IdleTimeout,
+        ContinuationCause::InBandError,
+        ContinuationCause::Truncated,
+    ];
+
+    /// The cause a stream failure stands for; `None` for the failures no continuation finishes
+    /// (the total bound, which says the answer has taken long enough; an outgrown buffer).
+    pub fn of(cause: &crate::StreamCause) -> Option<Self> {
+        use crate::StreamCause as S;
+        match cause {
+            S::Disconnected => Some(Self::ConnectionLost),
+            S::IdleTimeout(_) => Some(Self::IdleTimeout),
+            S::InBandError { .. } => Some(Self::InBandError),
+            S::Truncated => Some(Self::Truncated),
+            _ => None,
+        }
+    }
+}
+
+/// The instruction an OpenAI-compatible route gets with the partial answer (see
+/// [`ContinuationPolicy::instruction`]).
+pub const DEFAULT_CONTINUATION_INSTRUCTION: &str = "Your previous reply was cut off. The assistant message that follows is its beginning. Continue exactly where it ends, without repeating any of it and without commenting on the interruption.";
+
+/// `[stream.continuation]`: finishing a stream that died after its commit point on a backup
+/// route that accepts the partial answer as a prefill, instead of ending it with
+/// `StreamInterrupted`.
+///
+/// Off by default, and not turned on by any preset: a continuation is another model finishing
+/// someone else's sentence, which only the workflow's owner can judge acceptable. It takes
+/// effect only in a [`Fallback`](crate::fallback::Fallback) service whose continuation sender
+/// is installed ([`Fallback::enable_continuation`](crate::fallback::Fallback::enable_continuation)),
+/// on backup routes marked [`supports_prefill`](crate::policy::RouteConfig::supports_prefill).
+///
+/// ```toml
+/// [stream.continuation]
+/// enabled = true
+/// causes = ["connection_lost", "idle_timeout", "in_band_error", "truncated"]
+/// max_continuations = 1
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
+#[non_exhaustive]
+pub struct ContinuationPolicy {
+    /// Whether a stream cut after its commit point may be continued at all.
+    pub enabled: bool,
+    /// The failures that may be continued (by default all of [`ContinuationCause::ALL`]).
+    pub causes: Vec<ContinuationCause>,
+    /// Most continuations per request, each its own attempt on its own route.
+    pub max_continuations: u32,
+    /// What an OpenAI-compatible route (wire form `openai`) is told, as a system message just
+    /// before the partial answer. Anthropic's final assistant message and Mistral's
+    /// `prefix: true` are native prefills and get no instruction.
+    pub instruction: String,
+}
+
+impl Default for ContinuationPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            causes: ContinuationCause::ALL.to_vec(),
+            max_continuations: 1,
+            instruction: DEFAULT_CONTINUATION_INSTRUCTION.to_owned(),
+        }
+    }
+}
+
+impl ContinuationPolicy {
+    /// Continuation on, for every cause, once per request.
+    pub fn enabled() -> Self {
+        Self {
+            enabled: true,
+            ..Self::default()
+        }
+    }
+
+    /// Whether `cause` may be continued under this policy.
+    pub fn allows(&self, cause: &crate::StreamCause) -> bool {
+        self.enabled && ContinuationCause::of(cause).is_some_and(|c| self.causes.contains(&c))
+    }
+
+    /// Checks every value; see [`PolicyError`].
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        check::at_least_one(
+            "stream.continuation.max_continuations",
+            self.max_continuations.into(),
+        )?;
+        if self.causes.is_empty() {
+            return Err(PolicyError::new(
+                "stream.continuation.causes",
+                "must name at least one cause (or set `enabled = false`)",
+            ));
+        }
+        if self.instruction.trim().is_empty() {
+            return Err(PolicyError::new(
+                "stream.continuation.instruction",
+                "must not be empty",
+            ));
         }
         Ok(())
     }

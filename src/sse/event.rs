@@ -145,6 +145,31 @@ impl Scanner {
         self.framer
             .finish(&mut |frame| on_event(meaning(frame, classifier)));
     }
+
+    /// Like [`feed`](Self::feed), handing over each frame with what it means: for a layer that
+    /// rewrites events, not only watches them.
+    pub(crate) fn feed_frames(
+        &mut self,
+        chunk: &[u8],
+        on_event: &mut impl FnMut(Frame<'_>, SseEvent),
+    ) {
+        let classifier = self.classifier.as_ref();
+        self.framer.feed(chunk, &mut |frame| {
+            on_event(frame, meaning(frame, classifier))
+        });
+    }
+
+    /// Like [`finish`](Self::finish), with the frames.
+    pub(crate) fn finish_frames(&mut self, on_event: &mut impl FnMut(Frame<'_>, SseEvent)) {
+        let classifier = self.classifier.as_ref();
+        self.framer
+            .finish(&mut |frame| on_event(frame, meaning(frame, classifier)));
+    }
+
+    /// See [`Framer::rest`].
+    pub(crate) fn rest(&self) -> u64 {
+        self.framer.rest()
+    }
 }
 
 /// What one frame of the stream means.
@@ -152,7 +177,7 @@ fn meaning(frame: Frame<'_>, classifier: Option<&SharedClassifier>) -> SseEvent 
     match frame {
         Frame::Comment => SseEvent::of(EventKind::Comment),
         Frame::Oversized => SseEvent::of(EventKind::Malformed),
-        Frame::Event { name, data } => {
+        Frame::Event { name, data, .. } => {
             let in_band = |data: &[u8]| match classifier {
                 Some(c) => c.classify_stream_error(data),
                 None => classify_stream_error(data),

@@ -9,6 +9,7 @@
 //! bound.
 
 pub(crate) mod event;
+pub(crate) mod splice;
 
 /// The longest line or event payload the framing holds by default.
 pub(crate) const MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
@@ -24,6 +25,8 @@ pub(crate) enum Frame<'a> {
         name: &'a [u8],
         /// Its `data` lines, joined with `\n`.
         data: &'a [u8],
+        /// Where its first line starts, counted in bytes from the start of the stream.
+        start: u64,
     },
     /// An event (or a line of it) longer than the bound, dropped.
     Oversized,
@@ -47,6 +50,11 @@ pub(crate) struct Framer {
     oversized: bool,
     /// The longest line or event payload held.
     max: usize,
+    /// Bytes fed so far.
+    pos: u64,
+    /// The end of the last line after which no event was in progress: every byte before it
+    /// belongs to events already handed over (or to comments and fields of no event).
+    rest: u64,
 }
 
 impl Default for Framer {
@@ -67,7 +75,19 @@ impl Framer {
             skip_line: false,
             oversized: false,
             max,
+            pos: 0,
+            rest: 0,
         }
+    }
+
+    /// Where the stream is at rest: every byte before this position belongs to events already
+    /// handed over, so a stream cut there loses no part of an event.
+    pub(crate) fn rest(&self) -> u64 {
+        self.rest
+    }
+
+    fn at_rest(&self) -> bool {
+        !self.has_data && self.event.is_empty() && !self.oversized && !self.skip_line
     }
 
     /// Frames the next chunk, handing over every event it completes.
@@ -75,10 +95,17 @@ impl Framer {
         if chunk.is_empty() {
             return;
         }
+        // Positions are only read at line ends, so they are counted from the chunk's start.
+        let mut at = self.pos;
+        self.pos += chunk.len() as u64;
         if self.after_cr {
             self.after_cr = false;
             if let [b'\n', rest @ ..] = chunk {
                 chunk = rest;
+                at += 1;
+                if self.at_rest() {
+                    self.rest = at;
+                }
             }
         }
         while let Some(pos) = memchr::memchr2(b'\n', b'\r', chunk) {
@@ -92,6 +119,10 @@ impl Framer {
             }
             self.end_line(&chunk[..pos], on_frame);
             chunk = &chunk[next..];
+            at += next as u64;
+            if self.at_rest() {
+                self.rest = at;
+            }
         }
         if self.skip_line {
             return;
@@ -120,6 +151,7 @@ impl Framer {
         if self.has_data || !self.event.is_empty() || self.oversized {
             self.dispatch(on_frame);
         }
+        self.rest = self.pos;
     }
 
     fn end_line(&mut self, tail: &[u8], on_frame: &mut impl FnMut(Frame<'_>)) {
@@ -187,13 +219,60 @@ impl Framer {
             self.oversized = false;
             on_frame(Frame::Oversized);
         } else {
+            // Nothing moves `rest` while an event is in progress: it is where the event began.
             on_frame(Frame::Event {
                 name: &self.event,
                 data: &self.data,
+                start: self.rest,
             });
         }
         self.data.clear();
         self.event.clear();
         self.has_data = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rest_and_event_starts_are_the_same_over_any_split() {
+        let s: &[u8] = b"data: a\n\n: c\n\nid: 1\nevent: e\ndata: b\r\n\r\ndata: x";
+        let pos = |needle: &[u8]| {
+            s.windows(needle.len())
+                .position(|w| w == needle)
+                .unwrap_or(usize::MAX) as u64
+        };
+        let (comment, id, last) = (pos(b": c"), pos(b"id: 1"), pos(b"data: x"));
+        // Every line end with no event in progress: after an event's blank line, a comment
+        // line, a blank line, a field of no event (`id`); a `\r\n` split after its `\r` ends
+        // the line there.
+        let boundaries = [
+            0,
+            comment,
+            comment + 4,
+            id,
+            pos(b"event: e"),
+            last - 1,
+            last,
+        ];
+        for split in 0..=s.len() {
+            let mut f = Framer::default();
+            let mut starts = Vec::new();
+            let mut on = |frame: Frame<'_>| {
+                if let Frame::Event { start, .. } = frame {
+                    starts.push(start);
+                }
+            };
+            f.feed(&s[..split], &mut on);
+            assert!(f.rest() <= split as u64, "{split}");
+            assert!(boundaries.contains(&f.rest()), "{split}: {}", f.rest());
+            f.feed(&s[split..], &mut on);
+            assert_eq!(f.rest(), last, "{split}");
+            f.finish(&mut on);
+            assert_eq!(f.rest(), s.len() as u64);
+            assert_eq!(starts, [0, pos(b"event: e"), last], "{split}");
+        }
     }
 }

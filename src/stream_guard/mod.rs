@@ -53,6 +53,13 @@
 //! [`StreamEnd::Blocked`](crate::attempt_log::StreamEnd::Blocked). After the terminal marker,
 //! a silence or a break only ends the body: the answer is whole.
 //!
+//! A stream that ends in `StreamInterrupted` may still be finished by the route chain: with
+//! `stream.continuation` on, the [`FallbackLayer`](crate::fallback) above hands the partial
+//! answer to a prefill-capable backup route and splices its continuation in (see
+//! [Continuing a stream](crate::fallback#continuing-a-stream-cut-after-its-commit-point)). The
+//! guard itself never continues a stream: it ends it honestly, so the route's breaker counts
+//! the failure.
+//!
 //! Bodies that are not event streams (`content-type` other than `text/event-stream`) get the
 //! byte-level timers only: first byte, idle, total. Error responses (non-2xx) are classified
 //! and handed up as they are.

@@ -17,7 +17,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use super::body::{MockBody, SseBody};
-use super::reply::{Content, Reply, SEQ};
+use super::reply::{Content, Reply, SEQ, prefill_of};
 use crate::BoxError;
 
 /// Which requests a script answers. See [`MockProvider::script`] for the matching order.
@@ -57,6 +57,9 @@ pub struct RecordedRequest {
     pub body: Bytes,
     /// The `model` field of a JSON body, if it has one.
     pub model: Option<String>,
+    /// The text of the last message of a chat request when that is an assistant message: the
+    /// prefill a continuation request carries.
+    pub prefill: Option<String>,
     /// When the request arrived, on the tokio clock (so it works under paused time).
     pub at: Instant,
 }
@@ -248,11 +251,12 @@ async fn handle(
 
     let (seq, reply) = {
         let mut state = lock(&shared.state);
-        let reply = pick(&mut state.scripts, model.as_deref(), parts.uri.path());
+        let reply = pick(&mut state.scripts, model.as_deref(), parts.uri.path()).for_request(&body);
         state.requests.push(RecordedRequest {
             method: parts.method,
             path,
             headers: parts.headers,
+            prefill: prefill_of(&body),
             body,
             model,
             at,
@@ -291,6 +295,8 @@ async fn handle(
             };
             MockBody::Sse(SseBody::new(events, sse.delay, sse.end))
         }
+        // Worked out from the request above.
+        Content::Continuation(_) => MockBody::Full(None),
     };
     let mut response = Response::new(body);
     *response.status_mut() = reply.status;

@@ -49,6 +49,148 @@ pub(crate) enum Content {
     Never,
     /// Connection reset before any response byte.
     Reset,
+    /// A stream worked out from the request: see [`Reply::openai_continuation`].
+    Continuation(Continuation),
+}
+
+/// A prefill-aware stream: the canonical answer, or the rest of it after the request's prefill.
+#[derive(Clone, Debug)]
+pub(crate) struct Continuation {
+    style: Style,
+    model: String,
+    chunks: Vec<String>,
+    /// The stream modifiers, applied to the stream once it is worked out.
+    ops: Vec<SseOp>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Style {
+    OpenAi,
+    Anthropic,
+}
+
+/// A stream modifier, kept for a stream worked out later.
+#[derive(Clone, Debug)]
+enum SseOp {
+    Delay(Duration),
+    StallAfter(usize),
+    CutAfter(usize),
+    WithoutTerminal,
+    WithoutFinish,
+    ErrorAfter(usize, String),
+    MalformedAfter(usize),
+}
+
+impl SseOp {
+    fn apply(self, sse: &mut Sse) {
+        match self {
+            SseOp::Delay(delay) => sse.delay = delay,
+            SseOp::StallAfter(n) => {
+                sse.events.truncate(n);
+                sse.end = SseEnd::Stall;
+            }
+            SseOp::CutAfter(n) => {
+                sse.events.truncate(n);
+                sse.end = SseEnd::Cut;
+            }
+            SseOp::WithoutTerminal => sse.events.retain(|e| !is_terminal(e)),
+            SseOp::WithoutFinish => sse.events.retain(|e| !is_terminal(e) && !is_finish(e)),
+            SseOp::ErrorAfter(n, event) => {
+                sse.events.truncate(n);
+                sse.events.push(event);
+                sse.end = SseEnd::Clean;
+            }
+            SseOp::MalformedAfter(n) => {
+                let at = n.min(sse.events.len());
+                sse.events.insert(at, r#"data: {"choices":[{"#.to_owned());
+            }
+        }
+    }
+}
+
+/// The prefill of a chat request: the text of its last message when that is an assistant
+/// message (a string, or Anthropic text blocks).
+pub(crate) fn prefill_of(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let last = v.get("messages")?.as_array()?.last()?;
+    if last.get("role")?.as_str()? != "assistant" {
+        return None;
+    }
+    match last.get("content")? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(blocks) => Some(
+            blocks
+                .iter()
+                .filter_map(|b| b.get("text").and_then(serde_json::Value::as_str))
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+/// The chunks of `chunks` after the first `prefill.len()` bytes of their text, if `prefill`
+/// is how that text starts.
+fn rest_after(chunks: &[String], prefill: &str) -> Option<Vec<String>> {
+    if !chunks.concat().starts_with(prefill) {
+        return None;
+    }
+    let mut skip = prefill.len();
+    let mut rest = Vec::new();
+    for chunk in chunks {
+        if skip >= chunk.len() {
+            skip -= chunk.len();
+            continue;
+        }
+        rest.push(chunk.get(skip..)?.to_owned());
+        skip = 0;
+    }
+    Some(rest)
+}
+
+impl Continuation {
+    /// The reply to a request with this `body`.
+    fn answer(&self, body: &[u8]) -> Reply {
+        let prefill = prefill_of(body).unwrap_or_default();
+        if self.style == Style::Anthropic && prefill.ends_with(char::is_whitespace) {
+            // What the Messages API says to such a prefill.
+            return Reply::anthropic_error(
+                400,
+                "invalid_request_error",
+                "messages: final assistant content cannot end with trailing whitespace",
+                None,
+            );
+        }
+        let Some(rest) = rest_after(&self.chunks, &prefill) else {
+            let message = "MockProvider: the prefill is not how the scripted answer starts";
+            return match self.style {
+                Style::OpenAi => Self::bad_prefill_openai(message),
+                Style::Anthropic => {
+                    Reply::anthropic_error(400, "invalid_request_error", message, None)
+                }
+            };
+        };
+        let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+        let mut reply = match self.style {
+            Style::OpenAi => Reply::openai_stream(&self.model, &rest),
+            Style::Anthropic => Reply::anthropic_stream(&self.model, &rest),
+        };
+        if let Content::Sse(sse) = &mut reply.content {
+            for op in self.ops.iter().cloned() {
+                op.apply(sse);
+            }
+        }
+        reply
+    }
+
+    fn bad_prefill_openai(message: &str) -> Reply {
+        Reply::openai_error(
+            400,
+            message,
+            r#""invalid_request_error""#,
+            r#""messages""#,
+            r#""invalid_value""#,
+        )
+    }
 }
 
 /// A scripted event stream.
@@ -312,65 +454,103 @@ impl Reply {
         .with_static("cache-control", "no-cache")
     }
 
-    fn map_sse(mut self, f: impl FnOnce(&mut Sse)) -> Self {
-        if let Content::Sse(sse) = &mut self.content {
-            f(sse);
+    fn map_sse(mut self, op: SseOp) -> Self {
+        match &mut self.content {
+            Content::Sse(sse) => op.apply(sse),
+            Content::Continuation(c) => c.ops.push(op),
+            _ => {}
         }
         self
     }
 
     /// Waits this long before each event (the response head goes out at once).
     pub fn event_delay(self, delay: Duration) -> Self {
-        self.map_sse(|sse| sse.delay = delay)
+        self.map_sse(SseOp::Delay(delay))
     }
 
     /// Sends the first `n` events, then nothing more, keeping the connection open until the
     /// client gives up or the mock is dropped.
     pub fn stall_after(self, n: usize) -> Self {
-        self.map_sse(|sse| {
-            sse.events.truncate(n);
-            sse.end = SseEnd::Stall;
-        })
+        self.map_sse(SseOp::StallAfter(n))
     }
 
     /// Sends the first `n` events, then closes the connection abruptly: no terminating chunk,
     /// so the client sees a body error, never a clean end.
     pub fn cut_after(self, n: usize) -> Self {
-        self.map_sse(|sse| {
-            sse.events.truncate(n);
-            sse.end = SseEnd::Cut;
-        })
+        self.map_sse(SseOp::CutAfter(n))
     }
 
     /// Drops the terminal marker (`data: [DONE]`, `event: message_stop`); the finish reason
     /// stays, so the stream is complete by its finish reason alone.
     pub fn without_terminal(self) -> Self {
-        self.map_sse(|sse| sse.events.retain(|e| !is_terminal(e)))
+        self.map_sse(SseOp::WithoutTerminal)
     }
 
     /// Drops the finish-reason event (`finish_reason`, `stop_reason`, `finishReason`) and the
     /// terminal marker: a truncated stream that still ends cleanly at the HTTP level.
     pub fn without_finish(self) -> Self {
-        self.map_sse(|sse| sse.events.retain(|e| !is_terminal(e) && !is_finish(e)))
+        self.map_sse(SseOp::WithoutFinish)
     }
 
     /// Sends the first `n` events, then `event` (an in-band error, written raw like the others),
     /// then ends the stream cleanly.
     pub fn error_after(self, n: usize, event: String) -> Self {
-        self.map_sse(|sse| {
-            sse.events.truncate(n);
-            sse.events.push(event);
-            sse.end = SseEnd::Clean;
-        })
+        self.map_sse(SseOp::ErrorAfter(n, event))
     }
 
     /// Inserts the malformed event `data: {"choices":[{` after the first `n` events; the rest
     /// of the stream follows.
     pub fn malformed_after(self, n: usize) -> Self {
-        self.map_sse(|sse| {
-            let at = n.min(sse.events.len());
-            sse.events.insert(at, r#"data: {"choices":[{"#.to_owned());
-        })
+        self.map_sse(SseOp::MalformedAfter(n))
+    }
+
+    /// A prefill-aware OpenAI chat stream whose canonical answer is `chunks` joined: a request
+    /// without a prefill gets the whole answer (as [`Reply::openai_stream`]); a request whose
+    /// last message is an assistant message (the prefill; [`RecordedRequest::prefill`]) gets
+    /// the rest of the answer after it, in the same shape, as a model continuing it would. A
+    /// prefill that is not how the answer starts gets a `400`. The stream modifiers apply to
+    /// the stream served, whichever it is.
+    ///
+    /// [`RecordedRequest::prefill`]: super::RecordedRequest::prefill
+    pub fn openai_continuation(model: impl AsRef<str>, chunks: &[&str]) -> Self {
+        Self::continuation(Style::OpenAi, model.as_ref(), chunks)
+    }
+
+    /// The Anthropic Messages form of [`Reply::openai_continuation`]: the answer as
+    /// [`Reply::anthropic_stream`]; and, as the Messages API does, a `400` for a prefill that
+    /// ends with whitespace.
+    pub fn anthropic_continuation(model: impl AsRef<str>, chunks: &[&str]) -> Self {
+        Self::continuation(Style::Anthropic, model.as_ref(), chunks)
+    }
+
+    fn continuation(style: Style, model: &str, chunks: &[&str]) -> Self {
+        Self::with(
+            200,
+            Content::Continuation(Continuation {
+                style,
+                model: model.to_owned(),
+                chunks: chunks.iter().map(|c| (*c).to_owned()).collect(),
+                ops: Vec::new(),
+            }),
+            None,
+        )
+    }
+
+    /// The reply to serve for a request with `body`: a prefill-aware stream worked out, any
+    /// other reply as it is. The head delay and the headers set on it are kept.
+    pub(crate) fn for_request(self, body: &[u8]) -> Reply {
+        let Content::Continuation(c) = &self.content else {
+            return self;
+        };
+        let mut reply = c.answer(body);
+        reply.head_delay = self.head_delay;
+        for (name, value) in &self.headers {
+            reply.headers.append(name.clone(), value.clone());
+        }
+        if reply.invalid.is_none() {
+            reply.invalid = self.invalid;
+        }
+        reply
     }
 
     // ---------------------------------------------------------------- transport behaviours
