@@ -355,8 +355,9 @@ impl<'a> Facts<'a> {
             b"error" => self.error_object |= value.first() == Some(&b'{'),
             b"usage" => self.usage_object |= value.first() == Some(&b'{'),
             b"content" | b"text" | b"reasoning_content" | b"reasoning" | b"refusal" => {
-                // A non-empty string; once one is seen, the others need no look.
-                self.content = self.content || string_value(value).is_some_and(|s| !s.is_empty());
+                // A non-empty string: an opening quote not followed by the closing one. The
+                // scan that skips the string checks it is closed, so it is not scanned twice.
+                self.content |= value.starts_with(b"\"") && value.get(1) != Some(&b'"');
             }
             b"tool_calls" | b"function_call" | b"functionCall" => {
                 self.content |= matches!(value.first(), Some(b'{' | b'['));
@@ -514,19 +515,33 @@ fn leading_type(data: &[u8]) -> Option<&[u8]> {
 /// The length of the JSON string whose contents start `s` (after its opening quote), up to its
 /// closing quote; `None` if it is not closed.
 fn string_len(s: &[u8]) -> Option<usize> {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    const QUOTES: u64 = u64::from_ne_bytes([b'"'; 8]);
+    const BACKSLASHES: u64 = u64::from_ne_bytes([b'\\'; 8]);
     let mut i = 0;
-    loop {
-        // Most keys and many values end within a few bytes: look at those one by one, and
-        // hand longer strings to memchr, jumping from one quote or backslash to the next.
-        let short = (i + 16).min(s.len());
-        while i < short {
-            match s[i] {
-                b'"' => return Some(i),
-                // A backslash escapes the byte after it.
-                b'\\' => i += 2,
-                _ => i += 1,
-            }
+    // Most keys and many values end within a few bytes: look at eight at a time (the high bit
+    // of each byte that is a quote or a backslash; the lowest one set is exact), and hand
+    // longer strings to memchr, jumping from one quote or backslash to the next.
+    while i < 32 {
+        let Some(word) = s.get(i..i + 8).and_then(|w| <[u8; 8]>::try_from(w).ok()) else {
+            break;
+        };
+        let w = u64::from_le_bytes(word);
+        let (q, b) = (w ^ QUOTES, w ^ BACKSLASHES);
+        let hits = (q.wrapping_sub(ONES) & !q | b.wrapping_sub(ONES) & !b) & HIGH;
+        if hits == 0 {
+            i += 8;
+            continue;
         }
+        let at = i + (hits.trailing_zeros() / 8) as usize;
+        if s[at] == b'"' {
+            return Some(at);
+        }
+        // A backslash escapes the byte after it.
+        i = at + 2;
+    }
+    loop {
         let at = i + memchr::memchr2(b'"', b'\\', s.get(i..)?)?;
         if s[at] == b'"' {
             return Some(at);
