@@ -27,6 +27,8 @@ use http_body::Body as _;
 use http_body_util::combinators::{BoxBody, UnsyncBoxBody};
 use http_body_util::{Empty, Full};
 
+use crate::context::RequestContext;
+
 /// A request body that may be copied for another attempt.
 pub trait ReplayBody: Sized {
     /// A second copy of the body, or `None` if it cannot be replayed.
@@ -127,6 +129,63 @@ pub fn try_clone_request<B: ReplayBody>(req: &http::Request<B>) -> Option<http::
     Some(copy)
 }
 
+/// The copy of a request that later attempts (retries, hops, a continuation) are made from.
+///
+/// A request usually carries one extension only, its [`RequestContext`]. The copy then leaves
+/// the extensions out — copying them would cost a map, its table and a box per value on every
+/// request, retried or not — and each attempt made from it gets the context back. A request
+/// with other extensions keeps a copy of them all.
+#[derive(Debug)]
+pub(crate) struct Template<B> {
+    req: http::Request<B>,
+    /// The request's context, when the copy left the extensions out.
+    context: Option<RequestContext>,
+}
+
+impl<B: ReplayBody> Template<B> {
+    /// A template of `req`, or `None` when its body cannot be replayed.
+    pub(crate) fn of(req: &http::Request<B>) -> Option<Self> {
+        let body = req.body().try_clone()?;
+        let mut copy = http::Request::new(body);
+        *copy.method_mut() = req.method().clone();
+        *copy.uri_mut() = req.uri().clone();
+        *copy.version_mut() = req.version();
+        *copy.headers_mut() = req.headers().clone();
+        let context = match RequestContext::of(req) {
+            Some(ctx) if req.extensions().len() == 1 => Some(ctx.clone()),
+            _ => {
+                *copy.extensions_mut() = req.extensions().clone();
+                None
+            }
+        };
+        Some(Self { req: copy, context })
+    }
+
+    /// The next attempt's request: a copy with every extension the original had.
+    pub(crate) fn attempt(&self) -> Option<http::Request<B>> {
+        let mut next = try_clone_request(&self.req)?;
+        if let Some(ctx) = &self.context {
+            next.extensions_mut().insert(ctx.clone());
+        }
+        Some(next)
+    }
+
+    /// The request's method, URI, version, headers and body (its extensions may be left out:
+    /// see [`extensions`](Self::extensions)).
+    pub(crate) fn request(&self) -> &http::Request<B> {
+        &self.req
+    }
+
+    /// A copy of every extension the original request had.
+    pub(crate) fn extensions(&self) -> http::Extensions {
+        let mut ext = self.req.extensions().clone();
+        if let Some(ctx) = &self.context {
+            ext.insert(ctx.clone());
+        }
+        ext
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,6 +200,41 @@ mod tests {
             rebuilt.and_then(|b| b.to_bytes()).as_deref(),
             Some(&b"x"[..])
         );
+    }
+
+    #[test]
+    fn a_template_gives_every_attempt_the_originals_extensions() {
+        #[derive(Clone, Debug, PartialEq)]
+        struct Tag(u8);
+
+        let request = || {
+            let mut req = http::Request::new(Full::new(Bytes::from_static(b"{}")));
+            req.headers_mut()
+                .insert("x-key", http::HeaderValue::from_static("v"));
+            let (ctx, _) = RequestContext::get_or_insert(&mut req);
+            (req, ctx)
+        };
+        let same = |a: &RequestContext, b: Option<&RequestContext>| {
+            b.is_some_and(|b| std::ptr::eq(a.log(), b.log()))
+        };
+
+        // Only the context: the copy leaves the extensions out, each attempt gets it back.
+        let (req, ctx) = request();
+        let template = Template::of(&req).expect("a `Full` body replays");
+        assert!(template.request().extensions().is_empty());
+        let next = template.attempt().expect("an attempt");
+        assert_eq!(next.headers()["x-key"], "v");
+        assert!(same(&ctx, RequestContext::of(&next)));
+        assert!(same(&ctx, template.extensions().get::<RequestContext>()));
+
+        // Other extensions too: all of them are kept.
+        let (mut req, ctx) = request();
+        req.extensions_mut().insert(Tag(7));
+        let template = Template::of(&req).expect("a `Full` body replays");
+        let next = template.attempt().expect("an attempt");
+        assert_eq!(next.extensions().get::<Tag>(), Some(&Tag(7)));
+        assert!(same(&ctx, RequestContext::of(&next)));
+        assert_eq!(template.extensions().get::<Tag>(), Some(&Tag(7)));
     }
 
     #[test]

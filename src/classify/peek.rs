@@ -22,13 +22,17 @@ pub struct ClassifyResponse {
     /// its successes are in the attempt log).
     store_success: bool,
     response: Option<http::Response<Body>>,
+    /// The first frame read, kept as it came: a body of one frame (the usual error or JSON
+    /// answer) is looked at without a copy.
+    first: Option<Bytes>,
+    /// Every frame read, once there is more than one.
     buf: BytesMut,
 }
 
 impl std::fmt::Debug for ClassifyResponse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClassifyResponse")
-            .field("read", &self.buf.len())
+            .field("read", &self.read())
             .finish_non_exhaustive()
     }
 }
@@ -45,6 +49,7 @@ impl ClassifyResponse {
             success: false,
             store_success: true,
             response: Some(response),
+            first: None,
             buf: BytesMut::new(),
         }
     }
@@ -62,6 +67,22 @@ impl ClassifyResponse {
         self
     }
 
+    /// Bytes read so far.
+    fn read(&self) -> usize {
+        self.first.as_ref().map_or(0, Bytes::len) + self.buf.len()
+    }
+
+    fn keep(&mut self, data: Bytes) {
+        if self.first.is_none() && self.buf.is_empty() {
+            self.first = Some(data);
+            return;
+        }
+        if let Some(first) = self.first.take() {
+            self.buf.extend_from_slice(&first);
+        }
+        self.buf.extend_from_slice(&data);
+    }
+
     fn finish(
         &mut self,
         mut response: http::Response<Body>,
@@ -69,7 +90,12 @@ impl ClassifyResponse {
         error: Option<Error>,
         ended: bool,
     ) -> (http::Response<Body>, Classification) {
-        let prefix: Bytes = self.buf.split().freeze();
+        let prefix: Bytes = match self.first.take() {
+            Some(first) => first,
+            // Splitting even an empty buffer allocates.
+            None if self.buf.is_empty() => Bytes::new(),
+            None => self.buf.split().freeze(),
+        };
         let seen = &prefix[..prefix.len().min(self.limit)];
         let c = self
             .classifier
@@ -113,14 +139,14 @@ impl Future for ClassifyResponse {
         {
             return Poll::Ready(this.finish(response, None, None, false));
         }
-        while this.buf.len() < this.limit && !response.body().is_end_stream() {
+        while this.read() < this.limit && !response.body().is_end_stream() {
             match Pin::new(response.body_mut()).poll_frame(cx) {
                 Poll::Pending => {
                     this.response = Some(response);
                     return Poll::Pending;
                 }
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) => this.buf.extend_from_slice(&data),
+                    Ok(data) => this.keep(data),
                     Err(frame) => {
                         let trailers = frame.into_trailers().ok();
                         return Poll::Ready(this.finish(response, trailers, None, true));

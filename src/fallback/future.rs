@@ -20,7 +20,7 @@ use crate::attempt_log::{Decision, LocalEventKind, StopReason};
 use crate::classify::{Classification, ClassifyResponse, FailureClass};
 use crate::context::{AttemptCap, RequestContext, Sent, SpendDenied, SpendGate};
 use crate::policy::FallbackRule;
-use crate::replay::{ReplayBody, try_clone_request};
+use crate::replay::{ReplayBody, Template};
 use crate::store::StoreFuture;
 use crate::{Body, BoxError, Error, ErrorKind, RouteName};
 
@@ -69,7 +69,7 @@ pub(crate) struct Chain<S, B> {
     pub(crate) config: Arc<Config>,
     pub(crate) svc: S,
     /// The request as the caller sent it: every backup's request is made from it.
-    pub(crate) template: Option<Request<B>>,
+    pub(crate) template: Option<Template<B>>,
     pub(crate) ctx: RequestContext,
     /// Whether this layer owns the log.
     pub(crate) owner: bool,
@@ -171,7 +171,7 @@ impl<S, B> Chain<S, B> {
     pub(crate) fn new(
         config: Arc<Config>,
         svc: S,
-        template: Option<Request<B>>,
+        template: Option<Template<B>>,
         ctx: RequestContext,
         owner: bool,
         outer_fallback: bool,
@@ -375,12 +375,13 @@ impl<S, B: ReplayBody> Chain<S, B> {
             return None;
         };
         let template = self.template.as_ref()?;
-        let mut copy = Request::new(template.body().to_bytes()?);
-        *copy.method_mut() = template.method().clone();
-        *copy.uri_mut() = template.uri().clone();
-        *copy.version_mut() = template.version();
-        *copy.headers_mut() = template.headers().clone();
-        *copy.extensions_mut() = template.extensions().clone();
+        let original = template.request();
+        let mut copy = Request::new(original.body().to_bytes()?);
+        *copy.method_mut() = original.method().clone();
+        *copy.uri_mut() = original.uri().clone();
+        *copy.version_mut() = original.version();
+        *copy.headers_mut() = original.headers().clone();
+        *copy.extensions_mut() = template.extensions();
         Some(Plan::new(
             self.config.clone(),
             sender,
@@ -597,7 +598,7 @@ impl<S, B: ReplayBody> Chain<S, B> {
                 );
                 continue;
             }
-            let mut req = try_clone_request(template).ok_or(StopReason::NotReplayable)?;
+            let mut req = template.attempt().ok_or(StopReason::NotReplayable)?;
             match route.rewrite(&mut req) {
                 Ok(()) => return Ok((i + 1, req)),
                 Err(reason) => {

@@ -11,7 +11,7 @@ use super::future::{Chain, ResponseFuture};
 use super::layer::Config;
 use crate::context::{AttemptCap, RequestContext};
 use crate::policy::{ClassActions, FallbackPolicy, PolicyError};
-use crate::replay::{ReplayBody, try_clone_request};
+use crate::replay::{ReplayBody, Template};
 use crate::{Body, BoxError, Error};
 
 /// Middleware that sends a request to its primary route and, when that route has failed for
@@ -137,7 +137,7 @@ where
             && config.continuation.is_some()
             && self.continuation.is_some();
         let template = if hops || continues {
-            try_clone_request(&req)
+            Template::of(&req)
         } else {
             None
         };

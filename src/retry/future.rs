@@ -19,7 +19,7 @@ use crate::classify::{Classification, ClassifyResponse, FailureClass};
 use crate::context::{RequestContext, Sent, SpendDenied, SpendGate};
 use crate::duration::ceil_millis;
 use crate::policy::{FallbackRule, ReplayRule, RetryRule};
-use crate::replay::{ReplayBody, try_clone_request};
+use crate::replay::{ReplayBody, Template};
 use crate::retry_budget::RetryBudget;
 use crate::store::StoreFuture;
 use crate::{Body, BoxError, Error, ErrorKind, RouteName};
@@ -105,7 +105,7 @@ pub(super) struct Attempts<B> {
     pub(super) owner: bool,
     pub(super) route: RouteName,
     /// The request every retry copies; `None` when no retry can be made of it.
-    pub(super) template: Option<Request<B>>,
+    pub(super) template: Option<Template<B>>,
     pub(super) facts: Facts,
     pub(super) budget: RetryBudget,
     /// The spend cap's gate, when a `BudgetLayer` with a spend cap is outside.
@@ -273,7 +273,7 @@ impl<B: ReplayBody> Attempts<B> {
         let next = self
             .template
             .as_ref()
-            .and_then(try_clone_request)
+            .and_then(Template::attempt)
             .ok_or(StopReason::NotReplayable)?;
         let (wait, source) = self.wait(class, c)?;
         Ok((wait, source, next))

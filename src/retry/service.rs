@@ -10,7 +10,7 @@ use super::future::{Attempts, Facts, Granted, ResponseFuture};
 use super::layer::Shared;
 use crate::classify::FailureClass;
 use crate::context::RequestContext;
-use crate::replay::{ReplayBody, try_clone_request};
+use crate::replay::{ReplayBody, Template};
 use crate::{Body, BoxError, Error};
 
 /// The header a caller conventionally sets an idempotency key in; looked for when the policy
@@ -117,15 +117,12 @@ where
             fallback_available,
         };
 
-        // Keep the original as the template for retries when a retry can be made and its body
-        // can be copied; else the original goes out and there will be no retry.
-        let copy = (shared.retry.max_attempts > 1)
-            .then(|| try_clone_request(&req))
+        // Keep a template for retries when a retry can be made and the body can be copied;
+        // else there will be no retry. The original goes out first.
+        let template = (shared.retry.max_attempts > 1)
+            .then(|| Template::of(&req))
             .flatten();
-        let (first, template) = match copy {
-            Some(copy) => (copy, Some(req)),
-            None => (req, None),
-        };
+        let first = req;
 
         // The service that `poll_ready` readied goes into the future; a clone stays here
         // (as `tower::retry` does), and the future polls its own readiness before each retry.
