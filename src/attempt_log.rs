@@ -411,6 +411,11 @@ pub enum LocalEventKind {
         /// Why, in a few words (never body content).
         reason: String,
     },
+    /// The request was written down to be replayed later (the queue rung).
+    Deferred {
+        /// Time until the replay is due.
+        retry_in: Duration,
+    },
 }
 
 impl fmt::Display for LocalEventKind {
@@ -433,6 +438,9 @@ impl fmt::Display for LocalEventKind {
             LocalEventKind::CacheHit => f.write_str("answered from the idempotent result cache"),
             LocalEventKind::LastResort => f.write_str("served the last-resort answer"),
             LocalEventKind::RouteSkipped { reason } => write!(f, "route skipped: {reason}"),
+            LocalEventKind::Deferred { retry_in } => {
+                write!(f, "deferred, replay in {}ms", ceil_ms(*retry_in))
+            }
         }
     }
 }

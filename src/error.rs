@@ -65,6 +65,9 @@ pub enum ErrorKind {
         /// Why.
         cause: StreamCause,
     },
+    /// The request was written down to be replayed later (the queue rung, see
+    /// [`defer`](crate::defer)): no answer now, a record's id and when it is due.
+    Deferred(crate::defer::Deferred),
     /// A stream failed after its commit point: bytes reached the caller, nothing is retried.
     StreamInterrupted {
         /// Bytes handed to the caller before the failure.
@@ -106,6 +109,12 @@ impl fmt::Display for ErrorKind {
                 f.write_str("the idempotency key was used before with another request body")
             }
             ErrorKind::FailedClosed { class } => write!(f, "failed closed on {class}"),
+            ErrorKind::Deferred(d) => write!(
+                f,
+                "deferred as record `{}`, replay in {}ms",
+                d.id,
+                d.retry_in.as_millis()
+            ),
             ErrorKind::StreamFailed { cause } => {
                 write!(f, "stream failed before its commit point: {cause}")
             }
@@ -183,6 +192,14 @@ impl Error {
     /// What went wrong.
     pub fn kind(&self) -> &ErrorKind {
         &self.inner.kind
+    }
+
+    /// The deferred record, when the request was deferred.
+    pub fn deferred(&self) -> Option<&crate::defer::Deferred> {
+        match &self.inner.kind {
+            ErrorKind::Deferred(d) => Some(d),
+            _ => None,
+        }
     }
 
     /// The failure class, when the error stands for one.

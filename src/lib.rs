@@ -163,6 +163,7 @@ pub mod cache;
 pub mod circuit_breaker;
 pub mod classify;
 pub mod context;
+pub mod defer;
 mod duration;
 mod error;
 pub mod fallback;

@@ -103,6 +103,13 @@ impl ResilienceLayer {
         self
     }
 
+    /// Writes the requests the policy defers to `sink`: see [`defer`](crate::defer) and
+    /// [`BudgetLayer::defer_to`].
+    pub fn defer_to(mut self, sink: Arc<dyn crate::defer::DeferSink>) -> Self {
+        self.budget = self.budget.defer_to(sink);
+        self
+    }
+
     /// Sends alerts to `sink` instead of the default [`TracingAlerts`](crate::observe::TracingAlerts)
     /// (for this layer and every clone of it). Alerts are on unless the policy's
     /// `observability.alerts` turns them off; see [`observe`](crate::observe).

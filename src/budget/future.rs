@@ -14,10 +14,41 @@ use super::layer::Shared;
 use super::rate_limit::{Admit, Ask, Refusal, Waiter};
 use super::spend::{End, Opening, SpendReceipt, Ticket};
 use crate::attempt_log::LocalEventKind;
-use crate::classify::{Classification, ClassifyResponse};
+use crate::classify::{Classification, ClassifyResponse, FailureClass};
 use crate::context::{RequestContext, Sent};
+use crate::defer::{DeferReason, Deferred, Parked, Replaying, millis, now_ms};
 use crate::error::{BoxError, Error, ErrorKind};
+use crate::store::StoreFuture;
 use crate::{Body, RouteName};
+
+/// What a request that may be deferred keeps for its record.
+pub(crate) enum Deferral {
+    /// A request from a caller: what it came in as.
+    Parked(Box<Parked>),
+    /// A worker's replay of a record.
+    Replay(Replaying),
+}
+
+/// How a request that did not get an answer ends: with its error (already closed), or by
+/// being written down for later.
+pub(crate) enum Ending {
+    Failed(Error),
+    Deferring(Box<Deferring>),
+}
+
+/// A deferral under way: the record being written (none for a replay, whose worker
+/// reschedules it), what the caller is told once it is, and the failure it ends with should the
+/// sink refuse the record.
+pub(crate) struct Deferring {
+    write: Option<StoreFuture<Result<(), BoxError>>>,
+    deferred: Deferred,
+    otherwise: Option<Otherwise>,
+}
+
+enum Otherwise {
+    Error(Error),
+    Response(Box<(http::Response<Body>, Classification)>),
+}
 
 /// What one admitted request carries through its future.
 pub(crate) struct Admitted {
@@ -30,6 +61,10 @@ pub(crate) struct Admitted {
     pub(crate) ticket: Option<Arc<Ticket>>,
     /// The request as handed inward, once it has been.
     sent: Option<Sent>,
+    /// What a deferral would need, when the request may be deferred.
+    pub(crate) deferral: Option<Deferral>,
+    /// The budget owner, for a deferred record.
+    pub(crate) budget_owner: Option<String>,
 }
 
 impl Admitted {
@@ -48,6 +83,8 @@ impl Admitted {
             deadline,
             ticket: None,
             sent: None,
+            deferral: None,
+            budget_owner: None,
         }
     }
 
@@ -67,7 +104,7 @@ impl Admitted {
         self.ctx.close_error(self.owner, e)
     }
 
-    fn refuse(&mut self, refusal: Refusal) -> Error {
+    fn refuse(&mut self, refusal: Refusal) -> Ending {
         let (kind, event) = match refusal {
             Refusal::RateLimited(retry_in) => (
                 ErrorKind::RateLimited { retry_in },
@@ -83,14 +120,14 @@ impl Admitted {
                     .log()
                     .event(route, LocalEventKind::StoreUnavailable);
                 let e = Error::new(ErrorKind::StoreUnavailable).with_source(reason);
-                return self.fail(e, false);
+                return Ending::Failed(self.fail(e, false));
             }
         };
         self.ctx.log().event(Some(self.route.clone()), event);
-        self.fail(Error::new(kind), false)
+        self.fail_or_defer(Error::new(kind))
     }
 
-    fn inner_error(&mut self, e: impl Into<BoxError>) -> Error {
+    fn inner_error(&mut self, e: impl Into<BoxError>) -> Ending {
         let e = self.shared.classifier.error(e);
         let was_call = matches!(
             e.kind(),
@@ -101,7 +138,126 @@ impl Admitted {
         if let (true, Some(sent)) = (was_call, &self.sent) {
             self.ctx.record_error(sent, &self.route, &e);
         }
-        self.fail(e, false)
+        self.fail_or_defer(e)
+    }
+
+    /// Ends the request on `e`, or defers it when `e` is a transient failure its policy
+    /// defers.
+    fn fail_or_defer(&mut self, e: Error) -> Ending {
+        let (class, hint, route) = match e.kind() {
+            ErrorKind::RateLimited { retry_in } => {
+                (Some(FailureClass::RateLimited), Some(*retry_in), None)
+            }
+            ErrorKind::Throttled { route, retry_in } => (
+                Some(FailureClass::RateLimited),
+                Some(*retry_in),
+                Some(route.clone()),
+            ),
+            ErrorKind::CircuitOpen { route, retry_in } => (
+                Some(FailureClass::Overloaded),
+                Some(*retry_in),
+                Some(route.clone()),
+            ),
+            ErrorKind::Transport | ErrorKind::StreamFailed { .. } => (e.class(), None, None),
+            _ => (None, None, None),
+        };
+        let route = route.unwrap_or_else(|| self.route.clone());
+        match class.and_then(|class| self.defer(class, hint, &route, None)) {
+            Some(mut d) => {
+                d.otherwise = Some(Otherwise::Error(e));
+                Ending::Deferring(d)
+            }
+            None => Ending::Failed(self.fail(e, false)),
+        }
+    }
+
+    /// The deferral of a request that failed with `class` on `route`, if its policy defers
+    /// it: the record is made (and its write started), or, for a replay, left for its worker.
+    fn defer(
+        &mut self,
+        class: FailureClass,
+        hint: Option<Duration>,
+        route: &RouteName,
+        status: Option<u16>,
+    ) -> Option<Box<Deferring>> {
+        let cfg = self.shared.defer.clone()?;
+        if !cfg.policy.classes.contains(&class) {
+            return None;
+        }
+        let reason = DeferReason {
+            class,
+            route: route.as_str().to_owned(),
+            status,
+        };
+        let (write, deferred) = match self.deferral.as_ref()? {
+            Deferral::Parked(parked) => {
+                let retry_in = cfg.retry_in(hint, 0);
+                let owner = self.budget_owner.clone();
+                let record = cfg.record(parked, self.route.as_str(), owner, reason, retry_in)?;
+                let deferred = Deferred {
+                    id: record.id.clone(),
+                    next_attempt_at: record.next_attempt_at(),
+                    retry_in,
+                };
+                (Some(cfg.sink.put(record)), deferred)
+            }
+            Deferral::Replay(replay) => {
+                let deferrals = replay.record.deferrals.saturating_add(1);
+                if deferrals >= cfg.policy.max_deferrals {
+                    return None;
+                }
+                let retry_in = cfg.retry_in(hint, deferrals);
+                let mut record = (*replay.record).clone();
+                record.deferrals = deferrals;
+                record.reason = reason;
+                record.next_attempt_at_ms = now_ms().saturating_add(millis(retry_in));
+                let deferred = Deferred {
+                    id: record.id.clone(),
+                    next_attempt_at: record.next_attempt_at(),
+                    retry_in,
+                };
+                let mut again = replay
+                    .again
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                *again = Some(record);
+                (None, deferred)
+            }
+        };
+        Some(Box::new(Deferring {
+            write,
+            deferred,
+            otherwise: None,
+        }))
+    }
+
+    /// The end of a deferral: the caller is told, or — the sink refused the record — the
+    /// request ends on the failure it had.
+    fn deferred(
+        &mut self,
+        d: &mut Deferring,
+        written: Result<(), BoxError>,
+    ) -> Result<http::Response<Body>, Error> {
+        let route = Some(self.route.clone());
+        match (written, d.otherwise.take()) {
+            (Ok(()), _) | (Err(_), None) => {
+                let retry_in = d.deferred.retry_in;
+                self.ctx
+                    .log()
+                    .event(route, LocalEventKind::Deferred { retry_in });
+                Err(self.fail(Error::new(ErrorKind::Deferred(d.deferred.clone())), false))
+            }
+            (Err(e), Some(otherwise)) => {
+                tracing::warn!(error = %e, "the deferred record could not be written; the request fails");
+                self.ctx
+                    .log()
+                    .event(route, LocalEventKind::StoreUnavailable);
+                match otherwise {
+                    Otherwise::Error(e) => Err(self.fail(e, false)),
+                    Otherwise::Response(answer) => Ok(self.close(answer.0, &answer.1)),
+                }
+            }
+        }
     }
 
     fn classify<RB>(&self, response: http::Response<RB>) -> ClassifyResponse
@@ -114,19 +270,42 @@ impl Admitted {
         classifier.classify_attempt(response, self.ctx.log(), mark)
     }
 
+    /// The answer's end: deferred when it is a transient failure the policy defers, else
+    /// handed on.
     fn respond(
         &mut self,
         resp: http::Response<Body>,
-        c: &Classification,
+        c: Classification,
         latency: Option<Duration>,
-    ) -> http::Response<Body> {
+    ) -> Result<http::Response<Body>, Box<Deferring>> {
         if let Some(sent) = &self.sent {
-            self.ctx.record(sent, &self.route, latency, c, None);
+            self.ctx.record(sent, &self.route, latency, &c, None);
         }
-        let served = resp.extensions().get::<RouteName>().cloned();
+        self.observe_pacing(&resp);
+        let status = resp.status();
+        let failed = status.is_client_error() || status.is_server_error();
+        if let (Some(class), true, true) = (c.class, failed, self.deferral.is_some()) {
+            let served = resp.extensions().get::<RouteName>().cloned();
+            let route = served.unwrap_or_else(|| self.route.clone());
+            let hint = c.wait_hint.map(|h| h.wait);
+            if let Some(mut d) = self.defer(class, hint, &route, Some(status.as_u16())) {
+                d.otherwise = Some(Otherwise::Response(Box::new((resp, c))));
+                return Err(d);
+            }
+        }
+        Ok(self.close(resp, &c))
+    }
+
+    fn observe_pacing(&self, resp: &http::Response<Body>) {
         if let Some(pacer) = self.shared.gate.as_ref().and_then(|g| g.pacer.as_ref()) {
-            pacer.observe(served.as_ref().unwrap_or(&self.route), resp.headers());
+            let served = resp.extensions().get::<RouteName>();
+            pacer.observe(served.unwrap_or(&self.route), resp.headers());
         }
+    }
+
+    /// Hands the answer on: the log closed, the spend settled at the body's end.
+    fn close(&mut self, resp: http::Response<Body>, c: &Classification) -> http::Response<Body> {
+        let served = resp.extensions().get::<RouteName>().cloned();
         let status = resp.status();
         let success = c.is_success() && !(status.is_client_error() || status.is_server_error());
         let mut resp = self.ctx.close_response(self.owner, resp);
@@ -166,7 +345,7 @@ impl Admission {
         &mut self,
         admitted: &mut Admitted,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<(), Error>> {
+    ) -> Poll<Result<(), Ending>> {
         if let Some(opening) = self.opening.as_mut() {
             let opened = ready!(opening.poll_open(cx));
             self.opening = None;
@@ -186,7 +365,7 @@ impl Admission {
                         .ctx
                         .log()
                         .event(Some(admitted.route.clone()), event);
-                    return Poll::Ready(Err(admitted.fail(e, false)));
+                    return Poll::Ready(Err(Ending::Failed(admitted.fail(e, false))));
                 }
             }
         }
@@ -251,7 +430,17 @@ pin_project! {
         Waiting,
         Calling { #[pin] fut: F },
         Classifying { fut: ClassifyResponse, latency: Option<Duration> },
+        Deferring { deferring: Box<Deferring> },
         Failed { error: Option<Error> },
+    }
+}
+
+impl<F> State<F> {
+    fn ending(ending: Ending) -> Self {
+        match ending {
+            Ending::Failed(e) => State::Failed { error: Some(e) },
+            Ending::Deferring(deferring) => State::Deferring { deferring },
+        }
     }
 }
 
@@ -268,9 +457,9 @@ where
         }
     }
 
-    /// A request that ended before it was sent, with its `error` (already closed).
-    pub(crate) fn ended(admitted: Admitted, error: Error) -> Self {
-        Self::with(admitted, State::Failed { error: Some(error) }, None)
+    /// A request that ended before it was sent.
+    pub(crate) fn ended(admitted: Admitted, ending: Ending) -> Self {
+        Self::with(admitted, State::ending(ending), None)
     }
 
     /// A request whose admission goes on in the future, with the service that was polled
@@ -307,10 +496,10 @@ where
         let mut this = self.project();
         loop {
             let out = match this.state.as_mut().project() {
-                StateProj::Waiting => match ready!(this.poll_queue(cx)) {
-                    Some(out) => out,
-                    None => continue,
-                },
+                StateProj::Waiting => {
+                    ready!(this.poll_queue(cx));
+                    continue;
+                }
                 StateProj::Calling { fut } => match fut.poll(cx) {
                     Poll::Ready(Ok(resp)) => {
                         let admitted = &*this.admitted;
@@ -322,13 +511,32 @@ where
                         this.state.set(State::Classifying { fut, latency });
                         continue;
                     }
-                    Poll::Ready(Err(e)) => Err(this.admitted.inner_error(e)),
+                    Poll::Ready(Err(e)) => {
+                        let ending = this.admitted.inner_error(e);
+                        this.state.set(State::ending(ending));
+                        continue;
+                    }
                     Poll::Pending => return this.poll_deadline(cx),
                 },
                 StateProj::Classifying { fut, latency } => match Pin::new(fut).poll(cx) {
-                    Poll::Ready((resp, c)) => Ok(this.admitted.respond(resp, &c, *latency)),
+                    Poll::Ready((resp, c)) => match this.admitted.respond(resp, c, *latency) {
+                        Ok(resp) => Ok(resp),
+                        Err(deferring) => {
+                            this.state.set(State::Deferring { deferring });
+                            continue;
+                        }
+                    },
                     Poll::Pending => return this.poll_deadline(cx),
                 },
+                // The record's write has its own bound (the sink's); the deadline does not
+                // cut it short.
+                StateProj::Deferring { deferring } => {
+                    let written = match deferring.write.as_mut() {
+                        Some(write) => ready!(Pin::new(write).poll(cx)),
+                        None => Ok(()),
+                    };
+                    this.admitted.deferred(deferring, written)
+                }
                 StateProj::Failed { error } => {
                     return match error.take() {
                         Some(e) => Poll::Ready(Err(e)),
@@ -346,11 +554,8 @@ impl<S, B> Proj<'_, S, B>
 where
     S: Service<http::Request<B>>,
 {
-    /// Admission goes on: the request is sent once admitted (`None`: go on calling), or ends.
-    fn poll_queue(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http::Response<Body>, Error>>> {
+    /// Admission goes on: the request is sent once admitted, or ends.
+    fn poll_queue(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let Some(held) = self.held.as_mut() else {
             panic!("budget ResponseFuture polled after completion");
         };
@@ -361,17 +566,17 @@ where
             ..
         }) = self.held.take()
         else {
-            return Poll::Ready(None);
+            return Poll::Ready(());
         };
         match admitted {
             Ok(()) => {
                 self.admitted.sending(None);
                 let fut = service.call(request);
                 self.state.set(State::Calling { fut });
-                Poll::Ready(None)
             }
-            Err(e) => Poll::Ready(Some(Err(e))),
+            Err(ending) => self.state.set(State::ending(ending)),
         }
+        Poll::Ready(())
     }
 
     /// Fails the request when its deadline passes while the inner service still works on it.
@@ -403,6 +608,7 @@ where
             State::Waiting => "waiting",
             State::Calling { .. } => "calling",
             State::Classifying { .. } => "classifying",
+            State::Deferring { .. } => "deferring",
             State::Failed { .. } => "done",
         };
         f.debug_struct("ResponseFuture")

@@ -12,8 +12,9 @@ use super::spend::{SpendConfig, SpendHandle};
 use super::store::{BudgetStore, MemoryStore};
 use crate::RouteName;
 use crate::classify::SharedClassifier;
+use crate::defer::{DeferConfig, DeferSink};
 use crate::observe::Observer;
-use crate::policy::{AdmissionMode, BudgetPolicy, LoggingPolicy, Policy, PolicyError};
+use crate::policy::{AdmissionMode, BudgetPolicy, DeferPolicy, LoggingPolicy, Policy, PolicyError};
 use crate::retry_budget::RetryBudget;
 
 /// Applies [`Budget`] to a service: admission (rate limits, paced routes, spend caps), the
@@ -45,6 +46,13 @@ pub(crate) struct Shared {
     pub(crate) logging: LoggingPolicy,
     /// Turns the end of the requests whose log this layer owns into metrics and alerts.
     pub(crate) observer: Option<Arc<Observer>>,
+    /// The policy's queue rung, in force once a sink is given.
+    defer_policy: Option<DeferPolicy>,
+    /// The queue rung with its sink.
+    pub(crate) defer: Option<Arc<DeferConfig>>,
+    /// The policy's workflow name and idempotency key header, for deferred records.
+    workflow: String,
+    key_header: Option<String>,
 }
 
 /// How long a request's reservations live unless settled: its deadline plus a margin (an hour
@@ -100,6 +108,10 @@ impl BudgetLayer {
             primary: None,
             logging: LoggingPolicy::default(),
             observer: None,
+            defer_policy: policy.defer.clone(),
+            defer: None,
+            workflow: String::new(),
+            key_header: None,
         };
         shared.rebuild_gate();
         Ok(Self {
@@ -132,6 +144,8 @@ impl BudgetLayer {
         let shared = Arc::make_mut(&mut layer.shared);
         shared.primary = Some(RouteName::new(&policy.fallback.primary));
         shared.logging = policy.logging.clone();
+        shared.workflow = policy.workflow.clone();
+        shared.key_header = policy.idempotency.key_header.clone();
         if let Some(spend) = &policy.budget.spend {
             let lease = lease_for(policy.budget.deadline, policy.store.lease_margin);
             shared.spend = Some(Arc::new(SpendConfig::new(spend, lease)?));
@@ -153,6 +167,19 @@ impl BudgetLayer {
         let shared = Arc::make_mut(&mut self.shared);
         shared.store = store;
         shared.rebuild_gate();
+        self
+    }
+
+    /// Writes the requests its policy defers to `sink` (see [`defer`](crate::defer)), by the
+    /// policy's `budget.defer` section, or by [`DeferPolicy::default`] when it has none. Call
+    /// before the layer is cloned into services, and after
+    /// [`from_policy`](Self::from_policy).
+    pub fn defer_to(mut self, sink: Arc<dyn DeferSink>) -> Self {
+        let shared = Arc::make_mut(&mut self.shared);
+        let policy = shared.defer_policy.clone().unwrap_or_default();
+        let key_header = shared.key_header.as_deref();
+        let cfg = DeferConfig::new(policy, sink, shared.workflow.clone(), key_header);
+        shared.defer = Some(Arc::new(cfg));
         self
     }
 
@@ -224,6 +251,7 @@ impl fmt::Debug for Shared {
             .field("admission", &self.admission)
             .field("pacing", &self.pacing)
             .field("spend", &self.spend)
+            .field("defer", &self.defer.as_ref().map(|d| &d.policy))
             .finish_non_exhaustive()
     }
 }

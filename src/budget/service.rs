@@ -4,7 +4,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 use tower_service::Service;
 
-use super::future::{Admission, Admitted, ResponseFuture};
+use super::future::{Admission, Admitted, Deferral, Ending, ResponseFuture};
 use super::layer::Shared;
 use super::rate_limit::Ask;
 use super::spend::BudgetOwner;
@@ -72,6 +72,13 @@ where
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let shared = self.shared.clone();
         let (ctx, owner) = RequestContext::begin(&mut req, &shared.logging);
+        // Kept before any layer changes the request, should it be deferred.
+        let deferral = shared.defer.as_ref().and_then(|cfg| {
+            match req.extensions().get::<crate::defer::Replaying>() {
+                Some(replay) => Some(Deferral::Replay(replay.clone())),
+                None => cfg.park(&mut req).map(|p| Deferral::Parked(Box::new(p))),
+            }
+        });
         // One deposit per logical request; the inner layers withdraw per retry and per hop.
         shared.retry_budget.deposit();
         let sent = ctx.send();
@@ -95,6 +102,10 @@ where
         let mut admitted = Admitted::new(shared.clone(), ctx, owner, route, deadline);
 
         let owner = self.owner_of(&req);
+        if deferral.is_some() {
+            admitted.deferral = deferral;
+            admitted.budget_owner = owner.clone();
+        }
         let counts_tokens = shared.rate.as_ref().is_some_and(|r| r.counts_tokens());
         let estimate = (shared.spend.is_some() || counts_tokens).then(|| {
             let body = req.body().to_bytes();
@@ -117,7 +128,7 @@ where
                         let log = admitted.ctx.log();
                         log.event(route, LocalEventKind::BudgetDenied);
                         let error = admitted.fail(e, false);
-                        return ResponseFuture::ended(admitted, error);
+                        return ResponseFuture::ended(admitted, Ending::Failed(error));
                     }
                 }
             }

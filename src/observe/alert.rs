@@ -38,17 +38,21 @@ pub enum AlertKind {
     RetryBudgetExhausted,
     /// A budget owner's spend cap refused a request or one more attempt of it.
     SpendCapReached,
+    /// A deferred request was given up (deferred too often, or its replay failed on a class
+    /// that is not deferred): the work was not done. For the budget owner.
+    DeadLetter,
 }
 
 impl AlertKind {
     /// Every kind.
-    pub const ALL: [AlertKind; 6] = [
+    pub const ALL: [AlertKind; 7] = [
         AlertKind::Auth,
         AlertKind::QuotaExhausted,
         AlertKind::PolicyBlock,
         AlertKind::CircuitOpenNoBackup,
         AlertKind::RetryBudgetExhausted,
         AlertKind::SpendCapReached,
+        AlertKind::DeadLetter,
     ];
 
     /// Stable snake_case name.
@@ -60,6 +64,7 @@ impl AlertKind {
             AlertKind::CircuitOpenNoBackup => "circuit_open_no_backup",
             AlertKind::RetryBudgetExhausted => "retry_budget_exhausted",
             AlertKind::SpendCapReached => "spend_cap_reached",
+            AlertKind::DeadLetter => "dead_letter",
         }
     }
 }
@@ -137,6 +142,11 @@ impl fmt::Display for Alert {
                 f,
                 "a provider blocked a request on route `{route}` on policy and it failed closed; \
                  for review"
+            )?,
+            AlertKind::DeadLetter => write!(
+                f,
+                "a deferred request for route `{route}` was given up and kept as a dead letter: \
+                 the work was not done; tell the budget owner"
             )?,
             AlertKind::CircuitOpenNoBackup => write!(
                 f,

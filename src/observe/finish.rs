@@ -212,5 +212,6 @@ pub(crate) fn kind_name(kind: &ErrorKind) -> &'static str {
         ErrorKind::Throttled { .. } => "throttled",
         ErrorKind::InFlight => "in_flight",
         ErrorKind::IdempotencyKeyReused => "idempotency_key_reused",
+        ErrorKind::Deferred(_) => "deferred",
     }
 }

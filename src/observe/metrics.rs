@@ -188,7 +188,9 @@ pub(super) fn request(o: &Observer, v: &View<'_>, noted: &Noted, end: &End<'_>) 
             LocalEventKind::DeadlineExceeded
             | LocalEventKind::CacheHit
             | LocalEventKind::LastResort
-            | LocalEventKind::RouteSkipped { .. } => continue,
+            | LocalEventKind::RouteSkipped { .. }
+            // Counted as the request's outcome (`error.type` = `deferred`).
+            | LocalEventKind::Deferred { .. } => continue,
         };
         counter!(n::REJECTIONS, n::ROUTE => label(route), n::REASON => reason).increment(1);
     }

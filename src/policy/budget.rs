@@ -1,6 +1,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use super::defer::DeferPolicy;
 use super::error::{PolicyError, check};
 
 /// How much recovery (retries and route switches) the whole service may spend.
@@ -104,6 +105,10 @@ pub enum AdmissionMode {
         /// Most requests waiting at once.
         max_queued: u32,
     },
+    /// Never wait in the process: a request the rate limit has no room for is written down
+    /// as a deferred record, due when capacity returns (needs `budget.defer` and a sink; without
+    /// a sink it is rejected as under `Reject`).
+    Defer,
 }
 
 /// What a rate limit is keyed by.
@@ -252,6 +257,9 @@ pub struct BudgetPolicy {
     pub pacing: bool,
     /// Spend cap; none when `None`.
     pub spend: Option<SpendPolicy>,
+    /// The queue rung: requests that end unanswered on a transient failure become deferred
+    /// records instead of failing; off when `None`.
+    pub defer: Option<DeferPolicy>,
 }
 
 impl BudgetPolicy {
@@ -288,6 +296,15 @@ impl BudgetPolicy {
         {
             check::positive("budget.admission.max_wait", max_wait)?;
             check::at_least_one("budget.admission.max_queued", max_queued.into())?;
+        }
+        if let Some(d) = &self.defer {
+            d.validate()?;
+        }
+        if self.admission == AdmissionMode::Defer && self.defer.is_none() {
+            return Err(PolicyError::new(
+                "budget.admission",
+                "is `defer` but the policy has no `budget.defer` section",
+            ));
         }
         if let Some(s) = &self.spend {
             if !(s.cap.is_finite() && s.cap > 0.0) {

@@ -22,6 +22,7 @@
 mod actions;
 mod budget;
 mod circuit_breaker;
+mod defer;
 mod error;
 mod fallback;
 mod idempotency;
@@ -40,6 +41,7 @@ pub use budget::{
     SpendPolicy,
 };
 pub use circuit_breaker::{CircuitBreakerPolicy, FailureRateRule, SlowCallRule};
+pub use defer::DeferPolicy;
 pub use error::PolicyError;
 pub use fallback::{CREDENTIAL_HEADERS, FallbackPolicy, PrefillForm, RouteConfig, StaticResponse};
 pub use idempotency::{CachePolicy, IdempotencyPolicy, InFlightRule, ReplayRule};
@@ -155,6 +157,8 @@ impl Policy {
                 max_queued: 10_000,
             },
             pacing: true,
+            // Takes effect once the budget layer has a sink to write records to.
+            defer: Some(DeferPolicy::default()),
             ..BudgetPolicy::default()
         };
         let stream = StreamPolicy::from_settings(StreamSettings {

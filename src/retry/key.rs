@@ -12,14 +12,14 @@ use rand::{Rng, SeedableRng};
 /// running the same seeded policy must still send different keys, or a gateway that honours
 /// keys would answer one request with another's response.
 #[derive(Clone)]
-pub(super) struct KeyGenerator(Arc<Mutex<SmallRng>>);
+pub(crate) struct KeyGenerator(Arc<Mutex<SmallRng>>);
 
 impl KeyGenerator {
-    pub(super) fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self(Arc::new(Mutex::new(SmallRng::from_os_rng())))
     }
 
-    pub(super) fn next(&self) -> Option<HeaderValue> {
+    pub(crate) fn next(&self) -> Option<HeaderValue> {
         let bits: u128 = {
             let mut rng = self.0.lock().unwrap_or_else(|p| p.into_inner());
             rng.random()

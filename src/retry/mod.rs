@@ -117,6 +117,7 @@
 
 mod future;
 mod key;
+pub(crate) use key::KeyGenerator;
 mod layer;
 mod service;
 
