@@ -1,6 +1,6 @@
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use super::spend::{End, Opening, SpendReceipt, Ticket};
 use crate::attempt_log::LocalEventKind;
 use crate::classify::{Classification, ClassifyResponse, FailureClass};
 use crate::context::{RequestContext, Sent};
-use crate::defer::{DeferReason, Deferred, Parked, Replaying, millis, now_ms};
+use crate::defer::{Again, DeferReason, Deferred, Parked, Replaying, millis, now_ms};
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::store::StoreFuture;
 use crate::{Body, RouteName};
@@ -204,6 +204,8 @@ impl Admitted {
             Deferral::Replay(replay) => {
                 let deferrals = replay.record.deferrals.saturating_add(1);
                 if deferrals >= cfg.policy.max_deferrals {
+                    *replay.again.lock().unwrap_or_else(PoisonError::into_inner) =
+                        Some(Again::Exhausted);
                     return None;
                 }
                 let retry_in = cfg.retry_in(hint, deferrals);
@@ -216,11 +218,8 @@ impl Admitted {
                     next_attempt_at: record.next_attempt_at(),
                     retry_in,
                 };
-                let mut again = replay
-                    .again
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                *again = Some(record);
+                *replay.again.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some(Again::Deferred(Box::new(record)));
                 (None, deferred)
             }
         };

@@ -85,7 +85,9 @@ mod record;
 mod sink;
 mod worker;
 
-pub(crate) use record::{DeferConfig, Parked, Replaying, millis, now_ms};
+/// The future a [`DeferSink`] answers with (the same as the budget stores').
+pub use crate::store::StoreFuture;
+pub(crate) use record::{Again, DeferConfig, Parked, Replaying, millis, now_ms};
 pub use record::{DeferReason, Deferred, DeferredRequest, Requester};
 #[cfg(feature = "testing")]
 pub use sink::MemoryDeferSink;

@@ -247,7 +247,15 @@ pub(crate) struct Parked {
 #[derive(Clone)]
 pub(crate) struct Replaying {
     pub(crate) record: Arc<DeferredRequest>,
-    pub(crate) again: Arc<Mutex<Option<DeferredRequest>>>,
+    pub(crate) again: Arc<Mutex<Option<Again>>>,
+}
+
+/// What the stack decided about a replay that failed on a class the policy defers.
+pub(crate) enum Again {
+    /// Deferred once more: the record with its new due time.
+    Deferred(Box<DeferredRequest>),
+    /// Not deferred: the record has been deferred `max_deferrals` times.
+    Exhausted,
 }
 
 /// The decision point's settings, made from the policy once.

@@ -11,7 +11,7 @@ use http::HeaderMap;
 use http_body_util::BodyExt;
 use tower_service::Service;
 
-use super::record::{Replaying, now_ms};
+use super::record::{Again, Replaying, now_ms};
 use super::{DeferSink, Deferred, DeferredRequest, Lease, LeaseEnd, Take};
 use crate::RouteName;
 use crate::error::{BoxError, Error, ErrorKind};
@@ -200,6 +200,14 @@ where
             }
         };
         let again = again.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let exhausted = matches!(again, Some(Again::Exhausted));
+        let reason = |last: String| match exhausted {
+            true => format!(
+                "deferred {} times, the most allowed; last: {last}",
+                record.deferrals.saturating_add(1)
+            ),
+            false => last,
+        };
         match sent {
             Ok(resp) if !(resp.status().is_client_error() || resp.status().is_server_error()) => {
                 self.sink.finish(lease, LeaseEnd::Answered).await?;
@@ -207,7 +215,7 @@ where
                 Ok(())
             }
             Ok(resp) => {
-                let reason = format!("the provider answered {}", resp.status().as_u16());
+                let reason = reason(format!("the provider answered {}", resp.status().as_u16()));
                 self.dead(lease, reason, Some(resp), None).await
             }
             Err(e) => {
@@ -216,24 +224,14 @@ where
                     Err(other) => Error::transport(crate::classify::FailureClass::Transport, other),
                 };
                 match (e.kind(), again) {
-                    (ErrorKind::Deferred(deferred), Some(next)) => {
+                    (ErrorKind::Deferred(deferred), Some(Again::Deferred(next))) => {
                         let deferred = deferred.clone();
-                        self.sink
-                            .finish(lease, LeaseEnd::Deferred(Box::new(next)))
-                            .await?;
+                        self.sink.finish(lease, LeaseEnd::Deferred(next)).await?;
                         self.tell(record, ReplayOutcome::Deferred(deferred));
                         Ok(())
                     }
                     _ => {
-                        let reason = if record.deferrals + 1 >= self.policy.max_deferrals {
-                            format!(
-                                "deferred {} times, the most allowed; last: {}",
-                                record.deferrals + 1,
-                                e.kind()
-                            )
-                        } else {
-                            e.kind().to_string()
-                        };
+                        let reason = reason(e.kind().to_string());
                         self.dead(lease, reason, None, Some(e)).await
                     }
                 }
@@ -259,6 +257,7 @@ where
             let route = Some(RouteName::new(&record.route));
             let mut alert = Alert::new(AlertKind::DeadLetter, route, record.budget_owner.clone());
             alert.workflow = record.workflow.clone();
+            alert.key_fingerprint = record.key_fingerprint.clone();
             alert.class = error
                 .as_ref()
                 .and_then(Error::class)
