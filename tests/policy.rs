@@ -581,6 +581,13 @@ mod files {
             p.stream.for_route(Some("bedrock-sonnet")).idle_timeout,
             Some(Duration::from_secs(90))
         );
+        let defer = p
+            .budget
+            .defer
+            .clone()
+            .unwrap_or_else(|| panic!("a defer section"));
+        assert_eq!(defer.first_delay, Duration::from_secs(300));
+        assert_eq!(defer.max_deferrals, 5);
         let twin = Policy::from_json(&example("policy.json")).unwrap_or_else(|e| panic!("{e}"));
         assert_ne!(p, twin);
     }

@@ -384,11 +384,10 @@ impl DeferConfig {
         })
     }
 
-    /// When a request that failed with `hint` (the failure's own time, if it named one) is
-    /// replayed after `deferrals` earlier deferrals.
+    /// When a request that failed with `hint` is replayed after `deferrals` earlier
+    /// deferrals ([`DeferPolicy::replay_in`]).
     pub(crate) fn retry_in(&self, hint: Option<Duration>, deferrals: u32) -> Duration {
-        hint.unwrap_or_else(|| self.policy.delay(deferrals))
-            .min(self.policy.max_delay)
+        self.policy.replay_in(hint, deferrals)
     }
 }
 

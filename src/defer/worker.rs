@@ -193,7 +193,7 @@ where
                 Ok::<_, BoxError>(http::Response::from_parts(parts, body))
             };
             let every = (self.policy.claim_after / 3).max(Duration::from_millis(1));
-            match renewing(&*self.sink, &self.name, every, &lease, call).await? {
+            match renewing(&*self.sink, &self.name, every, &lease, call).await {
                 Some(sent) => sent,
                 // Another worker has the record now: it replays it.
                 None => return Ok(()),
@@ -281,15 +281,15 @@ where
     }
 }
 
-/// Runs `call`, renewing `lease` every `every`: `None` when the lease was
-/// lost (the call is dropped, which cancels it).
+/// Runs `call`, renewing `lease` every `every`: `None` when the lease was lost (the call is
+/// dropped, which cancels it).
 async fn renewing<T>(
     sink: &dyn DeferSink,
     worker: &str,
     every: Duration,
     lease: &Lease,
     call: impl Future<Output = T>,
-) -> Result<Option<T>, BoxError> {
+) -> Option<T> {
     let mut call = pin!(call);
     loop {
         let mut tick = pin!(tokio::time::sleep(every));
@@ -299,15 +299,26 @@ async fn renewing<T>(
         })
         .await;
         if let Some(v) = done {
-            return Ok(Some(v));
+            return Some(v);
         }
-        if !sink.renew(lease).await? {
-            tracing::warn!(
+        match sink.renew(lease).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(
+                    worker,
+                    record = lease.record.id.as_str(),
+                    "lease on a deferred record lost to another worker; replay stopped"
+                );
+                return None;
+            }
+            // The sink cannot say whether the lease still stands: the replay goes on (it
+            // carries its idempotency key), and its end is checked against the lease.
+            Err(e) => tracing::warn!(
                 worker,
                 record = lease.record.id.as_str(),
-                "lease on a deferred record lost to another worker; replay stopped"
-            );
-            return Ok(None);
+                error = %e,
+                "deferred lease not renewed: sink unavailable"
+            ),
         }
     }
 }

@@ -23,7 +23,8 @@ pub struct DeferPolicy {
     /// limit's refill, the breaker's next probe).
     #[cfg_attr(feature = "serde", serde(with = "crate::duration::serde_duration"))]
     pub first_delay: Duration,
-    /// The longest delay before a replay; each further deferral of a record doubles its delay
+    /// The longest delay before a replay. A replay refused again waits at least
+    /// `first_delay` doubled once per earlier deferral (or the failure's own time, if longer),
     /// up to this.
     #[cfg_attr(feature = "serde", serde(with = "crate::duration::serde_duration"))]
     pub max_delay: Duration,
@@ -119,5 +120,84 @@ impl DeferPolicy {
             .checked_mul(factor)
             .unwrap_or(self.max_delay)
             .min(self.max_delay)
+    }
+
+    /// When a request that failed with `hint` (the failure's own time, if it named one) is
+    /// replayed after `deferrals` earlier deferrals: the hint, else `first_delay`, for the
+    /// first; for a replay refused again, never sooner than [`delay`](Self::delay), so that a
+    /// short local wait (a throttle's) does not use up the record's deferrals in seconds. At
+    /// most `max_delay`.
+    pub fn replay_in(&self, hint: Option<Duration>, deferrals: u32) -> Duration {
+        let wait = match (hint, deferrals) {
+            (Some(hint), 0) => hint,
+            (hint, n) => hint.unwrap_or_default().max(self.delay(n)),
+        };
+        wait.min(self.max_delay)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replay_refused_again_backs_off_whatever_the_hint() {
+        let p = DeferPolicy::default();
+        let s = Duration::from_secs;
+        // The first deferral takes the failure's own time, short or long.
+        assert_eq!(p.replay_in(Some(s(10)), 0), s(10));
+        assert_eq!(p.replay_in(None, 0), s(60));
+        // Later ones wait at least the doubled delay, the hint when it is longer.
+        assert_eq!(p.replay_in(Some(Duration::from_millis(97)), 1), s(120));
+        assert_eq!(p.replay_in(Some(s(600)), 2), s(600));
+        assert_eq!(p.replay_in(None, 3), s(480));
+        // Never past `max_delay`.
+        assert_eq!(p.replay_in(Some(s(86_400)), 0), s(3600));
+        assert_eq!(p.replay_in(None, 40), s(3600));
+    }
+
+    #[test]
+    fn classes_that_are_not_transient_are_refused() {
+        for class in [
+            FailureClass::Auth,
+            FailureClass::InvalidRequest,
+            FailureClass::PolicyBlock,
+            FailureClass::ContextOverflow,
+            FailureClass::QuotaExhausted,
+            FailureClass::StreamInterrupted,
+        ] {
+            let mut p = DeferPolicy::default();
+            p.classes.push(class);
+            let e = p
+                .validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains("budget.defer.classes"), "{class}: {e}");
+        }
+        let mut p = DeferPolicy::default();
+        p.first_delay = Duration::from_secs(7200);
+        assert!(p.validate().is_err(), "first_delay past max_delay");
+        p = DeferPolicy::default();
+        p.max_deferrals = 0;
+        assert!(p.validate().is_err());
+        p = DeferPolicy::default();
+        p.requester_header = "not a header".to_owned();
+        assert!(p.validate().is_err());
+        assert!(DeferPolicy::default().validate().is_ok());
+    }
+
+    #[test]
+    fn admission_mode_defer_needs_a_defer_section() {
+        let mut b = crate::policy::BudgetPolicy::default();
+        b.admission = crate::policy::AdmissionMode::Defer;
+        let e = b
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("defer"), "{e}");
+        b.defer = Some(DeferPolicy::default());
+        assert!(b.validate().is_ok());
     }
 }

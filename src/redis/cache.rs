@@ -45,7 +45,7 @@ impl RedisCache {
     }
 }
 
-fn text(v: &Value) -> Option<&[u8]> {
+pub(super) fn text(v: &Value) -> Option<&[u8]> {
     match v {
         Value::BulkString(b) => Some(b),
         Value::SimpleString(s) => Some(s.as_bytes()),

@@ -51,10 +51,12 @@
 #![cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 
 mod cache;
+mod defer;
 mod health;
 mod scripts;
 
 pub use cache::RedisCache;
+pub use defer::RedisDeferSink;
 pub use health::RedisHealth;
 
 use std::collections::HashSet;

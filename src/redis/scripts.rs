@@ -247,6 +247,114 @@ if state == 'open' then code = 1 elseif state == 'half_open' then code = 2 end
 return {code, math.max(0, untl - now), granted}
 "#;
 
+/// The deferred-record scripts share their keys: KEYS[1] the due records (zset id -> due at,
+/// ms), KEYS[2] the stream of records handed to workers (consumer group `workers`; an entry
+/// stays pending until its replay has ended), KEYS[3] the records (id -> metadata JSON),
+/// KEYS[4] their bodies, KEYS[5] their statuses, KEYS[6] answered records (id -> when, ms),
+/// KEYS[7] the stream of dead letters. Times are the workers' (ARGV), not the server's, so
+/// that a record is due by the clock that wrote its due time.
+///
+/// ARGV: id, metadata, body, due at. Keeps a record until it is due.
+const DEFER_PUT: &str = r#"
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[5], ARGV[1], 'waiting')
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
+return 1
+"#;
+
+/// Whether stream entry `eid` is pending for `worker` (false when the group is gone: the
+/// server lost its data).
+const DEFER_OWNS: &str = r#"
+local function owns(eid, worker)
+  local ok, p = pcall(redis.call, 'XPENDING', KEYS[2], 'workers', eid, eid, 1)
+  return ok and #p > 0 and p[1][2] == worker
+end
+"#;
+
+/// ARGV: worker, now, max, claim after (ms). Moves due records onto the stream, then hands
+/// `worker` up to `max` entries: first those whose worker stopped renewing them, then new
+/// ones. Returns `{entry id, record id, metadata, body}` per entry.
+const DEFER_TAKE: &str = r#"
+local worker, now, max, idle = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+-- BUSYGROUP when the group exists: nothing to do.
+redis.pcall('XGROUP', 'CREATE', KEYS[2], 'workers', '0', 'MKSTREAM')
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 100)) do
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('XADD', KEYS[2], '*', 'id', id)
+end
+local out = {}
+local function hand(entry)
+  if not entry then return end
+  local eid, fields = entry[1], entry[2]
+  local id = fields and fields[2]
+  local meta = id and redis.call('HGET', KEYS[3], id)
+  if not meta then
+    redis.call('XACK', KEYS[2], 'workers', eid)
+    redis.call('XDEL', KEYS[2], eid)
+    return
+  end
+  redis.call('HSET', KEYS[5], id, 'replaying')
+  out[#out + 1] = {eid, id, meta, redis.call('HGET', KEYS[4], id) or ''}
+end
+local claimed = redis.call('XAUTOCLAIM', KEYS[2], 'workers', worker, idle, '0-0', 'COUNT', max)
+for _, e in ipairs(claimed[2]) do hand(e) end
+if #out < max then
+  local r = redis.call('XREADGROUP', 'GROUP', 'workers', worker, 'COUNT', max - #out,
+    'STREAMS', KEYS[2], '>')
+  if r then for _, e in ipairs(r[1][2]) do hand(e) end end
+end
+return out
+"#;
+
+/// ARGV: entry id, worker. Renews the lease (resets the entry's idle time) if `worker`
+/// still holds it: 1, else 0.
+const DEFER_RENEW: &str = r#"
+if not owns(ARGV[1], ARGV[2]) then return 0 end
+redis.call('XCLAIM', KEYS[2], 'workers', ARGV[2], 0, ARGV[1], 'JUSTID')
+return 1
+"#;
+
+/// ARGV: entry id, worker, record id, end (`answered`, `deferred`, `dead`), now, retention
+/// (ms), metadata and due at (for `deferred`), reason (for `dead`). Ends the lease — the
+/// entry acknowledged and deleted in the same step as the record's new state — if `worker`
+/// still holds it: 1, else 0.
+const DEFER_FINISH: &str = r#"
+local eid, worker, id, kind, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+if not owns(eid, worker) then return 0 end
+redis.call('XACK', KEYS[2], 'workers', eid)
+redis.call('XDEL', KEYS[2], eid)
+if kind == 'deferred' then
+  redis.call('HSET', KEYS[3], id, ARGV[7])
+  redis.call('HSET', KEYS[5], id, 'waiting')
+  redis.call('ZADD', KEYS[1], ARGV[8], id)
+  return 1
+end
+if kind == 'answered' then
+  redis.call('HDEL', KEYS[3], id)
+  redis.call('HDEL', KEYS[4], id)
+  redis.call('HSET', KEYS[5], id, 'answered')
+  redis.call('ZADD', KEYS[6], now, id)
+else
+  -- A dead letter keeps its record, for a person to look at.
+  redis.call('HSET', KEYS[5], id, 'dead:' .. ARGV[9])
+  redis.call('XADD', KEYS[7], '*', 'id', id, 'reason', ARGV[9])
+end
+-- The status of an answered record is kept for the retention, then forgotten.
+local old = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now - tonumber(ARGV[6]), 'LIMIT', 0, 100)
+for _, o in ipairs(old) do redis.call('HDEL', KEYS[5], o) end
+if #old > 0 then redis.call('ZREM', KEYS[6], unpack(old)) end
+return 1
+"#;
+
+/// ARGV: record id. Returns `{status, metadata}` (either may be missing), and the earliest
+/// due time.
+const DEFER_STATUS: &str = r#"
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {redis.call('HGET', KEYS[5], ARGV[1]) or '', redis.call('HGET', KEYS[3], ARGV[1]) or '',
+  first[2] or ''}
+"#;
+
 /// A script with its SHA-1, sent by `EVALSHA` and, when the server does not have it yet,
 /// by `EVAL` (which also caches it).
 pub(super) struct Lua {
@@ -273,6 +381,11 @@ pub(super) struct Scripts {
     pub(super) cache_fill: Lua,
     pub(super) cache_release: Lua,
     pub(super) health: Lua,
+    pub(super) defer_put: Lua,
+    pub(super) defer_take: Lua,
+    pub(super) defer_renew: Lua,
+    pub(super) defer_finish: Lua,
+    pub(super) defer_status: Lua,
 }
 
 impl Scripts {
@@ -289,6 +402,11 @@ impl Scripts {
             cache_fill: Lua::new(CACHE_FILL.to_owned()),
             cache_release: Lua::new(CACHE_RELEASE.to_owned()),
             health: Lua::new(HEALTH.to_owned()),
+            defer_put: Lua::new(DEFER_PUT.to_owned()),
+            defer_take: Lua::new(DEFER_TAKE.to_owned()),
+            defer_renew: Lua::new(format!("{DEFER_OWNS}{DEFER_RENEW}")),
+            defer_finish: Lua::new(format!("{DEFER_OWNS}{DEFER_FINISH}")),
+            defer_status: Lua::new(DEFER_STATUS.to_owned()),
         }
     }
 }
