@@ -175,22 +175,31 @@ mod tests {
                 .unwrap_or_default();
             assert!(e.contains("budget.defer.classes"), "{class}: {e}");
         }
-        let mut p = DeferPolicy::default();
-        p.first_delay = Duration::from_secs(7200);
-        assert!(p.validate().is_err(), "first_delay past max_delay");
-        p = DeferPolicy::default();
-        p.max_deferrals = 0;
-        assert!(p.validate().is_err());
-        p = DeferPolicy::default();
-        p.requester_header = "not a header".to_owned();
-        assert!(p.validate().is_err());
+        for bad in [
+            DeferPolicy {
+                first_delay: Duration::from_secs(7200),
+                ..DeferPolicy::default()
+            },
+            DeferPolicy {
+                max_deferrals: 0,
+                ..DeferPolicy::default()
+            },
+            DeferPolicy {
+                requester_header: "not a header".to_owned(),
+                ..DeferPolicy::default()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
         assert!(DeferPolicy::default().validate().is_ok());
     }
 
     #[test]
     fn admission_mode_defer_needs_a_defer_section() {
-        let mut b = crate::policy::BudgetPolicy::default();
-        b.admission = crate::policy::AdmissionMode::Defer;
+        let mut b = crate::policy::BudgetPolicy {
+            admission: crate::policy::AdmissionMode::Defer,
+            ..crate::policy::BudgetPolicy::default()
+        };
         let e = b
             .validate()
             .err()
