@@ -59,6 +59,18 @@
 //!   (the connection is closed before the end), so the client sees an incomplete body rather
 //!   than a short answer that looks whole.
 //!
+//! # Deferred requests
+//!
+//! With a sink ([`Config::defer_to`]) and a policy with a `budget.defer` section (the batch
+//! preset has one), a request the ladder cannot answer now but that can wait — the provider
+//! asks for minutes, every route is down — is written down instead of failed, and answered
+//! **`202 Accepted`** with `Location: /v1/deferred/{id}` and a `Retry-After`. The gateway's
+//! own [`DeferredWorker`] replays it when it is due, with the gateway's key (the record holds
+//! none); `GET /v1/deferred/{id}` then answers the provider's answer, or while it waits `202`
+//! with its status, or a dead letter's failure. A bad key, a bad request or a safety block is
+//! never deferred: it is answered at once, as always. The answers are kept in this process's
+//! memory; a fleet would keep them where every replica can read them.
+//!
 //! Requests are held in memory (the ladder resends them), up to [`MAX_REQUEST_BYTES`].
 //! The client's own `authorization` is not forwarded: the gateway calls the upstream with its
 //! own key. Only `content-type`, `accept` and `idempotency-key` are passed on. A real gateway
@@ -72,11 +84,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
-use http::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, RETRY_AFTER};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
 use http_body::Frame;
 use http_body_util::Full;
@@ -84,7 +96,13 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use pin_project_lite::pin_project;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_llm_resilience::circuit_breaker::CircuitBreakerHandle;
-use tower_llm_resilience::observe::{Alert, AlertFuture, AlertSink, Observability, names};
+use tower_llm_resilience::defer::{
+    DeferSink, Deferred, DeferredStatus, DeferredWorker, ReplayOutcome, Replayed,
+};
+use tower_llm_resilience::observe::{
+    Alert, AlertFuture, AlertSink, Observability, TracingAlerts, names,
+};
+use tower_llm_resilience::policy::DeferPolicy;
 use tower_llm_resilience::reqwest::ReqwestService;
 use tower_llm_resilience::testing::{MockProvider, Reply, ScriptKey};
 use tower_llm_resilience::{
@@ -118,6 +136,10 @@ pub struct Config {
     pub alert_webhook: Option<String>,
     /// The policy's routes, which `/status` lists before any request has reached them.
     pub routes: Vec<String>,
+    /// Where deferred requests are written (none: nothing is deferred); see the module docs.
+    pub defer_to: Option<Arc<dyn DeferSink>>,
+    /// The policy's `budget.defer` section, which the replay worker follows.
+    pub defer: Option<DeferPolicy>,
 }
 
 impl Config {
@@ -131,6 +153,8 @@ impl Config {
             metrics: None,
             alert_webhook: None,
             routes: policy.route_names().map(str::to_owned).collect(),
+            defer_to: None,
+            defer: policy.budget.defer.clone(),
         })
     }
 }
@@ -209,6 +233,56 @@ struct Gateway {
     url: String,
     authorization: Option<HeaderValue>,
     log_requests: bool,
+    deferred: Option<Deferrals>,
+}
+
+/// The worker that replays the gateway's deferred requests; run it with
+/// [`run`](DeferredWorker::run) (as [`app`] does) or drive it with
+/// [`run_once`](DeferredWorker::run_once).
+pub type ReplayWorker = DeferredWorker<Resilient<ReqwestService>, Full<Bytes>>;
+
+/// What `GET /v1/deferred/{id}` reads: the sink, and the replays' ends seen by this process.
+#[derive(Clone)]
+struct Deferrals {
+    sink: Arc<dyn DeferSink>,
+    ended: Arc<std::sync::Mutex<std::collections::HashMap<String, Ended>>>,
+}
+
+/// A replay's end as the gateway keeps it for its caller.
+enum Ended {
+    /// The provider's answer.
+    Answered {
+        content_type: Option<HeaderValue>,
+        body: Bytes,
+    },
+    /// Given up: the provider's failure answer, if it gave one, and why.
+    Dead {
+        status: Option<StatusCode>,
+        body: Option<Bytes>,
+        reason: String,
+    },
+}
+
+impl Deferrals {
+    fn keep(&self, replayed: Replayed) {
+        let ended = match replayed.outcome {
+            ReplayOutcome::Answered(resp) => Ended::Answered {
+                content_type: resp.headers().get(CONTENT_TYPE).cloned(),
+                body: resp.into_body(),
+            },
+            ReplayOutcome::DeadLetter {
+                reason, response, ..
+            } => Ended::Dead {
+                status: response.as_ref().map(http::Response::status),
+                body: response.map(http::Response::into_body),
+                reason,
+            },
+            // Deferred again: the sink has its status.
+            _ => return,
+        };
+        let mut all = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        all.insert(replayed.record.id, ended);
+    }
 }
 
 /// What `/metrics` and `/status` read.
@@ -220,11 +294,29 @@ struct Watch {
     routes: Vec<String>,
 }
 
-/// The gateway's router: `POST /v1/chat/completions`, `GET /metrics`, `GET /status`.
+/// The gateway's router: `POST /v1/chat/completions`, `GET /v1/deferred/{id}`, `GET /metrics`,
+/// `GET /status`; with a [`Config::defer_to`] sink, its replay worker runs on a task of its own.
 pub fn app(config: Config) -> Router {
+    let (router, worker) = parts(config);
+    if let Some(worker) = worker {
+        tokio::spawn(worker.run());
+    }
+    router
+}
+
+/// The gateway's router, and its replay worker (with a [`Config::defer_to`] sink) for the
+/// caller to run.
+pub fn parts(config: Config) -> (Router, Option<ReplayWorker>) {
     let mut layer = config.layer;
+    let alerts: Arc<dyn AlertSink> = match &config.alert_webhook {
+        Some(url) => Arc::new(WebhookSink::new(url.clone())),
+        None => Arc::new(TracingAlerts),
+    };
     if let Some(url) = &config.alert_webhook {
         layer = layer.alert_sink(WebhookSink::new(url.clone()));
+    }
+    if let Some(sink) = &config.defer_to {
+        layer = layer.defer_to(sink.clone());
     }
     let watch = Watch {
         metrics: config.metrics,
@@ -241,21 +333,158 @@ pub fn app(config: Config) -> Router {
         value.set_sensitive(true);
         Some(value)
     });
+    let deferred = config.defer_to.map(|sink| Deferrals {
+        sink,
+        ended: Arc::default(),
+    });
+    let worker = deferred.clone().map(|d| {
+        let key = authorization.clone();
+        DeferredWorker::new(
+            client.clone(),
+            d.sink.clone(),
+            config.defer.unwrap_or_default(),
+        )
+        .name("gateway")
+        // The record holds no credential: the replay is sent with the gateway's own key.
+        .credentials(move |_, headers| {
+            if let Some(key) = &key {
+                headers.insert(AUTHORIZATION, key.clone());
+            }
+        })
+        .alerts(alerts)
+        .on_result(move |replayed| d.keep(replayed))
+    });
     let gateway = Gateway {
         client,
         url: chat_url(&config.upstream),
         authorization,
         log_requests: config.log_requests,
+        deferred,
     };
     let watching = Router::new()
         .route("/metrics", get(metrics))
         .route("/status", get(status))
         .with_state(Arc::new(watch));
-    Router::new()
+    let router = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+        .route("/v1/deferred/{id}", get(deferred_answer))
         .with_state(Arc::new(gateway))
-        .merge(watching)
+        .merge(watching);
+    (router, worker)
+}
+
+/// `GET /v1/deferred/{id}`: the replay's answer once there is one; `202` with the record's
+/// status and a `Retry-After` while it waits; its failure once it is a dead letter.
+async fn deferred_answer(State(gateway): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
+    let Some(deferrals) = &gateway.deferred else {
+        return openai_error(
+            StatusCode::NOT_FOUND,
+            "nothing is deferred here",
+            "not_found",
+            None,
+        );
+    };
+    let ended = {
+        let all = deferrals.ended.lock().unwrap_or_else(|p| p.into_inner());
+        all.get(&id).map(|e| match e {
+            Ended::Answered { content_type, body } => {
+                (StatusCode::OK, content_type.clone(), body.clone())
+            }
+            Ended::Dead {
+                status,
+                body,
+                reason,
+            } => match (status, body) {
+                (Some(status), Some(body)) => (
+                    *status,
+                    Some(HeaderValue::from_static("application/json")),
+                    body.clone(),
+                ),
+                _ => (
+                    StatusCode::BAD_GATEWAY,
+                    Some(HeaderValue::from_static("application/json")),
+                    Bytes::from(error_json(reason, "dead_letter", None)),
+                ),
+            },
+        })
+    };
+    if let Some((status, content_type, body)) = ended {
+        let mut response = (status, body).into_response();
+        if let Some(ct) = content_type {
+            response.headers_mut().insert(CONTENT_TYPE, ct);
+        }
+        return response;
+    }
+    let status = match deferrals.sink.status(&id).await {
+        Ok(Some(status)) => status,
+        Ok(None) => {
+            return openai_error(
+                StatusCode::NOT_FOUND,
+                "no such deferred request",
+                "not_found",
+                None,
+            );
+        }
+        Err(e) => {
+            let message = format!("the deferred queue is unavailable: {e}");
+            return openai_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &message,
+                "store_unavailable",
+                None,
+            );
+        }
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let (state, wait_ms, deferrals_so_far) = match status {
+        DeferredStatus::Waiting {
+            next_attempt_at_ms,
+            deferrals,
+        } => ("waiting", next_attempt_at_ms.saturating_sub(now), deferrals),
+        DeferredStatus::Replaying { deferrals } => ("replaying", 1000, deferrals),
+        // Ended on another replica: its answer is not here.
+        DeferredStatus::Answered => ("answered", 0, 0),
+        DeferredStatus::DeadLetter { reason } => {
+            return openai_error(StatusCode::BAD_GATEWAY, &reason, "dead_letter", None);
+        }
+        _ => ("unknown", 1000, 0),
+    };
+    let body = serde_json::json!({"id": id, "status": state, "deferrals": deferrals_so_far});
+    let mut response = (
+        StatusCode::ACCEPTED,
+        [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        body.to_string(),
+    )
+        .into_response();
+    let retry = ceil_secs(Duration::from_millis(wait_ms)).max(1);
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(retry));
+    response
+}
+
+/// `202 Accepted` for a deferred request: where to fetch its answer, and when.
+fn accepted(deferred: &Deferred) -> Response {
+    let location = format!("/v1/deferred/{}", deferred.id);
+    let body = serde_json::json!({"id": deferred.id, "status": "waiting", "location": location});
+    let mut response = (
+        StatusCode::ACCEPTED,
+        [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        body.to_string(),
+    )
+        .into_response();
+    let headers = response.headers_mut();
+    if let Ok(location) = HeaderValue::try_from(location) {
+        headers.insert(LOCATION, location);
+    }
+    headers.insert(
+        RETRY_AFTER,
+        HeaderValue::from(ceil_secs(deferred.retry_in).max(1)),
+    );
+    response
 }
 
 /// `GET /metrics`: Prometheus text.
@@ -361,7 +590,10 @@ async fn chat_completions(
                     eprintln!("{log}\n");
                 }
             }
-            error_response(&error)
+            match error.deferred() {
+                Some(deferred) => accepted(deferred),
+                None => error_response(&error),
+            }
         }
     }
 }
@@ -488,6 +720,7 @@ pub struct ErrorAnswer {
 /// | `StreamFailed` (every attempt failed before its commit point) | 504 for a timeout, else 502 | `upstream_stream_failed` | — |
 /// | `StreamInterrupted` | 502 Bad Gateway (in a stream: the final error event) | `stream_interrupted` | — |
 /// | `Transport` (connect refused, reset, timeout) | 504 for a timeout, else 502 | `upstream_unreachable` | — |
+/// | `Deferred` (written down for a later replay; the gateway answers it with its `Location`) | 202 Accepted | `deferred` | when it is due, seconds rounded up |
 /// | any later kind | 502 Bad Gateway | `gateway_error` | — |
 ///
 /// A spend cap is answered 402 rather than 429: the request is refused for money, not for
@@ -537,6 +770,10 @@ pub fn error_answer(error: &Error) -> ErrorAnswer {
             answer(StatusCode::BAD_GATEWAY, "stream_interrupted")
         }
         ErrorKind::Transport => timeout_or_bad_gateway("upstream_unreachable"),
+        ErrorKind::Deferred(deferred) => ErrorAnswer {
+            retry_after: Some(ceil_secs(deferred.retry_in).max(1)),
+            ..answer(StatusCode::ACCEPTED, "deferred")
+        },
         _ => answer(StatusCode::BAD_GATEWAY, "gateway_error"),
     }
 }

@@ -10,6 +10,7 @@
 mod example;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[path = "support/log.rs"]
@@ -834,4 +835,116 @@ async fn alerts_are_posted_to_the_webhook_without_the_key() {
     let body = String::from_utf8_lossy(&posted[0].body);
     assert!(!body.contains("sk-gateway"), "{body}");
     assert!(!body.contains("sk-client"), "{body}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deferred requests: 202, a place to fetch the answer, the gateway's own worker.
+
+/// A gateway whose policy defers, with its sink and its replay worker (driven by the test).
+async fn deferring_gateway(
+    upstream: &str,
+) -> (
+    String,
+    Arc<tower_llm_resilience::defer::MemoryDeferSink>,
+    example::ReplayWorker,
+) {
+    let mut policy = policy();
+    policy.budget.defer = Some(tower_llm_resilience::policy::DeferPolicy::default());
+    let sink = Arc::new(tower_llm_resilience::defer::MemoryDeferSink::new());
+    let mut config = example::Config::new(upstream, &policy).expect("valid policy");
+    config.api_key = Some("sk-gateway".to_owned());
+    config.defer_to = Some(sink.clone());
+    let (app, worker) = example::parts(config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("local addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let worker = worker.expect("a worker with a sink");
+    (format!("http://{addr}"), sink, worker)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deferred_request_is_accepted_and_its_answer_fetched_later() {
+    let mock = MockProvider::start().await.expect("mock starts");
+    mock.script(
+        ScriptKey::model(MODEL),
+        [
+            Reply::openai_rate_limited(Some("600")),
+            Reply::openai_chat(MODEL, "worth the wait"),
+        ],
+    );
+    let (gw, sink, mut worker) = deferring_gateway(&mock.url()).await;
+
+    let answer = post(&gw, MODEL, false).await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED);
+    assert_eq!(answer.header("retry-after"), Some("600"));
+    let location = answer.header("location").expect("a Location").to_owned();
+    let id = answer.json()["id"].as_str().expect("an id").to_owned();
+    assert_eq!(location, format!("/v1/deferred/{id}"));
+    assert_eq!(answer.json()["status"], "waiting");
+    // The client's idempotency key is the record's.
+    let (record, _) = sink.records().remove(0);
+    assert_eq!(record.idempotency_key, "idem-1");
+    assert!(record.headers.iter().all(|(n, _)| n != "authorization"));
+
+    let waiting = get(&gw, &location).await;
+    assert_eq!(waiting.status, StatusCode::ACCEPTED);
+    assert_eq!(waiting.json()["status"], "waiting");
+    assert!(waiting.header("retry-after").is_some());
+    assert_eq!(mock.request_count(), 1);
+
+    tokio::time::advance(Duration::from_secs(600)).await;
+    assert!(worker.run_once().await.expect("sink"));
+    let done = get(&gw, &location).await;
+    assert_eq!(done.status, StatusCode::OK);
+    assert_eq!(
+        done.json()["choices"][0]["message"]["content"],
+        "worth the wait"
+    );
+    // The replay went out with the gateway's key and the same idempotency key.
+    let requests = mock.requests();
+    assert_eq!(requests.len(), 2);
+    assert_eq!(requests[1].headers["authorization"], "Bearer sk-gateway");
+    assert_eq!(requests[1].headers["idempotency-key"], "idem-1");
+
+    let unknown = get(&gw, "/v1/deferred/nope").await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+    assert_eq!(unknown.openai_error()["type"], "not_found");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deferred_request_that_fails_closed_on_replay_shows_the_failure() {
+    let mock = MockProvider::start().await.expect("mock starts");
+    mock.script(
+        ScriptKey::model(MODEL),
+        [
+            Reply::openai_rate_limited(Some("600")),
+            Reply::unauthorized(),
+        ],
+    );
+    let (gw, _sink, mut worker) = deferring_gateway(&mock.url()).await;
+    let answer = post(&gw, MODEL, false).await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED);
+    let location = answer.header("location").expect("a Location").to_owned();
+    tokio::time::advance(Duration::from_secs(600)).await;
+    assert!(worker.run_once().await.expect("sink"));
+    let dead = get(&gw, &location).await;
+    assert_eq!(
+        dead.status,
+        StatusCode::UNAUTHORIZED,
+        "the provider's own answer"
+    );
+    assert_eq!(dead.json()["error"]["code"], "invalid_api_key");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bad_key_is_answered_at_once_even_when_the_policy_defers() {
+    let mock = MockProvider::start().await.expect("mock starts");
+    mock.script(ScriptKey::model(MODEL), [Reply::unauthorized()]);
+    let (gw, sink, _worker) = deferring_gateway(&mock.url()).await;
+    let answer = post(&gw, MODEL, false).await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    assert!(answer.header("location").is_none());
+    assert!(sink.records().is_empty());
 }
