@@ -28,11 +28,14 @@ use http_body_util::{BodyExt, Full};
 use tower::{Layer, Service, ServiceExt};
 use tower_llm_resilience::budget::BudgetLayer;
 use tower_llm_resilience::circuit_breaker::CircuitBreakerLayer;
+use tower_llm_resilience::defer::{
+    DeferSink, DeferredRequest, DeferredStatus, Lease, LeaseEnd, StoreFuture, Take,
+};
 use tower_llm_resilience::fallback::FallbackLayer;
 use tower_llm_resilience::policy::RouteConfig;
 use tower_llm_resilience::retry::RetryLayer;
 use tower_llm_resilience::stream_guard::StreamGuardLayer;
-use tower_llm_resilience::{Policy, ResilienceLayer};
+use tower_llm_resilience::{BoxError, Policy, ResilienceLayer};
 
 use common::{CountingAlloc, bare, chat_request, ok_response};
 
@@ -65,6 +68,27 @@ where
 
 /// `svc` behind a step that gives each request `authorization: Bearer …`, a header value made
 /// for the request (as `reqwest`'s `bearer_auth` makes one).
+/// A sink that is never written to on the happy path.
+struct NoSink;
+
+impl DeferSink for NoSink {
+    fn put(&self, _: DeferredRequest) -> StoreFuture<Result<(), BoxError>> {
+        StoreFuture::ready(Ok(()))
+    }
+    fn take(&self, _: Take) -> StoreFuture<Result<Vec<Lease>, BoxError>> {
+        StoreFuture::ready(Ok(Vec::new()))
+    }
+    fn renew(&self, _: &Lease) -> StoreFuture<Result<bool, BoxError>> {
+        StoreFuture::ready(Ok(false))
+    }
+    fn finish(&self, _: Lease, _: LeaseEnd) -> StoreFuture<Result<bool, BoxError>> {
+        StoreFuture::ready(Ok(false))
+    }
+    fn status(&self, _: &str) -> StoreFuture<Result<Option<DeferredStatus>, BoxError>> {
+        StoreFuture::ready(Ok(None))
+    }
+}
+
 fn with_key<S>(svc: S) -> tower::util::MapRequest<S, fn(Req) -> Req> {
     fn add_key(mut req: Req) -> Req {
         if let Ok(v) = http::HeaderValue::from_str("Bearer sk-bench-0123456789abcdef0123456789") {
@@ -383,6 +407,16 @@ fn main() {
             );
         });
     }
+
+    // The queue rung on (a sink given): each request keeps what a record needs (its headers,
+    // its body, an idempotency key) in case it ends unanswered.
+    bench!(
+        "ResilienceLayer (interactive, deferral on)",
+        ResilienceLayer::new(&policy)
+            .expect("policy")
+            .defer_to(std::sync::Arc::new(NoSink))
+            .layer(bare())
+    );
 
     c.final_summary();
 

@@ -642,3 +642,71 @@ async fn a_lease_not_renewed_goes_to_the_next_worker() {
         requests[2].headers.get("idempotency-key")
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_open_circuit_with_no_backup_is_deferred_to_its_next_probe() {
+    let mock = start().await;
+    mock.script(
+        ScriptKey::model(MODEL),
+        [Reply::openai_chat(MODEL, "probed")],
+    );
+    let policy = Policy::batch();
+    let sink = Arc::new(MemoryDeferSink::new());
+    let layer = ResilienceLayer::new(&policy)
+        .expect("valid policy")
+        .defer_to(sink.clone());
+    let breakers = layer.circuit_breaker();
+    breakers.force_open("primary");
+    let svc = layer.layer(client());
+    let deferred = deferred_of(svc.clone().oneshot(request(&mock.url())).await);
+    assert_eq!(mock.request_count(), 0, "an open circuit sends nothing");
+    // A forced-open circuit names the policy's longest open time.
+    assert_eq!(deferred.retry_in, policy.circuit_breaker.open_cap);
+    let (record, _) = only_record(&sink);
+    assert_eq!(record.reason.class, FailureClass::Overloaded);
+    assert_eq!(record.reason.status, None);
+
+    breakers.reset("primary");
+    let results = Results::default();
+    let defer = policy.budget.defer.clone().expect("batch defers");
+    let mut worker = DeferredWorker::new(svc, sink, defer).on_result(results.callback());
+    tokio::time::advance(deferred.retry_in).await;
+    assert!(worker.run_once().await.expect("sink"));
+    let done = results.take();
+    assert!(
+        matches!(&done[0].outcome, ReplayOutcome::Answered(r) if r.status() == 200),
+        "{:?}",
+        done[0].outcome
+    );
+    assert_eq!(mock.request_count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_chain_exhausted_on_refusals_is_deferred_on_the_primarys_failure() {
+    let mock = start().await;
+    mock.script(
+        ScriptKey::model(MODEL),
+        [Reply::openai_rate_limited(Some("900"))],
+    );
+    mock.script(
+        ScriptKey::model("backup-model"),
+        [Reply::openai_rate_limited(Some("600"))],
+    );
+    let mut policy = Policy::batch();
+    policy.fallback.routes = vec![
+        tower_llm_resilience::policy::RouteConfig::new("backup")
+            .base_url(format!("{}/backup", mock.url()))
+            .model("backup-model"),
+    ];
+    let sink = Arc::new(MemoryDeferSink::new());
+    let svc = stack(&policy, sink.clone());
+    let deferred = deferred_of(svc.oneshot(request(&mock.url())).await);
+    assert_eq!(mock.request_count(), 2, "both routes were asked first");
+    let (record, _) = only_record(&sink);
+    // The chain answers with the primary's failure (a backup's is never handed back), so the
+    // record is due when the primary said.
+    assert_eq!(record.route, "primary");
+    assert_eq!(record.reason.route, "primary");
+    assert_eq!(record.reason.status, Some(429));
+    assert_eq!(deferred.retry_in, Duration::from_secs(900));
+}
