@@ -73,6 +73,19 @@ impl Results {
     }
 }
 
+/// A worker on `svc` and `sink` by the policy's `budget.defer`, its ends going to the
+/// returned `Results`.
+fn worker(
+    svc: Stack,
+    sink: Arc<MemoryDeferSink>,
+    policy: &Policy,
+) -> (DeferredWorker<Stack, Full<Bytes>>, Results) {
+    let results = Results::default();
+    let defer = policy.budget.defer.clone().expect("the policy defers");
+    let worker = DeferredWorker::new(svc, sink, defer).on_result(results.callback());
+    (worker, results)
+}
+
 #[derive(Clone, Default)]
 struct Alerts(Arc<Mutex<Vec<Alert>>>);
 
@@ -181,9 +194,8 @@ async fn a_long_retry_after_is_deferred_and_replayed_at_its_time_with_the_same_k
         }
     );
 
-    let results = Results::default();
-    let defer = policy.budget.defer.clone().expect("batch defers");
-    let mut worker = DeferredWorker::new(svc.clone(), sink.clone(), defer)
+    let (worker, results) = worker(svc.clone(), sink.clone(), &policy);
+    let mut worker = worker
         .name("w1")
         .credentials(|record, headers| {
             assert_eq!(record.key_fingerprint, Some(key_fingerprint(KEY)));
@@ -320,11 +332,9 @@ async fn deferrals_grow_until_the_limit_then_a_dead_letter_and_an_alert() {
     let svc = stack(&policy, sink.clone());
     let first = deferred_of(svc.clone().oneshot(request(&mock.url())).await);
 
-    let results = Results::default();
     let alerts = Alerts::default();
-    let mut worker = DeferredWorker::new(svc, sink.clone(), defer)
-        .on_result(results.callback())
-        .alerts(Arc::new(alerts.clone()));
+    let (worker, results) = worker(svc, sink.clone(), &policy);
+    let mut worker = worker.alerts(Arc::new(alerts.clone()));
     for deferrals in 1..=2u32 {
         tokio::time::advance(Duration::from_secs(600)).await;
         assert!(worker.run_once().await.expect("sink"));
@@ -423,12 +433,9 @@ async fn a_replay_that_fails_closed_is_a_dead_letter_with_the_provider_answer() 
     let sink = Arc::new(MemoryDeferSink::new());
     let svc = stack(&policy, sink.clone());
     deferred_of(svc.clone().oneshot(request(&mock.url())).await);
-    let results = Results::default();
     let alerts = Alerts::default();
-    let defer = policy.budget.defer.clone().expect("batch defers");
-    let mut worker = DeferredWorker::new(svc, sink.clone(), defer)
-        .on_result(results.callback())
-        .alerts(Arc::new(alerts.clone()));
+    let (worker, results) = worker(svc, sink.clone(), &policy);
+    let mut worker = worker.alerts(Arc::new(alerts.clone()));
     tokio::time::advance(Duration::from_secs(600)).await;
     assert!(worker.run_once().await.expect("sink"));
     let done = results.take();
@@ -579,9 +586,7 @@ async fn admission_mode_defer_writes_down_what_the_local_limit_has_no_room_for()
     assert_eq!(record.reason.class, FailureClass::RateLimited);
     assert_eq!(record.reason.status, None);
 
-    let results = Results::default();
-    let defer = policy.budget.defer.clone().expect("batch defers");
-    let mut worker = DeferredWorker::new(svc, sink.clone(), defer).on_result(results.callback());
+    let (mut worker, results) = worker(svc, sink.clone(), &policy);
     tokio::time::advance(Duration::from_secs(10)).await;
     assert!(worker.run_once().await.expect("sink"));
     let done = results.take();
@@ -619,10 +624,8 @@ async fn a_lease_not_renewed_goes_to_the_next_worker() {
         DeferredStatus::Replaying { .. }
     ));
 
-    let results = Results::default();
-    let mut next = DeferredWorker::new(svc, sink.clone(), defer)
-        .name("next")
-        .on_result(results.callback());
+    let (next, results) = worker(svc, sink.clone(), &policy);
+    let mut next = next.name("next");
     tokio::time::advance(Duration::from_secs(28)).await;
     assert!(
         !next.run_once().await.expect("sink"),
@@ -667,9 +670,7 @@ async fn an_open_circuit_with_no_backup_is_deferred_to_its_next_probe() {
     assert_eq!(record.reason.status, None);
 
     breakers.reset("primary");
-    let results = Results::default();
-    let defer = policy.budget.defer.clone().expect("batch defers");
-    let mut worker = DeferredWorker::new(svc, sink, defer).on_result(results.callback());
+    let (mut worker, results) = worker(svc, sink, &policy);
     tokio::time::advance(deferred.retry_in).await;
     assert!(worker.run_once().await.expect("sink"));
     let done = results.take();

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
+use tokio::task::JoinHandle;
 use tower::{Layer, ServiceExt};
 use tower_llm_resilience::attempt_log::LocalEventKind;
 use tower_llm_resilience::defer::{
@@ -69,8 +70,16 @@ fn replica(policy: &Policy) -> Result<Replica, BoxError> {
     Ok(Replica { sink, svc })
 }
 
-fn defer_policy(policy: &Policy) -> DeferPolicy {
-    policy.budget.defer.clone().unwrap_or_default()
+impl Replica {
+    /// Starts a worker named `name` on this replica's stack and sink, its ends going to
+    /// `results`.
+    fn run_worker(&self, name: &str, policy: &Policy, results: &Results) -> JoinHandle<()> {
+        let defer = policy.budget.defer.clone().unwrap_or_default();
+        let worker = DeferredWorker::new(self.svc.clone(), self.sink.clone(), defer)
+            .name(name)
+            .on_result(results.callback(name));
+        tokio::spawn(worker.run())
+    }
 }
 
 /// Every replay's end, with the worker that ended it.
@@ -152,12 +161,7 @@ async fn two_workers_replay_100_deferred_requests_exactly_once_each() -> Result<
     }
 
     let results = Results::default();
-    let workers = [("one", &a), ("two", &b)].map(|(name, r)| {
-        let worker = DeferredWorker::new(r.svc.clone(), r.sink.clone(), defer_policy(&policy))
-            .name(name)
-            .on_result(results.callback(name));
-        tokio::spawn(worker.run())
-    });
+    let workers = [("one", &a), ("two", &b)].map(|(name, r)| r.run_worker(name, &policy, &results));
     results.wait_for(100, Duration::from_secs(30)).await?;
     // Longer than a lease: nothing is replayed again.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -231,10 +235,7 @@ async fn a_worker_dropped_mid_replay_leaves_its_record_to_the_other() -> Result<
     let id = defer_one(&a.svc, &mock.url()).await?;
 
     let results = Results::default();
-    let first = DeferredWorker::new(a.svc.clone(), a.sink.clone(), defer_policy(&policy))
-        .name("first")
-        .on_result(results.callback("first"));
-    let first = tokio::spawn(first.run());
+    let first = a.run_worker("first", &policy, &results);
     let until = tokio::time::Instant::now() + Duration::from_secs(10);
     while mock.request_count() < 2 {
         assert!(
@@ -250,10 +251,7 @@ async fn a_worker_dropped_mid_replay_leaves_its_record_to_the_other() -> Result<
         Some(DeferredStatus::Replaying { .. })
     ));
 
-    let second = DeferredWorker::new(b.svc.clone(), b.sink.clone(), defer_policy(&policy))
-        .name("second")
-        .on_result(results.callback("second"));
-    let second = tokio::spawn(second.run());
+    let second = b.run_worker("second", &policy, &results);
     results.wait_for(1, Duration::from_secs(10)).await?;
     second.abort();
 
@@ -296,12 +294,7 @@ async fn a_lease_renewed_is_not_taken_over_however_long_the_replay() -> Result<(
     let (a, b) = (replica(&policy)?, replica(&policy)?);
     let id = defer_one(&a.svc, &mock.url()).await?;
     let results = Results::default();
-    let workers = [("one", &a), ("two", &b)].map(|(name, r)| {
-        let worker = DeferredWorker::new(r.svc.clone(), r.sink.clone(), defer_policy(&policy))
-            .name(name)
-            .on_result(results.callback(name));
-        tokio::spawn(worker.run())
-    });
+    let workers = [("one", &a), ("two", &b)].map(|(name, r)| r.run_worker(name, &policy, &results));
     results.wait_for(1, Duration::from_secs(10)).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     for w in &workers {
@@ -340,10 +333,7 @@ async fn redis_killed_and_restarted_under_a_running_worker() -> Result<(), BoxEr
     policy.store.timeout = Duration::from_millis(100);
     let a = replica(&policy)?;
     let results = Results::default();
-    let worker = DeferredWorker::new(a.svc.clone(), a.sink.clone(), defer_policy(&policy))
-        .name("worker")
-        .on_result(results.callback("worker"));
-    let worker = tokio::spawn(worker.run());
+    let worker = a.run_worker("worker", &policy, &results);
 
     defer_one(&a.svc, &mock.url()).await?;
     results.wait_for(1, Duration::from_secs(10)).await?;
