@@ -711,3 +711,22 @@ async fn a_chain_exhausted_on_refusals_is_deferred_on_the_primarys_failure() {
     assert_eq!(record.reason.status, Some(429));
     assert_eq!(deferred.retry_in, Duration::from_secs(900));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_policy_without_a_defer_section_defers_nothing_even_with_a_sink() {
+    let mock = start().await;
+    mock.script(
+        ScriptKey::model(MODEL),
+        [Reply::openai_rate_limited(Some("600"))],
+    );
+    let mut policy = Policy::batch();
+    policy.budget.defer = None;
+    let sink = Arc::new(MemoryDeferSink::new());
+    let svc = stack(&policy, sink.clone());
+    let resp = svc
+        .oneshot(request(&mock.url()))
+        .await
+        .expect("the provider's answer");
+    assert_eq!(resp.status(), 429);
+    assert!(sink.records().is_empty());
+}

@@ -171,12 +171,19 @@ impl BudgetLayer {
     }
 
     /// Writes the requests its policy defers to `sink` (see [`defer`](crate::defer)), by the
-    /// policy's `budget.defer` section, or by [`DeferPolicy::default`] when it has none. Call
+    /// policy's `budget.defer` section. A policy without one defers nothing — deferring is the
+    /// policy's decision, written where its reviewers see it — and a warning says so. Call
     /// before the layer is cloned into services, and after
     /// [`from_policy`](Self::from_policy).
     pub fn defer_to(mut self, sink: Arc<dyn DeferSink>) -> Self {
         let shared = Arc::make_mut(&mut self.shared);
-        let policy = shared.defer_policy.clone().unwrap_or_default();
+        let Some(policy) = shared.defer_policy.clone() else {
+            tracing::warn!(
+                workflow = shared.workflow.as_str(),
+                "a defer sink was given to a policy without a budget.defer section: nothing is deferred"
+            );
+            return self;
+        };
         let key_header = shared.key_header.as_deref();
         let cfg = DeferConfig::new(policy, sink, shared.workflow.clone(), key_header);
         shared.defer = Some(Arc::new(cfg));
