@@ -1033,45 +1033,87 @@ mod pacing_across_routes {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_primary_that_failed_over_is_still_paused_by_its_own_headers() {
+    async fn a_paused_primary_sends_the_next_request_to_the_backup_at_once() {
         let mock = start().await;
         // The primary's failure says it has no requests left for 5 s; the backup serves.
         mock.script(
             ScriptKey::model("gpt-4o"),
-            [Reply::openai_server_error()
-                .header("x-ratelimit-remaining-requests", "0")
-                .header("x-ratelimit-reset-requests", "5s")],
+            [
+                Reply::openai_server_error()
+                    .header("x-ratelimit-remaining-requests", "0")
+                    .header("x-ratelimit-reset-requests", "5s"),
+                Reply::openai_chat("gpt-4o", "primary again"),
+            ],
         );
         mock.script(
             ScriptKey::model("backup-model"),
-            [Reply::openai_chat("backup-model", "served")],
+            [
+                Reply::openai_chat("backup-model", "served"),
+                Reply::openai_chat("backup-model", "served at once")
+                    .header("x-ratelimit-remaining-requests", "0")
+                    .header("x-ratelimit-reset-requests", "2s"),
+            ],
         );
         let svc = ResilienceLayer::new(&policy(&mock))
             .expect("policy")
             .layer(client());
-        let first = svc
-            .clone()
-            .oneshot(chat_request(&mock.url(), "gpt-4o", false))
-            .await
-            .expect("response");
+        let send = || {
+            svc.clone()
+                .oneshot(chat_request(&mock.url(), "gpt-4o", false))
+        };
+        let first = send().await.expect("response");
         assert_eq!(first.status(), 200);
-        let primary_calls = mock.request_count() - backup_calls(&mock);
-        assert_eq!(primary_calls, 1);
+        assert_eq!(mock.request_count() - backup_calls(&mock), 1);
 
-        // The interactive preset rejects: the primary is paused for exactly the 5 s announced.
-        let second = svc
-            .clone()
-            .oneshot(chat_request(&mock.url(), "gpt-4o", false))
-            .await;
-        match second.map(|r| r.status()) {
+        // The primary is paused for 5 s: the next request goes to the backup, which has room,
+        // at once — neither held at admission nor rejected — and the primary is not called.
+        let at = Instant::now();
+        let second = send().await.expect("response");
+        assert_eq!(second.status(), 200);
+        assert_eq!(Instant::now(), at, "no wait");
+        assert_eq!(backup_calls(&mock), 2);
+        assert_eq!(mock.request_count() - backup_calls(&mock), 1);
+        assert_eq!(
+            second
+                .headers()
+                .get("x-llm-route")
+                .and_then(|v| v.to_str().ok()),
+            Some("backup")
+        );
+        let log = log_of(&second);
+        let events: Vec<(Option<String>, LocalEventKind)> = log
+            .events()
+            .into_iter()
+            .map(|e| (e.route.map(|r| r.to_string()), e.kind))
+            .collect();
+        assert_eq!(
+            events,
+            [(
+                Some("primary".to_owned()),
+                LocalEventKind::RateLimited {
+                    retry_in: Duration::from_secs(5)
+                }
+            )]
+        );
+
+        // Now both are paused (the backup for 2 s): the interactive preset rejects, with the
+        // primary's own wait.
+        let third = send().await;
+        match third.map(|r| r.status()) {
             Err(e) => assert_eq!(
                 e.kind(),
                 &ErrorKind::RateLimited {
                     retry_in: Duration::from_secs(5)
                 }
             ),
-            Ok(status) => panic!("admitted to a paused primary: {status}"),
+            Ok(status) => panic!("admitted with every route paused: {status}"),
         }
-        assert_eq!(mock.request_count() - backup_calls(&mock), 1);
+        assert_eq!(mock.request_count(), 3);
+
+        // After the primary's reset it is called again.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let fourth = send().await.expect("response");
+        assert_eq!(fourth.status(), 200);
+        assert_eq!(mock.request_count() - backup_calls(&mock), 2);
     }
 }

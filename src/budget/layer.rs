@@ -11,10 +11,12 @@ use super::rate_limit::{Gate, RateConfig};
 use super::spend::{SpendConfig, SpendHandle};
 use super::store::{BudgetStore, MemoryStore};
 use crate::RouteName;
-use crate::classify::SharedClassifier;
+use crate::classify::{FailureClass, SharedClassifier};
 use crate::defer::{DeferConfig, DeferSink};
 use crate::observe::Observer;
-use crate::policy::{AdmissionMode, BudgetPolicy, DeferPolicy, LoggingPolicy, Policy, PolicyError};
+use crate::policy::{
+    AdmissionMode, BudgetPolicy, DeferPolicy, FallbackRule, LoggingPolicy, Policy, PolicyError,
+};
 use crate::retry_budget::RetryBudget;
 
 /// Applies [`Budget`] to a service: admission (rate limits, paced routes, spend caps), the
@@ -53,6 +55,8 @@ pub(crate) struct Shared {
     /// The policy's workflow name and idempotency key header, for deferred records.
     workflow: String,
     key_header: Option<String>,
+    /// The primary and the backups a request for a paused primary may go to instead.
+    pace_around: Option<(RouteName, Vec<RouteName>)>,
 }
 
 /// How long a request's reservations live unless settled: its deadline plus a margin (an hour
@@ -112,6 +116,7 @@ impl BudgetLayer {
             defer: None,
             workflow: String::new(),
             key_header: None,
+            pace_around: None,
         };
         shared.rebuild_gate();
         Ok(Self {
@@ -146,6 +151,18 @@ impl BudgetLayer {
         shared.logging = policy.logging.clone();
         shared.workflow = policy.workflow.clone();
         shared.key_header = policy.idempotency.key_header.clone();
+        let hops_on_rate_limits = policy.fallback.max_hops > 0
+            && policy.actions.get(FailureClass::RateLimited).fallback == FallbackRule::Yes;
+        if policy.budget.pacing && hops_on_rate_limits && !policy.fallback.routes.is_empty() {
+            let backups = policy
+                .fallback
+                .routes
+                .iter()
+                .map(|r| RouteName::new(&r.name));
+            shared.pace_around =
+                Some((RouteName::new(&policy.fallback.primary), backups.collect()));
+            shared.rebuild_gate();
+        }
         if let Some(spend) = &policy.budget.spend {
             let lease = lease_for(policy.budget.deadline, policy.store.lease_margin);
             shared.spend = Some(Arc::new(SpendConfig::new(spend, lease)?));
@@ -227,8 +244,11 @@ impl BudgetLayer {
 
 impl Shared {
     fn rebuild_gate(&mut self) {
-        self.gate = (self.rate.is_some() || self.pacing)
-            .then(|| Arc::new(Gate::new(self.admission, self.store.clone(), self.pacing)));
+        self.gate = (self.rate.is_some() || self.pacing).then(|| {
+            let mut gate = Gate::new(self.admission, self.store.clone(), self.pacing);
+            gate.around = self.pace_around.clone();
+            Arc::new(gate)
+        });
     }
 }
 

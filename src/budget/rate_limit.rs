@@ -78,6 +78,10 @@ pub(crate) struct Gate {
     pub(crate) mode: AdmissionMode,
     pub(crate) store: Arc<dyn BudgetStore>,
     pub(crate) pacer: Option<Arc<Pacer>>,
+    /// The primary route and the backups its requests may go to when the provider paused it
+    /// (the policy lets rate limits switch routes): such a request is not held for the
+    /// primary while one of them has room; the fallback layer sends it there at once.
+    pub(crate) around: Option<(RouteName, Vec<RouteName>)>,
     lines: Mutex<Lines>,
 }
 
@@ -130,6 +134,7 @@ impl Gate {
             mode,
             store,
             pacer: pacing.then(Arc::default),
+            around: None,
             lines: Mutex::new(Lines::default()),
         }
     }
@@ -145,8 +150,15 @@ impl Gate {
 
     /// Asks for capacity now: the route must not be paused and every bucket must have room.
     fn try_now(&self, ask: &Ask) -> StoreFuture<Result<(), StoreRefusal>> {
-        if let Some(left) = self.pacer.as_ref().and_then(|p| p.remaining(&ask.route)) {
-            return StoreFuture::ready(Err(StoreRefusal::Rate(left)));
+        if let Some(pacer) = &self.pacer {
+            if let Some(left) = pacer.remaining(&ask.route) {
+                let backup_has_room = self.around.as_ref().is_some_and(|(primary, backups)| {
+                    *primary == ask.route && backups.iter().any(|b| pacer.remaining(b).is_none())
+                });
+                if !backup_has_room {
+                    return StoreFuture::ready(Err(StoreRefusal::Rate(left)));
+                }
+            }
         }
         if ask.demands.is_empty() {
             return StoreFuture::ready(Ok(()));

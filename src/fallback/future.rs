@@ -60,6 +60,8 @@ pin_project! {
         Claiming { admit: StoreFuture<Result<(), SpendDenied>> },
         // Waiting for the service to be ready for the next route's request.
         Readying,
+        // The chain ended before any call (a paused primary and no hop allowed).
+        Ended { out: Option<Result<Response<Body>, Error>> },
         Done,
     }
 }
@@ -201,9 +203,20 @@ impl<S, B> Chain<S, B> {
 impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<B>>,
+    B: ReplayBody,
 {
-    /// Sends `req` (the primary's request) to the chain's service, which must be ready.
+    /// Sends `req` (the primary's request) to the chain's service, which must be ready; or,
+    /// when the provider said the primary has no capacity left and a backup has, goes to the
+    /// backup at once.
     pub(crate) fn start(mut chain: Chain<S, B>, req: Request<B>) -> Self {
+        if let Some(step) = chain.around_paused_primary() {
+            let state = match step {
+                Step::Hop => State::Readying,
+                Step::Claim(admit) => State::Claiming { admit },
+                Step::Finish(out) => State::Ended { out: Some(out) },
+            };
+            return Self { state, chain };
+        }
         // Noted before the call: a layer below may log synchronously (an open circuit).
         chain.sent = Some(chain.ctx.send());
         let future = chain.svc.call(req);
@@ -278,6 +291,10 @@ where
                         let error = chain.config.classifier.error(e);
                         chain.on_error(error, false)
                     }
+                },
+                StateProj::Ended { out } => match out.take() {
+                    Some(out) => Step::Finish(out),
+                    None => panic!("fallback ResponseFuture polled after completion"),
                 },
                 StateProj::Done => panic!("fallback ResponseFuture polled after completion"),
             };
@@ -430,6 +447,37 @@ impl<S, B: ReplayBody> Chain<S, B> {
         }
         let class = error.class();
         self.after_failure(Failure::Error(error), class, circuit_open, idx)
+    }
+
+    /// The first step when the pacer says the primary has no capacity until its reset and a
+    /// backup approved for rate limits is not paused: the primary fails without a call, as an
+    /// open circuit does, and the chain hops. `None`: the primary is called (the budget layer's
+    /// admission is where a request waits for a paused route with no backup).
+    fn around_paused_primary(&mut self) -> Option<Step> {
+        let pacer = self.ctx.pacer()?;
+        let retry_in = pacer.remaining(&self.config.primary)?;
+        if self.config.actions.get(FailureClass::RateLimited).fallback != FallbackRule::Yes
+            || self.config.policy.max_hops == 0
+            || self.template.is_none()
+        {
+            return None;
+        }
+        let room = self
+            .config
+            .routes
+            .iter()
+            .any(|r| self.eligible(r) && pacer.remaining(&r.name).is_none());
+        if !room {
+            return None;
+        }
+        let primary = Some(self.config.primary.clone());
+        self.ctx
+            .log()
+            .event(primary, LocalEventKind::RateLimited { retry_in });
+        self.sent = Some(self.ctx.send());
+        let error = Error::new(ErrorKind::RateLimited { retry_in });
+        let class = Some(FailureClass::RateLimited);
+        Some(self.after_failure(Failure::Error(error), class, false, None))
     }
 
     /// Logs the open circuit unless the breaker already did for this call.
