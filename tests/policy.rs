@@ -674,3 +674,35 @@ mod files {
         assert_eq!(Policy::from_json(&json), Ok(p));
     }
 }
+
+#[test]
+fn a_first_token_limit_longer_than_the_deadline_is_refused() {
+    let mut p = Policy::interactive();
+    let deadline = p.budget.deadline.unwrap_or(Duration::from_secs(60));
+    // A reasoning route given a long first-token limit the deadline would never let happen.
+    let mut slow = p.stream.for_route(None);
+    slow.first_token_timeout = Some(deadline + Duration::from_secs(1));
+    p.stream.routes.insert("primary".to_owned(), slow);
+    let e = p.validate().err().unwrap_or_else(|| panic!("accepted"));
+    assert_eq!(
+        e.field(),
+        "stream.routes.primary.first_token_timeout",
+        "{e}"
+    );
+    assert!(e.reason().contains("budget.deadline"), "{e}");
+    // As long as the deadline is fine; without a deadline anything is.
+    slow.first_token_timeout = Some(deadline);
+    p.stream.routes.insert("primary".to_owned(), slow);
+    assert!(p.validate().is_ok());
+    p.stream.first_token_timeout = Some(deadline * 2);
+    assert_eq!(
+        p.validate().err().map(|e| e.field().to_owned()).as_deref(),
+        Some("stream.first_token_timeout")
+    );
+    p.budget.deadline = None;
+    assert!(p.validate().is_ok());
+    // Every preset is coherent.
+    for preset in [Policy::interactive(), Policy::batch()] {
+        assert!(preset.validate().is_ok());
+    }
+}

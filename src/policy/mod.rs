@@ -220,9 +220,13 @@ impl Policy {
         // A first-token limit longer than the deadline could never fire: the deadline would
         // end the request first, and the route's long wait (a reasoning model's) is a fiction.
         if let Some(deadline) = self.budget.deadline {
-            let routes = self.stream.routes.iter().map(|(n, s)| (format!("stream.routes.{n}"), *s));
-            for (at, settings) in std::iter::once(("stream".to_owned(), self.stream.for_route(None)))
-                .chain(routes)
+            let routes = self
+                .stream
+                .routes
+                .iter()
+                .map(|(n, s)| (format!("stream.routes.{n}"), *s));
+            for (at, settings) in
+                std::iter::once(("stream".to_owned(), self.stream.for_route(None))).chain(routes)
             {
                 if settings.first_token_timeout.is_some_and(|t| t > deadline) {
                     return Err(PolicyError::new(
