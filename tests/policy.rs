@@ -694,15 +694,42 @@ fn a_first_token_limit_longer_than_the_deadline_is_refused() {
     slow.first_token_timeout = Some(deadline);
     p.stream.routes.insert("primary".to_owned(), slow);
     assert!(p.validate().is_ok());
+    // The defaults are a bound under any deadline.
     p.stream.first_token_timeout = Some(deadline * 2);
-    assert_eq!(
-        p.validate().err().map(|e| e.field().to_owned()).as_deref(),
-        Some("stream.first_token_timeout")
-    );
+    assert!(p.validate().is_ok());
+    slow.first_token_timeout = Some(deadline * 2);
+    p.stream.routes.insert("primary".to_owned(), slow);
     p.budget.deadline = None;
     assert!(p.validate().is_ok());
     // Every preset is coherent.
     for preset in [Policy::interactive(), Policy::batch()] {
         assert!(preset.validate().is_ok());
     }
+}
+
+#[cfg(feature = "serde")]
+#[test]
+fn capabilities_are_written_as_what_a_route_lacks() {
+    let toml = r#"
+[fallback]
+primary = "openai"
+primary_capabilities = { vision = false }
+
+[[fallback.routes]]
+name = "small-local"
+base_url = "http://127.0.0.1:8000/v1"
+capabilities = { context_tokens = 8192, tools = false }
+"#;
+    let p: Policy = toml::from_str(toml).unwrap_or_else(|e| panic!("{e}"));
+    let p = p.validated().unwrap_or_else(|e| panic!("{e}"));
+    assert!(!p.fallback.primary_capabilities.vision);
+    assert!(
+        p.fallback.primary_capabilities.tools,
+        "what is not written is supported"
+    );
+    let small = &p.fallback.routes[0].capabilities;
+    assert_eq!(small.context_tokens, Some(8192));
+    assert!(!small.tools && small.vision && small.streaming && small.json_mode);
+    let typo = toml::from_str::<Policy>("[fallback]\nprimary_capabilities = { vison = false }\n");
+    assert!(typo.is_err(), "unknown capability names are errors");
 }

@@ -19,7 +19,7 @@ use super::{LAST_RESORT_HEADER, ROUTE_HEADER};
 use crate::attempt_log::{Decision, LocalEventKind, StopReason};
 use crate::classify::{Classification, ClassifyResponse, FailureClass};
 use crate::context::{AttemptCap, RequestContext, Sent, SpendDenied, SpendGate};
-use crate::policy::FallbackRule;
+use crate::policy::{FallbackRule, RequestNeeds};
 use crate::replay::{ReplayBody, Template};
 use crate::store::StoreFuture;
 use crate::{Body, BoxError, Error, ErrorKind, RouteName};
@@ -95,6 +95,8 @@ pub(crate) struct Chain<S, B> {
     primary_rule: Option<FallbackRule>,
     /// Sends a served stream's continuation, when the service has one installed.
     pub(crate) continuation: Option<Arc<dyn SendContinuation>>,
+    /// What the request needs of a route, when some route declares what it lacks.
+    pub(crate) request_needs: Option<RequestNeeds>,
 }
 
 /// What every later route must offer, after the failures seen so far in the chain.
@@ -196,6 +198,7 @@ impl<S, B> Chain<S, B> {
             primary_failure: None,
             primary_rule: None,
             continuation: None,
+            request_needs: None,
         }
     }
 }
@@ -209,7 +212,7 @@ where
     /// when the provider said the primary has no capacity left and a backup has, goes to the
     /// backup at once.
     pub(crate) fn start(mut chain: Chain<S, B>, req: Request<B>) -> Self {
-        if let Some(step) = chain.around_paused_primary() {
+        if let Some(step) = chain.skip_primary() {
             let state = match step {
                 Step::Hop => State::Readying,
                 Step::Claim(admit) => State::Claiming { admit },
@@ -449,6 +452,47 @@ impl<S, B: ReplayBody> Chain<S, B> {
         self.after_failure(Failure::Error(error), class, circuit_open, idx)
     }
 
+    /// The first step when the primary is not to be called: it cannot serve the request (its
+    /// capabilities), or the provider paused it while a backup has room. `None`: it is called.
+    fn skip_primary(&mut self) -> Option<Step> {
+        let Some(reason) = self.lacks(&self.config.policy.primary_capabilities) else {
+            return self.around_paused_primary();
+        };
+        let log = self.ctx.log();
+        let skipped = LocalEventKind::RouteSkipped {
+            reason: reason.to_owned(),
+        };
+        log.event(Some(self.config.primary.clone()), skipped);
+        self.sent = Some(self.ctx.send());
+        let error = Error::new(ErrorKind::FailedClosed {
+            class: FailureClass::InvalidRequest,
+        });
+        if !self.config.routes.iter().any(|r| self.eligible(r)) {
+            // No route can serve it: the request fails closed without a call, every skip in
+            // the log (never the last resort: the request is the caller's to change).
+            for route in &self.config.routes {
+                if let Some(reason) = self.lacks(&route.capabilities) {
+                    let skipped = LocalEventKind::RouteSkipped {
+                        reason: reason.to_owned(),
+                    };
+                    log.event(Some(route.name.clone()), skipped);
+                }
+            }
+            log.set_selected_route(self.config.primary.clone());
+            return Some(Step::Finish(Err(self.ctx.close_error(self.owner, error))));
+        }
+        // The primary is not at fault, only unfit: any route that can serve the request may.
+        let class = Some(FailureClass::InvalidRequest);
+        Some(self.after_failure(Failure::Error(error), class, true, None))
+    }
+
+    /// Why a route with `capabilities` cannot serve this request, if it cannot.
+    fn lacks(&self, capabilities: &crate::policy::Capabilities) -> Option<&'static str> {
+        self.request_needs
+            .as_ref()
+            .and_then(|n| capabilities.lacks(n))
+    }
+
     /// The first step when the pacer says the primary has no capacity until its reset and a
     /// backup approved for rate limits is not paused: the primary fails without a call, as an
     /// open circuit does, and the chain hops. `None`: the primary is called (the budget layer's
@@ -621,10 +665,12 @@ impl<S, B: ReplayBody> Chain<S, B> {
         self.need.add(rule, owner)
     }
 
-    /// Whether `route` may be switched to under the constraints seen so far in the chain.
+    /// Whether `route` may be switched to under the constraints seen so far in the chain, and
+    /// can serve the request.
     fn eligible(&self, route: &Route) -> bool {
         self.need
             .allow(route, &self.config.policy.approved_budget_owners)
+            && self.lacks(&route.capabilities).is_none()
     }
 
     /// The next eligible route that is not paused and that the request can be rewritten for,
@@ -634,6 +680,15 @@ impl<S, B: ReplayBody> Chain<S, B> {
         let log = self.ctx.log();
         let pacer = self.ctx.pacer();
         for (i, route) in self.config.routes.iter().enumerate().skip(self.current) {
+            if let Some(reason) = self.lacks(&route.capabilities) {
+                log.event(
+                    Some(route.name.clone()),
+                    LocalEventKind::RouteSkipped {
+                        reason: reason.to_owned(),
+                    },
+                );
+                continue;
+            }
             if !self.eligible(route) {
                 continue;
             }

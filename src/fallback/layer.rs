@@ -58,6 +58,9 @@ pub(crate) struct Config {
     pub(crate) logging: LoggingPolicy,
     /// `stream.continuation`, when it is on.
     pub(crate) continuation: Option<ContinuationConfig>,
+    /// Some route (the primary too) declares capabilities it lacks: each request's needs are
+    /// read to choose among them.
+    pub(crate) reads_needs: bool,
     /// Continuation is on but no sender was installed, and that was said once.
     no_sender_warned: Arc<AtomicBool>,
 }
@@ -112,7 +115,12 @@ impl Config {
                 body: Bytes::from(s.body.clone()),
             }),
         };
+        let lacking =
+            |c: &crate::policy::Capabilities| *c != crate::policy::Capabilities::default();
+        let reads_needs = lacking(&policy.primary_capabilities)
+            || routes.iter().any(|r: &Route| lacking(&r.capabilities));
         Ok(Self {
+            reads_needs,
             primary: RouteName::new(&policy.primary),
             primary_header: header_value_of_name("fallback.primary", &policy.primary)?,
             routes,

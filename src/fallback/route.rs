@@ -10,7 +10,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderName, HeaderValue, Request, Uri};
 
 use crate::RouteName;
-use crate::policy::{CREDENTIAL_HEADERS, PolicyError, PrefillForm, RouteConfig};
+use crate::policy::{CREDENTIAL_HEADERS, Capabilities, PolicyError, PrefillForm, RouteConfig};
 use crate::replay::ReplayBody;
 
 /// A backup route, parsed from its [`RouteConfig`] when the layer is built.
@@ -25,6 +25,7 @@ pub(crate) struct Route {
     remove_headers: Vec<HeaderName>,
     pub(crate) larger_context: bool,
     pub(crate) budget_owner: Option<String>,
+    pub(crate) capabilities: Capabilities,
     credentials_approved: bool,
     /// How a continuation's prefill is written for the route; `None`: it is never sent one.
     pub(crate) prefill: Option<PrefillForm>,
@@ -146,6 +147,7 @@ impl Route {
             set_headers,
             remove_headers,
             larger_context: config.larger_context,
+            capabilities: config.capabilities,
             budget_owner: config.budget_owner.clone(),
             credentials_approved: config.credentials_approved,
             prefill: config.prefill_form.filter(|_| config.supports_prefill),

@@ -9,8 +9,9 @@ use tower_service::Service;
 use super::continuation::{ContinuationService, SendContinuation};
 use super::future::{Chain, ResponseFuture};
 use super::layer::Config;
+use crate::budget::{DefaultEstimator, TokenEstimator};
 use crate::context::{AttemptCap, RequestContext};
-use crate::policy::{ClassActions, FallbackPolicy, PolicyError};
+use crate::policy::{ClassActions, FallbackPolicy, PolicyError, RequestNeeds};
 use crate::replay::{ReplayBody, Template};
 use crate::{Body, BoxError, Error};
 
@@ -152,8 +153,21 @@ where
         // again and wait for its readiness before each call.
         let clone = self.inner.clone();
         let svc = std::mem::replace(&mut self.inner, clone);
+        let request_needs = config.reads_needs.then(|| needs_of(&req)).flatten();
         let mut chain = Chain::new(config, svc, template, ctx, owner, outer_fallback);
         chain.continuation = self.continuation.clone();
+        chain.request_needs = request_needs;
         ResponseFuture::start(chain, req)
     }
+}
+
+/// What `req` needs of its route: the caller's [`RequestNeeds`] extension, else read from its
+/// body (in memory) with the default token estimate; `None` when neither can say.
+fn needs_of<B: ReplayBody>(req: &Request<B>) -> Option<RequestNeeds> {
+    if let Some(needs) = req.extensions().get::<RequestNeeds>() {
+        return Some(*needs);
+    }
+    let body = req.body().to_bytes()?;
+    let estimate = DefaultEstimator.estimate(req.headers(), Some(&body));
+    RequestNeeds::of_body(&body, estimate.total())
 }

@@ -1,6 +1,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use super::capabilities::Capabilities;
 use super::error::{PolicyError, check};
 
 /// Headers that carry credentials; a route that sets or removes one must be approved.
@@ -62,6 +63,8 @@ pub struct RouteConfig {
     pub supports_prefill: bool,
     /// How the prefill is written for this route; required with `supports_prefill`.
     pub prefill_form: Option<PrefillForm>,
+    /// What the route can serve; a request that needs more skips it.
+    pub capabilities: Capabilities,
 }
 
 /// How a partial answer is handed to a route as a prefill. The request keeps its API's shape
@@ -130,6 +133,12 @@ impl RouteConfig {
         self
     }
 
+    /// Builder: what the route can serve.
+    pub fn capabilities(mut self, capabilities: Capabilities) -> Self {
+        self.capabilities = capabilities;
+        self
+    }
+
     /// Builder: approve the route's credential change.
     pub fn approve_credentials(mut self) -> Self {
         self.credentials_approved = true;
@@ -180,6 +189,7 @@ impl fmt::Debug for RouteConfig {
             .field("credentials_approved", &self.credentials_approved)
             .field("supports_prefill", &self.supports_prefill)
             .field("prefill_form", &self.prefill_form)
+            .field("capabilities", &self.capabilities)
             .finish()
     }
 }
@@ -225,6 +235,8 @@ pub struct FallbackPolicy {
     pub primary: String,
     /// Budget owner of the primary route.
     pub primary_budget_owner: Option<String>,
+    /// What the primary route can serve; a request that needs more goes to a backup that can.
+    pub primary_capabilities: Capabilities,
     /// Backup routes, in the order they are tried.
     pub routes: Vec<RouteConfig>,
     /// Most route switches per request.
@@ -246,6 +258,7 @@ impl Default for FallbackPolicy {
         Self {
             primary: "primary".to_owned(),
             primary_budget_owner: None,
+            primary_capabilities: Capabilities::default(),
             routes: Vec::new(),
             max_hops: 2,
             max_total_attempts: 6,

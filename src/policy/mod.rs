@@ -21,6 +21,7 @@
 
 mod actions;
 mod budget;
+mod capabilities;
 mod circuit_breaker;
 mod defer;
 mod error;
@@ -40,6 +41,7 @@ pub use budget::{
     AdmissionMode, BudgetPolicy, ChargeRule, Price, RateKey, RateLimitPolicy, RetryBudgetPolicy,
     SpendPolicy,
 };
+pub use capabilities::{Capabilities, RequestNeeds};
 pub use circuit_breaker::{CircuitBreakerPolicy, FailureRateRule, SlowCallRule};
 pub use defer::DeferPolicy;
 pub use error::PolicyError;
@@ -217,23 +219,17 @@ impl Policy {
                 ));
             }
         }
-        // A first-token limit longer than the deadline could never fire: the deadline would
-        // end the request first, and the route's long wait (a reasoning model's) is a fiction.
+        // A route given a first-token limit longer than the deadline (a reasoning model's long
+        // wait) could never use it: the deadline ends the request first. The defaults may be
+        // longer (a preset's, under a short deadline): they are a bound, not a promise.
         if let Some(deadline) = self.budget.deadline {
-            let routes = self
-                .stream
-                .routes
-                .iter()
-                .map(|(n, s)| (format!("stream.routes.{n}"), *s));
-            for (at, settings) in
-                std::iter::once(("stream".to_owned(), self.stream.for_route(None))).chain(routes)
-            {
+            for (name, settings) in &self.stream.routes {
                 if settings.first_token_timeout.is_some_and(|t| t > deadline) {
                     return Err(PolicyError::new(
-                        format!("{at}.first_token_timeout"),
+                        format!("stream.routes.{name}.first_token_timeout"),
                         format!(
                             "is longer than budget.deadline ({}): the deadline would end every \
-                             request before the first-token limit",
+                             request on the route before its first-token limit",
                             crate::duration::format(deadline)
                         ),
                     ));
