@@ -657,6 +657,61 @@ mod with_recovery_layers {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_hop_the_cap_cannot_pay_for_passes_to_a_cheaper_route() {
+        // Two backups: `pricey` costs a thousand times more than the cap has left, `backup`
+        // what one attempt costs. The cap holds the primary's three attempts and one more.
+        let mock = start().await;
+        mock.script(
+            ScriptKey::path("/v1/chat/completions"),
+            (0..3).map(|_| Reply::openai_overloaded()),
+        );
+        mock.script(
+            ScriptKey::path("/backup/v1/chat/completions"),
+            [Reply::openai_chat("m", "Hello there friend")],
+        );
+        let (_, svc) = spend_stack(&mock, 4, ChargeRule::Reserved, |p| {
+            p.fallback.routes.insert(
+                0,
+                RouteConfig::new("pricey").base_url(format!("{}/pricey/v1", mock.url())),
+            );
+            p.fallback.max_hops = 2;
+            if let Some(s) = p.budget.spend.as_mut() {
+                s.prices
+                    .insert("pricey".to_owned(), Price::new(1000.0, 1000.0));
+            }
+        });
+        let resp = svc
+            .oneshot(chat_request(&mock.url(), "m", false))
+            .await
+            .expect("served");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            paths(&mock),
+            [
+                "/v1/chat/completions",
+                "/v1/chat/completions",
+                "/v1/chat/completions",
+                "/backup/v1/chat/completions"
+            ],
+            "the pricey route is never called"
+        );
+        let log = log_of(&resp);
+        let denied: Vec<_> = log
+            .events()
+            .into_iter()
+            .filter(|e| e.kind == LocalEventKind::BudgetDenied)
+            .map(|e| e.route.map(|r| r.to_string()))
+            .collect();
+        assert_eq!(denied, [Some("pricey".to_owned())], "{log}");
+        assert_eq!(
+            resp.headers()
+                .get("x-llm-route")
+                .and_then(|v| v.to_str().ok()),
+            Some("backup")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn an_exhausted_owner_never_hops_to_a_route_of_another_budget_owner() {
         // The primary's provider account is out of quota; the backup bills another, approved
         // account. The spend cap is the request owner's: the hop spends `team`'s cap too.

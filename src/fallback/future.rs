@@ -82,6 +82,8 @@ pub(crate) struct Chain<S, B> {
     planned: Option<PlannedHop<B>>,
     /// 0 is the primary; `i > 0` is `config.routes[i - 1]`.
     current: usize,
+    /// Routes before this index were passed over for this hop (the spend cap refused them).
+    passed: usize,
     hops: u32,
     sent: Option<Sent>,
     /// Time to the head of the current route's answer, when this layer must record it.
@@ -165,6 +167,8 @@ enum Step {
 struct PlannedHop<B> {
     /// The failed attempt it follows, if the route made a call.
     attempt: Option<usize>,
+    /// The rule the failure switches under.
+    rule: FallbackRule,
     next: usize,
     to: RouteName,
     request: Request<B>,
@@ -190,6 +194,7 @@ impl<S, B> Chain<S, B> {
             next: None,
             planned: None,
             current: 0,
+            passed: 0,
             hops: 0,
             sent: None,
             latency: None,
@@ -608,6 +613,7 @@ impl<S, B: ReplayBody> Chain<S, B> {
         let admit = self.ctx.spend_gate().map(|gate| gate.admit(&to));
         self.planned = Some(PlannedHop {
             attempt,
+            rule,
             next,
             to,
             request,
@@ -630,7 +636,15 @@ impl<S, B: ReplayBody> Chain<S, B> {
         let gate = self.ctx.spend_gate();
         if granted.is_err() {
             log.event(Some(hop.to.clone()), LocalEventKind::BudgetDenied);
-            return self.stop(hop.attempt, StopReason::SpendCapReached);
+            // A later route may cost less: the hop goes on past this one.
+            self.passed = hop.next;
+            return match self.hop(hop.rule, hop.attempt) {
+                Ok(step) => step,
+                Err(StopReason::NoApprovedRoute) => {
+                    self.stop(hop.attempt, StopReason::SpendCapReached)
+                }
+                Err(reason) => self.stop(hop.attempt, reason),
+            };
         }
         // A hop away from a route that made no call (its circuit is open) replaces that call
         // rather than adding one, so it costs no retry budget: under a full outage of the
@@ -679,7 +693,8 @@ impl<S, B: ReplayBody> Chain<S, B> {
         let template = self.template.as_ref().ok_or(StopReason::NotReplayable)?;
         let log = self.ctx.log();
         let pacer = self.ctx.pacer();
-        for (i, route) in self.config.routes.iter().enumerate().skip(self.current) {
+        let from = self.current.max(self.passed);
+        for (i, route) in self.config.routes.iter().enumerate().skip(from) {
             if let Some(reason) = self.lacks(&route.capabilities) {
                 log.event(
                     Some(route.name.clone()),

@@ -56,8 +56,10 @@
 //! spend cap puts one in), each hop then reserves the estimated maximum cost of the next
 //! route's first attempt, at that route's price, for the request's own budget owner — the
 //! route's `budget_owner` names the provider account it bills, which is what `ApprovedOwner`
-//! is about, never whose spend cap pays. A refusal stops the chain (`spend_cap_reached`,
-//! `LocalEventKind::BudgetDenied`) and the caller gets what it would get with no route left.
+//! is about, never whose spend cap pays. A refused route is passed over
+//! (`LocalEventKind::BudgetDenied` for it) for the next approved one, which may cost less; with
+//! none left the chain stops (`spend_cap_reached`) and the caller gets what it would get with no
+//! route left.
 //! The retries on that route reserve their own attempts in `RetryLayer`.
 //!
 //! Last, each hop away from a route that was called withdraws one unit from the
