@@ -103,6 +103,24 @@ impl ResilienceLayer {
         self
     }
 
+    /// Serves the in-process route `name` with `service`: see
+    /// [`FallbackLayer::route_service`].
+    pub fn route_service<S, RB>(mut self, name: &str, service: S) -> Result<Self, PolicyError>
+    where
+        S: tower_service::Service<http::Request<bytes::Bytes>, Response = http::Response<RB>>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send,
+        S::Error: Into<crate::BoxError>,
+        RB: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        RB::Error: Into<crate::BoxError>,
+    {
+        self.fallback = self.fallback.route_service(name, service)?;
+        Ok(self)
+    }
+
     /// Writes the requests the policy defers to `sink`: see [`defer`](crate::defer) and
     /// [`BudgetLayer::defer_to`].
     pub fn defer_to(mut self, sink: Arc<dyn crate::defer::DeferSink>) -> Self {

@@ -45,7 +45,7 @@ fn routes(log: &LogSnapshot) -> Vec<String> {
 #[tokio::test(start_paused = true)]
 async fn every_scenario_of_the_drill_keeps_the_ladders_promise() {
     let reports = scenarios::run_all().await;
-    assert_eq!(reports.len(), 11);
+    assert_eq!(reports.len(), 12);
     for (i, r) in reports.iter().enumerate() {
         assert!(r.passed, "{}", scenarios::render(i + 1, reports.len(), r));
         assert!(r.checks.iter().all(|c| c.ok));
@@ -202,6 +202,18 @@ async fn every_scenario_of_the_drill_keeps_the_ladders_promise() {
         other => panic!("expected RateLimited, got {other:?}"),
     };
     assert!(retry_in > Duration::ZERO && retry_in <= Duration::from_secs(1));
+
+    // 12. Every model down: three attempts on each model, then the in-process rules.
+    let r = scenario(&reports, "every model down: the rule-based tier");
+    let l = log(r, call(r, "request"));
+    assert_eq!(
+        routes(l),
+        [
+            "primary", "primary", "primary", "backup", "backup", "backup", "rules"
+        ]
+    );
+    assert_eq!(l.attempts[6].status, Some(200));
+    assert_eq!(call(r, "request").result.route(), Some("rules"));
 }
 
 #[tokio::test(start_paused = true)]
@@ -220,8 +232,8 @@ async fn the_drill_output_has_every_table_and_verdict_and_its_json_every_log() {
 
     let json = scenarios::to_json(&reports);
     assert_eq!(json["clock"], "virtual");
-    assert_eq!(json["total"], 11);
-    assert_eq!(json["passed"], 11);
+    assert_eq!(json["total"], 12);
+    assert_eq!(json["passed"], 12);
     let first = &json["scenarios"][0];
     assert_eq!(first["name"], "429 with Retry-After");
     assert_eq!(first["passed"], true);

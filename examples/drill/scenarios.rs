@@ -593,7 +593,92 @@ pub async fn run_all() -> Vec<ScenarioReport> {
             "batch: requests over the local rate limit wait in FIFO order and all complete; interactive: rejected with RateLimited { retry_in }",
             "batch and interactive presets, 1 request per second, burst 1"
         ),
+        scenario!(
+            rule_based_tier,
+            "every model down: the rule-based tier",
+            "the primary model, then the smaller one, then an answer from the in-process rule-based route; it never sees the caller's key",
+            "interactive preset, a smaller-model route and an in-process route"
+        ),
     ]
+}
+
+/// The in-process route of the three-tier chain, and what it answers.
+const RULES: &str = "rules";
+const RULES_TEXT: &str =
+    "We are busy right now; your request is saved and answered within the hour.";
+
+/// Scenario 12: the primary model and the smaller model are down; the rule-based route in the
+/// process answers.
+async fn rule_based_tier(run: &mut Run) -> Result<(), BoxError> {
+    let mock = MockProvider::start().await?;
+    script(&mock, MODEL, (0..3).map(|_| Reply::openai_server_error()));
+    script(
+        &mock,
+        BACKUP_MODEL,
+        (0..3).map(|_| Reply::openai_overloaded()),
+    );
+    let mut policy = interactive();
+    policy.fallback.routes = vec![backup_route(&mock), RouteConfig::new(RULES).in_process()];
+    // Three attempts on each model, and one for the rules.
+    policy.fallback.max_total_attempts = 7;
+    let keys = Arc::new(Mutex::new(Vec::new()));
+    let seen = keys.clone();
+    let rules = tower::service_fn(move |req: Request<Bytes>| {
+        let key = req.headers().get("authorization").cloned();
+        seen.lock().unwrap_or_else(|p| p.into_inner()).push(key);
+        let body = serde_json::json!({
+            "object": "chat.completion",
+            "model": RULES,
+            "choices": [{"index": 0, "finish_reason": "stop",
+                "message": {"role": "assistant", "content": RULES_TEXT}}],
+        });
+        let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+        resp.headers_mut()
+            .insert("content-type", HeaderValue::from_static("application/json"));
+        async move { Ok::<_, std::convert::Infallible>(resp) }
+    });
+    let layer = policy.layer()?.route_service(RULES, rules)?;
+    let svc: Stack = ServiceBuilder::new()
+        .layer(layer)
+        .service(testing::client());
+    let mut req = chat(&mock);
+    req.headers_mut()
+        .insert("authorization", HeaderValue::from_static("Bearer sk-drill"));
+    let call = run.send("request", &svc, req).await;
+    let log = log_of(&call)?;
+
+    run.check(
+        "the caller gets 200 from the rule-based route",
+        call.result.status() == Some(200) && call.result.route() == Some(RULES),
+    );
+    run.check(
+        "the caller sees the rule's answer",
+        call.result.answer() == RULES_TEXT,
+    );
+    let tried = routes_of(log);
+    run.check(
+        "the primary, then the smaller model, then the rules",
+        tried.first().map(String::as_str) == Some(PRIMARY)
+            && tried.last().map(String::as_str) == Some(RULES)
+            && tried.iter().any(|r| r == BACKUP),
+    );
+    run.check(
+        "the provider saw only the two models",
+        models(&mock)
+            .iter()
+            .all(|m| m == MODEL || m == BACKUP_MODEL),
+    );
+    let keys = keys.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    run.check(
+        "the rules were asked once, without the caller's key",
+        keys.len() == 1 && keys.iter().all(Option::is_none),
+    );
+    run.observed = format!(
+        "{}; routes tried: {}",
+        call.result.describe(),
+        tried.join(" -> ")
+    );
+    Ok(())
 }
 
 /// Scenario 1: a 429 with `retry-after: 2`, then an answer.

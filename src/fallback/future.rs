@@ -14,6 +14,7 @@ use tower_service::Service;
 use super::body::ContinuingBody;
 use super::continuation::{Plan, SendContinuation};
 use super::layer::Config;
+use super::local::{LocalFuture, LocalRoute};
 use super::route::Route;
 use super::{LAST_RESORT_HEADER, ROUTE_HEADER};
 use crate::attempt_log::{Decision, LocalEventKind, StopReason};
@@ -54,6 +55,8 @@ pin_project! {
     enum State<F> {
         // Waiting for the current route's response (or error).
         Calling { #[pin] future: F },
+        // Waiting for an in-process route's answer.
+        Local { future: LocalFuture },
         // Reading the head (and, for an error, a bounded body prefix) to classify it.
         Classifying { future: ClassifyResponse },
         // Waiting for the spend cap to reserve the hop.
@@ -77,7 +80,7 @@ pub(crate) struct Chain<S, B> {
     pub(crate) owner: bool,
     /// A chain outside this one said it has a route after this whole chain.
     pub(crate) outer_fallback: bool,
-    next: Option<Request<B>>,
+    next: Option<Next<B>>,
     /// The hop waiting for the spend cap.
     planned: Option<PlannedHop<B>>,
     /// 0 is the primary; `i > 0` is `config.routes[i - 1]`.
@@ -163,6 +166,12 @@ enum Step {
     Finish(Result<Response<Body>, Error>),
 }
 
+/// The next route's request: for the service below, or for an in-process route.
+enum Next<B> {
+    Remote(Request<B>),
+    Local(Request<Bytes>, LocalRoute),
+}
+
 /// A hop that passed every check but the shared budgets.
 struct PlannedHop<B> {
     /// The failed attempt it follows, if the route made a call.
@@ -171,7 +180,7 @@ struct PlannedHop<B> {
     rule: FallbackRule,
     next: usize,
     to: RouteName,
-    request: Request<B>,
+    request: Next<B>,
 }
 
 impl<S, B> Chain<S, B> {
@@ -281,15 +290,35 @@ where
                     let granted = ready!(Pin::new(admit).poll(cx));
                     chain.claimed(granted)
                 }
+                StateProj::Local { future } => match ready!(future.as_mut().poll(cx)) {
+                    Ok(response) => {
+                        let future = chain.classify(response);
+                        this.state.set(State::Classifying { future });
+                        continue;
+                    }
+                    Err(e) => {
+                        let error = chain.config.classifier.error(e);
+                        chain.on_error(error, true)
+                    }
+                },
+                // An in-process route does not wait for the service below.
+                StateProj::Readying if matches!(chain.next, Some(Next::Local(..))) => {
+                    if let Some(Next::Local(req, route)) = chain.next.take() {
+                        chain.sent = Some(chain.ctx.resend());
+                        let future = route.call(req);
+                        this.state.set(State::Local { future });
+                    }
+                    continue;
+                }
                 StateProj::Readying => match ready!(chain.svc.poll_ready(cx)) {
                     Ok(()) => match chain.next.take() {
-                        Some(req) => {
+                        Some(Next::Remote(req)) => {
                             chain.sent = Some(chain.ctx.resend());
                             let future = chain.svc.call(req);
                             this.state.set(State::Calling { future });
                             continue;
                         }
-                        None => Step::Finish(chain.finish_failed()),
+                        Some(Next::Local(..)) | None => Step::Finish(chain.finish_failed()),
                     },
                     Err(e) => {
                         // The service never took the request: a failure of the route without
@@ -689,7 +718,7 @@ impl<S, B: ReplayBody> Chain<S, B> {
 
     /// The next eligible route that is not paused and that the request can be rewritten for,
     /// with its request.
-    fn next_route(&self) -> Result<(usize, Request<B>), StopReason> {
+    fn next_route(&self) -> Result<(usize, Next<B>), StopReason> {
         let template = self.template.as_ref().ok_or(StopReason::NotReplayable)?;
         let log = self.ctx.log();
         let pacer = self.ctx.pacer();
@@ -716,9 +745,36 @@ impl<S, B: ReplayBody> Chain<S, B> {
                 );
                 continue;
             }
+            if route.in_process && route.local.is_none() {
+                tracing::warn!(
+                    target: "tower_llm_resilience::fallback",
+                    route = route.name.as_str(),
+                    "in-process route skipped: no service is registered for it"
+                );
+                let reason = "no service is registered for the in-process route".to_owned();
+                log.event(
+                    Some(route.name.clone()),
+                    LocalEventKind::RouteSkipped { reason },
+                );
+                continue;
+            }
             let mut req = template.attempt().ok_or(StopReason::NotReplayable)?;
             match route.rewrite(&mut req) {
-                Ok(()) => return Ok((i + 1, req)),
+                Ok(()) => {
+                    let next = match &route.local {
+                        None => Next::Remote(req),
+                        Some(local) => {
+                            let (mut parts, body) = req.into_parts();
+                            let body = body.to_bytes().ok_or(StopReason::NotReplayable)?;
+                            // It answers in the process: the caller's key is not its to see.
+                            for name in crate::policy::CREDENTIAL_HEADERS {
+                                parts.headers.remove(name);
+                            }
+                            Next::Local(Request::from_parts(parts, body), local.clone())
+                        }
+                    };
+                    return Ok((i + 1, next));
+                }
                 Err(reason) => {
                     tracing::warn!(
                         target: "tower_llm_resilience::fallback",

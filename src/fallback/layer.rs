@@ -3,15 +3,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
-use http::{HeaderValue, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use tower_layer::Layer;
+use tower_service::Service;
 
 use super::Fallback;
 use super::continuation::ContinuationConfig;
+use super::local::LocalRoute;
 use super::route::{Route, header_value_of_name};
-use crate::RouteName;
 use crate::classify::SharedClassifier;
 use crate::policy::{ClassActions, FallbackPolicy, LoggingPolicy, Policy, PolicyError};
+use crate::{BoxError, RouteName};
 
 /// Applies [`Fallback`] to a service: the route chain of the recovery ladder.
 ///
@@ -184,6 +186,37 @@ impl FallbackLayer {
     pub fn classifier(mut self, classifier: SharedClassifier) -> Self {
         Arc::make_mut(&mut self.config).classifier = classifier;
         self
+    }
+
+    /// Serves the route `name` (marked `in_process` in the policy) with `service`, in the
+    /// process: the route's request — rewritten as for any route, its body in memory — goes to
+    /// `service` instead of the layers below, and its answer is classified and logged like any
+    /// route's. The last tier of a chain, say: a rule-based answer when every model is down.
+    ///
+    /// Fails when the policy has no in-process route of that name.
+    pub fn route_service<S, RB>(mut self, name: &str, service: S) -> Result<Self, PolicyError>
+    where
+        S: Service<Request<Bytes>, Response = Response<RB>> + Clone + Send + Sync + 'static,
+        S::Future: Send,
+        S::Error: Into<BoxError>,
+        RB: http_body::Body<Data = Bytes> + Send + 'static,
+        RB::Error: Into<BoxError>,
+    {
+        let config = Arc::make_mut(&mut self.config);
+        let Some(route) = config.routes.iter_mut().find(|r| r.name.as_str() == name) else {
+            return Err(PolicyError::new(
+                "fallback.routes",
+                format!("no route is named {name:?}"),
+            ));
+        };
+        if !route.in_process {
+            return Err(PolicyError::new(
+                "fallback.routes",
+                format!("route {name:?} is not `in_process`"),
+            ));
+        }
+        route.local = Some(LocalRoute::new(service));
+        Ok(self)
     }
 
     /// The chain this layer applies.

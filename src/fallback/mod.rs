@@ -153,6 +153,7 @@ mod body;
 mod continuation;
 mod future;
 mod layer;
+mod local;
 mod route;
 mod service;
 #[cfg(test)]

@@ -26,6 +26,9 @@ pub(crate) struct Route {
     pub(crate) larger_context: bool,
     pub(crate) budget_owner: Option<String>,
     pub(crate) capabilities: Capabilities,
+    /// Served in the process: `Some` once its service is registered.
+    pub(crate) in_process: bool,
+    pub(crate) local: Option<super::local::LocalRoute>,
     credentials_approved: bool,
     /// How a continuation's prefill is written for the route; `None`: it is never sent one.
     pub(crate) prefill: Option<PrefillForm>,
@@ -148,6 +151,8 @@ impl Route {
             remove_headers,
             larger_context: config.larger_context,
             capabilities: config.capabilities,
+            in_process: config.in_process,
+            local: None,
             budget_owner: config.budget_owner.clone(),
             credentials_approved: config.credentials_approved,
             prefill: config.prefill_form.filter(|_| config.supports_prefill),

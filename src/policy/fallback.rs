@@ -65,6 +65,10 @@ pub struct RouteConfig {
     pub prefill_form: Option<PrefillForm>,
     /// What the route can serve; a request that needs more skips it.
     pub capabilities: Capabilities,
+    /// The route is served in the process by a tower service the application registers
+    /// (`FallbackLayer::route_service`): a rule-based responder, a cache, a local model's
+    /// client. It has no `base_url`. Until a service is registered the route is skipped.
+    pub in_process: bool,
 }
 
 /// How a partial answer is handed to a route as a prefill. The request keeps its API's shape
@@ -133,6 +137,13 @@ impl RouteConfig {
         self
     }
 
+    /// Builder: served in the process by a registered service (see
+    /// [`in_process`](Self::in_process)).
+    pub fn in_process(mut self) -> Self {
+        self.in_process = true;
+        self
+    }
+
     /// Builder: what the route can serve.
     pub fn capabilities(mut self, capabilities: Capabilities) -> Self {
         self.capabilities = capabilities;
@@ -190,6 +201,7 @@ impl fmt::Debug for RouteConfig {
             .field("supports_prefill", &self.supports_prefill)
             .field("prefill_form", &self.prefill_form)
             .field("capabilities", &self.capabilities)
+            .field("in_process", &self.in_process)
             .finish()
     }
 }
@@ -306,6 +318,12 @@ impl FallbackPolicy {
             }
             header_safe(at("name"), &r.name)?;
             names.push(&r.name);
+            if r.in_process && r.base_url.is_some() {
+                return Err(PolicyError::new(
+                    at("base_url"),
+                    "an in-process route has no URL: its service answers in the process",
+                ));
+            }
             if let Some(url) = &r.base_url {
                 let uri: http::Uri = url.parse().map_err(|_| {
                     PolicyError::new(at("base_url"), format!("{url:?} is not a URL"))
