@@ -228,9 +228,8 @@ impl Policy {
                     return Err(PolicyError::new(
                         format!("stream.routes.{name}.first_token_timeout"),
                         format!(
-                            "is longer than budget.deadline ({}): the deadline would end every \
-                             request on the route before its first-token limit",
-                            crate::duration::format(deadline)
+                            "is longer than budget.deadline ({deadline:?}): the deadline would \
+                             end every request on the route before its first-token limit"
                         ),
                     ));
                 }
