@@ -1074,3 +1074,49 @@ mod any_cut {
         }
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_continuation_skips_a_route_that_does_not_stream() {
+    let mock = start().await;
+    mock.script(
+        ScriptKey::model(PRIMARY_MODEL),
+        [Reply::openai_stream(PRIMARY_MODEL, &ANSWER).cut_after(4)],
+    );
+    mock.script(
+        ScriptKey::model("batch-only"),
+        [Reply::openai_continuation("batch-only", &ANSWER)],
+    );
+    mock.script(
+        ScriptKey::model(BACKUP_MODEL),
+        [Reply::openai_continuation(BACKUP_MODEL, &ANSWER)],
+    );
+    let mut policy = policy(&mock, PrefillForm::OpenAi);
+    let mut no_stream = tower_llm_resilience::policy::Capabilities::default();
+    no_stream.streaming = false;
+    policy.fallback.routes.insert(
+        0,
+        backup(&mock, "batch-only", "batch-only", Some(PrefillForm::OpenAi))
+            .capabilities(no_stream),
+    );
+    let mut svc = stack(&policy);
+    let response = call(&mut svc, openai_request(&mock)).await;
+    let log = response_log(&response);
+    let (stream, error) = read(response.into_body()).await;
+    assert!(error.is_none(), "{error:?}");
+    assert_eq!(openai_stream_text(&stream), canonical());
+    let routes: Vec<_> = log
+        .attempts()
+        .iter()
+        .map(|a| a.route.as_ref().map(|r| r.to_string()))
+        .collect();
+    assert_eq!(
+        routes,
+        [Some("primary".to_owned()), Some("backup".to_owned())],
+        "{log}"
+    );
+    assert!(
+        mock.requests()
+            .iter()
+            .all(|r| r.model.as_deref() != Some("batch-only"))
+    );
+}

@@ -19,7 +19,7 @@ use super::layer::Config;
 use super::route::{Route, top_level_value};
 use crate::attempt_log::{Decision, LocalEventKind, StopReason};
 use crate::context::RequestContext;
-use crate::policy::{ContinuationPolicy, PrefillForm};
+use crate::policy::{ContinuationPolicy, PrefillForm, RequestNeeds};
 use crate::replay::ReplayBody;
 use crate::{Body, BoxError, RouteName, StreamCause};
 
@@ -127,6 +127,8 @@ pub(crate) struct Plan {
     /// The attempt whose stream is being continued, if it was recorded.
     attempt: Option<usize>,
     need: Needs,
+    /// What the request needs of a route, when some route declares what it lacks.
+    request_needs: Option<RequestNeeds>,
     used: u32,
 }
 
@@ -151,8 +153,16 @@ impl Plan {
             current,
             attempt,
             need,
+            request_needs: None,
             used: 0,
         }
+    }
+
+    /// The plan for a request with `needs`: a continuation goes only to a route that can
+    /// serve it (a continuation is a stream).
+    pub(crate) fn needing(mut self, needs: Option<RequestNeeds>) -> Self {
+        self.request_needs = needs.map(RequestNeeds::streaming);
+        self
     }
 
     pub(crate) fn settings(&self) -> Option<&ContinuationConfig> {
@@ -206,7 +216,20 @@ impl Plan {
             let Some(form) = route.prefill else {
                 continue;
             };
-            if !need.allow(route, approved) {
+            // An in-process route is not reached through the continuation's sender.
+            if route.in_process || !need.allow(route, approved) {
+                continue;
+            }
+            let lacks = self
+                .request_needs
+                .as_ref()
+                .and_then(|n| route.capabilities.lacks(n));
+            if let Some(reason) = lacks {
+                let reason = reason.to_owned();
+                log.event(
+                    Some(route.name.clone()),
+                    LocalEventKind::RouteSkipped { reason },
+                );
                 continue;
             }
             if let Some(retry_in) = pacer.as_ref().and_then(|p| p.remaining(&route.name)) {

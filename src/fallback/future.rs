@@ -436,7 +436,7 @@ impl<S, B: ReplayBody> Chain<S, B> {
         *copy.version_mut() = original.version();
         *copy.headers_mut() = original.headers().clone();
         *copy.extensions_mut() = template.extensions();
-        Some(Plan::new(
+        let plan = Plan::new(
             self.config.clone(),
             sender,
             copy,
@@ -445,7 +445,8 @@ impl<S, B: ReplayBody> Chain<S, B> {
             self.current,
             attempt,
             self.need.clone(),
-        ))
+        );
+        Some(plan.needing(self.request_needs))
     }
 
     /// `called`: whether the request was handed to the service (a readiness error was not).
