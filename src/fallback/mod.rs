@@ -38,6 +38,20 @@
 //!   `authorization`, `x-api-key` or `api-key` must carry `credentials_approved`, or building the
 //!   layer fails with a [`PolicyError`](crate::PolicyError).
 //!
+//! # Which routes can serve the request
+//!
+//! A route may declare what it lacks ([`Capabilities`](crate::policy::Capabilities): context
+//! size, tools, images, JSON mode, streaming), the primary too (`primary_capabilities`). Then
+//! each request's [`RequestNeeds`](crate::policy::RequestNeeds) are read once (a caller's
+//! extension, else the body) and a route that cannot serve it is never called: a backup is
+//! passed over, the primary fails without a call and the chain hops, and a request no route
+//! can serve fails closed (`FailedClosed { class: InvalidRequest }`), every skip logged as
+//! `RouteSkipped`.
+//!
+//! A route marked `in_process` is served by a tower service given with
+//! [`FallbackLayer::route_service`] — a rule-based answer as the chain's last tier, say —
+//! with the route's rewritten request, body in memory and credential headers removed.
+//!
 //! Each request sent inward carries its route's [`RouteName`](crate::RouteName) (the breaker
 //! keys on it), [`FallbackAvailable`](crate::context::FallbackAvailable) when an approved route
 //! still remains after it (the retry layer then skips a second wait on a silent route), and
