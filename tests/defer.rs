@@ -683,7 +683,7 @@ async fn an_open_circuit_with_no_backup_is_deferred_to_its_next_probe() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_chain_exhausted_on_refusals_is_deferred_on_the_primarys_failure() {
+async fn a_chain_exhausted_on_refusals_is_due_when_its_first_route_is_free() {
     let mock = start().await;
     mock.script(
         ScriptKey::model(MODEL),
@@ -704,12 +704,12 @@ async fn a_chain_exhausted_on_refusals_is_deferred_on_the_primarys_failure() {
     let deferred = deferred_of(svc.oneshot(request(&mock.url())).await);
     assert_eq!(mock.request_count(), 2, "both routes were asked first");
     let (record, _) = only_record(&sink);
-    // The chain answers with the primary's failure (a backup's is never handed back), so the
-    // record is due when the primary said.
+    // The chain answers with the primary's failure (a backup's is never handed back), but
+    // the record is due when the first route is free again: the backup, in 600 s.
     assert_eq!(record.route, "primary");
     assert_eq!(record.reason.route, "primary");
     assert_eq!(record.reason.status, Some(429));
-    assert_eq!(deferred.retry_in, Duration::from_secs(900));
+    assert_eq!(deferred.retry_in, Duration::from_secs(600));
 }
 
 #[tokio::test(start_paused = true)]
@@ -729,4 +729,30 @@ async fn a_policy_without_a_defer_section_defers_nothing_even_with_a_sink() {
         .expect("the provider's answer");
     assert_eq!(resp.status(), 429);
     assert!(sink.records().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_chain_whose_backup_named_no_time_is_due_after_the_policys_delay() {
+    let mock = start().await;
+    mock.script(
+        ScriptKey::model(MODEL),
+        [Reply::openai_rate_limited(Some("900"))],
+    );
+    mock.script(
+        ScriptKey::model("backup-model"),
+        (0..6).map(|_| Reply::openai_overloaded()),
+    );
+    let mut policy = Policy::batch();
+    policy.retry.max_attempts = 1;
+    policy.fallback.routes = vec![
+        tower_llm_resilience::policy::RouteConfig::new("backup")
+            .base_url(format!("{}/backup", mock.url()))
+            .model("backup-model"),
+    ];
+    let sink = Arc::new(MemoryDeferSink::new());
+    let svc = stack(&policy, sink.clone());
+    let deferred = deferred_of(svc.oneshot(request(&mock.url())).await);
+    // The backup may be back any time: the first delay, not the primary's 900 s.
+    assert_eq!(mock.request_count(), 2);
+    assert_eq!(deferred.retry_in, DeferPolicy::default().first_delay);
 }

@@ -286,13 +286,43 @@ impl Admitted {
         if let (Some(class), true, true) = (c.class, failed, self.deferral.is_some()) {
             let served = resp.extensions().get::<RouteName>().cloned();
             let route = served.unwrap_or_else(|| self.route.clone());
-            let hint = c.wait_hint.map(|h| h.wait);
+            let hint = self.chain_hint(c.wait_hint.map(|h| h.wait));
             if let Some(mut d) = self.defer(class, hint, &route, Some(status.as_u16())) {
                 d.otherwise = Some(Otherwise::Response(Box::new((resp, c))));
                 return Err(d);
             }
         }
         Ok(self.close(resp, &c))
+    }
+
+    /// When the request could next be answered, after a chain of routes refused it: the
+    /// chain hands back the primary's failure (and `hint`, its time), but a backup that said
+    /// it is free sooner serves the replay sooner. The earliest of each route's last answer's
+    /// `Retry-After` (counted from that answer); a route that named no time may be free any
+    /// time, so then no time is known (`None`: the policy's delay). One route: `hint`.
+    fn chain_hint(&self, hint: Option<Duration>) -> Option<Duration> {
+        let log = self.ctx.log();
+        let attempts = log.attempts();
+        let mut last: Vec<&crate::attempt_log::Attempt> = Vec::new();
+        for a in attempts.iter().rev() {
+            if !last.iter().any(|l| l.route == a.route) {
+                last.push(a);
+            }
+        }
+        if last.len() < 2 {
+            return hint;
+        }
+        let now = log.offset_of(Instant::now());
+        let mut earliest: Option<Duration> = None;
+        for a in last {
+            let free_at = a
+                .offset
+                .saturating_add(a.latency)
+                .saturating_add(a.retry_after?);
+            let wait = free_at.saturating_sub(now);
+            earliest = Some(earliest.map_or(wait, |e| e.min(wait)));
+        }
+        earliest
     }
 
     fn observe_pacing(&self, resp: &http::Response<Body>) {
