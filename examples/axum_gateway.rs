@@ -467,7 +467,7 @@ async fn deferred_answer(State(gateway): State<Arc<Gateway>>, Path(id): Path<Str
 }
 
 /// `202 Accepted` for a deferred request: where to fetch its answer, and when.
-fn accepted(deferred: &Deferred) -> Response {
+fn accepted(error: &Error, deferred: &Deferred) -> Response {
     let location = format!("/v1/deferred/{}", deferred.id);
     let body = serde_json::json!({"id": deferred.id, "status": "waiting", "location": location});
     let mut response = (
@@ -480,10 +480,9 @@ fn accepted(deferred: &Deferred) -> Response {
     if let Ok(location) = HeaderValue::try_from(location) {
         headers.insert(LOCATION, location);
     }
-    headers.insert(
-        RETRY_AFTER,
-        HeaderValue::from(ceil_secs(deferred.retry_in).max(1)),
-    );
+    if let Some(secs) = error_answer(error).retry_after {
+        headers.insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
     response
 }
 
@@ -591,7 +590,7 @@ async fn chat_completions(
                 }
             }
             match error.deferred() {
-                Some(deferred) => accepted(deferred),
+                Some(deferred) => accepted(&error, deferred),
                 None => error_response(&error),
             }
         }

@@ -194,11 +194,7 @@ impl Admitted {
                 let retry_in = cfg.retry_in(hint, 0);
                 let owner = self.budget_owner.clone();
                 let record = cfg.record(parked, self.route.as_str(), owner, reason, retry_in)?;
-                let deferred = Deferred {
-                    id: record.id.clone(),
-                    next_attempt_at: record.next_attempt_at(),
-                    retry_in,
-                };
+                let deferred = record.deferred(retry_in);
                 (Some(cfg.sink.put(record)), deferred)
             }
             Deferral::Replay(replay) => {
@@ -213,11 +209,7 @@ impl Admitted {
                 record.deferrals = deferrals;
                 record.reason = reason;
                 record.next_attempt_at_ms = now_ms().saturating_add(millis(retry_in));
-                let deferred = Deferred {
-                    id: record.id.clone(),
-                    next_attempt_at: record.next_attempt_at(),
-                    retry_in,
-                };
+                let deferred = record.deferred(retry_in);
                 *replay.again.lock().unwrap_or_else(PoisonError::into_inner) =
                     Some(Again::Deferred(Box::new(record)));
                 (None, deferred)

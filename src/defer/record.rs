@@ -81,6 +81,15 @@ impl DeferredRequest {
         UNIX_EPOCH + Duration::from_millis(self.next_attempt_at_ms)
     }
 
+    /// What the caller is told of this record, due `retry_in` from now.
+    pub(crate) fn deferred(&self, retry_in: Duration) -> Deferred {
+        Deferred {
+            id: self.id.clone(),
+            next_attempt_at: self.next_attempt_at(),
+            retry_in,
+        }
+    }
+
     /// The request to replay, with a body of type `B`; `None` when the record does not make a
     /// valid request (a sink handed back something the crate did not write) or `B` cannot be
     /// built from bytes.

@@ -126,8 +126,6 @@ impl RedisDeferSink {
             LeaseEnd::Answered => ("answered", String::new(), 0, ""),
             LeaseEnd::Deferred(next) => ("deferred", next.meta_json(), next.next_attempt_at_ms, ""),
             LeaseEnd::DeadLetter { reason } => ("dead", String::new(), 0, reason.as_str()),
-            #[allow(unreachable_patterns)]
-            _ => ("dead", String::new(), 0, "an end this sink does not know"),
         };
         [
             token.to_owned(),
