@@ -416,6 +416,18 @@ pub enum LocalEventKind {
         /// Time until the replay is due.
         retry_in: Duration,
     },
+    /// The fallback chain's selection strategy ordered the request's routes (the event's route
+    /// is the one it put first).
+    RouteChosen {
+        /// The strategy.
+        strategy: crate::policy::RouteStrategy,
+        /// Every route, in the order the chain tries them (a route the request cannot use is
+        /// still skipped, with its own event).
+        candidates: Vec<RouteName>,
+        /// Why the first route leads, in a few words: its weight, its time to first token, its
+        /// estimated cost.
+        reason: String,
+    },
 }
 
 impl fmt::Display for LocalEventKind {
@@ -441,6 +453,9 @@ impl fmt::Display for LocalEventKind {
             LocalEventKind::Deferred { retry_in } => {
                 write!(f, "deferred, replay in {}ms", ceil_ms(*retry_in))
             }
+            LocalEventKind::RouteChosen {
+                strategy, reason, ..
+            } => write!(f, "route chosen by {}: {reason}", strategy.as_str()),
         }
     }
 }

@@ -16,6 +16,7 @@ use super::continuation::{Plan, SendContinuation};
 use super::layer::Config;
 use super::local::{LocalFuture, LocalRoute};
 use super::route::Route;
+use super::select::Choice;
 use super::{LAST_RESORT_HEADER, ROUTE_HEADER};
 use crate::attempt_log::{Decision, LocalEventKind, StopReason};
 use crate::classify::{Classification, ClassifyResponse, FailureClass};
@@ -85,8 +86,13 @@ pub(crate) struct Chain<S, B> {
     planned: Option<PlannedHop<B>>,
     /// 0 is the primary; `i > 0` is `config.routes[i - 1]`.
     current: usize,
-    /// Routes before this index were passed over for this hop (the spend cap refused them).
-    passed: usize,
+    /// The request's route order, by the selection strategy; empty: the written order.
+    order: Vec<usize>,
+    /// The next hop looks at the routes from this position of the order on (past the current
+    /// route, and past any the spend cap refused for this hop).
+    scan_from: usize,
+    /// The strategy's first route is still to be chosen: no route has been called yet.
+    choosing: bool,
     hops: u32,
     sent: Option<Sent>,
     /// Time to the head of the current route's answer, when this layer must record it.
@@ -96,8 +102,11 @@ pub(crate) struct Chain<S, B> {
     /// The spend gate that admitted the current hop's first attempt, until that attempt has
     /// made a call: a hop that ends without one gives its reservation back.
     admitted: Option<SpendGate>,
-    primary_failure: Option<Failure>,
-    primary_rule: Option<FallbackRule>,
+    /// The first route that failed (the primary, in the written order): its failure is the
+    /// one the caller gets when no route serves.
+    first: usize,
+    first_failure: Option<Failure>,
+    first_rule: Option<FallbackRule>,
     /// Sends a served stream's continuation, when the service has one installed.
     pub(crate) continuation: Option<Arc<dyn SendContinuation>>,
     /// What the request needs of a route, when some route declares what it lacks.
@@ -137,15 +146,23 @@ impl Needs {
 
     /// Whether `route` may be switched to under these needs.
     pub(crate) fn allow(&self, route: &Route, approved_owners: &[String]) -> bool {
-        if self.larger_context && !route.larger_context {
+        self.allow_parts(route.larger_context, &route.budget_owner, approved_owners)
+    }
+
+    /// [`allow`](Self::allow) for a route that is larger-context or not, spending `owner`'s
+    /// budget.
+    pub(crate) fn allow_parts(
+        &self,
+        larger_context: bool,
+        owner: &Option<String>,
+        approved_owners: &[String],
+    ) -> bool {
+        if self.larger_context && !larger_context {
             return false;
         }
         if self.other_owner {
-            let approved = route
-                .budget_owner
-                .as_ref()
-                .is_some_and(|o| approved_owners.contains(o));
-            if !approved || self.spent_owners.contains(&route.budget_owner) {
+            let approved = owner.as_ref().is_some_and(|o| approved_owners.contains(o));
+            if !approved || self.spent_owners.contains(owner) {
                 return false;
             }
         }
@@ -178,7 +195,9 @@ struct PlannedHop<B> {
     attempt: Option<usize>,
     /// The rule the failure switches under.
     rule: FallbackRule,
+    /// The route (0 is the primary) and its position in the order.
     next: usize,
+    next_pos: usize,
     to: RouteName,
     request: Next<B>,
 }
@@ -203,14 +222,17 @@ impl<S, B> Chain<S, B> {
             next: None,
             planned: None,
             current: 0,
-            passed: 0,
+            order: Vec::new(),
+            scan_from: 1,
+            choosing: false,
             hops: 0,
             sent: None,
             latency: None,
             need: Needs::default(),
             admitted: None,
-            primary_failure: None,
-            primary_rule: None,
+            first: 0,
+            first_failure: None,
+            first_rule: None,
             continuation: None,
             request_needs: None,
         }
@@ -226,7 +248,12 @@ where
     /// when the provider said the primary has no capacity left and a backup has, goes to the
     /// backup at once.
     pub(crate) fn start(mut chain: Chain<S, B>, req: Request<B>) -> Self {
-        if let Some(step) = chain.skip_primary() {
+        let first = if chain.choosing {
+            chain.choose_first()
+        } else {
+            chain.skip_primary()
+        };
+        if let Some(step) = first {
             let state = match step {
                 Step::Hop => State::Readying,
                 Step::Claim(admit) => State::Claiming { admit },
@@ -353,13 +380,54 @@ impl<S, B> Chain<S, B> {
     }
 
     fn route_name(&self) -> &RouteName {
-        self.route(self.current)
-            .map_or(&self.config.primary, |r| &r.name)
+        self.name_of(self.current)
+    }
+
+    fn name_of(&self, i: usize) -> &RouteName {
+        self.route(i).map_or(&self.config.primary, |r| &r.name)
     }
 
     fn route_header(&self) -> &HeaderValue {
         self.route(self.current)
             .map_or(&self.config.primary_header, |r| &r.name_header)
+    }
+
+    /// Takes the strategy's order for the request, and logs it with why its first route
+    /// leads. A backup it puts first is reached like a hop, from the template.
+    pub(crate) fn follow(&mut self, choice: Choice) {
+        self.record_choice(&choice);
+        if choice.leads_elsewhere() && self.template.is_some() {
+            self.choosing = true;
+            self.scan_from = 0;
+        }
+        self.order = choice.order;
+    }
+
+    fn record_choice(&self, choice: &Choice) {
+        let Some(selector) = &self.config.selector else {
+            return;
+        };
+        let candidates = choice
+            .order
+            .iter()
+            .map(|&i| self.name_of(i).clone())
+            .collect();
+        let chosen = LocalEventKind::RouteChosen {
+            strategy: selector.strategy(),
+            candidates,
+            reason: choice.reason.clone(),
+        };
+        let first = choice.order.first().map(|&i| self.name_of(i).clone());
+        self.ctx.log().event(first, chosen);
+    }
+
+    /// The route at position `p` of the request's order.
+    fn route_at(&self, p: usize) -> Option<usize> {
+        if self.order.is_empty() {
+            (p <= self.config.routes.len()).then_some(p)
+        } else {
+            self.order.get(p).copied()
+        }
     }
 
     fn classify<RB>(&mut self, response: Response<RB>) -> ClassifyResponse
@@ -396,6 +464,13 @@ impl<S, B: ReplayBody> Chain<S, B> {
         self.admitted = None;
         self.observe(&response);
         let idx = self.record(c, None);
+        if let (Some(selector), Some(sent)) = (&self.config.selector, &self.sent) {
+            if c.is_success() {
+                selector.observe(self.current, sent.at.elapsed());
+            } else {
+                selector.penalize(self.current);
+            }
+        }
         if c.is_success() {
             Step::Finish(Ok(self.served(response, idx)))
         } else {
@@ -483,8 +558,49 @@ impl<S, B: ReplayBody> Chain<S, B> {
                 gate.release(self.route_name());
             }
         }
+        if let (Some(selector), Some(_)) = (&self.config.selector, idx) {
+            selector.penalize(self.current);
+        }
         let class = error.class();
         self.after_failure(Failure::Error(error), class, circuit_open, idx)
+    }
+
+    /// The first step under a selection strategy whose order starts with a backup: a hop to
+    /// the first route of the order the request may use, without a call to the primary and
+    /// without counting as a hop. When the order leaves no route (every one skipped, the spend
+    /// cap refusing them), the chain falls back to the written order.
+    fn choose_first(&mut self) -> Option<Step> {
+        match self.hop(FallbackRule::Yes, None) {
+            Ok(step) => Some(step),
+            Err(_) => {
+                // `None`: the caller's request goes to the primary as it is.
+                self.forget_order();
+                self.skip_primary()
+            }
+        }
+    }
+
+    /// [`choose_first`](Self::choose_first)'s way back to the written order once the caller's
+    /// request is gone: the primary's request is made from the template.
+    fn written_order(&mut self) -> Step {
+        self.forget_order();
+        if let Some(step) = self.skip_primary() {
+            return step;
+        }
+        let Some(req) = self.template.as_ref().and_then(Template::attempt) else {
+            return Step::Finish(self.finish_failed());
+        };
+        self.ctx.set_route(self.config.primary.clone());
+        self.next = Some(Next::Remote(req));
+        Step::Hop
+    }
+
+    /// Gives up on the strategy's order: the primary first, then the backups as written.
+    fn forget_order(&mut self) {
+        self.choosing = false;
+        self.order.clear();
+        self.scan_from = 1;
+        self.current = 0;
     }
 
     /// The first step when the primary is not to be called: it cannot serve the request (its
@@ -594,11 +710,12 @@ impl<S, B: ReplayBody> Chain<S, B> {
         } else {
             class.map(|c| self.config.actions.get(c).fallback)
         };
-        if self.current == 0 {
-            self.primary_failure = Some(failure);
-            self.primary_rule = rule;
+        if self.first_failure.is_none() {
+            self.first = self.current;
+            self.first_failure = Some(failure);
+            self.first_rule = rule;
         } else {
-            // Only the primary's failure is ever returned; this one is in the log.
+            // Only the first route's failure is ever returned; this one is in the log.
             drop(failure);
         }
         if self.config.routes.is_empty() {
@@ -623,14 +740,17 @@ impl<S, B: ReplayBody> Chain<S, B> {
 
     /// Plans the hop to the next route `rule` allows, or says why there is none.
     fn hop(&mut self, rule: FallbackRule, attempt: Option<usize>) -> Result<Step, StopReason> {
-        self.constrain(rule)?;
-        let (next, request) = self.next_route()?;
+        if !self.choosing {
+            self.constrain(rule)?;
+        }
+        let (next_pos, next, request) = self.next_route()?;
         let policy = &self.config.policy;
         let attempts = self.ctx.log().attempt_count();
-        if self.hops >= policy.max_hops || !AttemptCap(policy.max_total_attempts).allows(attempts) {
+        let hop_limit = !self.choosing && self.hops >= policy.max_hops;
+        if hop_limit || !AttemptCap(policy.max_total_attempts).allows(attempts) {
             return Err(StopReason::ChainLimit);
         }
-        let to = self.config.routes[next - 1].name.clone();
+        let to = self.name_of(next).clone();
         if self.ctx.deadline().is_some_and(|d| d.remaining().is_zero()) {
             self.ctx
                 .log()
@@ -639,12 +759,15 @@ impl<S, B: ReplayBody> Chain<S, B> {
         }
         // Reserve the hop's spend (for the request's own owner, at the price of the route it
         // goes to) after every other check, and withdraw from the retry budget last: a hop
-        // refused for any reason costs neither.
-        let admit = self.ctx.spend_gate().map(|gate| gate.admit(&to));
+        // refused for any reason costs neither. The primary's spend was reserved at admission.
+        let admit = (next != 0)
+            .then(|| self.ctx.spend_gate().map(|gate| gate.admit(&to)))
+            .flatten();
         self.planned = Some(PlannedHop {
             attempt,
             rule,
             next,
+            next_pos,
             to,
             request,
         });
@@ -667,9 +790,10 @@ impl<S, B: ReplayBody> Chain<S, B> {
         if granted.is_err() {
             log.event(Some(hop.to.clone()), LocalEventKind::BudgetDenied);
             // A later route may cost less: the hop goes on past this one.
-            self.passed = hop.next;
+            self.scan_from = hop.next_pos + 1;
             return match self.hop(hop.rule, hop.attempt) {
                 Ok(step) => step,
+                Err(_) if self.choosing => self.written_order(),
                 Err(StopReason::NoApprovedRoute) => {
                     self.stop(hop.attempt, StopReason::SpendCapReached)
                 }
@@ -691,12 +815,16 @@ impl<S, B: ReplayBody> Chain<S, B> {
         if let Some(idx) = hop.attempt {
             log.decide(idx, Decision::Fallback { to: hop.to.clone() });
         }
-        self.hops += 1;
+        // The strategy's first route is a choice, not a hop.
+        if !std::mem::take(&mut self.choosing) {
+            self.hops += 1;
+        }
         self.current = hop.next;
+        self.scan_from = hop.next_pos + 1;
         let more = self.hops < self.config.policy.max_hops
-            && self.config.routes[hop.next..]
-                .iter()
-                .any(|r| self.eligible(r));
+            && (self.scan_from..)
+                .map_while(|p| self.route_at(p))
+                .any(|i| self.eligible_at(i));
         self.ctx.set_route(hop.to);
         self.ctx.set_fallback_available(more || self.outer_fallback);
         self.next = Some(hop.request);
@@ -717,14 +845,50 @@ impl<S, B: ReplayBody> Chain<S, B> {
             && self.lacks(&route.capabilities).is_none()
     }
 
-    /// The next eligible route that is not paused and that the request can be rewritten for,
-    /// with its request.
-    fn next_route(&self) -> Result<(usize, Next<B>), StopReason> {
+    /// [`eligible`](Self::eligible) for the chain's route `i`, the primary (0) included.
+    fn eligible_at(&self, i: usize) -> bool {
+        match self.route(i) {
+            Some(route) => self.eligible(route),
+            None => {
+                let policy = &self.config.policy;
+                self.need.allow_parts(
+                    false,
+                    &policy.primary_budget_owner,
+                    &policy.approved_budget_owners,
+                ) && self.lacks(&policy.primary_capabilities).is_none()
+            }
+        }
+    }
+
+    /// The next eligible route of the order that is not paused and that the request can be
+    /// rewritten for: its position in the order, its index, its request.
+    fn next_route(&self) -> Result<(usize, usize, Next<B>), StopReason> {
         let template = self.template.as_ref().ok_or(StopReason::NotReplayable)?;
         let log = self.ctx.log();
         let pacer = self.ctx.pacer();
-        let from = self.current.max(self.passed);
-        for (i, route) in self.config.routes.iter().enumerate().skip(from) {
+        for p in self.scan_from.. {
+            let Some(i) = self.route_at(p) else { break };
+            let Some(route) = self.route(i) else {
+                // The primary, later in a strategy's order: the request as the caller built it.
+                if let Some(reason) = self.lacks(&self.config.policy.primary_capabilities) {
+                    let skipped = LocalEventKind::RouteSkipped {
+                        reason: reason.to_owned(),
+                    };
+                    log.event(Some(self.config.primary.clone()), skipped);
+                    continue;
+                }
+                if !self.eligible_at(0) {
+                    continue;
+                }
+                let primary = &self.config.primary;
+                if let Some(retry_in) = pacer.as_ref().and_then(|p| p.remaining(primary)) {
+                    let limited = LocalEventKind::RateLimited { retry_in };
+                    log.event(Some(primary.clone()), limited);
+                    continue;
+                }
+                let req = template.attempt().ok_or(StopReason::NotReplayable)?;
+                return Ok((p, 0, Next::Remote(req)));
+            };
             if let Some(reason) = self.lacks(&route.capabilities) {
                 log.event(
                     Some(route.name.clone()),
@@ -774,7 +938,7 @@ impl<S, B: ReplayBody> Chain<S, B> {
                             Next::Local(Request::from_parts(parts, body), local.clone())
                         }
                     };
-                    return Ok((i + 1, next));
+                    return Ok((p, i, next));
                 }
                 Err(reason) => {
                     tracing::warn!(
@@ -798,7 +962,7 @@ impl<S, B: ReplayBody> Chain<S, B> {
     /// No route served: the last resort if the policy has one and the primary's failure was an
     /// outage (not a request, credential or budget problem), else the primary's own failure.
     fn finish_failed(&mut self) -> Result<Response<Body>, Error> {
-        let outage = self.primary_rule == Some(FallbackRule::Yes);
+        let outage = self.first_rule == Some(FallbackRule::Yes);
         if let (true, Some(last)) = (outage, &self.config.last_resort) {
             let mut response = Response::new(Body::from(last.body.clone()));
             *response.status_mut() = last.status;
@@ -808,22 +972,19 @@ impl<S, B: ReplayBody> Chain<S, B> {
             self.ctx.log().event(None, LocalEventKind::LastResort);
             return Ok(self.ctx.close_response(self.owner, response));
         }
-        self.current = 0;
-        self.ctx
-            .log()
-            .set_selected_route(self.config.primary.clone());
-        match self.primary_failure.take() {
+        self.current = self.first;
+        let route = self.route_name().clone();
+        self.ctx.log().set_selected_route(route.clone());
+        match self.first_failure.take() {
             Some(Failure::Response(mut response)) => {
                 response
                     .headers_mut()
-                    .insert(ROUTE_HEADER_NAME, self.config.primary_header.clone());
-                response
-                    .extensions_mut()
-                    .insert(self.config.primary.clone());
+                    .insert(ROUTE_HEADER_NAME, self.route_header().clone());
+                response.extensions_mut().insert(route);
                 Ok(self.ctx.close_response(self.owner, response))
             }
             Some(Failure::Error(error)) => Err(self.ctx.close_error(self.owner, error)),
-            // Unreachable: the primary's failure is kept before any other step.
+            // Unreachable: the first failure is kept before any other step.
             None => Err(self.ctx.close_error(
                 false,
                 Error::new(ErrorKind::FailedClosed {

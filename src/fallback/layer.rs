@@ -11,8 +11,11 @@ use super::Fallback;
 use super::continuation::ContinuationConfig;
 use super::local::LocalRoute;
 use super::route::{Route, header_value_of_name};
+use super::select::Selector;
 use crate::classify::SharedClassifier;
-use crate::policy::{ClassActions, FallbackPolicy, LoggingPolicy, Policy, PolicyError};
+use crate::policy::{
+    ClassActions, FallbackPolicy, LoggingPolicy, Policy, PolicyError, RouteStrategy,
+};
 use crate::{BoxError, RouteName};
 
 /// Applies [`Fallback`] to a service: the route chain of the recovery ladder.
@@ -63,6 +66,8 @@ pub(crate) struct Config {
     /// Some route (the primary too) declares capabilities it lacks: each request's needs are
     /// read to choose among them.
     pub(crate) reads_needs: bool,
+    /// The selection strategy's shared state; `None` under `ordered`.
+    pub(crate) selector: Option<Arc<Selector>>,
     /// Continuation is on but no sender was installed, and that was said once.
     no_sender_warned: Arc<AtomicBool>,
 }
@@ -121,7 +126,15 @@ impl Config {
             |c: &crate::policy::Capabilities| *c != crate::policy::Capabilities::default();
         let reads_needs = lacking(&policy.primary_capabilities)
             || routes.iter().any(|r: &Route| lacking(&r.capabilities));
+        let selector = (policy.selection.strategy != RouteStrategy::Ordered).then(|| {
+            let weights = std::iter::once(policy.selection.primary_weight)
+                .chain(policy.routes.iter().map(|r| r.weight.unwrap_or(1)))
+                .collect::<Vec<_>>();
+            let unpriced = vec![None; weights.len()];
+            Arc::new(Selector::new(policy.selection, weights, unpriced, None))
+        });
         Ok(Self {
+            selector,
             reads_needs,
             primary: RouteName::new(&policy.primary),
             primary_header: header_value_of_name("fallback.primary", &policy.primary)?,
@@ -157,6 +170,13 @@ impl FallbackLayer {
     pub fn from_policy(policy: &Policy) -> Result<Self, PolicyError> {
         let mut config = Config::new(policy.fallback.clone(), policy.actions.clone())?;
         config.logging = policy.logging.clone();
+        if let Some(selector) = config.selector.as_mut().and_then(Arc::get_mut) {
+            selector.set_seed(policy.retry.seed);
+            if let Some(spend) = &policy.budget.spend {
+                let price = |r: &str| spend.prices.get(r).copied().or(spend.default_price);
+                selector.set_prices(policy.route_names().map(price).collect());
+            }
+        }
         let continuation = &policy.stream.continuation;
         if continuation.enabled {
             continuation.validate()?;

@@ -48,6 +48,21 @@
 //! can serve fails closed (`FailedClosed { class: InvalidRequest }`), every skip logged as
 //! `RouteSkipped`.
 //!
+//! # Which route first
+//!
+//! Under the default `ordered` strategy the primary is tried first and the backups in the order
+//! written. `fallback.selection` ([`SelectionPolicy`](crate::policy::SelectionPolicy)) may
+//! order each request's routes instead: `weighted` (a seeded draw by weight), `lowest_latency`
+//! (a moving estimate of each route's time to its first token, learned from the chain's own
+//! answers, with a fraction of requests led by another route so that a recovered route is
+//! measured again; a request the route fails doubles its estimate) or `lowest_cost` (the spend
+//! policy's prices and the request's token estimate). The strategy only orders: the chain walks
+//! that order with every rule above and below (capabilities, paused routes, class constraints,
+//! the spend cap, open circuits), its first route is a choice rather than a hop (it uses no
+//! `max_hops` and no retry budget), and when every route fails the caller gets the failure of
+//! the route tried first. The order and why its first route leads are logged
+//! (`LocalEventKind::RouteChosen`). A stream's continuation still follows the written order.
+//!
 //! A route marked `in_process` is served by a tower service given with
 //! [`FallbackLayer::route_service`] — a rule-based answer as the chain's last tier, say —
 //! with the route's rewritten request, body in memory and credential headers removed.
@@ -169,6 +184,7 @@ mod future;
 mod layer;
 mod local;
 mod route;
+mod select;
 mod service;
 #[cfg(test)]
 mod tests;

@@ -9,9 +9,10 @@ use tower_service::Service;
 use super::continuation::{ContinuationService, SendContinuation};
 use super::future::{Chain, ResponseFuture};
 use super::layer::Config;
+use super::select::Choice;
 use crate::budget::{DefaultEstimator, TokenEstimator};
 use crate::context::{AttemptCap, RequestContext};
-use crate::policy::{ClassActions, FallbackPolicy, PolicyError, RequestNeeds};
+use crate::policy::{ClassActions, FallbackPolicy, PolicyError, RequestNeeds, RouteStrategy};
 use crate::replay::{ReplayBody, Template};
 use crate::{Body, BoxError, Error};
 
@@ -137,7 +138,17 @@ where
         let continues = !config.routes.is_empty()
             && config.continuation.is_some()
             && self.continuation.is_some();
-        let template = if hops || continues {
+        // A strategy orders the request's routes; a backup it puts first is reached by a
+        // request made from the template, like a hop's.
+        let choice = config.selector.as_ref().and_then(|selector| {
+            let estimate = (selector.strategy() == RouteStrategy::LowestCost).then(|| {
+                let body = req.body().to_bytes();
+                DefaultEstimator.estimate(req.headers(), body.as_deref())
+            });
+            selector.choose(estimate)
+        });
+        let chooses = choice.as_ref().is_some_and(Choice::leads_elsewhere);
+        let template = if hops || continues || chooses {
             Template::of(&req)
         } else {
             None
@@ -157,6 +168,9 @@ where
         let mut chain = Chain::new(config, svc, template, ctx, owner, outer_fallback);
         chain.continuation = self.continuation.clone();
         chain.request_needs = request_needs;
+        if let Some(choice) = choice {
+            chain.follow(choice);
+        }
         ResponseFuture::start(chain, req)
     }
 }

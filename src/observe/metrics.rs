@@ -190,7 +190,8 @@ pub(super) fn request(o: &Observer, v: &View<'_>, noted: &Noted, end: &End<'_>) 
             | LocalEventKind::LastResort
             | LocalEventKind::RouteSkipped { .. }
             // Counted as the request's outcome (`error.type` = `deferred`).
-            | LocalEventKind::Deferred { .. } => continue,
+            | LocalEventKind::Deferred { .. }
+            | LocalEventKind::RouteChosen { .. } => continue,
         };
         counter!(n::REJECTIONS, n::ROUTE => label(route), n::REASON => reason).increment(1);
     }

@@ -3,6 +3,7 @@ use std::fmt;
 
 use super::capabilities::Capabilities;
 use super::error::{PolicyError, check};
+use super::selection::{RouteStrategy, SelectionPolicy};
 
 /// Headers that carry credentials; a route that sets or removes one must be approved.
 ///
@@ -69,6 +70,9 @@ pub struct RouteConfig {
     /// (`FallbackLayer::route_service`): a rule-based responder, a cache, a local model's
     /// client. It has no `base_url`. Until a service is registered the route is skipped.
     pub in_process: bool,
+    /// The route's weight under the `weighted` selection strategy; 1 when unset, 0 to try it
+    /// only after every route with a weight.
+    pub weight: Option<u32>,
 }
 
 /// How a partial answer is handed to a route as a prefill. The request keeps its API's shape
@@ -150,6 +154,12 @@ impl RouteConfig {
         self
     }
 
+    /// Builder: the route's weight under the `weighted` selection strategy.
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.weight = Some(weight);
+        self
+    }
+
     /// Builder: approve the route's credential change.
     pub fn approve_credentials(mut self) -> Self {
         self.credentials_approved = true;
@@ -202,6 +212,7 @@ impl fmt::Debug for RouteConfig {
             .field("prefill_form", &self.prefill_form)
             .field("capabilities", &self.capabilities)
             .field("in_process", &self.in_process)
+            .field("weight", &self.weight)
             .finish()
     }
 }
@@ -238,7 +249,7 @@ impl StaticResponse {
 }
 
 /// The route chain: the second rung of the ladder.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
 #[non_exhaustive]
@@ -249,8 +260,10 @@ pub struct FallbackPolicy {
     pub primary_budget_owner: Option<String>,
     /// What the primary route can serve; a request that needs more goes to a backup that can.
     pub primary_capabilities: Capabilities,
-    /// Backup routes, in the order they are tried.
+    /// Backup routes, in the order they are tried (under the `ordered` strategy).
     pub routes: Vec<RouteConfig>,
+    /// How the chain orders its routes for each request.
+    pub selection: SelectionPolicy,
     /// Most route switches per request.
     pub max_hops: u32,
     /// Most transport attempts per request across the whole chain.
@@ -272,6 +285,7 @@ impl Default for FallbackPolicy {
             primary_budget_owner: None,
             primary_capabilities: Capabilities::default(),
             routes: Vec::new(),
+            selection: SelectionPolicy::default(),
             max_hops: 2,
             max_total_attempts: 6,
             approved_budget_owners: Vec::new(),
@@ -386,6 +400,21 @@ impl FallbackPolicy {
                         format!("{model:?} is not in `fallback.allowed_models`"),
                     ));
                 }
+            }
+        }
+        self.selection.validate()?;
+        if self.selection.strategy == RouteStrategy::Weighted {
+            let total = self
+                .routes
+                .iter()
+                .map(|r| u64::from(r.weight.unwrap_or(1)))
+                .sum::<u64>()
+                + u64::from(self.selection.primary_weight);
+            if total == 0 {
+                return Err(PolicyError::new(
+                    "fallback.selection.primary_weight",
+                    "every route's weight is 0: the `weighted` strategy needs one above 0",
+                ));
             }
         }
         if let Some(last) = &self.last_resort {

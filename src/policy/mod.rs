@@ -30,6 +30,7 @@ mod idempotency;
 mod logging;
 mod observability;
 mod retry;
+mod selection;
 mod store;
 mod stream;
 mod throttle;
@@ -50,6 +51,7 @@ pub use idempotency::{CachePolicy, IdempotencyPolicy, InFlightRule, ReplayRule};
 pub use logging::LoggingPolicy;
 pub use observability::ObservabilityPolicy;
 pub use retry::{BackoffPolicy, Jitter, RetryPolicy};
+pub use selection::{RouteStrategy, SelectionPolicy};
 pub use store::{StoreMode, StoreModes, StorePolicy};
 pub use stream::{
     CommitPoint, ContinuationCause, ContinuationPolicy, DEFAULT_CONTINUATION_INSTRUCTION,
@@ -215,6 +217,21 @@ impl Policy {
                     format!(
                         "names no route (routes: {})",
                         self.route_names().collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+        }
+        if self.fallback.selection.strategy == RouteStrategy::LowestCost {
+            let spend = self.budget.spend.as_ref();
+            let unpriced = self.route_names().find(|r| {
+                spend.is_none_or(|s| s.default_price.is_none() && !s.prices.contains_key(*r))
+            });
+            if let Some(route) = unpriced {
+                return Err(PolicyError::new(
+                    "fallback.selection.strategy",
+                    format!(
+                        "is lowest_cost, but route {route:?} has no price in budget.spend \
+                         (prices or default_price)"
                     ),
                 ));
             }
