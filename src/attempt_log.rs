@@ -416,6 +416,14 @@ pub enum LocalEventKind {
         /// Time until the replay is due.
         retry_in: Duration,
     },
+    /// The request's first attempt had not reached its commit point after `after`: one more
+    /// attempt, the hedge, was sent on the event's route. Whichever is second to reach it is
+    /// cancelled (an attempt with an `error` saying so).
+    Hedged {
+        /// The delay the hedge waited.
+        #[cfg_attr(feature = "serde", serde(with = "millis"))]
+        after: Duration,
+    },
     /// The fallback chain's selection strategy ordered the request's routes (the event's route
     /// is the one it put first).
     RouteChosen {
@@ -456,6 +464,9 @@ impl fmt::Display for LocalEventKind {
             LocalEventKind::RouteChosen {
                 strategy, reason, ..
             } => write!(f, "route chosen by {}: {reason}", strategy.as_str()),
+            LocalEventKind::Hedged { after } => {
+                write!(f, "hedged after {}ms", ceil_ms(*after))
+            }
         }
     }
 }

@@ -13,6 +13,7 @@ use tower_service::Service;
 
 use super::body::ContinuingBody;
 use super::continuation::{Plan, SendContinuation};
+use super::hedge::{self, BoxedHedge, Hedge, Lane, Planned};
 use super::layer::Config;
 use super::local::{LocalFuture, LocalRoute};
 use super::route::Route;
@@ -45,29 +46,38 @@ pin_project! {
     where
         S: Service<Request<B>>,
     {
+        state: State,
+        // The current route's attempt, while `state` is `Calling`.
         #[pin]
-        state: State<S::Future>,
+        call: Option<S::Future>,
+        // The request's hedge, when the policy hedges and it is armed.
+        hedge: Option<BoxedHedge<S::Future, B>>,
         chain: Chain<S, B>,
     }
 }
 
-pin_project! {
-    #[project = StateProj]
-    enum State<F> {
-        // Waiting for the current route's response (or error).
-        Calling { #[pin] future: F },
-        // Waiting for an in-process route's answer.
-        Local { future: LocalFuture },
-        // Reading the head (and, for an error, a bounded body prefix) to classify it.
-        Classifying { future: ClassifyResponse },
-        // Waiting for the spend cap to reserve the hop.
-        Claiming { admit: StoreFuture<Result<(), SpendDenied>> },
-        // Waiting for the service to be ready for the next route's request.
-        Readying,
-        // The chain ended before any call (a paused primary and no hop allowed).
-        Ended { out: Option<Result<Response<Body>, Error>> },
-        Done,
-    }
+enum State {
+    // Waiting for the current route's response (or error), and the hedge's, if one runs.
+    Calling,
+    // Waiting for an in-process route's answer.
+    Local {
+        future: LocalFuture,
+    },
+    // Reading the head (and, for an error, a bounded body prefix) to classify it.
+    Classifying {
+        future: ClassifyResponse,
+    },
+    // Waiting for the spend cap to reserve the hop.
+    Claiming {
+        admit: StoreFuture<Result<(), SpendDenied>>,
+    },
+    // Waiting for the service to be ready for the next route's request.
+    Readying,
+    // The chain ended before any call (a paused primary and no hop allowed).
+    Ended {
+        out: Option<Result<Response<Body>, Error>>,
+    },
+    Done,
 }
 
 /// Everything the future keeps between polls, apart from the pinned inner future.
@@ -93,6 +103,8 @@ pub(crate) struct Chain<S, B> {
     scan_from: usize,
     /// The strategy's first route is still to be chosen: no route has been called yet.
     choosing: bool,
+    /// The request's one hedge was armed.
+    hedged: bool,
     hops: u32,
     sent: Option<Sent>,
     /// Time to the head of the current route's answer, when this layer must record it.
@@ -225,6 +237,7 @@ impl<S, B> Chain<S, B> {
             order: Vec::new(),
             scan_from: 1,
             choosing: false,
+            hedged: false,
             hops: 0,
             sent: None,
             latency: None,
@@ -259,13 +272,21 @@ where
                 Step::Claim(admit) => State::Claiming { admit },
                 Step::Finish(out) => State::Ended { out: Some(out) },
             };
-            return Self { state, chain };
+            return Self {
+                state,
+                call: None,
+                hedge: None,
+                chain,
+            };
         }
         // Noted before the call: a layer below may log synchronously (an open circuit).
         chain.sent = Some(chain.ctx.send());
         let future = chain.svc.call(req);
+        let hedge = chain.arm_hedge();
         Self {
-            state: State::Calling { future },
+            state: State::Calling,
+            call: Some(future),
+            hedge,
             chain,
         }
     }
@@ -297,30 +318,36 @@ where
         let mut this = self.project();
         let chain = this.chain;
         loop {
-            let step = match this.state.as_mut().project() {
-                StateProj::Calling { future } => match ready!(future.poll(cx)) {
-                    Ok(response) => {
-                        let future = chain.classify(response);
-                        this.state.set(State::Classifying { future });
-                        continue;
+            let step = match this.state {
+                State::Calling => {
+                    let out = match poll_attempts(this.call.as_mut(), this.hedge, chain, cx) {
+                        Poll::Ready(out) => out,
+                        Poll::Pending => return Poll::Pending,
+                    };
+                    match out {
+                        Ok(response) => {
+                            let future = chain.classify(response);
+                            *this.state = State::Classifying { future };
+                            continue;
+                        }
+                        Err(e) => {
+                            let error = chain.config.classifier.error(e);
+                            chain.on_error(error, true)
+                        }
                     }
-                    Err(e) => {
-                        let error = chain.config.classifier.error(e);
-                        chain.on_error(error, true)
-                    }
-                },
-                StateProj::Classifying { future } => {
+                }
+                State::Classifying { future } => {
                     let (response, c) = ready!(Pin::new(future).poll(cx));
                     chain.on_response(response, &c)
                 }
-                StateProj::Claiming { admit } => {
+                State::Claiming { admit } => {
                     let granted = ready!(Pin::new(admit).poll(cx));
                     chain.claimed(granted)
                 }
-                StateProj::Local { future } => match ready!(future.as_mut().poll(cx)) {
+                State::Local { future } => match ready!(future.as_mut().poll(cx)) {
                     Ok(response) => {
                         let future = chain.classify(response);
-                        this.state.set(State::Classifying { future });
+                        *this.state = State::Classifying { future };
                         continue;
                     }
                     Err(e) => {
@@ -329,20 +356,23 @@ where
                     }
                 },
                 // An in-process route does not wait for the service below.
-                StateProj::Readying if matches!(chain.next, Some(Next::Local(..))) => {
+                State::Readying if matches!(chain.next, Some(Next::Local(..))) => {
                     if let Some(Next::Local(req, route)) = chain.next.take() {
                         chain.sent = Some(chain.ctx.resend());
                         let future = route.call(req);
-                        this.state.set(State::Local { future });
+                        *this.state = State::Local { future };
                     }
                     continue;
                 }
-                StateProj::Readying => match ready!(chain.svc.poll_ready(cx)) {
+                State::Readying => match ready!(chain.svc.poll_ready(cx)) {
                     Ok(()) => match chain.next.take() {
                         Some(Next::Remote(req)) => {
                             chain.sent = Some(chain.ctx.resend());
-                            let future = chain.svc.call(req);
-                            this.state.set(State::Calling { future });
+                            this.call.set(Some(chain.svc.call(req)));
+                            if this.hedge.is_none() {
+                                *this.hedge = chain.arm_hedge();
+                            }
+                            *this.state = State::Calling;
                             continue;
                         }
                         Some(Next::Local(..)) | None => Step::Finish(chain.finish_failed()),
@@ -356,22 +386,112 @@ where
                         chain.on_error(error, false)
                     }
                 },
-                StateProj::Ended { out } => match out.take() {
+                State::Ended { out } => match out.take() {
                     Some(out) => Step::Finish(out),
                     None => panic!("fallback ResponseFuture polled after completion"),
                 },
-                StateProj::Done => panic!("fallback ResponseFuture polled after completion"),
+                State::Done => panic!("fallback ResponseFuture polled after completion"),
             };
             match step {
-                Step::Hop => this.state.set(State::Readying),
-                Step::Claim(admit) => this.state.set(State::Claiming { admit }),
+                Step::Hop => *this.state = State::Readying,
+                Step::Claim(admit) => *this.state = State::Claiming { admit },
                 Step::Finish(out) => {
-                    this.state.set(State::Done);
+                    // Whatever of a hedge is left is cancelled with the request's end.
+                    if let Some(hedge) = this.hedge.take() {
+                        chain.cancel_hedge(hedge);
+                    }
+                    *this.state = State::Done;
                     return Poll::Ready(out);
                 }
             }
         }
     }
+}
+
+/// Polls the current route's attempt and the hedge (its delay, its reservation, its
+/// readiness, its attempt). Ready with the answer the chain goes on with: the first to reach
+/// its commit point with a success, the other cancelled; or, when one fails while the other
+/// is still in flight, the other's, whatever it is.
+fn poll_attempts<S, B>(
+    mut call: Pin<&mut Option<S::Future>>,
+    hedge: &mut Option<BoxedHedge<S::Future, B>>,
+    chain: &mut Chain<S, B>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<S::Response, S::Error>>
+where
+    S: Service<Request<B>>,
+    S::Response: Answer,
+    B: ReplayBody,
+{
+    loop {
+        if let Some(future) = call.as_mut().as_pin_mut() {
+            if let Poll::Ready(out) = future.poll(cx) {
+                call.set(None);
+                let racing = hedge.as_ref().is_some_and(|h| h.future.is_some());
+                if racing && !succeeded(&out) {
+                    // The hedge may still answer: it is the chain's attempt now.
+                    drop(out);
+                    if let Some(h) = hedge.as_mut() {
+                        chain.take_lane(h.as_mut().project().lane.take());
+                    }
+                    continue;
+                }
+                if let Some(h) = hedge.take() {
+                    chain.cancel_hedge(h);
+                }
+                return Poll::Ready(out);
+            }
+        }
+        let Some(h) = hedge.as_mut() else {
+            return Poll::Pending;
+        };
+        match chain.poll_hedge(h.as_mut(), cx) {
+            Poll::Pending => return Poll::Pending,
+            // The hedge made no attempt (not allowed, refused, not ready): the chain goes on.
+            Poll::Ready(None) => {
+                *hedge = None;
+                if call.is_none() {
+                    // Unreachable: a hedge that never sent is cancelled with the chain's
+                    // attempt.
+                    return Poll::Pending;
+                }
+            }
+            Poll::Ready(Some(out)) => {
+                if call.is_some() && !succeeded(&out) {
+                    // The chain's own attempt may still answer; this one is in the log.
+                    drop(out);
+                    *hedge = None;
+                    continue;
+                }
+                // The hedge is the chain's attempt from here.
+                let lane = h.as_mut().project().lane.take();
+                if call.is_some() {
+                    chain.cancel_attempt();
+                    call.set(None);
+                    chain.take_lane(lane);
+                } else if let Some(lane) = lane {
+                    chain.take_lane(Some(lane));
+                }
+                *hedge = None;
+                return Poll::Ready(out);
+            }
+        }
+    }
+}
+
+/// A response whose status says the attempt succeeded (its commit point reached).
+pub(crate) trait Answer {
+    fn succeeded(&self) -> bool;
+}
+
+impl<RB> Answer for Response<RB> {
+    fn succeeded(&self) -> bool {
+        self.status().is_success()
+    }
+}
+
+fn succeeded<R: Answer, E>(out: &Result<R, E>) -> bool {
+    out.as_ref().is_ok_and(Answer::succeeded)
 }
 
 impl<S, B> Chain<S, B> {
@@ -459,6 +579,255 @@ impl<S, B> Chain<S, B> {
     }
 }
 
+impl<S, B> Chain<S, B>
+where
+    S: Service<Request<B>>,
+    B: ReplayBody,
+{
+    /// The request's hedge, when the policy hedges and this is the first call of the chain to
+    /// a route below (a hedge per request, never for an in-process route).
+    fn arm_hedge(&mut self) -> Option<BoxedHedge<S::Future, B>> {
+        let hedger = self.config.hedger.as_ref()?;
+        if self.hedged || self.template.is_none() {
+            return None;
+        }
+        self.hedged = true;
+        Some(Hedge::new(hedger.delay(self.current)))
+    }
+
+    /// Drives the hedge: `Ready(None)` when it will make no attempt, `Ready(Some(..))` with its
+    /// attempt's answer.
+    fn poll_hedge(
+        &mut self,
+        h: Pin<&mut Hedge<S::Future, B>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<S::Response, S::Error>>> {
+        let mut h = h.project();
+        loop {
+            match h.step {
+                hedge::Step::Waiting => {
+                    ready!(h.timer.as_mut().poll(cx));
+                    let Some((planned, admit)) = self.plan_hedge(*h.delay) else {
+                        *h.step = hedge::Step::Done;
+                        return Poll::Ready(None);
+                    };
+                    let granted = match admit {
+                        None => Ok(()),
+                        Some(mut admit) => match admit.now() {
+                            Some(granted) => granted,
+                            None => {
+                                *h.step = hedge::Step::Admitting(admit, planned);
+                                continue;
+                            }
+                        },
+                    };
+                    *h.step = match self.hedge_granted(granted, planned) {
+                        Some(planned) => hedge::Step::Readying(planned),
+                        None => hedge::Step::Done,
+                    };
+                }
+                hedge::Step::Admitting(admit, _) => {
+                    let granted = ready!(Pin::new(admit).poll(cx));
+                    let step = std::mem::replace(h.step, hedge::Step::Done);
+                    if let hedge::Step::Admitting(_, planned) = step {
+                        if let Some(planned) = self.hedge_granted(granted, planned) {
+                            *h.step = hedge::Step::Readying(planned);
+                        }
+                    }
+                }
+                hedge::Step::Readying(_) => {
+                    let ready = ready!(self.svc.poll_ready(cx));
+                    let step = std::mem::replace(h.step, hedge::Step::Done);
+                    let hedge::Step::Readying(planned) = step else {
+                        return Poll::Ready(None);
+                    };
+                    if ready.is_err() {
+                        // The hedge is given up, not the request: the chain's attempt runs on.
+                        if let Some(gate) = &planned.admitted {
+                            gate.release(&planned.name);
+                        }
+                        return Poll::Ready(None);
+                    }
+                    // The layers below take the attempt's route from the context when called.
+                    self.ctx.set_route(planned.name.clone());
+                    let sent = self.ctx.resend();
+                    let future = self.svc.call(planned.request);
+                    self.ctx.set_route(self.route_name().clone());
+                    h.future.set(Some(future));
+                    *h.lane = Some(Lane {
+                        route: planned.route,
+                        scan_from: planned.scan_from,
+                        sent: Some(sent),
+                        admitted: planned.admitted,
+                    });
+                    *h.step = hedge::Step::Running;
+                }
+                hedge::Step::Running => {
+                    let Some(future) = h.future.as_mut().as_pin_mut() else {
+                        return Poll::Ready(None);
+                    };
+                    let out = ready!(future.poll(cx));
+                    h.future.set(None);
+                    *h.step = hedge::Step::Done;
+                    return Poll::Ready(Some(out));
+                }
+                hedge::Step::Done => return Poll::Ready(None),
+            }
+        }
+    }
+
+    /// The hedge, if the request may have one now: its route and request, and the spend
+    /// cap's reservation for it, to wait for.
+    #[allow(clippy::type_complexity)]
+    fn plan_hedge(
+        &mut self,
+        delay: Duration,
+    ) -> Option<(Planned<B>, Option<StoreFuture<Result<(), SpendDenied>>>)> {
+        let hedger = self.config.hedger.clone()?;
+        let template = self.template.as_ref()?;
+        let original = template.request();
+        // Sent twice, the request must be harmless twice.
+        let safe = original.method().is_idempotent()
+            || hedger.key_header.is_some()
+            || original.headers().contains_key("idempotency-key");
+        if !safe {
+            return None;
+        }
+        // A failure so far that no route may be switched for is not hidden behind a hedge.
+        let deterministic = self.ctx.log().attempts().iter().any(|a| {
+            a.class
+                .is_some_and(|c| self.config.actions.get(c).fallback != FallbackRule::Yes)
+        });
+        if deterministic {
+            return None;
+        }
+        let attempts = self.ctx.log().attempt_count();
+        if !AttemptCap(self.config.policy.max_total_attempts).allows(attempts) {
+            return None;
+        }
+        let (route, scan_from, request) = if hedger.policy.same_route {
+            let mut req = template.attempt()?;
+            if let Some(route) = self.route(self.current) {
+                route.rewrite(&mut req).ok()?;
+            }
+            (self.current, self.scan_from, req)
+        } else {
+            if self.hops >= self.config.policy.max_hops {
+                return None;
+            }
+            match self.next_route().ok()? {
+                (pos, route, Next::Remote(req)) => (route, pos + 1, req),
+                (_, _, Next::Local(..)) => return None,
+            }
+        };
+        if !hedger.take() {
+            return None;
+        }
+        let name = self.name_of(route).clone();
+        if route != self.current {
+            self.hops += 1;
+        }
+        self.ctx
+            .log()
+            .event(Some(name.clone()), LocalEventKind::Hedged { after: delay });
+        let admit = self.ctx.spend_gate().map(|gate| gate.admit(&name));
+        let planned = Planned {
+            route,
+            scan_from,
+            name,
+            request,
+            admitted: None,
+        };
+        Some((planned, admit))
+    }
+
+    /// The spend cap answered for the hedge: it goes on when granted and the retry budget
+    /// pays for it.
+    fn hedge_granted(
+        &self,
+        granted: Result<(), SpendDenied>,
+        mut planned: Planned<B>,
+    ) -> Option<Planned<B>> {
+        let log = self.ctx.log();
+        if granted.is_err() {
+            log.event(Some(planned.name.clone()), LocalEventKind::BudgetDenied);
+            return None;
+        }
+        let gate = self.ctx.spend_gate();
+        if let Some(budget) = self.ctx.retry_budget() {
+            if !budget.withdraw() {
+                if let Some(gate) = &gate {
+                    gate.release(&planned.name);
+                }
+                log.event(
+                    Some(planned.name.clone()),
+                    LocalEventKind::RetryBudgetDenied,
+                );
+                return None;
+            }
+        }
+        planned.admitted = gate;
+        Some(planned)
+    }
+
+    /// The hedge won: the chain's own attempt is cancelled. It was sent, so it is recorded (and
+    /// its spend reservation kept, for what it may have cost).
+    fn cancel_attempt(&self) {
+        if let Some(sent) = &self.sent {
+            self.record_cancelled(self.route_name(), sent);
+        }
+    }
+
+    /// The request ended (served, failed, or by the chain's own attempt winning): what is left
+    /// of the hedge is cancelled, recorded when it was sent, its reservation given back when
+    /// it was not.
+    fn cancel_hedge(&self, mut h: BoxedHedge<S::Future, B>) {
+        let h = h.as_mut().project();
+        if h.future.is_some() {
+            if let Some(Lane {
+                route,
+                sent: Some(sent),
+                ..
+            }) = h.lane.as_ref()
+            {
+                self.record_cancelled(self.name_of(*route), sent);
+            }
+        }
+        if let hedge::Step::Readying(planned) = h.step {
+            if let Some(gate) = &planned.admitted {
+                gate.release(&planned.name);
+            }
+        }
+    }
+
+    fn record_cancelled(&self, route: &RouteName, sent: &Sent) {
+        let log = self.ctx.log();
+        let mut attempt = crate::attempt_log::Attempt::new(
+            Some(route.clone()),
+            log.offset_of(sent.at),
+            sent.at.elapsed(),
+            &Classification::default(),
+        );
+        attempt.error = Some(
+            "cancelled: another attempt of the request reached its commit point first".to_owned(),
+        );
+        log.record(attempt);
+    }
+
+    /// The hedge's attempt is the chain's from here (the chain's own failed, or it was
+    /// cancelled for the hedge).
+    fn take_lane(&mut self, lane: Option<Lane>) {
+        let Some(lane) = lane else {
+            return;
+        };
+        self.current = lane.route;
+        self.scan_from = lane.scan_from;
+        self.sent = lane.sent;
+        self.admitted = lane.admitted;
+        self.ctx.set_route(self.route_name().clone());
+    }
+}
+
 impl<S, B: ReplayBody> Chain<S, B> {
     fn on_response(&mut self, response: Response<Body>, c: &Classification) -> Step {
         self.admitted = None;
@@ -469,6 +838,11 @@ impl<S, B: ReplayBody> Chain<S, B> {
                 selector.observe(self.current, sent.at.elapsed());
             } else {
                 selector.penalize(self.current);
+            }
+        }
+        if let (Some(hedger), Some(sent)) = (&self.config.hedger, &self.sent) {
+            if c.is_success() {
+                hedger.observe(self.current, sent.at.elapsed());
             }
         }
         if c.is_success() {

@@ -9,6 +9,7 @@ use tower_service::Service;
 
 use super::Fallback;
 use super::continuation::ContinuationConfig;
+use super::hedge::Hedger;
 use super::local::LocalRoute;
 use super::route::{Route, header_value_of_name};
 use super::select::Selector;
@@ -68,6 +69,8 @@ pub(crate) struct Config {
     pub(crate) reads_needs: bool,
     /// The selection strategy's shared state; `None` under `ordered`.
     pub(crate) selector: Option<Arc<Selector>>,
+    /// Hedging's shared state; `None` unless the policy's `[hedge]` is on.
+    pub(crate) hedger: Option<Arc<Hedger>>,
     /// Continuation is on but no sender was installed, and that was said once.
     no_sender_warned: Arc<AtomicBool>,
 }
@@ -135,6 +138,7 @@ impl Config {
         });
         Ok(Self {
             selector,
+            hedger: None,
             reads_needs,
             primary: RouteName::new(&policy.primary),
             primary_header: header_value_of_name("fallback.primary", &policy.primary)?,
@@ -164,12 +168,28 @@ impl FallbackLayer {
     /// A layer for `policy.fallback`, switching per `policy.actions` (the fallback column of the
     /// per-class table, with the policy's overrides).
     ///
+    /// With `[hedge]` on, a request whose first attempt is slow to its first token gets one
+    /// more attempt (see [`HedgePolicy`](crate::policy::HedgePolicy)).
+    ///
     /// With `stream.continuation` on, a stream cut after its commit point may be continued on a
     /// backup route with `supports_prefill`; the policy must have one. The service needs its
     /// continuation sender too: see [`Fallback::enable_continuation`].
     pub fn from_policy(policy: &Policy) -> Result<Self, PolicyError> {
         let mut config = Config::new(policy.fallback.clone(), policy.actions.clone())?;
         config.logging = policy.logging.clone();
+        if policy.hedge.enabled {
+            policy.hedge.validate()?;
+            let key_header = match &policy.idempotency.key_header {
+                Some(name) => {
+                    Some(http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                        PolicyError::new("idempotency.key_header", "is not a valid header name")
+                    })?)
+                }
+                None => None,
+            };
+            let routes = config.routes.len() + 1;
+            config.hedger = Some(Arc::new(Hedger::new(policy.hedge, routes, key_header)));
+        }
         if let Some(selector) = config.selector.as_mut().and_then(Arc::get_mut) {
             selector.set_seed(policy.retry.seed);
             if let Some(spend) = &policy.budget.spend {

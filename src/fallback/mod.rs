@@ -181,6 +181,7 @@
 mod body;
 mod continuation;
 mod future;
+mod hedge;
 mod layer;
 mod local;
 mod route;

@@ -148,7 +148,8 @@ where
             selector.choose(estimate)
         });
         let chooses = choice.as_ref().is_some_and(Choice::leads_elsewhere);
-        let template = if hops || continues || chooses {
+        let hedges = config.hedger.as_ref().inspect(|h| h.deposit()).is_some();
+        let template = if hops || continues || chooses || hedges {
             Template::of(&req)
         } else {
             None

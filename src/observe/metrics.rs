@@ -191,7 +191,8 @@ pub(super) fn request(o: &Observer, v: &View<'_>, noted: &Noted, end: &End<'_>) 
             | LocalEventKind::RouteSkipped { .. }
             // Counted as the request's outcome (`error.type` = `deferred`).
             | LocalEventKind::Deferred { .. }
-            | LocalEventKind::RouteChosen { .. } => continue,
+            | LocalEventKind::RouteChosen { .. }
+            | LocalEventKind::Hedged { .. } => continue,
         };
         counter!(n::REJECTIONS, n::ROUTE => label(route), n::REASON => reason).increment(1);
     }

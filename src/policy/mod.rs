@@ -26,6 +26,7 @@ mod circuit_breaker;
 mod defer;
 mod error;
 mod fallback;
+mod hedge;
 mod idempotency;
 mod logging;
 mod observability;
@@ -47,6 +48,7 @@ pub use circuit_breaker::{CircuitBreakerPolicy, FailureRateRule, SlowCallRule};
 pub use defer::DeferPolicy;
 pub use error::PolicyError;
 pub use fallback::{CREDENTIAL_HEADERS, FallbackPolicy, PrefillForm, RouteConfig, StaticResponse};
+pub use hedge::HedgePolicy;
 pub use idempotency::{CachePolicy, IdempotencyPolicy, InFlightRule, ReplayRule};
 pub use logging::LoggingPolicy;
 pub use observability::ObservabilityPolicy;
@@ -74,6 +76,8 @@ pub struct Policy {
     pub circuit_breaker: CircuitBreakerPolicy,
     /// The route chain.
     pub fallback: FallbackPolicy,
+    /// Hedging the slow tail: one more attempt when the first is slow to its first token.
+    pub hedge: HedgePolicy,
     /// Admission: retry budget, deadline, rate limits, spend caps.
     pub budget: BudgetPolicy,
     /// Stream timeouts and commit point.
@@ -123,6 +127,7 @@ impl Policy {
             retry,
             circuit_breaker: CircuitBreakerPolicy::default(),
             fallback: FallbackPolicy::default(),
+            hedge: HedgePolicy::default(),
             budget,
             stream,
             idempotency: IdempotencyPolicy::default(),
@@ -182,6 +187,7 @@ impl Policy {
             retry,
             circuit_breaker,
             fallback: FallbackPolicy::default(),
+            hedge: HedgePolicy::default(),
             budget,
             stream,
             idempotency: IdempotencyPolicy {
@@ -204,6 +210,7 @@ impl Policy {
         self.retry.validate()?;
         self.circuit_breaker.validate()?;
         self.fallback.validate()?;
+        self.hedge.validate()?;
         self.budget.validate()?;
         self.stream.validate()?;
         self.idempotency.validate()?;

@@ -141,6 +141,9 @@ impl<B> Attempts<B> {
                 .insert(name.clone(), HeaderValue::from(self.count));
         }
         self.sent = if resend {
+            // A hedge of the same request may have named its own route since the first call:
+            // the layers below take this attempt's from the context.
+            self.ctx.set_route(self.route.clone());
             self.ctx.resend()
         } else {
             self.ctx.send()

@@ -1,0 +1,321 @@
+//! Hedging the slow tail: a request whose first attempt has not reached its first token after
+//! the delay gets one more attempt, and the first to reach its commit point is served. The
+//! real hyper-util client against `MockProvider` on loopback, under a paused clock.
+#![cfg(feature = "testing")]
+#![allow(clippy::field_reassign_with_default)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceExt};
+use tower_llm_resilience::attempt_log::LocalEventKind;
+use tower_llm_resilience::policy::{HedgePolicy, RetryBudgetPolicy, RouteConfig};
+use tower_llm_resilience::testing::{MockProvider, Reply, ScriptKey, chat_request, client};
+use tower_llm_resilience::{AttemptLog, Policy, ResilienceLayer, RouteName};
+
+const SLOW: Duration = Duration::from_secs(20);
+const DELAY: Duration = Duration::from_secs(1);
+
+/// The primary and one backup on `mock`, hedging after a fixed second.
+fn policy(mock: &MockProvider) -> Policy {
+    let mut p = Policy::interactive();
+    p.retry.seed = Some(5);
+    p.stream.first_token_timeout = Some(Duration::from_secs(30));
+    p.hedge = HedgePolicy::after(DELAY);
+    p.hedge.max_fraction = 1.0;
+    p.fallback.routes = vec![
+        RouteConfig::new("backup")
+            .base_url(format!("{}/backup", mock.url()))
+            .model("backup"),
+    ];
+    p
+}
+
+fn request(mock: &MockProvider, stream: bool, key: Option<&str>) -> http::Request<Full<Bytes>> {
+    let mut req = chat_request(&mock.url(), "gpt-4o", stream);
+    if let Some(key) = key {
+        req.headers_mut()
+            .insert("idempotency-key", key.parse().expect("header"));
+    }
+    req
+}
+
+struct Served {
+    status: u16,
+    route: String,
+    body: String,
+    /// From the call to the response head, in virtual time.
+    head_after: Duration,
+    log: AttemptLog,
+}
+
+async fn send<S>(svc: &mut S, mut req: http::Request<Full<Bytes>>) -> Served
+where
+    S: Service<
+            http::Request<Full<Bytes>>,
+            Response = http::Response<tower_llm_resilience::Body>,
+            Error = tower_llm_resilience::Error,
+        >,
+{
+    let log = AttemptLog::new();
+    req.extensions_mut().insert(log.clone());
+    let start = Instant::now();
+    let resp = svc
+        .ready()
+        .await
+        .expect("ready")
+        .call(req)
+        .await
+        .expect("an answer");
+    let head_after = start.elapsed();
+    let status = resp.status().as_u16();
+    let route = resp.headers()["x-llm-route"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    Served {
+        status,
+        route,
+        body: String::from_utf8_lossy(&body).into_owned(),
+        head_after,
+        log,
+    }
+}
+
+fn hedges(log: &AttemptLog) -> Vec<(String, Duration)> {
+    log.events()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            LocalEventKind::Hedged { after } => {
+                Some((e.route.map(|r| r.to_string()).unwrap_or_default(), after))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Each attempt's route and whether it was the cancelled one.
+fn attempts(log: &AttemptLog) -> Vec<(String, bool)> {
+    log.attempts()
+        .iter()
+        .map(|a| {
+            (
+                a.route
+                    .as_ref()
+                    .map(RouteName::to_string)
+                    .unwrap_or_default(),
+                a.error
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("cancelled")),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_primary_slow_to_its_first_token_loses_to_the_hedge_and_no_byte_of_it_is_served() {
+    let mock = MockProvider::start().await.expect("mock starts");
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        [Reply::openai_stream("gpt-4o", &["slow ", "primary"]).delay_head(SLOW)],
+    );
+    mock.script(
+        ScriptKey::model("backup"),
+        [Reply::openai_stream("backup", &["quick ", "backup"])],
+    );
+    let mut svc = ResilienceLayer::new(&policy(&mock))
+        .expect("valid")
+        .layer(client());
+    let served = send(&mut svc, request(&mock, true, Some("k-1"))).await;
+    assert_eq!(served.status, 200);
+    assert_eq!(served.route, "backup");
+    // The hedge started at the delay and answered at once: its head, at exactly one second.
+    assert_eq!(served.head_after, DELAY);
+    // Exactly one answer: the hedge's, every byte of it, none of the primary's.
+    assert!(served.body.contains("quick "), "{}", served.body);
+    assert!(served.body.contains("backup"), "{}", served.body);
+    assert!(!served.body.contains("slow"), "{}", served.body);
+    assert_eq!(served.body.matches("[DONE]").count(), 1, "{}", served.body);
+    assert_eq!(hedges(&served.log), [("backup".to_owned(), DELAY)]);
+    let mut seen = attempts(&served.log);
+    seen.sort();
+    assert_eq!(
+        seen,
+        [("backup".to_owned(), false), ("primary".to_owned(), true)],
+        "both attempts are in the log, the primary's as cancelled"
+    );
+    let models: Vec<_> = mock.requests().into_iter().map(|r| r.model).collect();
+    assert_eq!(
+        models,
+        [Some("gpt-4o".to_owned()), Some("backup".to_owned())]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_primary_that_answers_before_the_delay_is_never_hedged() {
+    let mock = MockProvider::start().await.expect("mock starts");
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        [Reply::openai_chat("gpt-4o", "on time").delay_head(Duration::from_millis(999))],
+    );
+    let mut svc = ResilienceLayer::new(&policy(&mock))
+        .expect("valid")
+        .layer(client());
+    let served = send(&mut svc, request(&mock, false, Some("k-2"))).await;
+    assert_eq!(served.route, "primary");
+    assert_eq!(served.head_after, Duration::from_millis(999));
+    assert!(hedges(&served.log).is_empty());
+    assert_eq!(mock.request_count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_hedge_for_a_request_that_is_not_safe_to_send_twice() {
+    let mock = MockProvider::start().await.expect("mock starts");
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        [Reply::openai_chat("gpt-4o", "late").delay_head(SLOW)],
+    );
+    let mut svc = ResilienceLayer::new(&policy(&mock))
+        .expect("valid")
+        .layer(client());
+    // A POST without an idempotency key (and a policy that sets none).
+    let served = send(&mut svc, request(&mock, false, None)).await;
+    assert_eq!(served.route, "primary");
+    assert_eq!(served.head_after, SLOW);
+    assert!(hedges(&served.log).is_empty());
+    assert_eq!(mock.request_count(), 1);
+
+    // The same request is safe once the policy sets a key on every request.
+    let mut p = policy(&mock);
+    p.idempotency.key_header = Some("idempotency-key".to_owned());
+    let mut svc = ResilienceLayer::new(&p).expect("valid").layer(client());
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        [Reply::openai_chat("gpt-4o", "late").delay_head(SLOW)],
+    );
+    let served = send(&mut svc, request(&mock, false, None)).await;
+    assert_eq!(served.route, "backup");
+    assert_eq!(served.head_after, DELAY);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_hedge_rate_cap_holds() {
+    let mock = MockProvider::start().await.expect("mock starts");
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        (0..6).map(|_| Reply::openai_chat("gpt-4o", "late").delay_head(Duration::from_secs(3))),
+    );
+    let mut p = policy(&mock);
+    p.hedge.max_fraction = 0.5;
+    let mut svc = ResilienceLayer::new(&p).expect("valid").layer(client());
+    let mut routes = Vec::new();
+    for i in 0..6 {
+        let served = send(&mut svc, request(&mock, false, Some(&format!("k-{i}")))).await;
+        routes.push(served.route);
+    }
+    // One hedge in hand at the start, then one for every two requests.
+    assert_eq!(
+        routes,
+        [
+            "backup", "primary", "backup", "primary", "backup", "primary"
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hedge_draws_on_the_retry_budget() {
+    let mock = MockProvider::start().await.expect("mock starts");
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        [Reply::openai_chat("gpt-4o", "late").delay_head(Duration::from_secs(3))],
+    );
+    let mut p = policy(&mock);
+    p.budget.retry_budget = RetryBudgetPolicy::Ratio {
+        ratio: 0.0,
+        min_per_sec: 0,
+        ttl: Duration::from_secs(10),
+    };
+    let mut svc = ResilienceLayer::new(&p).expect("valid").layer(client());
+    let served = send(&mut svc, request(&mock, false, Some("k"))).await;
+    assert_eq!(served.route, "primary");
+    assert_eq!(served.head_after, Duration::from_secs(3));
+    let denied: Vec<_> = served
+        .log
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e.kind, LocalEventKind::RetryBudgetDenied))
+        .map(|e| e.route.map(|r| r.to_string()))
+        .collect();
+    assert_eq!(denied, [Some("backup".to_owned())]);
+    assert_eq!(mock.request_count(), 1, "the hedge was never sent");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_same_route_hedge_races_the_route_against_itself() {
+    let mock = MockProvider::start().await.expect("mock starts");
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        [
+            Reply::openai_chat("gpt-4o", "first, slow").delay_head(SLOW),
+            Reply::openai_chat("gpt-4o", "second, quick"),
+        ],
+    );
+    let mut p = policy(&mock);
+    p.hedge.same_route = true;
+    p.fallback.routes.clear();
+    let mut svc = ResilienceLayer::new(&p).expect("valid").layer(client());
+    let served = send(&mut svc, request(&mock, false, Some("k"))).await;
+    assert_eq!(served.route, "primary");
+    assert_eq!(served.head_after, DELAY);
+    assert!(served.body.contains("second, quick"), "{}", served.body);
+    assert_eq!(hedges(&served.log), [("primary".to_owned(), DELAY)]);
+    assert_eq!(mock.request_count(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn when_one_attempt_fails_the_other_still_answers() {
+    let mock = MockProvider::start().await.expect("mock starts");
+    let mut p = policy(&mock);
+    // One attempt per route, so each side's failure is final for it.
+    p.retry.max_attempts = 1;
+    let mut svc = ResilienceLayer::new(&p).expect("valid").layer(client());
+
+    // The primary fails at 1.5 s, while the hedge (sent at 1 s) is still on its way: the
+    // hedge's answer at 2 s is served; the backup is not called a second time by a hop.
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        [Reply::openai_server_error().delay_head(Duration::from_millis(1500))],
+    );
+    mock.script(
+        ScriptKey::model("backup"),
+        [Reply::openai_chat("backup", "hedge").delay_head(Duration::from_secs(1))],
+    );
+    let served = send(&mut svc, request(&mock, false, Some("k-1"))).await;
+    assert_eq!(served.status, 200);
+    assert_eq!(served.route, "backup");
+    assert_eq!(served.head_after, Duration::from_secs(2));
+    assert_eq!(mock.request_count(), 2);
+
+    // The hedge fails at once while the primary is still on its way: the primary's answer
+    // at 3 s is served.
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        [Reply::openai_chat("gpt-4o", "primary").delay_head(Duration::from_secs(3))],
+    );
+    mock.script(ScriptKey::model("backup"), [Reply::openai_server_error()]);
+    let served = send(&mut svc, request(&mock, false, Some("k-2"))).await;
+    assert_eq!(served.status, 200);
+    assert_eq!(served.route, "primary");
+    assert_eq!(served.head_after, Duration::from_secs(3));
+    assert!(served.body.contains("primary"));
+    assert_eq!(mock.request_count(), 4);
+}
+
+#[test]
+fn hedging_is_off_in_the_presets() {
+    assert!(!Policy::interactive().hedge.enabled);
+    assert!(!Policy::batch().hedge.enabled);
+}
