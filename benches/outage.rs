@@ -56,6 +56,19 @@ fn main() {
             }
         }
     }
+    println!();
+    println!("Slow tail (latency is the time to the answer's head: its first token):");
+    println!();
+    println!("{}", sim::TABLE_HEADER);
+    let scenario = Scenario::slow_tail();
+    for setup in Setup::SLOW_TAIL {
+        let report = sim::run(setup, &scenario, &params);
+        println!("{}", sim::table_row(&scenario, setup, &report));
+        if let Some(out) = json.as_mut() {
+            writeln!(out, "{}", sim::json_row(&scenario, setup, &report))
+                .expect("OUTAGE_REPORT is writable");
+        }
+    }
     if let Some(mut out) = json {
         out.flush().expect("OUTAGE_REPORT is writable");
     }

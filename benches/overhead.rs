@@ -418,6 +418,28 @@ fn main() {
             .layer(bare())
     );
 
+    // Hedging on: each request arms its hedge's delay (a boxed timer) and keeps a copy to send
+    // again; the answer comes before the delay, so no hedge is sent.
+    let mut hedged = interactive();
+    hedged.hedge = tower_llm_resilience::policy::HedgePolicy::after(Duration::from_secs(10));
+    hedged.idempotency.key_header = Some("idempotency-key".to_owned());
+    bench!(
+        "ResilienceLayer (interactive, hedging on)",
+        ResilienceLayer::new(&hedged).expect("policy").layer(bare())
+    );
+
+    // A selection strategy on (one backup route): each request gets its order and its log
+    // the choice.
+    let mut selecting = interactive_with_backup();
+    selecting.fallback.selection.strategy =
+        tower_llm_resilience::policy::RouteStrategy::LowestLatency;
+    bench!(
+        "ResilienceLayer (interactive, lowest_latency over two routes)",
+        ResilienceLayer::new(&selecting)
+            .expect("policy")
+            .layer(bare())
+    );
+
     c.final_summary();
 
     let base = rows.first().map(|r| (r.ns, r.allocs)).unwrap_or_default();

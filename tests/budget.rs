@@ -657,6 +657,42 @@ mod with_recovery_layers {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_hedges_loser_keeps_its_reservation_for_what_it_may_have_cost() {
+        let mock = start().await;
+        mock.script(
+            ScriptKey::path("/v1/chat/completions"),
+            [Reply::openai_chat("m", "slow").delay_head(Duration::from_secs(20))],
+        );
+        mock.script(
+            ScriptKey::path("/backup/v1/chat/completions"),
+            [Reply::openai_chat("m", "Hello there friend")],
+        );
+        let (spend, svc) = spend_stack(&mock, 4, ChargeRule::ReportedOrReserved, |p| {
+            p.hedge = tower_llm_resilience::policy::HedgePolicy::after(Duration::from_secs(1));
+            p.idempotency.key_header = Some("idempotency-key".to_owned());
+        });
+        let resp = svc
+            .oneshot(chat_request(&mock.url(), "m", false))
+            .await
+            .expect("served");
+        assert_eq!(resp.headers()["x-llm-route"], "backup");
+        // While the answer is in hand both attempts' reservations are held: the primary's,
+        // made at admission, and the hedge's.
+        assert_eq!(
+            spend.status("team").await.expect("store"),
+            SpendStatus::new(0, 2 * PER_ATTEMPT)
+        );
+        resp.into_body().collect().await.expect("body");
+        // Settled: the winner at its reported usage, the cancelled primary — sent, so possibly
+        // billed — at its reservation.
+        let settled = spend.status("team").await.expect("store");
+        assert_eq!(settled.reserved, 0, "{settled:?}");
+        assert!(settled.spent > PER_ATTEMPT, "{settled:?}");
+        assert!(settled.spent < 2 * PER_ATTEMPT, "{settled:?}");
+        assert_eq!(mock.request_count(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_hop_the_cap_cannot_pay_for_passes_to_a_cheaper_route() {
         // Two backups: `pricey` costs a thousand times more than the cap has left, `backup`
         // what one attempt costs. The cap holds the primary's three attempts and one more.

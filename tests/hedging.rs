@@ -206,23 +206,25 @@ async fn the_hedge_rate_cap_holds() {
     let mock = MockProvider::start().await.expect("mock starts");
     mock.script(
         ScriptKey::model("gpt-4o"),
-        (0..6).map(|_| Reply::openai_chat("gpt-4o", "late").delay_head(Duration::from_secs(3))),
+        (0..24).map(|_| Reply::openai_chat("gpt-4o", "late").delay_head(Duration::from_secs(3))),
     );
     let mut p = policy(&mock);
-    p.hedge.max_fraction = 0.5;
+    p.hedge.max_fraction = 0.25;
     let mut svc = ResilienceLayer::new(&p).expect("valid").layer(client());
-    let mut routes = Vec::new();
-    for i in 0..6 {
+    let mut hedged = Vec::new();
+    for i in 0..24 {
         let served = send(&mut svc, request(&mock, false, Some(&format!("k-{i}")))).await;
-        routes.push(served.route);
+        if served.route == "backup" {
+            assert_eq!(served.head_after, DELAY);
+            hedged.push(i);
+        } else {
+            assert_eq!(served.head_after, Duration::from_secs(3));
+            assert!(hedges(&served.log).is_empty());
+        }
     }
-    // One hedge in hand at the start, then one for every two requests.
-    assert_eq!(
-        routes,
-        [
-            "backup", "primary", "backup", "primary", "backup", "primary"
-        ]
-    );
+    // Ten hedges in hand at the start (each request tops them up by a quarter, never above
+    // ten), then one for every four requests: every request slow, 15 of 24 hedged.
+    assert_eq!(hedged, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 16, 20]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -318,4 +320,36 @@ async fn when_one_attempt_fails_the_other_still_answers() {
 fn hedging_is_off_in_the_presets() {
     assert!(!Policy::interactive().hedge.enabled);
     assert!(!Policy::batch().hedge.enabled);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_delay_follows_the_routes_observed_times_to_first_token() {
+    let mock = MockProvider::start().await.expect("mock starts");
+    let mut p = policy(&mock);
+    p.hedge.delay = None;
+    p.hedge.percentile = 0.9;
+    p.hedge.min_samples = 10;
+    p.hedge.min_delay = Duration::from_millis(100);
+    p.hedge.max_delay = Duration::from_secs(5);
+    let mut svc = ResilienceLayer::new(&p).expect("valid").layer(client());
+    // Ten answers at 200 ms … 2 s: the 90th percentile is the ninth, 1.8 s.
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        (1..=10)
+            .map(|i| Reply::openai_chat("gpt-4o", "ok").delay_head(Duration::from_millis(i * 200)))
+            .chain([Reply::openai_chat("gpt-4o", "late").delay_head(SLOW)]),
+    );
+    for i in 0..10 {
+        let served = send(&mut svc, request(&mock, false, Some(&format!("k-{i}")))).await;
+        assert_eq!(served.route, "primary");
+        // Before ten observations the delay is the cap, 5 s: none of these is hedged.
+        assert!(hedges(&served.log).is_empty());
+    }
+    let served = send(&mut svc, request(&mock, false, Some("k-slow"))).await;
+    assert_eq!(served.route, "backup");
+    assert_eq!(
+        hedges(&served.log),
+        [("backup".to_owned(), Duration::from_millis(1800))]
+    );
+    assert_eq!(served.head_after, Duration::from_millis(1800));
 }

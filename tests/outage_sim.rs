@@ -182,3 +182,38 @@ fn a_report_row_is_a_json_object_with_the_documented_fields() {
     let r = sim::run(Setup::Interactive, &s, &Params::small());
     assert!(sim::json_row(&s, Setup::Interactive, &r)["back_on_primary_s"].is_null());
 }
+
+#[test]
+fn hedging_cuts_the_slow_tail_at_a_bounded_cost() {
+    let params = Params::small();
+    let s = Scenario::slow_tail();
+    let peers: Vec<Report> = PEERS.iter().map(|&p| sim::run(p, &s, &params)).collect();
+    for (off, on) in [
+        (Setup::Interactive, Setup::InteractiveHedged),
+        (Setup::InteractiveBackup, Setup::InteractiveBackupHedged),
+    ] {
+        let off = sim::run(off, &s, &params);
+        let r = sim::run(on, &s, &params);
+        assert_eq!(r.successes, r.logical, "{on}: {r:?}");
+        // The 99th percentile at least three times lower than without hedging and than
+        // every peer's...
+        assert!(
+            r.p99 * 3 <= off.p99,
+            "{on}: p99 {:?} vs {:?} off",
+            r.p99,
+            off.p99
+        );
+        for peer in &peers {
+            assert!(
+                r.p99 * 3 <= peer.p99,
+                "{on}: p99 {:?} vs {:?}",
+                r.p99,
+                peer.p99
+            );
+        }
+        // ...for at most 10 % more attempts per request than a peer's one each.
+        assert!(r.amplification() <= 1.10, "{on}: {}", r.amplification());
+        // The median is not made worse.
+        assert!(r.p50 <= off.p50, "{on}: p50 {:?} vs {:?}", r.p50, off.p50);
+    }
+}

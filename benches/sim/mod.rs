@@ -29,7 +29,7 @@ use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 use tower::util::BoxCloneService;
 use tower::{BoxError, Layer, Service, ServiceExt};
-use tower_llm_resilience::policy::RouteConfig;
+use tower_llm_resilience::policy::{HedgePolicy, RouteConfig};
 use tower_llm_resilience::{Policy, ResilienceLayer};
 
 type Req = Request<Full<Bytes>>;
@@ -56,6 +56,9 @@ pub enum Script {
         down: Duration,
         up: Duration,
     },
+    /// Never down, but each call is slow (its answer after `slow`) with probability `p`,
+    /// independently: the slow tail of a model API's bad day.
+    SlowTail { p: f64, slow: Duration },
 }
 
 impl Script {
@@ -64,6 +67,7 @@ impl Script {
     fn down_at(&self, t: Duration) -> Option<bool> {
         match *self {
             Script::Independent(_) => None,
+            Script::SlowTail { .. } => Some(false),
             Script::Outage { start, end } => Some(t >= start && t < end),
             Script::Flapping { start, down, up } => {
                 if t < start {
@@ -81,7 +85,7 @@ impl Script {
     pub fn windows(&self, duration: Duration) -> Vec<(Duration, Duration)> {
         match *self {
             Script::Independent(p) if p >= 1.0 => vec![(Duration::ZERO, duration)],
-            Script::Independent(_) => Vec::new(),
+            Script::Independent(_) | Script::SlowTail { .. } => Vec::new(),
             Script::Outage { start, end } => vec![(start, end.min(duration))],
             Script::Flapping { start, down, up } => {
                 let mut out = Vec::new();
@@ -133,6 +137,17 @@ impl Scenario {
             },
         });
         out
+    }
+
+    /// The slow-tail scenario: 5 % of primary calls take 20 s to their first token.
+    pub fn slow_tail() -> Scenario {
+        Scenario {
+            name: "slow tail: 5 % of calls 20 s".to_owned(),
+            script: Script::SlowTail {
+                p: 0.05,
+                slow: Duration::from_secs(20),
+            },
+        }
     }
 }
 
@@ -205,7 +220,11 @@ impl Provider {
                 } else {
                     state.ok_latency
                 };
-                (fail, uniform(&mut rng, range))
+                let latency = uniform(&mut rng, range);
+                match state.script {
+                    Script::SlowTail { p, slow } if !backup && rng.random_bool(p) => (fail, slow),
+                    _ => (fail, latency),
+                }
             };
             Box::pin(async move {
                 tokio::time::sleep(latency).await;
@@ -250,6 +269,12 @@ pub enum Setup {
     Interactive,
     /// The same with one (healthy) backup route.
     InteractiveBackup,
+    /// `Policy::interactive()` with hedging on at the policy's defaults (the 97th percentile
+    /// of time to first token, at most 10 % of requests), one route: the hedge goes to the same
+    /// route.
+    InteractiveHedged,
+    /// The same with one backup route: the hedge goes to the backup.
+    InteractiveBackupHedged,
 }
 
 impl Setup {
@@ -262,6 +287,18 @@ impl Setup {
         Setup::Interactive,
         Setup::InteractiveBackup,
     ];
+
+    /// The setups of the slow-tail report: every one above, then hedging on.
+    pub const SLOW_TAIL: [Setup; 8] = [
+        Setup::FixedRetries,
+        Setup::TowerRetry,
+        Setup::TowerRetryBudget,
+        Setup::TowerResilienceRetry,
+        Setup::Interactive,
+        Setup::InteractiveBackup,
+        Setup::InteractiveHedged,
+        Setup::InteractiveBackupHedged,
+    ];
 }
 
 impl fmt::Display for Setup {
@@ -273,6 +310,8 @@ impl fmt::Display for Setup {
             Setup::TowerResilienceRetry => "tower-resilience retry",
             Setup::Interactive => "this crate, interactive",
             Setup::InteractiveBackup => "this crate, interactive + backup route",
+            Setup::InteractiveHedged => "this crate, interactive + hedge (same route)",
+            Setup::InteractiveBackupHedged => "this crate, interactive + backup route + hedge",
         })
     }
 }
@@ -402,10 +441,26 @@ fn client(setup: Setup, provider: &Provider, seed: u64) -> Client {
                 .and_then(drain)
                 .boxed_clone()
         }
-        Setup::Interactive | Setup::InteractiveBackup => {
+        Setup::Interactive
+        | Setup::InteractiveBackup
+        | Setup::InteractiveHedged
+        | Setup::InteractiveBackupHedged => {
             let mut policy = Policy::interactive();
             policy.retry.seed = Some(seed);
-            if setup == Setup::InteractiveBackup {
+            if matches!(
+                setup,
+                Setup::InteractiveHedged | Setup::InteractiveBackupHedged
+            ) {
+                policy.hedge = HedgePolicy::default();
+                policy.hedge.enabled = true;
+                policy.hedge.same_route = setup == Setup::InteractiveHedged;
+                // A chat POST is hedged only with an idempotency key.
+                policy.idempotency.key_header = Some("idempotency-key".to_owned());
+            }
+            if matches!(
+                setup,
+                Setup::InteractiveBackup | Setup::InteractiveBackupHedged
+            ) {
                 policy.fallback.routes.push(
                     RouteConfig::new("backup")
                         .base_url(format!("https://{BACKUP_HOST}/v1"))

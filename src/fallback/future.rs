@@ -588,7 +588,15 @@ where
     /// a route below (a hedge per request, never for an in-process route).
     fn arm_hedge(&mut self) -> Option<BoxedHedge<S::Future, B>> {
         let hedger = self.config.hedger.as_ref()?;
-        if self.hedged || self.template.is_none() {
+        if self.hedged {
+            return None;
+        }
+        // Sent twice, the request must be harmless twice.
+        let original = self.template.as_ref()?.request();
+        let safe = original.method().is_idempotent()
+            || hedger.key_header.is_some()
+            || original.headers().contains_key("idempotency-key");
+        if !safe {
             return None;
         }
         self.hedged = true;
@@ -685,14 +693,6 @@ where
     ) -> Option<(Planned<B>, Option<StoreFuture<Result<(), SpendDenied>>>)> {
         let hedger = self.config.hedger.clone()?;
         let template = self.template.as_ref()?;
-        let original = template.request();
-        // Sent twice, the request must be harmless twice.
-        let safe = original.method().is_idempotent()
-            || hedger.key_header.is_some()
-            || original.headers().contains_key("idempotency-key");
-        if !safe {
-            return None;
-        }
         // A failure so far that no route may be switched for is not hidden behind a hedge.
         let deterministic = self.ctx.log().attempts().iter().any(|a| {
             a.class

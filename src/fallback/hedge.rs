@@ -19,13 +19,17 @@ use crate::store::StoreFuture;
 /// Times to first token kept per route for the percentile.
 const SAMPLES: usize = 256;
 
+/// The most hedges in hand (and at the start).
+const RESERVE: f64 = 10.0;
+
 /// What every request of a chain shares about hedging.
 pub(crate) struct Hedger {
     pub(crate) policy: HedgePolicy,
     /// Recent times to first token per route (0 is the primary), oldest first.
     samples: Vec<Mutex<VecDeque<Duration>>>,
-    /// Hedges in hand: each request adds `max_fraction`, each hedge takes one, never above
-    /// one in reserve, so that hedges stay a fraction of requests even in a slow spell.
+    /// Hedges in hand: each request adds `max_fraction`, each hedge takes one, never more
+    /// than [`RESERVE`] in hand, so that hedges stay a fraction of requests even in a slow
+    /// spell while a few slow requests close together are all hedged.
     tokens: Mutex<f64>,
     /// The idempotency header the policy sets on every request, if it sets one.
     pub(crate) key_header: Option<http::HeaderName>,
@@ -42,7 +46,7 @@ impl Hedger {
             samples: (0..routes)
                 .map(|_| Mutex::new(VecDeque::with_capacity(SAMPLES)))
                 .collect(),
-            tokens: Mutex::new(1.0),
+            tokens: Mutex::new(RESERVE),
             key_header,
         }
     }
@@ -50,7 +54,7 @@ impl Hedger {
     /// A request arrived: it adds its fraction of a hedge.
     pub(crate) fn deposit(&self) {
         let mut t = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-        *t = (*t + self.policy.max_fraction).min(1.0);
+        *t = (*t + self.policy.max_fraction).min(RESERVE);
     }
 
     /// Takes one hedge, if one is in hand.
@@ -178,6 +182,7 @@ mod tests {
         let mut p = HedgePolicy {
             enabled: true,
             min_samples: 10,
+            percentile: 0.95,
             ..HedgePolicy::default()
         };
         p.min_delay = Duration::from_millis(100);
@@ -216,13 +221,14 @@ mod tests {
             ..HedgePolicy::after(Duration::from_secs(1))
         });
         let mut hedged = Vec::new();
-        for i in 0..12 {
+        for i in 0..24 {
             h.deposit();
             if h.take() {
                 hedged.push(i);
             }
         }
-        // One in reserve at the start, then one per four requests.
-        assert_eq!(hedged, [0, 4, 8]);
+        // Ten in reserve at the start (the deposits top it up, never above ten), then one
+        // per four requests.
+        assert_eq!(hedged, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 16, 20]);
     }
 }

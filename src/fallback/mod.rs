@@ -63,6 +63,18 @@
 //! the route tried first. The order and why its first route leads are logged
 //! (`LocalEventKind::RouteChosen`). A stream's continuation still follows the written order.
 //!
+//! # Hedging
+//!
+//! With `[hedge]` on ([`HedgePolicy`](crate::policy::HedgePolicy), built by
+//! [`FallbackLayer::from_policy`]), a request whose first attempt has not reached its commit
+//! point after the delay (fixed, or the route's percentile of time to first token) gets one more
+//! attempt, on the next route of its order or on the same route. The first to answer with a
+//! success is served; the other is cancelled before any byte of it reaches the caller and
+//! recorded as a cancelled attempt; when one fails, the other runs on. Hedges are a bounded
+//! fraction of requests, withdraw from the retry budget, reserve their spend, and are never
+//! sent for a request that is not safe to send twice (a non-idempotent method without an
+//! idempotency key) or after a failure no route may be switched for.
+//!
 //! A route marked `in_process` is served by a tower service given with
 //! [`FallbackLayer::route_service`] — a rule-based answer as the chain's last tier, say —
 //! with the route's rewritten request, body in memory and credential headers removed.
