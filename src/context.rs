@@ -283,6 +283,9 @@ pub(crate) struct State {
     pub(crate) fallback_available: bool,
     pub(crate) spend: Option<SpendGate>,
     pub(crate) pacer: Option<Arc<Pacer>>,
+    /// Admission found no room in the primary's rate-limit bucket and took this backup's:
+    /// the backup, and when the primary has room again.
+    pub(crate) rerouted: Option<(RouteName, Duration)>,
     /// What the log's owner noted for the request's end, when it reports metrics or alerts.
     pub(crate) observed: Option<Noted>,
     /// When the attempt in flight was handed inward, and the log's attempt count then: the
@@ -333,6 +336,7 @@ impl RequestContext {
             fallback_available: ext.get::<FallbackAvailable>().is_some(),
             spend: ext.get::<SpendGate>().cloned(),
             pacer: None,
+            rerouted: None,
             observed: None,
             sent: Some((0, now)),
         };

@@ -1208,3 +1208,122 @@ mod pacing_across_routes {
         assert_eq!(mock.request_count() - backup_calls(&mock), 2);
     }
 }
+
+/// A client-side rate limit per route with a backup: a request whose primary bucket is empty is
+/// admitted on the backup's instead of being queued or turned away.
+mod local_rate_limit_across_routes {
+    use super::*;
+    use tower_llm_resilience::ResilienceLayer;
+    use tower_llm_resilience::policy::{Policy, RateLimitPolicy, RouteConfig};
+
+    fn policy(mock: &MockProvider, backups: usize) -> Policy {
+        let mut policy = Policy::interactive();
+        policy.retry.max_attempts = 1;
+        let mut rate = RateLimitPolicy::default();
+        rate.requests_per_second = Some(1.0);
+        rate.burst = 1;
+        policy.budget.rate_limit = Some(rate);
+        policy.fallback.routes = (0..backups)
+            .map(|i| {
+                RouteConfig::new(format!("backup-{i}"))
+                    .base_url(format!("{}/backup-{i}", mock.url()))
+                    .model(format!("backup-{i}"))
+            })
+            .collect();
+        policy
+    }
+
+    fn routes(mock: &MockProvider) -> Vec<String> {
+        mock.requests()
+            .into_iter()
+            .map(|r| r.model.unwrap_or_default())
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_primary_bucket_sends_the_request_to_a_backup_with_room() {
+        let mock = start().await;
+        for m in ["gpt-4o", "backup-0", "backup-1"] {
+            mock.script(
+                ScriptKey::model(m),
+                (0..4).map(|_| Reply::openai_chat(m, "ok")),
+            );
+        }
+        let svc = ResilienceLayer::new(&policy(&mock, 2))
+            .expect("policy")
+            .layer(client());
+        let send = || {
+            let mut req = chat_request(&mock.url(), "gpt-4o", false);
+            let log = AttemptLog::new();
+            req.extensions_mut().insert(log.clone());
+            let svc = svc.clone();
+            async move { (svc.oneshot(req).await, log) }
+        };
+        // Three requests at the same instant: the primary's bucket holds one, each backup's
+        // one; the clock does not move.
+        let start = Instant::now();
+        let mut served = Vec::new();
+        for _ in 0..3 {
+            let (out, log) = send().await;
+            let resp = out.expect("served");
+            served.push(
+                resp.headers()["x-llm-route"]
+                    .to_str()
+                    .expect("ascii")
+                    .to_owned(),
+            );
+            resp.into_body().collect().await.expect("body");
+            if served.len() > 1 {
+                let limited: Vec<_> = log
+                    .events()
+                    .into_iter()
+                    .filter(|e| matches!(e.kind, LocalEventKind::RateLimited { .. }))
+                    .map(|e| e.route.map(|r| r.to_string()))
+                    .collect();
+                assert_eq!(limited, [Some("primary".to_owned())], "{log}");
+            }
+        }
+        assert_eq!(start.elapsed(), Duration::ZERO, "nothing waited");
+        assert_eq!(served, ["primary", "backup-0", "backup-1"]);
+        assert_eq!(routes(&mock), ["gpt-4o", "backup-0", "backup-1"]);
+
+        // Every bucket empty: the interactive preset turns the fourth away at once, with the
+        // primary's time to room.
+        let (out, _) = send().await;
+        let Err(err) = out else {
+            panic!("admitted with every bucket empty")
+        };
+        assert!(
+            matches!(err.kind(), ErrorKind::RateLimited { retry_in } if *retry_in <= Duration::from_secs(1)),
+            "{err}"
+        );
+        assert_eq!(mock.request_count(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_backup_the_request_is_turned_away_as_before() {
+        let mock = start().await;
+        mock.script(
+            ScriptKey::model("gpt-4o"),
+            (0..2).map(|_| Reply::openai_chat("gpt-4o", "ok")),
+        );
+        let svc = ResilienceLayer::new(&policy(&mock, 0))
+            .expect("policy")
+            .layer(client());
+        let first = svc
+            .clone()
+            .oneshot(chat_request(&mock.url(), "gpt-4o", false))
+            .await
+            .expect("served");
+        assert_eq!(first.status(), 200);
+        let second = svc
+            .clone()
+            .oneshot(chat_request(&mock.url(), "gpt-4o", false))
+            .await;
+        assert!(matches!(
+            second.map_err(|e| e.kind().clone()),
+            Err(ErrorKind::RateLimited { .. })
+        ));
+        assert_eq!(mock.request_count(), 1);
+    }
+}

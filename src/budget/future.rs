@@ -405,6 +405,14 @@ impl Admission {
         };
         let admitted_now = ready!(waiter.poll_admit(cx));
         let queued = waiter.joined().then(|| waiter.waited());
+        if let Some((backup, retry_in)) = waiter.rerouted() {
+            // The primary's bucket had no room and this backup's had: the fallback layer
+            // sends the request there without calling the primary.
+            let (backup, retry_in) = (backup.clone(), *retry_in);
+            admitted
+                .ctx
+                .write(|v| v.rerouted = Some((backup, retry_in)));
+        }
         self.waiter = None;
         if let Some(waited) = queued {
             let route = Some(admitted.route.clone());

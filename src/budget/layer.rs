@@ -7,7 +7,7 @@ use tower_layer::Layer;
 
 use super::Budget;
 use super::estimate::{DefaultEstimator, SharedEstimator, TokenEstimator};
-use super::rate_limit::{Gate, RateConfig};
+use super::rate_limit::{Buckets, Gate, RateConfig};
 use super::spend::{SpendConfig, SpendHandle};
 use super::store::{BudgetStore, MemoryStore};
 use crate::RouteName;
@@ -16,6 +16,7 @@ use crate::defer::{DeferConfig, DeferSink};
 use crate::observe::Observer;
 use crate::policy::{
     AdmissionMode, BudgetPolicy, DeferPolicy, FallbackRule, LoggingPolicy, Policy, PolicyError,
+    RateKey,
 };
 use crate::retry_budget::RetryBudget;
 
@@ -57,6 +58,9 @@ pub(crate) struct Shared {
     key_header: Option<String>,
     /// The primary and the backups a request for a paused primary may go to instead.
     pace_around: Option<(RouteName, Vec<RouteName>)>,
+    /// The primary and its backups' rate-limit buckets (key, route): a request for the primary
+    /// whose bucket has no room is admitted on a backup's that has.
+    pub(crate) rate_around: Option<(RouteName, Buckets)>,
 }
 
 /// How long a request's reservations live unless settled: its deadline plus a margin (an hour
@@ -117,6 +121,7 @@ impl BudgetLayer {
             workflow: String::new(),
             key_header: None,
             pace_around: None,
+            rate_around: None,
         };
         shared.rebuild_gate();
         Ok(Self {
@@ -153,6 +158,20 @@ impl BudgetLayer {
         shared.key_header = policy.idempotency.key_header.clone();
         let hops_on_rate_limits = policy.fallback.max_hops > 0
             && policy.actions.get(FailureClass::RateLimited).fallback == FallbackRule::Yes;
+        let keyed_by_route = policy
+            .budget
+            .rate_limit
+            .as_ref()
+            .is_some_and(|r| r.key == RateKey::Route);
+        if keyed_by_route && hops_on_rate_limits && !policy.fallback.routes.is_empty() {
+            let buckets = policy
+                .fallback
+                .routes
+                .iter()
+                .map(|r| (format!("route:{}", r.name), RouteName::new(&r.name)))
+                .collect();
+            shared.rate_around = Some((RouteName::new(&policy.fallback.primary), buckets));
+        }
         if policy.budget.pacing && hops_on_rate_limits && !policy.fallback.routes.is_empty() {
             let backups = policy
                 .fallback

@@ -109,6 +109,9 @@ struct Line {
     head_ready_at: Option<Instant>,
 }
 
+/// Rate-limit buckets of routes: each one's key and route.
+pub(crate) type Buckets = Arc<[(String, RouteName)]>;
+
 /// What a request asks of the gate.
 #[derive(Debug, Clone)]
 pub(crate) struct Ask {
@@ -119,9 +122,16 @@ pub(crate) struct Ask {
     pub(crate) route: RouteName,
     pub(crate) demands: Vec<RateDemand>,
     pub(crate) deadline: Option<Instant>,
+    /// Backups (bucket key, route) the request may be admitted on instead when its own
+    /// route's bucket has no room and it found no line: the fallback layer then sends it there
+    /// at once rather than the request waiting or being turned away.
+    pub(crate) backups: Option<Buckets>,
 }
 
 /// The gate's answer.
+// Returned once and taken apart at once: boxing the waiter would allocate for every request
+// a shared store answers later.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Admit {
     Now,
     Refused(Refusal),
@@ -194,9 +204,19 @@ impl Gate {
     ) -> Admit {
         match answer {
             Ok(()) => Admit::Now,
+            Err(StoreRefusal::Rate(retry_in)) if ask.backups.is_some() => {
+                // A backup's bucket may have room: the waiter asks them in turn.
+                Admit::Queued(Waiter::around(self.clone(), ask, retry_in, now))
+            }
             Err(StoreRefusal::Rate(retry_in)) => self.enqueue(ask, Some(retry_in), now),
             Err(other) => Admit::Refused(unavailable(other)),
         }
+    }
+
+    /// Asks backup `i`'s bucket for the request's demands.
+    fn take_backup(&self, ask: &Ask, i: usize) -> Option<StoreFuture<Result<(), StoreRefusal>>> {
+        let (key, _) = ask.backups.as_deref()?.get(i)?;
+        Some(self.store.take(key, &ask.demands))
     }
 
     /// Puts the request at the back of its line, or refuses it: in reject mode, with a full
@@ -296,6 +316,30 @@ pub(crate) struct Waiter {
     since: Instant,
     sleep: Option<Pin<Box<Sleep>>>,
     done: bool,
+    /// Asking the backups' buckets, after the request's own route had no room (boxed: the
+    /// rarer path keeps the common waiter small).
+    around: Option<Box<Around>>,
+    /// The backup it was admitted on, if it was.
+    rerouted: Option<(RouteName, Duration)>,
+}
+
+/// Where the asking of the backups' buckets stands.
+struct Around {
+    /// When the request's own route has room again.
+    retry_in: Duration,
+    /// The backup asked now.
+    next: usize,
+    taking: Option<StoreFuture<Result<(), StoreRefusal>>>,
+}
+
+impl Around {
+    fn new(retry_in: Duration) -> Self {
+        Self {
+            retry_in,
+            next: 0,
+            taking: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for Waiter {
@@ -322,6 +366,23 @@ impl Waiter {
             since: now,
             sleep: None,
             done: false,
+            around: None,
+            rerouted: None,
+        }
+    }
+
+    /// A request whose own route had no room, asking the backups' buckets before it waits.
+    fn around(gate: Arc<Gate>, ask: Ask, retry_in: Duration, now: Instant) -> Self {
+        Self {
+            gate,
+            ask,
+            place: None,
+            taking: None,
+            since: now,
+            sleep: None,
+            done: false,
+            around: Some(Box::new(Around::new(retry_in))),
+            rerouted: None,
         }
     }
 
@@ -334,6 +395,8 @@ impl Waiter {
             since: now,
             sleep: None,
             done: false,
+            around: None,
+            rerouted: None,
         }
     }
 
@@ -351,6 +414,42 @@ impl Waiter {
 
     /// Ready with how long it waited once admitted, or with the refusal.
     pub(crate) fn poll_admit(&mut self, cx: &mut Context<'_>) -> Poll<Result<Duration, Refusal>> {
+        if let Some(around) = self.around.as_mut() {
+            loop {
+                if around.taking.is_none() {
+                    match self.gate.take_backup(&self.ask, around.next) {
+                        Some(take) => around.taking = Some(take),
+                        None => {
+                            // No backup had room: the request waits for its own route.
+                            let retry_in = around.retry_in;
+                            self.around = None;
+                            match self.gate.join(&self.ask, Some(retry_in), Instant::now()) {
+                                Ok(place) => self.place = Some(place),
+                                Err(refusal) => return self.leave(Err(refusal)),
+                            }
+                            break;
+                        }
+                    }
+                }
+                let Some(take) = around.taking.as_mut() else {
+                    break;
+                };
+                let answer = ready!(Pin::new(take).poll(cx));
+                around.taking = None;
+                match answer {
+                    Ok(()) => {
+                        let backups = self.ask.backups.as_deref().unwrap_or_default();
+                        let route = backups.get(around.next).map(|(_, r)| r.clone());
+                        let retry_in = around.retry_in;
+                        self.around = None;
+                        self.rerouted = route.map(|r| (r, retry_in));
+                        return self.leave(Ok(Duration::ZERO));
+                    }
+                    // A backup with no room, or whose store cannot answer: the next one.
+                    Err(_) => around.next += 1,
+                }
+            }
+        }
         loop {
             if let Some(take) = self.taking.as_mut() {
                 let answer = ready!(Pin::new(take).poll(cx));
@@ -437,6 +536,11 @@ impl Waiter {
     pub(crate) fn joined(&self) -> bool {
         self.place.is_some()
     }
+
+    /// The backup the request was admitted on, with when its own route has room again.
+    pub(crate) fn rerouted(&self) -> Option<&(RouteName, Duration)> {
+        self.rerouted.as_ref()
+    }
 }
 
 fn refusal_of(place: Place, retry_in: Duration) -> Refusal {
@@ -489,6 +593,7 @@ mod tests {
                 1,
             )],
             deadline: None,
+            backups: None,
         }
     }
 

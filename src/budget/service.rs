@@ -191,12 +191,17 @@ impl<S> Budget<S> {
             Some(r) => r.demands(tokens),
             None => Vec::new(),
         };
+        let backups = match (&self.shared.rate_around, key.starts_with("route:")) {
+            (Some((primary, buckets)), true) if primary == route => Some(buckets.clone()),
+            _ => None,
+        };
         Ask {
             line: format!("{key}|{route}"),
             key,
             route: route.clone(),
             demands,
             deadline: admitted.deadline,
+            backups,
         }
     }
 }

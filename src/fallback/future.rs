@@ -1023,6 +1023,10 @@ impl<S, B: ReplayBody> Chain<S, B> {
     /// open circuit does, and the chain hops. `None`: the primary is called (the budget layer's
     /// admission is where a request waits for a paused route with no backup).
     fn around_paused_primary(&mut self) -> Option<Step> {
+        // Admission took a backup's rate-limit bucket, the primary's having no room.
+        if let Some((backup, retry_in)) = self.ctx.read(|v| v.rerouted.clone()) {
+            return self.around_limited_primary(&backup, retry_in);
+        }
         let pacer = self.ctx.pacer()?;
         let retry_in = pacer.remaining(&self.config.primary)?;
         if self.config.actions.get(FailureClass::RateLimited).fallback != FallbackRule::Yes
@@ -1038,6 +1042,33 @@ impl<S, B: ReplayBody> Chain<S, B> {
             .any(|r| self.eligible(r) && pacer.remaining(&r.name).is_none());
         if !room {
             return None;
+        }
+        let primary = Some(self.config.primary.clone());
+        self.ctx
+            .log()
+            .event(primary, LocalEventKind::RateLimited { retry_in });
+        self.sent = Some(self.ctx.send());
+        let error = Error::new(ErrorKind::RateLimited { retry_in });
+        let class = Some(FailureClass::RateLimited);
+        Some(self.after_failure(Failure::Error(error), class, false, None))
+    }
+
+    /// The first step when admission found the primary's local rate limit full and admitted
+    /// the request on `backup`'s bucket: the primary fails without a call, as a paused one
+    /// does, and the chain hops. `None` (the primary is called after all) when no hop is
+    /// possible.
+    fn around_limited_primary(&mut self, backup: &RouteName, retry_in: Duration) -> Option<Step> {
+        if self.config.policy.max_hops == 0 || self.template.is_none() {
+            return None;
+        }
+        // The backup admission took, first: it is the one whose capacity the request holds.
+        if let Some(i) = self.config.routes.iter().position(|r| r.name == *backup) {
+            if self.eligible(&self.config.routes[i]) && i > 0 {
+                self.order = std::iter::once(0)
+                    .chain(std::iter::once(i + 1))
+                    .chain((1..=self.config.routes.len()).filter(|&j| j != i + 1))
+                    .collect();
+            }
         }
         let primary = Some(self.config.primary.clone());
         self.ctx
