@@ -266,6 +266,9 @@ fn policy(commit: CommitPoint, consecutive_failures: u32) -> Policy {
     ];
     let mut rate = RateLimitPolicy::default();
     rate.requests_per_second = Some(1.0);
+    // One bucket for every route: a full one sends the request into the queue, not to the
+    // backup's bucket.
+    rate.key = tower_llm_resilience::policy::RateKey::Owner;
     rate.burst = 1;
     p.budget.rate_limit = Some(rate);
     p.budget.admission = AdmissionMode::Queue {

@@ -353,3 +353,33 @@ async fn the_delay_follows_the_routes_observed_times_to_first_token() {
     );
     assert_eq!(served.head_after, Duration::from_millis(1800));
 }
+
+#[tokio::test(start_paused = true)]
+async fn no_hedge_after_a_failure_no_route_may_be_switched_for_freely() {
+    let mock = MockProvider::start().await.expect("mock starts");
+    let mut p = policy(&mock);
+    p.fallback.routes = vec![
+        RouteConfig::new("large")
+            .base_url(format!("{}/large", mock.url()))
+            .model("large")
+            .larger_context(),
+    ];
+    let mut svc = ResilienceLayer::new(&p).expect("valid").layer(client());
+    // The primary's context is too small (a deterministic failure, at 0.5 s); the chain goes
+    // to the larger route, which is slow to its first token. No hedge is started for it: the
+    // request's one hedge belonged to its first attempt, and that attempt failed for good.
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        [Reply::openai_context_length().delay_head(Duration::from_millis(500))],
+    );
+    mock.script(
+        ScriptKey::model("large"),
+        [Reply::openai_chat("large", "long answer").delay_head(Duration::from_secs(5))],
+    );
+    let served = send(&mut svc, request(&mock, false, Some("k"))).await;
+    assert_eq!(served.status, 200);
+    assert_eq!(served.route, "large");
+    assert_eq!(served.head_after, Duration::from_millis(5500));
+    assert!(hedges(&served.log).is_empty(), "{:?}", served.log);
+    assert_eq!(mock.request_count(), 2);
+}

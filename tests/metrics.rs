@@ -410,6 +410,9 @@ fn refusals_are_counted_by_reason() {
         };
         let mut rate = RateLimitPolicy::default();
         rate.requests_per_second = Some(1.0);
+        // One bucket for every route: the second request queues rather than going to the
+        // backup's bucket.
+        rate.key = tower_llm_resilience::policy::RateKey::Owner;
         p.budget.rate_limit = Some(rate);
         send(p).await;
         let s = Snap::take(&metrics);

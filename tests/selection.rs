@@ -38,7 +38,7 @@ fn script(mock: &MockProvider, model: &str, head: Duration, n: usize) {
     );
 }
 
-/// Sends one request through `svc`: the route that served it and the request's log.
+/// Sends one chat request through `svc`: the route that served it and the request's log.
 async fn send<S>(svc: &mut S, mock: &MockProvider) -> (String, AttemptLog)
 where
     S: Service<
@@ -47,7 +47,18 @@ where
             Error = tower_llm_resilience::Error,
         >,
 {
-    let mut req = chat_request(&mock.url(), "gpt-4o", false);
+    send_request(svc, chat_request(&mock.url(), "gpt-4o", false)).await
+}
+
+/// Sends `req` through `svc`: the route that served it and the request's log.
+async fn send_request<S>(svc: &mut S, mut req: http::Request<Full<Bytes>>) -> (String, AttemptLog)
+where
+    S: Service<
+            http::Request<Full<Bytes>>,
+            Response = http::Response<tower_llm_resilience::Body>,
+            Error = tower_llm_resilience::Error,
+        >,
+{
     let log = AttemptLog::new();
     req.extensions_mut().insert(log.clone());
     let resp = svc
@@ -353,16 +364,8 @@ async fn a_strategy_still_skips_a_route_the_request_cannot_use() {
     let body = r#"{"model":"gpt-4o","max_tokens":100,"tools":[{"type":"function","function":{"name":"f"}}],"messages":[{"role":"user","content":"call f"}]}"#;
     let mut req = chat_request(&mock.url(), "gpt-4o", false);
     *req.body_mut() = Full::new(Bytes::from(body));
-    let log = AttemptLog::new();
-    req.extensions_mut().insert(log.clone());
-    let resp = svc
-        .ready()
-        .await
-        .expect("ready")
-        .call(req)
-        .await
-        .expect("served");
-    assert_eq!(resp.headers()["x-llm-route"], "mid");
+    let (route, log) = send_request(&mut svc, req).await;
+    assert_eq!(route, "mid");
     let skipped: Vec<_> = log
         .events()
         .into_iter()

@@ -320,11 +320,7 @@ where
         loop {
             let step = match this.state {
                 State::Calling => {
-                    let out = match poll_attempts(this.call.as_mut(), this.hedge, chain, cx) {
-                        Poll::Ready(out) => out,
-                        Poll::Pending => return Poll::Pending,
-                    };
-                    match out {
+                    match ready!(poll_attempts(this.call.as_mut(), this.hedge, chain, cx)) {
                         Ok(response) => {
                             let future = chain.classify(response);
                             *this.state = State::Classifying { future };
@@ -464,14 +460,11 @@ where
                     continue;
                 }
                 // The hedge is the chain's attempt from here.
-                let lane = h.as_mut().project().lane.take();
                 if call.is_some() {
                     chain.cancel_attempt();
                     call.set(None);
-                    chain.take_lane(lane);
-                } else if let Some(lane) = lane {
-                    chain.take_lane(Some(lane));
                 }
+                chain.take_lane(h.as_mut().project().lane.take());
                 *hedge = None;
                 return Poll::Ready(out);
             }
