@@ -508,11 +508,15 @@ impl<S, B> Chain<S, B> {
     /// Takes the strategy's order for the request, and logs it with why its first route
     /// leads. A backup it puts first is reached like a hop, from the template.
     pub(crate) fn follow(&mut self, choice: Choice) {
-        self.record_choice(&choice);
-        if choice.leads_elsewhere() && self.template.is_some() {
+        if choice.leads_elsewhere() {
+            if self.template.is_none() {
+                // Nothing to make a backup's request from: the caller's goes to the primary.
+                return;
+            }
             self.choosing = true;
             self.scan_from = 0;
         }
+        self.record_choice(&choice);
         self.order = choice.order;
     }
 
