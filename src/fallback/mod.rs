@@ -92,6 +92,9 @@
 //! With a `BudgetLayer` outside whose policy turns `pacing` on, each route's answer reports its
 //! rate-limit headers to it, and a route the provider announced as exhausted until a reset is
 //! passed over until then (`LocalEventKind::RateLimited` with the time left, for that route).
+//! Likewise, when that layer's client-side rate limit (keyed by route) has no room for the
+//! primary but has for a backup, admission takes the backup's capacity and this layer sends the
+//! request there first, without calling the primary.
 //!
 //! When the request carries a [`SpendGate`](crate::context::SpendGate) (`BudgetLayer` with a
 //! spend cap puts one in), each hop then reserves the estimated maximum cost of the next
