@@ -355,7 +355,7 @@ async fn the_delay_follows_the_routes_observed_times_to_first_token() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn no_hedge_after_a_failure_no_route_may_be_switched_for_freely() {
+async fn no_hedge_once_the_first_attempt_has_failed_for_good() {
     let mock = MockProvider::start().await.expect("mock starts");
     let mut p = policy(&mock);
     p.fallback.routes = vec![
@@ -382,4 +382,122 @@ async fn no_hedge_after_a_failure_no_route_may_be_switched_for_freely() {
     assert_eq!(served.head_after, Duration::from_millis(5500));
     assert!(hedges(&served.log).is_empty(), "{:?}", served.log);
     assert_eq!(mock.request_count(), 2);
+}
+
+/// A store that answers every ask a little later, as one shared between replicas does.
+struct LaterStore {
+    inner: tower_llm_resilience::budget::store::MemoryStore,
+    after: Duration,
+}
+
+mod later_store {
+    use super::LaterStore;
+    use std::time::Duration;
+    use tower_llm_resilience::budget::store::{
+        BudgetStore, Lease, RateDemand, Refusal, SpendStatus, StoreFuture,
+    };
+
+    fn later<T: Send + 'static>(after: Duration, f: StoreFuture<T>) -> StoreFuture<T> {
+        StoreFuture::new(async move {
+            tokio::time::sleep(after).await;
+            f.await
+        })
+    }
+
+    impl BudgetStore for LaterStore {
+        fn reserve(
+            &self,
+            owner: &str,
+            lease: Lease,
+            amount: u64,
+            cap: u64,
+            window: Duration,
+        ) -> StoreFuture<Result<(), Refusal>> {
+            later(
+                self.after,
+                self.inner.reserve(owner, lease, amount, cap, window),
+            )
+        }
+        fn release(&self, owner: &str, lease: Lease, amount: u64, window: Duration) {
+            self.inner.release(owner, lease, amount, window);
+        }
+        fn settle(&self, owner: &str, lease: Lease, reserved: u64, charged: u64, window: Duration) {
+            self.inner.settle(owner, lease, reserved, charged, window);
+        }
+        fn adjust(&self, owner: &str, refund: u64, charge: u64, window: Duration) {
+            self.inner.adjust(owner, refund, charge, window);
+        }
+        fn status(
+            &self,
+            owner: &str,
+            window: Duration,
+        ) -> StoreFuture<Result<SpendStatus, Refusal>> {
+            later(self.after, self.inner.status(owner, window))
+        }
+        fn take(&self, key: &str, demands: &[RateDemand]) -> StoreFuture<Result<(), Refusal>> {
+            later(self.after, self.inner.take(key, demands))
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hedge_waits_for_a_shared_stores_reservation_then_races() {
+    let mock = MockProvider::start().await.expect("mock starts");
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        [Reply::openai_chat("gpt-4o", "late").delay_head(SLOW)],
+    );
+    mock.script(
+        ScriptKey::model("backup"),
+        [Reply::openai_chat("backup", "hedge")],
+    );
+    let mut p = policy(&mock);
+    let mut spend = tower_llm_resilience::policy::SpendPolicy::default();
+    spend.cap = 1.0;
+    spend.default_owner = Some("team".to_owned());
+    spend.default_price = Some(tower_llm_resilience::policy::Price::new(1.0, 1.0));
+    p.budget.spend = Some(spend);
+    let store = std::sync::Arc::new(LaterStore {
+        inner: tower_llm_resilience::budget::store::MemoryStore::new(),
+        after: Duration::from_millis(10),
+    });
+    let layer = ResilienceLayer::new(&p).expect("valid").budget_store(store);
+    let mut svc = layer.layer(client());
+    let served = send(&mut svc, request(&mock, false, Some("k"))).await;
+    assert_eq!(served.route, "backup");
+    // 10 ms for the request's own reservation, the delay, 10 ms for the hedge's.
+    assert_eq!(
+        served.head_after,
+        Duration::from_millis(10) + DELAY + Duration::from_millis(10)
+    );
+    assert_eq!(hedges(&served.log), [("backup".to_owned(), DELAY)]);
+
+    // A cap with no room for the hedge: the store refuses it, and the primary answers.
+    let mut p = policy(&mock);
+    let mut spend = tower_llm_resilience::policy::SpendPolicy::default();
+    // Room for one attempt (about 71 tokens at 1 unit per million), not for two.
+    spend.cap = 0.0001;
+    spend.default_owner = Some("team".to_owned());
+    spend.default_price = Some(tower_llm_resilience::policy::Price::new(1.0, 1.0));
+    p.budget.spend = Some(spend);
+    let store = std::sync::Arc::new(LaterStore {
+        inner: tower_llm_resilience::budget::store::MemoryStore::new(),
+        after: Duration::from_millis(10),
+    });
+    let layer = ResilienceLayer::new(&p).expect("valid").budget_store(store);
+    let mut svc = layer.layer(client());
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        [Reply::openai_chat("gpt-4o", "late").delay_head(Duration::from_secs(3))],
+    );
+    let served = send(&mut svc, request(&mock, false, Some("k2"))).await;
+    assert_eq!(served.route, "primary");
+    let denied: Vec<_> = served
+        .log
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e.kind, LocalEventKind::BudgetDenied))
+        .map(|e| e.route.map(|r| r.to_string()))
+        .collect();
+    assert_eq!(denied, [Some("backup".to_owned())], "{:?}", served.log);
 }
