@@ -8,10 +8,10 @@ use tower_layer::Layer;
 use super::Cache;
 use super::store::{CacheStore, MemoryCache};
 use crate::classify::SharedClassifier;
+use crate::policy::idempotency::CONVENTIONAL_KEY_HEADER;
 use crate::policy::{CachePolicy, LoggingPolicy, Policy, PolicyError};
 
 /// The header a caller conventionally sends its idempotency key in.
-const CONVENTIONAL_KEY_HEADER: &str = "idempotency-key";
 /// The owner header when the policy has no spend section.
 const DEFAULT_OWNER_HEADER: &str = "x-llm-budget-owner";
 
@@ -70,7 +70,7 @@ impl CacheLayer {
                 .idempotency
                 .key_header
                 .as_deref()
-                .unwrap_or(CONVENTIONAL_KEY_HEADER),
+                .unwrap_or(CONVENTIONAL_KEY_HEADER.as_str()),
         )?;
         let spend = policy.budget.spend.as_ref();
         let owner_header = header(

@@ -300,7 +300,7 @@ impl DeferConfig {
                 .unwrap_or(HeaderName::from_static("x-llm-requester")),
             key_header: key_header
                 .and_then(header)
-                .unwrap_or(HeaderName::from_static("idempotency-key")),
+                .unwrap_or(crate::policy::idempotency::CONVENTIONAL_KEY_HEADER),
             strip,
             keys: crate::retry::KeyGenerator::new(),
             sink,

@@ -22,6 +22,7 @@ use super::{LAST_RESORT_HEADER, ROUTE_HEADER};
 use crate::attempt_log::{Decision, LocalEventKind, StopReason};
 use crate::classify::{Classification, ClassifyResponse, FailureClass};
 use crate::context::{AttemptCap, RequestContext, Sent, SpendDenied, SpendGate};
+use crate::policy::idempotency::safe_to_repeat;
 use crate::policy::{FallbackRule, RequestNeeds};
 use crate::replay::{ReplayBody, Template};
 use crate::store::StoreFuture;
@@ -189,6 +190,8 @@ enum Failure {
 
 /// What a step of the chain leads to.
 enum Step {
+    /// A route answered: its answer is classified next.
+    Classify(ClassifyResponse),
     Hop,
     /// A hop, once the spend cap has reserved it.
     Claim(StoreFuture<Result<(), SpendDenied>>),
@@ -268,6 +271,7 @@ where
         };
         if let Some(step) = first {
             let state = match step {
+                Step::Classify(future) => State::Classifying { future },
                 Step::Hop => State::Readying,
                 Step::Claim(admit) => State::Claiming { admit },
                 Step::Finish(out) => State::Ended { out: Some(out) },
@@ -320,17 +324,8 @@ where
         loop {
             let step = match this.state {
                 State::Calling => {
-                    match ready!(poll_attempts(this.call.as_mut(), this.hedge, chain, cx)) {
-                        Ok(response) => {
-                            let future = chain.classify(response);
-                            *this.state = State::Classifying { future };
-                            continue;
-                        }
-                        Err(e) => {
-                            let error = chain.config.classifier.error(e);
-                            chain.on_error(error, true)
-                        }
-                    }
+                    let out = ready!(poll_attempts(this.call.as_mut(), this.hedge, chain, cx));
+                    chain.answered(out)
                 }
                 State::Classifying { future } => {
                     let (response, c) = ready!(Pin::new(future).poll(cx));
@@ -340,17 +335,7 @@ where
                     let granted = ready!(Pin::new(admit).poll(cx));
                     chain.claimed(granted)
                 }
-                State::Local { future } => match ready!(future.as_mut().poll(cx)) {
-                    Ok(response) => {
-                        let future = chain.classify(response);
-                        *this.state = State::Classifying { future };
-                        continue;
-                    }
-                    Err(e) => {
-                        let error = chain.config.classifier.error(e);
-                        chain.on_error(error, true)
-                    }
-                },
+                State::Local { future } => chain.answered(ready!(future.as_mut().poll(cx))),
                 // An in-process route does not wait for the service below.
                 State::Readying if matches!(chain.next, Some(Next::Local(..))) => {
                     if let Some(Next::Local(req, route)) = chain.next.take() {
@@ -389,6 +374,7 @@ where
                 State::Done => panic!("fallback ResponseFuture polled after completion"),
             };
             match step {
+                Step::Classify(future) => *this.state = State::Classifying { future },
                 Step::Hop => *this.state = State::Readying,
                 Step::Claim(admit) => *this.state = State::Claiming { admit },
                 Step::Finish(out) => {
@@ -547,6 +533,24 @@ impl<S, B> Chain<S, B> {
         }
     }
 
+    /// What a route's answer leads to: its classification, or (an error) the chain's next
+    /// step.
+    fn answered<RB, E>(&mut self, out: Result<Response<RB>, E>) -> Step
+    where
+        RB: http_body::Body<Data = Bytes> + Send + 'static,
+        RB::Error: Into<BoxError>,
+        E: Into<BoxError>,
+        B: ReplayBody,
+    {
+        match out {
+            Ok(response) => Step::Classify(self.classify(response)),
+            Err(e) => {
+                let error = self.config.classifier.error(e);
+                self.on_error(error, true)
+            }
+        }
+    }
+
     fn classify<RB>(&mut self, response: Response<RB>) -> ClassifyResponse
     where
         RB: http_body::Body<Data = Bytes> + Send + 'static,
@@ -590,9 +594,9 @@ where
         }
         // Sent twice, the request must be harmless twice.
         let original = self.template.as_ref()?.request();
-        let safe = original.method().is_idempotent()
-            || hedger.key_header.is_some()
-            || original.headers().contains_key("idempotency-key");
+        // (The retry layer below sets the policy's key on every request that has none.)
+        let safe = hedger.key_header.is_some()
+            || safe_to_repeat(original.method(), original.headers(), None);
         if !safe {
             return None;
         }
@@ -751,17 +755,8 @@ where
             return None;
         }
         let gate = self.ctx.spend_gate();
-        if let Some(budget) = self.ctx.retry_budget() {
-            if !budget.withdraw() {
-                if let Some(gate) = &gate {
-                    gate.release(&planned.name);
-                }
-                log.event(
-                    Some(planned.name.clone()),
-                    LocalEventKind::RetryBudgetDenied,
-                );
-                return None;
-            }
+        if !self.pay_retry_budget(true, &gate, &planned.name) {
+            return None;
         }
         planned.admitted = gate;
         Some(planned)
@@ -1205,12 +1200,7 @@ impl<S, B: ReplayBody> Chain<S, B> {
         // A hop away from a route that made no call (its circuit is open) replaces that call
         // rather than adding one, so it costs no retry budget: under a full outage of the
         // primary a healthy backup keeps serving every request.
-        let budget = hop.attempt.and(self.ctx.retry_budget());
-        if budget.is_some_and(|b| !b.withdraw()) {
-            if let Some(gate) = &gate {
-                gate.release(&hop.to);
-            }
-            log.event(Some(hop.to.clone()), LocalEventKind::RetryBudgetDenied);
+        if !self.pay_retry_budget(hop.attempt.is_some(), &gate, &hop.to) {
             return self.stop(hop.attempt, StopReason::RetryBudgetDenied);
         }
         self.admitted = gate;
@@ -1231,6 +1221,23 @@ impl<S, B: ReplayBody> Chain<S, B> {
         self.ctx.set_fallback_available(more || self.outer_fallback);
         self.next = Some(hop.request);
         Step::Hop
+    }
+
+    /// Withdraws one more attempt on `to` from the retry budget when `costs` (a hop away from
+    /// a route that made no call replaces that call and costs nothing). Refused: what `gate`
+    /// reserved for `to` is given back and the refusal logged.
+    fn pay_retry_budget(&self, costs: bool, gate: &Option<SpendGate>, to: &RouteName) -> bool {
+        let budget = self.ctx.retry_budget().filter(|_| costs);
+        if budget.is_none_or(|b| b.withdraw()) {
+            return true;
+        }
+        if let Some(gate) = gate {
+            gate.release(to);
+        }
+        self.ctx
+            .log()
+            .event(Some(to.clone()), LocalEventKind::RetryBudgetDenied);
+        false
     }
 
     /// Adds what `rule` asks of every later route to the chain's needs.

@@ -179,14 +179,7 @@ impl FallbackLayer {
         config.logging = policy.logging.clone();
         if policy.hedge.enabled {
             policy.hedge.validate()?;
-            let key_header = match &policy.idempotency.key_header {
-                Some(name) => {
-                    Some(http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                        PolicyError::new("idempotency.key_header", "is not a valid header name")
-                    })?)
-                }
-                None => None,
-            };
+            let key_header = policy.idempotency.key_header_name()?;
             let routes = config.routes.len() + 1;
             config.hedger = Some(Arc::new(Hedger::new(policy.hedge, routes, key_header)));
         }

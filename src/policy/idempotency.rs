@@ -1,6 +1,22 @@
 use std::time::Duration;
 
+use http::{HeaderMap, HeaderName, Method};
+
 use super::error::{PolicyError, check};
+
+/// The idempotency header read when the policy names none (the providers' and the
+/// conventional one).
+pub(crate) const CONVENTIONAL_KEY_HEADER: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// Whether a request may be sent twice without harm: its method is idempotent, or it carries
+/// an idempotency key (in `key_header`, else [`CONVENTIONAL_KEY_HEADER`]).
+pub(crate) fn safe_to_repeat(
+    method: &Method,
+    headers: &HeaderMap,
+    key_header: Option<&HeaderName>,
+) -> bool {
+    method.is_idempotent() || headers.contains_key(key_header.unwrap_or(&CONVENTIONAL_KEY_HEADER))
+}
 
 /// When a request the provider may already have accepted (a timeout, a broken connection after
 /// the request was sent) may be sent again.
@@ -42,6 +58,23 @@ impl Default for IdempotencyPolicy {
             replay_possibly_accepted: ReplayRule::IfIdempotent,
             cache: None,
         }
+    }
+}
+
+impl IdempotencyPolicy {
+    /// `key_header` as a header name; an invalid one is a [`PolicyError`] naming the field.
+    pub(crate) fn key_header_name(&self) -> Result<Option<HeaderName>, PolicyError> {
+        self.key_header
+            .as_deref()
+            .map(|n| {
+                HeaderName::from_bytes(n.as_bytes()).map_err(|_| {
+                    PolicyError::new(
+                        "idempotency.key_header",
+                        format!("{n:?} is not a valid header name"),
+                    )
+                })
+            })
+            .transpose()
     }
 }
 

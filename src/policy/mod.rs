@@ -27,7 +27,7 @@ mod defer;
 mod error;
 mod fallback;
 mod hedge;
-mod idempotency;
+pub(crate) mod idempotency;
 mod logging;
 mod observability;
 mod retry;

@@ -93,7 +93,7 @@ impl RetryLayer {
         idempotency.validate()?;
         logging.validate()?;
         let attempt_header = header("retry.attempt_header", retry.attempt_header.as_deref())?;
-        let key_header = header("idempotency.key_header", idempotency.key_header.as_deref())?;
+        let key_header = idempotency.key_header_name()?;
         Ok(Self {
             shared: Arc::new(Shared {
                 jitter: JitterSource::from_seed(retry.seed),
@@ -150,7 +150,7 @@ impl RetryLayer {
     /// A [`PolicyError`] when `idempotency.key_header` is not a valid header name.
     pub fn idempotency(mut self, idempotency: IdempotencyPolicy) -> Result<Self, PolicyError> {
         idempotency.validate()?;
-        let key_header = header("idempotency.key_header", idempotency.key_header.as_deref())?;
+        let key_header = idempotency.key_header_name()?;
         let shared = self.shared_mut();
         shared.key_header = key_header;
         shared.idempotency = idempotency;

@@ -3,19 +3,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{HeaderName, Request, Response};
+use http::{Request, Response};
 use tower_service::Service;
 
 use super::future::{Attempts, Facts, Granted, ResponseFuture};
 use super::layer::Shared;
 use crate::classify::FailureClass;
 use crate::context::RequestContext;
+use crate::policy::idempotency::safe_to_repeat;
 use crate::replay::{ReplayBody, Template};
 use crate::{Body, BoxError, Error};
-
-/// The header a caller conventionally sets an idempotency key in; looked for when the policy
-/// names no key header of its own.
-const CONVENTIONAL_KEY_HEADER: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// Retries a request on the same route while its failure class, the server, the deadline and
 /// the retry budget allow. Built by [`RetryLayer`](super::RetryLayer).
@@ -91,10 +88,7 @@ where
                 }
             }
         }
-        let has_key = match &shared.key_header {
-            Some(name) => req.headers().contains_key(name),
-            None => req.headers().contains_key(CONVENTIONAL_KEY_HEADER),
-        };
+        let idempotent = safe_to_repeat(req.method(), req.headers(), shared.key_header.as_ref());
 
         let (budget, outer_deadline, fallback_available, spend) = ctx.read(|v| {
             let s = v.spend.clone();
@@ -113,7 +107,7 @@ where
         }
         let facts = Facts {
             deadline,
-            idempotent: req.method().is_idempotent() || has_key,
+            idempotent,
             fallback_available,
         };
 
