@@ -440,6 +440,30 @@ mod later_store {
     }
 }
 
+/// The hedging stack with a spend cap of `cap` (price 1 per million tokens) kept in a store
+/// that answers 10 ms later.
+fn capped(
+    mock: &MockProvider,
+    cap: f64,
+) -> impl Service<
+    http::Request<Full<Bytes>>,
+    Response = http::Response<tower_llm_resilience::Body>,
+    Error = tower_llm_resilience::Error,
+> {
+    let mut p = policy(mock);
+    let mut spend = tower_llm_resilience::policy::SpendPolicy::default();
+    spend.cap = cap;
+    spend.default_owner = Some("team".to_owned());
+    spend.default_price = Some(tower_llm_resilience::policy::Price::new(1.0, 1.0));
+    p.budget.spend = Some(spend);
+    let store = std::sync::Arc::new(LaterStore {
+        inner: tower_llm_resilience::budget::store::MemoryStore::new(),
+        after: Duration::from_millis(10),
+    });
+    let layer = ResilienceLayer::new(&p).expect("valid").budget_store(store);
+    layer.layer(client())
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_hedge_waits_for_a_shared_stores_reservation_then_races() {
     let mock = MockProvider::start().await.expect("mock starts");
@@ -451,18 +475,7 @@ async fn a_hedge_waits_for_a_shared_stores_reservation_then_races() {
         ScriptKey::model("backup"),
         [Reply::openai_chat("backup", "hedge")],
     );
-    let mut p = policy(&mock);
-    let mut spend = tower_llm_resilience::policy::SpendPolicy::default();
-    spend.cap = 1.0;
-    spend.default_owner = Some("team".to_owned());
-    spend.default_price = Some(tower_llm_resilience::policy::Price::new(1.0, 1.0));
-    p.budget.spend = Some(spend);
-    let store = std::sync::Arc::new(LaterStore {
-        inner: tower_llm_resilience::budget::store::MemoryStore::new(),
-        after: Duration::from_millis(10),
-    });
-    let layer = ResilienceLayer::new(&p).expect("valid").budget_store(store);
-    let mut svc = layer.layer(client());
+    let mut svc = capped(&mock, 1.0);
     let served = send(&mut svc, request(&mock, false, Some("k"))).await;
     assert_eq!(served.route, "backup");
     // 10 ms for the request's own reservation, the delay, 10 ms for the hedge's.
@@ -473,19 +486,8 @@ async fn a_hedge_waits_for_a_shared_stores_reservation_then_races() {
     assert_eq!(hedges(&served.log), [("backup".to_owned(), DELAY)]);
 
     // A cap with no room for the hedge: the store refuses it, and the primary answers.
-    let mut p = policy(&mock);
-    let mut spend = tower_llm_resilience::policy::SpendPolicy::default();
     // Room for one attempt (about 71 tokens at 1 unit per million), not for two.
-    spend.cap = 0.0001;
-    spend.default_owner = Some("team".to_owned());
-    spend.default_price = Some(tower_llm_resilience::policy::Price::new(1.0, 1.0));
-    p.budget.spend = Some(spend);
-    let store = std::sync::Arc::new(LaterStore {
-        inner: tower_llm_resilience::budget::store::MemoryStore::new(),
-        after: Duration::from_millis(10),
-    });
-    let layer = ResilienceLayer::new(&p).expect("valid").budget_store(store);
-    let mut svc = layer.layer(client());
+    let mut svc = capped(&mock, 0.0001);
     mock.script(
         ScriptKey::model("gpt-4o"),
         [Reply::openai_chat("gpt-4o", "late").delay_head(Duration::from_secs(3))],

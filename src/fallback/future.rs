@@ -702,8 +702,7 @@ where
         if deterministic {
             return None;
         }
-        let attempts = self.ctx.log().attempt_count();
-        if !AttemptCap(self.config.policy.max_total_attempts).allows(attempts) {
+        if !self.within_limits(!hedger.policy.same_route) {
             return None;
         }
         let (route, scan_from, request) = if hedger.policy.same_route {
@@ -713,9 +712,6 @@ where
             }
             (self.current, self.scan_from, req)
         } else {
-            if self.hops >= self.config.policy.max_hops {
-                return None;
-            }
             match self.next_route().ok()? {
                 (pos, route, Next::Remote(req)) => (route, pos + 1, req),
                 (_, _, Next::Local(..)) => return None,
@@ -1035,14 +1031,7 @@ impl<S, B: ReplayBody> Chain<S, B> {
         if !room {
             return None;
         }
-        let primary = Some(self.config.primary.clone());
-        self.ctx
-            .log()
-            .event(primary, LocalEventKind::RateLimited { retry_in });
-        self.sent = Some(self.ctx.send());
-        let error = Error::new(ErrorKind::RateLimited { retry_in });
-        let class = Some(FailureClass::RateLimited);
-        Some(self.after_failure(Failure::Error(error), class, false, None))
+        Some(self.primary_rate_limited(retry_in))
     }
 
     /// The first step when admission found the primary's local rate limit full and admitted
@@ -1062,6 +1051,12 @@ impl<S, B: ReplayBody> Chain<S, B> {
                     .collect();
             }
         }
+        Some(self.primary_rate_limited(retry_in))
+    }
+
+    /// The primary fails without a call, rate limited for `retry_in` (logged for it), and the
+    /// chain goes on as after any failure of that class.
+    fn primary_rate_limited(&mut self, retry_in: Duration) -> Step {
         let primary = Some(self.config.primary.clone());
         self.ctx
             .log()
@@ -1069,7 +1064,7 @@ impl<S, B: ReplayBody> Chain<S, B> {
         self.sent = Some(self.ctx.send());
         let error = Error::new(ErrorKind::RateLimited { retry_in });
         let class = Some(FailureClass::RateLimited);
-        Some(self.after_failure(Failure::Error(error), class, false, None))
+        self.after_failure(Failure::Error(error), class, false, None)
     }
 
     /// Logs the open circuit unless the breaker already did for this call.
@@ -1141,10 +1136,8 @@ impl<S, B: ReplayBody> Chain<S, B> {
             self.constrain(rule)?;
         }
         let (next_pos, next, request) = self.next_route()?;
-        let policy = &self.config.policy;
-        let attempts = self.ctx.log().attempt_count();
-        let hop_limit = !self.choosing && self.hops >= policy.max_hops;
-        if hop_limit || !AttemptCap(policy.max_total_attempts).allows(attempts) {
+        // The strategy's first route is a choice, not a hop.
+        if !self.within_limits(!self.choosing) {
             return Err(StopReason::ChainLimit);
         }
         let to = self.name_of(next).clone();
@@ -1221,6 +1214,15 @@ impl<S, B: ReplayBody> Chain<S, B> {
         self.ctx.set_fallback_available(more || self.outer_fallback);
         self.next = Some(hop.request);
         Step::Hop
+    }
+
+    /// Whether one more attempt fits the chain's attempt cap and, when it switches route
+    /// (`switches`), its `max_hops`.
+    fn within_limits(&self, switches: bool) -> bool {
+        let policy = &self.config.policy;
+        let attempts = self.ctx.log().attempt_count();
+        !(switches && self.hops >= policy.max_hops)
+            && AttemptCap(policy.max_total_attempts).allows(attempts)
     }
 
     /// Withdraws one more attempt on `to` from the retry budget when `costs` (a hop away from
