@@ -548,3 +548,115 @@ fn a_continued_stream_is_counted_by_its_routes() {
         assert_eq!(s.counter(n::REQUESTS, &[(n::OUTCOME, "success")]), 1);
     });
 }
+
+/// Sends one chat request through `p`'s stack and reads the answer to its end; the route that
+/// served it.
+async fn served_by(p: &Policy, mock: &MockProvider, stream: bool) -> String {
+    let mut svc = ServiceBuilder::new()
+        .layer(ResilienceLayer::new(p).expect("valid policy"))
+        .service(testing::client());
+    let mut req = testing::chat_request(&mock.url(), "gpt-4o", stream);
+    req.headers_mut()
+        .insert("idempotency-key", http::HeaderValue::from_static("k-1"));
+    let response = svc
+        .ready()
+        .await
+        .expect("ready")
+        .call(req)
+        .await
+        .expect("an answer");
+    let route = response.headers()["x-llm-route"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    response.into_body().collect().await.expect("a whole body");
+    route
+}
+
+#[test]
+fn a_hedge_is_counted_as_a_hedge_not_as_a_fallback() {
+    use tower_llm_resilience::policy::HedgePolicy;
+
+    let recorder = DebuggingRecorder::new();
+    let metrics = recorder.snapshotter();
+    with_recorder(&recorder, async move {
+        let mock = MockProvider::start().await.expect("mock starts");
+        let mut p = policy(&mock);
+        p.stream.first_token_timeout = Some(Duration::from_secs(30));
+        p.hedge = HedgePolicy::after(Duration::from_secs(1));
+        p.hedge.max_fraction = 1.0;
+        p.idempotency.key_header = Some("idempotency-key".to_owned());
+        // The primary is 20 s from its first token: the hedge on the backup wins at 1 s.
+        mock.script(
+            ScriptKey::model("gpt-4o"),
+            [Reply::openai_stream("gpt-4o", &["slow"]).delay_head(Duration::from_secs(20))],
+        );
+        mock.script(
+            ScriptKey::model("backup-model"),
+            [Reply::openai_stream("backup-model", &["quick"])],
+        );
+        assert_eq!(served_by(&p, &mock, true).await, "backup");
+
+        let s = Snap::take(&metrics);
+        assert_eq!(s.counter(n::HEDGES, &[(n::ROUTE, "backup")]), 1);
+        assert_eq!(
+            s.counter(n::FALLBACKS, &[]),
+            0,
+            "{:?}",
+            s.labels_of(n::FALLBACKS)
+        );
+        assert_eq!(s.counter(n::REQUESTS, &[(n::OUTCOME, "success")]), 1);
+        // Both attempts were made: the primary's (cancelled) and the hedge.
+        assert_eq!(s.histogram(n::ATTEMPTS, &[(n::ROUTE, "primary")]), [2.0]);
+    });
+}
+
+#[test]
+fn a_switch_is_counted_in_the_order_the_selection_strategy_chose() {
+    use tower_llm_resilience::policy::{Price, RouteStrategy, SpendPolicy};
+
+    let recorder = DebuggingRecorder::new();
+    let metrics = recorder.snapshotter();
+    with_recorder(&recorder, async move {
+        let mock = MockProvider::start().await.expect("mock starts");
+        let mut p = policy(&mock);
+        // The backup is the cheaper route: `lowest_cost` tries it first, then the primary.
+        p.fallback.selection.strategy = RouteStrategy::LowestCost;
+        let mut spend = SpendPolicy::default();
+        spend.cap = 1_000.0;
+        spend.default_owner = Some("team".to_owned());
+        spend
+            .prices
+            .insert("primary".to_owned(), Price::new(3.0, 15.0));
+        spend
+            .prices
+            .insert("backup".to_owned(), Price::new(0.15, 0.6));
+        p.budget.spend = Some(spend);
+        mock.script(
+            ScriptKey::model("backup-model"),
+            [
+                Reply::openai_overloaded(),
+                Reply::openai_overloaded(),
+                Reply::openai_overloaded(),
+            ],
+        );
+        mock.script(
+            ScriptKey::model("gpt-4o"),
+            [Reply::openai_chat("gpt-4o", "hello")],
+        );
+        assert_eq!(served_by(&p, &mock, false).await, "primary");
+
+        let s = Snap::take(&metrics);
+        assert_eq!(
+            s.counter(
+                n::FALLBACKS,
+                &[(n::FROM_ROUTE, "backup"), (n::TO_ROUTE, "primary")]
+            ),
+            1,
+            "{:?}",
+            s.labels_of(n::FALLBACKS)
+        );
+        assert_eq!(s.counter(n::FALLBACKS, &[]), 1);
+        assert_eq!(s.counter(n::HEDGES, &[]), 0);
+    });
+}

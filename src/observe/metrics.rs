@@ -32,6 +32,10 @@ pub(super) fn describe() {
     describe_counter!(n::RETRIES, "Same-route retries by failure class");
     describe_counter!(n::FALLBACKS, "Route switches by from-route and to-route");
     describe_counter!(
+        n::HEDGES,
+        "Hedges sent, by the route they went to (not route switches)"
+    );
+    describe_counter!(
         n::REJECTIONS,
         "Calls refused locally, without a transport call"
     );
@@ -129,16 +133,29 @@ pub(super) fn request(o: &Observer, v: &View<'_>, noted: &Noted, end: &End<'_>) 
     counter!(n::REQUESTS, outcome).increment(1);
     histogram!(n::ATTEMPTS, n::ROUTE => requested).record(v.attempt_count() as f64);
 
-    // Routes the chain visited (an attempt, or a refusal by its open circuit), in chain order:
-    // the chain only moves forward, so consecutive visits are its switches.
+    // Routes the chain visited (an attempt, or a refusal by its open circuit), in the order it
+    // tried them (the policy's, or the one its selection strategy chose): the chain only moves
+    // forward in it, so consecutive visits are its switches. A hedge is no switch: it is
+    // counted as a hedge, and its attempt is not a visit.
+    let order = v.events().iter().find_map(|e| match &e.kind {
+        LocalEventKind::RouteChosen { candidates, .. } => Some(candidates.as_slice()),
+        _ => None,
+    });
+    let position = |r: &RouteName| match order {
+        Some(order) => order.iter().position(|c| c == r),
+        None => o.chain_index(r),
+    };
+    let hedges = hedge_attempts(v);
     let mut visited: u64 = 0;
     let mut unknown = false;
-    let mut visit = |r: Option<&RouteName>| match r.and_then(|r| o.chain_index(r)) {
+    let mut visit = |r: Option<&RouteName>| match r.and_then(position) {
         Some(i) if i < 64 => visited |= 1 << i,
         _ => unknown = true,
     };
     for (a, decisions) in v.attempts() {
-        visit(a.route.as_ref());
+        if !hedges.contains(&a.index) {
+            visit(a.route.as_ref());
+        }
         for d in decisions {
             match d {
                 Decision::Retry { .. } => {
@@ -191,8 +208,11 @@ pub(super) fn request(o: &Observer, v: &View<'_>, noted: &Noted, end: &End<'_>) 
             | LocalEventKind::RouteSkipped { .. }
             // Counted as the request's outcome (`error.type` = `deferred`).
             | LocalEventKind::Deferred { .. }
-            | LocalEventKind::RouteChosen { .. }
-            | LocalEventKind::Hedged { .. } => continue,
+            | LocalEventKind::RouteChosen { .. } => continue,
+            LocalEventKind::Hedged { .. } => {
+                counter!(n::HEDGES, n::ROUTE => label(route)).increment(1);
+                continue;
+            }
         };
         counter!(n::REJECTIONS, n::ROUTE => label(route), n::REASON => reason).increment(1);
     }
@@ -206,8 +226,14 @@ pub(super) fn request(o: &Observer, v: &View<'_>, noted: &Noted, end: &End<'_>) 
             }
         }
     } else {
+        // A position of the request's order, as the policy's route (its label).
+        let route_at = |i: usize| match order {
+            Some(order) => order.get(i).and_then(|r| o.chain_index(r)),
+            None => Some(i),
+        };
         let mut from: Option<usize> = None;
         for i in (0..64).filter(|i| visited & (1 << i) != 0) {
+            let Some(i) = route_at(i) else { continue };
             if let Some(f) = from {
                 fallback(
                     SharedString::from(o.routes[f].label.clone()),
@@ -224,6 +250,22 @@ pub(super) fn request(o: &Observer, v: &View<'_>, noted: &Noted, end: &End<'_>) 
             None => counter!(n::SPEND).increment(cost),
         }
     }
+}
+
+/// The log indices of the hedges' attempts: for each `Hedged` event, the first attempt on its
+/// route that started at or after it (the attempt it hedged started before).
+fn hedge_attempts(v: &View<'_>) -> Vec<u32> {
+    v.events()
+        .iter()
+        .filter(|e| matches!(e.kind, LocalEventKind::Hedged { .. }))
+        .filter_map(|e| {
+            v.attempts()
+                .map(|(a, _)| a)
+                .filter(|a| a.route == e.route && a.offset >= e.offset)
+                .min_by_key(|a| a.offset)
+                .map(|a| a.index)
+        })
+        .collect()
 }
 
 fn fallback(from: SharedString, to: SharedString) {

@@ -22,10 +22,13 @@ pub const REQUESTS: &str = "llm_resilience.requests";
 pub const ATTEMPTS: &str = "llm_resilience.attempts";
 /// Counter: same-route retries, by [`ROUTE`] and [`CLASS`] (the class of the attempt retried).
 pub const RETRIES: &str = "llm_resilience.retries";
-/// Counter: route switches, by [`FROM_ROUTE`] and [`TO_ROUTE`].
+/// Counter: route switches, by [`FROM_ROUTE`] and [`TO_ROUTE`], in the order the request tried
+/// its routes (a selection strategy's, when it chose one). A hedge is not one.
 pub const FALLBACKS: &str = "llm_resilience.fallbacks";
+/// Counter: hedges sent, by [`ROUTE`] (the route the hedge went to).
+pub const HEDGES: &str = "llm_resilience.hedges";
 /// Counter: calls refused locally, without a transport call, by [`ROUTE`] and [`REASON`]
-/// (`circuit_open`, `rate_limit`, `spend_cap`).
+/// (`circuit_open`, `throttle`, `rate_limit`, `spend_cap`, `store_unavailable`).
 pub const REJECTIONS: &str = "llm_resilience.rejections";
 /// Gauge: the state of a route's circuit, by [`ROUTE`]: 0 closed, 1 half-open, 2 open,
 /// 3 forced open, 4 forced closed. Set when a route is first seen and at every transition.
@@ -52,7 +55,7 @@ pub const ALERTS: &str = "llm_resilience.alerts";
 pub const ALERTS_SUPPRESSED: &str = "llm_resilience.alerts.suppressed";
 
 /// Every metric above.
-pub const METRICS: [&str; 17] = [
+pub const METRICS: [&str; 18] = [
     OPERATION_DURATION,
     TIME_TO_FIRST_CHUNK,
     TOKEN_USAGE,
@@ -60,6 +63,7 @@ pub const METRICS: [&str; 17] = [
     ATTEMPTS,
     RETRIES,
     FALLBACKS,
+    HEDGES,
     REJECTIONS,
     CIRCUIT_STATE,
     CIRCUIT_TRANSITIONS,

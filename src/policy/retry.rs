@@ -39,7 +39,9 @@ pub struct BackoffPolicy {
 }
 
 impl Default for BackoffPolicy {
-    /// 500 ms base, 8 s cap, full jitter: the official SDKs' curve.
+    /// 500 ms base, 8 s cap (the official SDKs' curve), full jitter: the SDKs shorten each
+    /// wait by at most a quarter, which keeps a herd of clients that failed together close
+    /// together; full jitter spreads it over the whole wait.
     fn default() -> Self {
         Self {
             jitter: Jitter::Full,
