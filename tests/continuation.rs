@@ -1120,3 +1120,65 @@ async fn a_continuation_skips_a_route_that_does_not_stream() {
             .all(|r| r.model.as_deref() != Some("batch-only"))
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_continuation_follows_the_order_the_selection_strategy_chose() {
+    use tower_llm_resilience::policy::RouteStrategy;
+
+    let mock = start().await;
+    // `lowest_cost` puts the cheapest route, written last, first: `second`, then `backup`.
+    mock.script(
+        ScriptKey::model("second-model"),
+        [Reply::openai_stream("second-model", &ANSWER).cut_after(4)],
+    );
+    mock.script(
+        ScriptKey::model(BACKUP_MODEL),
+        [Reply::openai_continuation(BACKUP_MODEL, &ANSWER)],
+    );
+    let mut policy = policy(&mock, PrefillForm::OpenAi);
+    policy.fallback.routes.push(backup(
+        &mock,
+        "second",
+        "second-model",
+        Some(PrefillForm::OpenAi),
+    ));
+    policy.fallback.selection.strategy = RouteStrategy::LowestCost;
+    let mut spend = SpendPolicy::default();
+    spend.cap = 1_000.0;
+    spend.default_owner = Some("team".to_owned());
+    spend
+        .prices
+        .insert("primary".to_owned(), Price::new(3.0, 15.0));
+    spend
+        .prices
+        .insert("backup".to_owned(), Price::new(1.0, 1.0));
+    spend
+        .prices
+        .insert("second".to_owned(), Price::new(0.15, 0.6));
+    policy.budget.spend = Some(spend);
+    let mut svc = stack(&policy);
+    let response = call(&mut svc, openai_request(&mock)).await;
+    let log = response_log(&response);
+    let (stream, error) = read(response.into_body()).await;
+    // `second` is the last route as written: only the strategy's order has a route after it.
+    assert!(error.is_none(), "{error:?}");
+    assert_eq!(openai_stream_text(&stream), canonical());
+    let routes: Vec<_> = log
+        .attempts()
+        .iter()
+        .map(|a| a.route.as_ref().map(|r| r.to_string()).unwrap_or_default())
+        .collect();
+    assert_eq!(routes, ["second", "backup"], "{log}");
+    assert_eq!(
+        continues(&log)
+            .iter()
+            .map(|(to, _)| to.as_str())
+            .collect::<Vec<_>>(),
+        ["backup"]
+    );
+    let paths: Vec<_> = mock.requests().into_iter().map(|r| r.path).collect();
+    assert_eq!(
+        paths,
+        ["/second/v1/chat/completions", "/backup/v1/chat/completions"]
+    );
+}

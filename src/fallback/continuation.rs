@@ -124,6 +124,9 @@ pub(crate) struct Plan {
     pub(crate) status: StatusCode,
     /// The route of the stream being continued: 0 the primary, `i > 0` `config.routes[i - 1]`.
     current: usize,
+    /// The request's route order (the selection strategy's), in the same indices; empty: the
+    /// written order.
+    order: Vec<usize>,
     /// The attempt whose stream is being continued, if it was recorded.
     attempt: Option<usize>,
     need: Needs,
@@ -151,6 +154,7 @@ impl Plan {
             ctx,
             status,
             current,
+            order: Vec::new(),
             attempt,
             need,
             request_needs: None,
@@ -163,6 +167,27 @@ impl Plan {
     pub(crate) fn needing(mut self, needs: Option<RequestNeeds>) -> Self {
         self.request_needs = needs.map(RequestNeeds::streaming);
         self
+    }
+
+    /// The plan for a request whose selection strategy ordered its routes (`order`, 0 the
+    /// primary): a continuation goes to the routes after the current one in that order.
+    pub(crate) fn in_order(mut self, order: Vec<usize>) -> Self {
+        self.order = order;
+        self
+    }
+
+    /// The routes a continuation may go to, in the request's order after the current route:
+    /// backups only, as the primary is never sent a continuation.
+    fn after_current(&self) -> Vec<usize> {
+        let n = self.config.routes.len();
+        match self.order.iter().position(|&r| r == self.current) {
+            Some(p) => self.order[p + 1..]
+                .iter()
+                .copied()
+                .filter(|&r| r > 0 && r <= n)
+                .collect(),
+            None => (self.current + 1..=n).collect(),
+        }
     }
 
     pub(crate) fn settings(&self) -> Option<&ContinuationConfig> {
@@ -180,9 +205,9 @@ impl Plan {
     }
 
     /// Starts a continuation of the stream cut by `cause` whose caller has `text` and
-    /// `delivered_bytes`: on the next route after the current one that the class's rule, the
-    /// chain's needs and the pacing allow, that accepts a prefill and that the request can be
-    /// written for. The future claims the spend and the retry budget first. `None` when there
+    /// `delivered_bytes`: on the next route after the current one (in the request's order)
+    /// that the class's rule, the chain's needs and the pacing allow, that accepts a prefill
+    /// and that the request can be written for. The future claims the spend and the retry budget first. `None` when there
     /// is no such route, or the continuation limit, the attempt cap or the deadline says no.
     /// Returns the route and the whitespace the prefill left out.
     pub(crate) fn start(
@@ -212,7 +237,8 @@ impl Plan {
         }
         let pacer = self.ctx.pacer();
         let approved = &self.config.policy.approved_budget_owners;
-        for (i, route) in self.config.routes.iter().enumerate().skip(self.current) {
+        for i in self.after_current() {
+            let route = &self.config.routes[i - 1];
             let Some(form) = route.prefill else {
                 continue;
             };
@@ -253,7 +279,7 @@ impl Plan {
                     }
                 };
             self.used += 1;
-            self.current = i + 1;
+            self.current = i;
             self.need = need;
             let future = claim_and_send(
                 self.ctx.clone(),

@@ -883,7 +883,10 @@ impl<S, B: ReplayBody> Chain<S, B> {
             attempt,
             self.need.clone(),
         );
-        Some(plan.needing(self.request_needs))
+        Some(
+            plan.needing(self.request_needs)
+                .in_order(self.order.clone()),
+        )
     }
 
     /// `called`: whether the request was handed to the service (a readiness error was not).

@@ -61,7 +61,8 @@
 //! the spend cap, open circuits), its first route is a choice rather than a hop (it uses no
 //! `max_hops` and no retry budget), and when every route fails the caller gets the failure of
 //! the route tried first. The order and why its first route leads are logged
-//! (`LocalEventKind::RouteChosen`). A stream's continuation still follows the written order.
+//! (`LocalEventKind::RouteChosen`). A cut stream's continuation goes to the backups after its
+//! route in the same order.
 //!
 //! # Hedging
 //!
