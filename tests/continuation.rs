@@ -6,6 +6,8 @@
 
 #[path = "support/log.rs"]
 mod log;
+#[path = "support/prices.rs"]
+mod prices;
 use log::response_log;
 
 use bytes::Bytes;
@@ -1123,8 +1125,6 @@ async fn a_continuation_skips_a_route_that_does_not_stream() {
 
 #[tokio::test(start_paused = true)]
 async fn a_continuation_follows_the_order_the_selection_strategy_chose() {
-    use tower_llm_resilience::policy::RouteStrategy;
-
     let mock = start().await;
     // `lowest_cost` puts the cheapest route, written last, first: `second`, then `backup`.
     mock.script(
@@ -1142,20 +1142,14 @@ async fn a_continuation_follows_the_order_the_selection_strategy_chose() {
         "second-model",
         Some(PrefillForm::OpenAi),
     ));
-    policy.fallback.selection.strategy = RouteStrategy::LowestCost;
-    let mut spend = SpendPolicy::default();
-    spend.cap = 1_000.0;
-    spend.default_owner = Some("team".to_owned());
-    spend
-        .prices
-        .insert("primary".to_owned(), Price::new(3.0, 15.0));
-    spend
-        .prices
-        .insert("backup".to_owned(), Price::new(1.0, 1.0));
-    spend
-        .prices
-        .insert("second".to_owned(), Price::new(0.15, 0.6));
-    policy.budget.spend = Some(spend);
+    prices::lowest_cost(
+        &mut policy,
+        &[
+            ("primary", 3.0, 15.0),
+            ("backup", 1.0, 1.0),
+            ("second", 0.15, 0.6),
+        ],
+    );
     let mut svc = stack(&policy);
     let response = call(&mut svc, openai_request(&mock)).await;
     let log = response_log(&response);

@@ -16,6 +16,8 @@ use tower_llm_resilience::{ErrorKind, Policy, ResilienceLayer};
 #[path = "support/backup.rs"]
 mod backup;
 use backup::policy_with_backup;
+#[path = "support/prices.rs"]
+mod prices;
 
 /// One snapshot of the recorder: what changed since the previous one.
 struct Snap(Vec<(CompositeKey, DebugValue)>);
@@ -613,25 +615,13 @@ fn a_hedge_is_counted_as_a_hedge_not_as_a_fallback() {
 
 #[test]
 fn a_switch_is_counted_in_the_order_the_selection_strategy_chose() {
-    use tower_llm_resilience::policy::{Price, RouteStrategy, SpendPolicy};
-
     let recorder = DebuggingRecorder::new();
     let metrics = recorder.snapshotter();
     with_recorder(&recorder, async move {
         let mock = MockProvider::start().await.expect("mock starts");
         let mut p = policy(&mock);
         // The backup is the cheaper route: `lowest_cost` tries it first, then the primary.
-        p.fallback.selection.strategy = RouteStrategy::LowestCost;
-        let mut spend = SpendPolicy::default();
-        spend.cap = 1_000.0;
-        spend.default_owner = Some("team".to_owned());
-        spend
-            .prices
-            .insert("primary".to_owned(), Price::new(3.0, 15.0));
-        spend
-            .prices
-            .insert("backup".to_owned(), Price::new(0.15, 0.6));
-        p.budget.spend = Some(spend);
+        prices::lowest_cost(&mut p, &[("primary", 3.0, 15.0), ("backup", 0.15, 0.6)]);
         mock.script(
             ScriptKey::model("backup-model"),
             [

@@ -13,6 +13,9 @@ use tower_llm_resilience::policy::{Price, RouteConfig, RouteStrategy, SpendPolic
 use tower_llm_resilience::testing::{MockProvider, Reply, ScriptKey, chat_request, client};
 use tower_llm_resilience::{AttemptLog, Policy, ResilienceLayer, RouteName};
 
+#[path = "support/prices.rs"]
+mod prices;
+
 const MODELS: [&str; 3] = ["gpt-4o", "mid", "cheap"];
 
 /// The primary (`gpt-4o`) and two backups, `mid` and `cheap`, each on its own path of `mock`.
@@ -217,17 +220,14 @@ async fn lowest_latency_counts_a_failure_against_the_route() {
 
 fn priced(mock: &MockProvider) -> Policy {
     let mut p = policy(mock, RouteStrategy::LowestCost);
-    let mut spend = SpendPolicy::default();
-    spend.cap = 1_000.0;
-    spend.default_owner = Some("team".to_owned());
-    spend
-        .prices
-        .insert("primary".to_owned(), Price::new(3.0, 15.0));
-    spend.prices.insert("mid".to_owned(), Price::new(1.0, 1.0));
-    spend
-        .prices
-        .insert("cheap".to_owned(), Price::new(0.15, 0.6));
-    p.budget.spend = Some(spend);
+    prices::lowest_cost(
+        &mut p,
+        &[
+            ("primary", 3.0, 15.0),
+            ("mid", 1.0, 1.0),
+            ("cheap", 0.15, 0.6),
+        ],
+    );
     p
 }
 
