@@ -200,6 +200,7 @@ impl fmt::Display for Decision {
                 let src = match source {
                     WaitSource::Backoff => "backoff",
                     WaitSource::Server => "server",
+                    WaitSource::Throttle => "throttle",
                 };
                 write!(f, "retry in {}ms ({src})", wait.as_millis())
             }

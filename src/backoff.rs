@@ -84,6 +84,9 @@ pub enum WaitSource {
     Backoff,
     /// The server's hint (Retry-After and friends), with jitter on top.
     Server,
+    /// Waiting out a young outage of a route with no backup: until its throttle's window
+    /// moves on (see [`ThrottlePolicy::hold`](crate::policy::ThrottlePolicy::hold)).
+    Throttle,
 }
 
 /// The wait before the next attempt, or why there is none.

@@ -143,6 +143,9 @@ struct Inner {
     classification: Option<Classification>,
     source: Option<BoxError>,
     log: Option<AttemptLog>,
+    /// Set by the breaker: the route is in an outage young enough to wait out, and the
+    /// throttle's window moves on in this long (see `ThrottlePolicy::hold`).
+    wait_out: Option<Duration>,
 }
 
 impl Error {
@@ -161,6 +164,7 @@ impl Error {
                 classification: None,
                 source: None,
                 log: None,
+                wait_out: None,
             }),
         }
     }
@@ -187,6 +191,18 @@ impl Error {
                 Self::transport(class, other).with_classification(c)
             }
         }
+    }
+
+    /// Marks the error of a call whose route is in an outage young enough to wait out.
+    pub(crate) fn with_wait_out(mut self, next_move: Duration) -> Self {
+        self.inner.wait_out = Some(next_move);
+        self
+    }
+
+    /// When the error is marked as a young outage's: the time until the throttle's window
+    /// moves on.
+    pub(crate) fn wait_out(&self) -> Option<Duration> {
+        self.inner.wait_out
     }
 
     /// What went wrong.

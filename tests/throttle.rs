@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use tower::{ServiceBuilder, ServiceExt};
-use tower_llm_resilience::attempt_log::LocalEventKind;
+use tower_llm_resilience::attempt_log::{Decision, LocalEventKind, WaitSource};
 use tower_llm_resilience::testing::{self, MockProvider, Reply, ScriptKey};
 use tower_llm_resilience::{AttemptLog, BoxError, Error, ErrorKind, Policy, RouteName};
 
@@ -139,5 +139,137 @@ async fn a_throttled_request_is_typed_with_its_route_and_wait_and_logged_without
     // A route that is down: most requests never reached it.
     assert!(throttled > 50, "{throttled} of 100 throttled");
     assert!(attempts < 100, "{attempts} attempts for 100 requests");
+    Ok(())
+}
+
+/// Whether a request waited out an outage: asked the throttle again after it turned the call
+/// away (a request that does not wait ends at its one refusal), or went back to waiting after a
+/// call made while it waited.
+fn waited(log: &AttemptLog) -> bool {
+    let refusals = log
+        .events()
+        .iter()
+        .filter(|e| matches!(e.kind, LocalEventKind::Throttled { .. }))
+        .count();
+    let rewaits = log.attempts().iter().any(|a| {
+        a.decisions.iter().any(|d| {
+            matches!(
+                d,
+                Decision::Retry {
+                    source: WaitSource::Throttle,
+                    ..
+                }
+            )
+        })
+    });
+    refusals >= 2 || rewaits
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_waits_out_a_young_outage_and_is_served_once_the_route_answers()
+-> Result<(), BoxError> {
+    // Four 503s, then the route answers again.
+    let script = || {
+        (0..4)
+            .map(|_| Reply::openai_overloaded())
+            .chain((0..10).map(|_| Reply::openai_chat("gpt-4o", "hello")))
+    };
+    let stack = |hold: Duration| -> Result<_, BoxError> {
+        let mut policy = Policy::interactive();
+        policy.retry.seed = Some(7);
+        if let Some(t) = policy.circuit_breaker.throttle.as_mut() {
+            t.min_requests = 2;
+            t.hold = hold;
+        }
+        Ok(ServiceBuilder::new()
+            .layer(policy.layer()?)
+            .service(testing::client()))
+    };
+
+    // Without waiting: the request ends on the outage (its retries spent or turned away).
+    let mock = MockProvider::start().await?;
+    mock.script(ScriptKey::model("gpt-4o"), script());
+    let (out, log) = request(&stack(Duration::ZERO)?, &mock).await;
+    assert_ne!(out.ok(), Some(200), "{log}");
+    assert!(!waited(&log), "{log}");
+
+    // Waiting out the outage, the same request is served by the fifth call, within the hold
+    // (seed 7: the throttle turns the request's third call away).
+    let mock = MockProvider::start().await?;
+    mock.script(ScriptKey::model("gpt-4o"), script());
+    let started = tokio::time::Instant::now();
+    let (out, log) = request(&stack(Duration::from_secs(5))?, &mock).await;
+    assert_eq!(out.ok(), Some(200), "{log}");
+    // Two retries (the preset's three attempts), then the throttle turns the third call away
+    // at 201 ms: the request asks again each time the window moves (ten refusals in all), the
+    // calls let through at 700 ms and 1 s are refused by the route and send it back to
+    // waiting, and the one at 1.4 s is answered.
+    let refusals = log
+        .events()
+        .iter()
+        .filter(|e| matches!(e.kind, LocalEventKind::Throttled { .. }))
+        .count();
+    assert_eq!(refusals, 10, "{log}");
+    let throttle_waits: Vec<usize> = log
+        .attempts()
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| {
+            a.decisions.iter().any(|d| {
+                matches!(
+                    d,
+                    Decision::Retry {
+                        source: WaitSource::Throttle,
+                        ..
+                    }
+                )
+            })
+        })
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(throttle_waits, [2, 3], "{log}");
+    assert_eq!(started.elapsed(), Duration::from_millis(1400), "{log}");
+    // Every call the provider saw is in the log, more than `max_attempts` (3): the calls made
+    // while the request waited are the throttle's, not its retries.
+    assert_eq!(mock.request_count(), 5);
+    assert_eq!(log.attempt_count(), 5);
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_outage_older_than_hold_fails_fast_again() -> Result<(), BoxError> {
+    let mock = MockProvider::start().await?;
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        (0..1000).map(|_| Reply::openai_overloaded()),
+    );
+    let mut policy = Policy::interactive();
+    policy.retry.seed = Some(5);
+    if let Some(t) = policy.circuit_breaker.throttle.as_mut() {
+        t.min_requests = 2;
+        t.hold = Duration::from_secs(1);
+    }
+    let svc = ServiceBuilder::new()
+        .layer(policy.layer()?)
+        .service(testing::client());
+
+    // The outage starts with the first call, at 0 s.
+    let origin = tokio::time::Instant::now();
+    let (mut early, mut late) = (0, 0);
+    while origin.elapsed() < Duration::from_secs(4) {
+        let sent = origin.elapsed();
+        let (out, log) = request(&svc, &mock).await;
+        assert_ne!(out.ok(), Some(200));
+        if waited(&log) {
+            // Only a request that met the outage in its first second waits.
+            assert!(sent < Duration::from_secs(1), "waited at {sent:?}: {log}");
+            early += 1;
+        } else if sent >= Duration::from_millis(1500) {
+            late += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(early >= 1, "no request waited in the outage's first second");
+    assert!(late >= 10, "{late} requests after 1.5 s");
     Ok(())
 }

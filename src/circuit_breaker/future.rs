@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::body::{Watch, WatchedBody};
 use super::layer::Shared;
 use super::service::{error_class, verdict};
-use super::state::{Admission, RouteState, Verdict};
+use super::state::{Admission, RouteState, Verdict, WaitOut};
 use crate::RouteName;
 use crate::classify::{Classification, ClassifyResponse, SharedClassifier};
 use crate::context::{RequestContext, Sent};
@@ -86,6 +86,15 @@ impl Call {
         (classify, latency)
     }
 
+    /// A refused call of a request with no backup, on a route in an outage young enough to
+    /// wait out: the time until the throttle's window moves on.
+    fn wait_out(&self, v: Verdict) -> Option<Duration> {
+        if v.accepted() || self.ctx.fallback_available() {
+            return None;
+        }
+        self.permit.route.wait_out(Instant::now())
+    }
+
     fn is_slow(&self, latency: Option<Duration>) -> bool {
         self.slow_call_threshold()
             .zip(latency)
@@ -106,6 +115,10 @@ impl Call {
                 | ErrorKind::StreamFailed { .. }
                 | ErrorKind::StreamInterrupted { .. }
         );
+        let error = match self.wait_out(v) {
+            Some(next_move) => error.with_wait_out(next_move),
+            None => error,
+        };
         if is_attempt {
             let c = match error.classification() {
                 Some(c) => c.clone(),
@@ -132,6 +145,9 @@ impl Call {
         let slow = self.is_slow(latency);
         let epoch = self.permit.complete(v, slow);
         super::state::mark_if_opened(&mut response, v, &self.permit.route);
+        if let Some(next_move) = self.wait_out(v) {
+            response.extensions_mut().insert(WaitOut(next_move));
+        }
         self.ctx.record(&self.sent, &self.route, latency, &c, None);
         let mut response = self.ctx.close_response(self.owner, response);
         if v == Verdict::Success && self.permit.admission != Admission::Untracked {

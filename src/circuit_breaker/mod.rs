@@ -197,7 +197,7 @@ pub use future::ResponseFuture;
 pub use handle::{CircuitBreakerHandle, CircuitState, RouteSnapshot, ThrottleSnapshot};
 pub use layer::CircuitBreakerLayer;
 pub use service::CircuitBreaker;
-pub(crate) use state::opened_circuit;
+pub(crate) use state::{opened_circuit, wait_out};
 
 #[cfg(test)]
 mod tests;

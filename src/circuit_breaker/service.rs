@@ -8,7 +8,7 @@ use tower_service::Service;
 use super::future::{Call, Permit, ResponseFuture};
 use super::handle::CircuitBreakerHandle;
 use super::layer::{Config, Shared};
-use super::state::Verdict;
+use super::state::{Refusal, Verdict};
 use crate::StreamCause;
 use crate::attempt_log::LocalEventKind;
 use crate::classify::{FailureClass, SharedClassifier};
@@ -104,7 +104,12 @@ where
         match state.admit(&self.shared, sent.at, backup) {
             Err(refusal) => {
                 ctx.log().event(Some(route.clone()), refusal.event());
-                let error = Error::new(refusal.kind(route));
+                let mut error = Error::new(refusal.kind(route));
+                if let Refusal::Throttled(retry_in) = refusal {
+                    if state.wait_out(sent.at).is_some() {
+                        error = error.with_wait_out(retry_in);
+                    }
+                }
                 ResponseFuture::rejected(ctx.close_error(owner, error))
             }
             Ok(admission) => {

@@ -72,7 +72,7 @@ pub(crate) enum Verdict {
 
 impl Verdict {
     /// Whether the provider accepted the call, for the throttle.
-    fn accepted(self) -> bool {
+    pub(crate) fn accepted(self) -> bool {
         matches!(self, Verdict::Success | Verdict::Neutral)
     }
 
@@ -87,6 +87,17 @@ impl Verdict {
 /// once (see `RetryLayer`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct CircuitOpened;
+
+/// Response extension: the route, which the request has no backup for, is in an outage young
+/// enough to wait out; `.0` is the time until its throttle's window moves on. The retry layer
+/// holds a waiting request instead of spending an attempt (see `ThrottlePolicy::hold`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WaitOut(pub(crate) Duration);
+
+/// The young outage a refused response's route is in, if it is (see [`WaitOut`]).
+pub(crate) fn wait_out<B>(response: &http::Response<B>) -> Option<Duration> {
+    response.extensions().get::<WaitOut>().map(|w| w.0)
+}
 
 /// Marks `response` when its failure left `route`'s circuit open.
 pub(crate) fn mark_if_opened<B>(
@@ -863,6 +874,14 @@ impl RouteState {
         if let Some(t) = t {
             shared.emit(&self.name, t);
         }
+    }
+
+    /// When the route is in an outage young enough to wait out: the time until its
+    /// throttle's window moves on.
+    pub(crate) fn wait_out(&self, now: Instant) -> Option<Duration> {
+        let t = self.throttle.as_ref()?;
+        let elapsed = self.elapsed(now);
+        t.young_outage(elapsed).then(|| t.next_move(elapsed))
     }
 
     /// The throttle's probability of turning a call with no backup away now; `None` without a

@@ -30,6 +30,13 @@
 //!   recovery is seen as soon as one of them answers, and a route that has seen one fast
 //!   failure and no answer yet is not throttled.
 //!
+//! - Waiting out a young outage: the throttle notes when the route last went from accepting
+//!   to refusing (`refusing_since`); while that is less than the policy's `hold` ago, a call it
+//!   turns away is marked so that the retry layer waits instead of failing (see
+//!   [`ThrottlePolicy::hold`]). Flapping routes are won by waiting — a request that meets a
+//!   5 s outage and is answered when it ends — and a route down for longer fails fast again,
+//!   so that it is sent no more than the floor.
+//!
 //! The window is a ring of time buckets with atomic counters, like the breaker's own: judging a
 //! call is a few atomic loads, and a lock is taken only to rotate a bucket whose span has
 //! passed. The random draw (seedable) is made only when the probability is above zero.
@@ -75,6 +82,10 @@ pub(crate) struct Throttle {
     buckets: Box<[Bucket]>,
     width_nanos: u64,
     rotate: Mutex<()>,
+    hold: Duration,
+    /// When the route last went from accepting to refusing calls, plus one (`0`: the last call
+    /// to end was accepted, or none has ended).
+    refusing_since: AtomicU64,
 }
 
 impl Throttle {
@@ -87,6 +98,8 @@ impl Throttle {
             buckets: (0..n).map(|_| Bucket::default()).collect(),
             width_nanos: width as u64,
             rotate: Mutex::new(()),
+            hold: policy.hold,
+            refusing_since: AtomicU64::new(0),
         }
     }
 
@@ -146,7 +159,32 @@ impl Throttle {
         b.requests.fetch_add(1, Ordering::Relaxed);
         if accepted {
             b.accepts.fetch_add(1, Ordering::Relaxed);
+            self.refusing_since.store(0, Ordering::Relaxed);
+        } else {
+            // Only the first refusal after an accept starts the outage.
+            let since = nanos(elapsed).saturating_add(1);
+            let _ = self.refusing_since.compare_exchange(
+                0,
+                since,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
         }
+    }
+
+    /// Whether the route is refusing calls and started less than `hold` before `elapsed`: an
+    /// outage young enough for a request to wait out.
+    pub(crate) fn young_outage(&self, elapsed: Duration) -> bool {
+        match self.refusing_since.load(Ordering::Relaxed) {
+            0 => false,
+            since => nanos(elapsed).saturating_sub(since - 1) < nanos(self.hold),
+        }
+    }
+
+    /// The time until the window next moves on (its oldest bucket ages out).
+    pub(crate) fn next_move(&self, elapsed: Duration) -> Duration {
+        let now = nanos(elapsed);
+        Duration::from_nanos(self.width_nanos - now % self.width_nanos)
     }
 
     /// Lets a call through at `elapsed`, or turns it away: `Err(retry_in)`, the time until the
@@ -161,10 +199,7 @@ impl Throttle {
         if p <= 0.0 || draw() >= p {
             return Ok(());
         }
-        let now = nanos(elapsed);
-        Err(Duration::from_nanos(
-            self.width_nanos - now % self.width_nanos,
-        ))
+        Err(self.next_move(elapsed))
     }
 }
 
@@ -184,6 +219,7 @@ mod tests {
             window,
             buckets,
             min_requests,
+            hold: Duration::from_secs(5),
         })
     }
 
@@ -267,6 +303,29 @@ mod tests {
                 accepts: 0
             }
         );
+    }
+
+    #[test]
+    fn an_outage_is_young_from_its_first_refusal_after_an_accept_for_hold() {
+        let t = throttle(Duration::from_secs(1), 10, 1);
+        assert!(!t.young_outage(Duration::ZERO), "no call has ended");
+        t.record(Duration::from_secs(1), true);
+        assert!(!t.young_outage(Duration::from_secs(1)), "the route accepts");
+        t.record(Duration::from_secs(2), false);
+        // Later refusals do not move the outage's start.
+        t.record(Duration::from_secs(4), false);
+        assert!(t.young_outage(Duration::from_secs(2)));
+        assert!(t.young_outage(7 * Duration::from_secs(1) - MS));
+        assert!(
+            !t.young_outage(Duration::from_secs(7)),
+            "5 s old: fail fast"
+        );
+        // An accept ends it; the next refusal starts a new one.
+        t.record(Duration::from_secs(8), true);
+        assert!(!t.young_outage(Duration::from_secs(8)));
+        t.record(Duration::from_secs(9), false);
+        assert!(t.young_outage(Duration::from_secs(13)));
+        assert!(!t.young_outage(Duration::from_secs(14)));
     }
 
     #[test]

@@ -79,6 +79,7 @@ fn throttled(floor: u32) -> CircuitBreakerPolicy {
             window: Duration::from_secs(10),
             buckets: 10,
             min_requests: floor,
+            ..ThrottlePolicy::default()
         }),
         ..CircuitBreakerPolicy::default()
     }

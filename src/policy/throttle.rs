@@ -2,6 +2,9 @@ use std::time::Duration;
 
 use super::error::{PolicyError, check};
 
+/// The longest outage a request may wait out: past a minute it is an incident, not a blip.
+const MAX_HOLD: Duration = Duration::from_secs(60);
+
 /// Client-side adaptive throttling of a route a request has no backup for (the
 /// `circuit_breaker.throttle` sub-section).
 ///
@@ -34,17 +37,31 @@ pub struct ThrottlePolicy {
     /// route that is down is still sent per window (so at least `min_requests / window` a
     /// second), which sees its recovery at once. At least 1.
     pub min_requests: u32,
+    /// How young an outage is waited out (`0s`: never). While the route has been refusing
+    /// calls for less than this (since the last call it accepted), a call the throttle turns
+    /// away is not failed: the [`RetryLayer`](crate::retry::RetryLayer) holds it and asks the
+    /// throttle again each time the window moves, until the route answers, the outage gets
+    /// older than `hold` or the request's deadline comes. A call let through while the
+    /// request waits that the route refuses again sends it back to waiting without using up
+    /// one of its `max_attempts`: the throttle's floor, not the retry policy, bounds those
+    /// calls. Most outages of a model API are blips of a few seconds, which a request that
+    /// waits rides out the way a backoff does; an outage older than `hold` fails fast, so a
+    /// route that is down for good is not sent more than the floor. At most 60 s.
+    #[cfg_attr(feature = "serde", serde(with = "crate::duration::serde_duration"))]
+    pub hold: Duration,
 }
 
 impl Default for ThrottlePolicy {
-    /// `k` 2 over 1 s in 10 buckets, never below 10 requests in the window: the interactive
-    /// preset's values, tuned in the outage simulator (see BENCHMARKS.md).
+    /// `k` 2 over 1 s in 10 buckets, never below 10 requests in the window, outages younger
+    /// than 5 s waited out: the interactive preset's values, tuned in the outage simulator
+    /// (see BENCHMARKS.md).
     fn default() -> Self {
         Self {
             k: 2.0,
             window: Duration::from_secs(1),
             buckets: 10,
             min_requests: 10,
+            hold: Duration::from_secs(5),
         }
     }
 }
@@ -72,6 +89,13 @@ impl ThrottlePolicy {
         check::at_least_one(
             "circuit_breaker.throttle.min_requests",
             self.min_requests.into(),
-        )
+        )?;
+        if self.hold > MAX_HOLD {
+            return Err(PolicyError::new(
+                "circuit_breaker.throttle.hold",
+                format!("must be at most 60s, got {:?}", self.hold),
+            ));
+        }
+        Ok(())
     }
 }

@@ -121,6 +121,8 @@ pub(super) struct Attempts<B> {
     pub(super) previous_wait: Option<Duration>,
     /// Time to the head of the attempt in flight, when this layer must record it itself.
     pub(super) latency: Option<Duration>,
+    /// The request is waiting out a young outage of its route (see `ThrottlePolicy::hold`).
+    pub(super) waiting_out: bool,
 }
 
 /// A retry's claims that are given back if it makes no call.
@@ -231,6 +233,45 @@ enum Decided<B> {
 }
 
 impl<B: ReplayBody> Attempts<B> {
+    /// The copy of the request that waits out a young outage for `wait`, if it can: there is
+    /// a copy to send and the wait ends before the deadline. The call waited for is not one of
+    /// the request's attempts: a call turned away made none, and one the route refused while
+    /// the request waited was the throttle's to send, bounded by its floor.
+    fn wait_out(&mut self, wait: Duration) -> Option<Request<B>> {
+        let before_deadline = Instant::now()
+            .checked_add(wait)
+            .is_some_and(|at| at < self.facts.deadline);
+        if !before_deadline {
+            return None;
+        }
+        let next = self.template.as_ref().and_then(Template::attempt)?;
+        self.waiting_out = true;
+        self.count = self.count.saturating_sub(1);
+        Some(next)
+    }
+
+    /// Attempt `idx`, made while the request waited out a young outage, was refused again:
+    /// back to waiting, if the request can wait and the spend cap (when there is one) grants
+    /// the next call at once.
+    fn wait_out_again(&mut self, idx: usize, wait: Duration) -> Option<Request<B>> {
+        if !self.waiting_out {
+            return None;
+        }
+        if let Some(gate) = &self.spend {
+            match gate.admit(&self.route).now() {
+                Some(Ok(())) => self.granted.spend = true,
+                _ => return None,
+            }
+        }
+        let Some(next) = self.wait_out(wait) else {
+            self.called(false);
+            return None;
+        };
+        let source = WaitSource::Throttle;
+        self.ctx.log().decide(idx, Decision::Retry { wait, source });
+        Some(next)
+    }
+
     /// Decides what follows attempt `idx` that ended as `c`.
     fn decide(&mut self, idx: usize, c: &Classification) -> Decided<B> {
         let Some(class) = c.class else {
@@ -514,6 +555,14 @@ where
         let attempts = &mut *self.attempts;
         let e = attempts.shared.classifier.error(e);
         let local = is_local_rejection(&e);
+        if let Some(wait) = e.wait_out().filter(|_| local) {
+            // Turned away by the throttle of a route in a young outage: the same claims (spend,
+            // retry budget) carry over to the copy that waits.
+            if let Some(next) = attempts.wait_out(wait) {
+                self.sleep(wait, None, next);
+                return None;
+            }
+        }
         attempts.called(!local);
         if local {
             self.state.set(State::Done);
@@ -524,6 +573,12 @@ where
             c.class = e.class();
         }
         let idx = attempts.record(&c, Some(&e));
+        if let Some(wait) = e.wait_out() {
+            if let Some(next) = attempts.wait_out_again(idx, wait) {
+                self.sleep(wait, None, next);
+                return None;
+            }
+        }
         let decided = match c.class {
             Some(_) => attempts.decide(idx, &c),
             // A crate error of no failure class the ladder knows (a deadline from inside,
@@ -574,6 +629,12 @@ where
         };
         let attempts = &mut *self.attempts;
         let idx = attempts.record(&c, None);
+        if let Some(wait) = crate::circuit_breaker::wait_out(&response) {
+            if let Some(next) = attempts.wait_out_again(idx, wait) {
+                self.sleep(wait, Some(response.into_body()), next);
+                return Poll::Ready(None);
+            }
+        }
         // This answer opened the route's circuit: with a backup route, a retry would only wait
         // to be turned away, so the fallback takes over at once.
         let decided = if attempts.facts.fallback_available

@@ -138,6 +138,7 @@ where
             retried: [0; FailureClass::ALL.len()],
             previous_wait: None,
             latency: None,
+            waiting_out: false,
         };
         ResponseFuture::new(service, attempts, first)
     }
