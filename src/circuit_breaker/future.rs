@@ -24,30 +24,46 @@ pub(crate) struct Permit {
     shared: Arc<Shared>,
     route: Arc<RouteState>,
     admission: Admission,
+    /// When the call started, for the throttle's count of calls in flight.
+    started: Option<Duration>,
     done: bool,
 }
 
 impl Permit {
-    pub(crate) fn new(shared: Arc<Shared>, route: Arc<RouteState>, admission: Admission) -> Self {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        route: Arc<RouteState>,
+        admission: Admission,
+        now: Instant,
+    ) -> Self {
+        let started = route.started(admission, now);
         Self {
             shared,
             route,
             admission,
+            started,
             done: false,
         }
     }
 
     fn complete(&mut self, verdict: Verdict, slow: bool) -> Option<u64> {
         self.done = true;
-        self.route
-            .complete(&self.shared, self.admission, verdict, slow, Instant::now())
+        let (admission, started) = (self.admission, self.started);
+        self.route.complete(
+            &self.shared,
+            admission,
+            verdict,
+            slow,
+            Instant::now(),
+            started,
+        )
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         if !self.done {
-            self.route.abandon(self.admission);
+            self.route.abandon(self.admission, self.started);
         }
     }
 }

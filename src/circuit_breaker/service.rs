@@ -114,7 +114,7 @@ where
             }
             Ok(admission) => {
                 let call = Call {
-                    permit: Permit::new(self.shared.clone(), state, admission),
+                    permit: Permit::new(self.shared.clone(), state, admission, sent.at),
                     route,
                     ctx,
                     owner,

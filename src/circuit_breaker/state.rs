@@ -495,8 +495,23 @@ impl RouteState {
         Admission::Normal { generation }
     }
 
-    /// A call admitted while closed ended without an outcome (its future was dropped).
-    pub(crate) fn abandon(&self, admission: Admission) {
+    /// Counts a call let through as in flight, for the throttle; returns when it started.
+    pub(crate) fn started(&self, admission: Admission, now: Instant) -> Option<Duration> {
+        let t = self.throttle.as_ref()?;
+        if admission == Admission::Untracked {
+            return None;
+        }
+        let at = self.elapsed(now);
+        t.start(at);
+        Some(at)
+    }
+
+    /// A call admitted while closed ended without an outcome (its future was dropped);
+    /// `started`: what [`started`](Self::started) returned for it.
+    pub(crate) fn abandon(&self, admission: Admission, started: Option<Duration>) {
+        if let (Some(t), Some(s)) = (&self.throttle, started) {
+            t.abandon(s);
+        }
         match admission {
             Admission::Normal { .. } => self.landed(),
             Admission::Probe { generation } => self.release_probe(generation),
@@ -521,9 +536,10 @@ impl RouteState {
         verdict: Verdict,
         slow: bool,
         now: Instant,
+        started: Option<Duration>,
     ) -> Option<u64> {
         if let (Some(t), false) = (&self.throttle, admission == Admission::Untracked) {
-            t.record(self.elapsed(now), verdict.accepted());
+            t.record(self.elapsed(now), started, verdict.accepted());
         }
         match admission {
             Admission::Untracked | Admission::Bypass => None,

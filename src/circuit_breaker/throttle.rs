@@ -73,6 +73,12 @@ struct Bucket {
     epoch: AtomicU64,
     requests: AtomicU32,
     accepts: AtomicU32,
+    /// Calls started in this span that have not ended yet.
+    started: AtomicU32,
+    /// Calls let through in this span.
+    let_through: AtomicU32,
+    /// The longest time to a refusal among the calls that ended in this span, in nanoseconds.
+    refusal_max: AtomicU64,
 }
 
 /// The throttle of one route. Times are the time elapsed since the route's origin.
@@ -86,6 +92,9 @@ pub(crate) struct Throttle {
     /// When the route last went from accepting to refusing calls, plus one (`0`: the last call
     /// to end was accepted, or none has ended).
     refusing_since: AtomicU64,
+    /// The floor's share of each bucket: calls let through in every span, whatever the
+    /// probability (`0`: a floor smaller than the number of buckets is not spread).
+    share: u32,
 }
 
 impl Throttle {
@@ -100,6 +109,7 @@ impl Throttle {
             rotate: Mutex::new(()),
             hold: policy.hold,
             refusing_since: AtomicU64::new(0),
+            share: policy.min_requests / n,
         }
     }
 
@@ -115,35 +125,46 @@ impl Throttle {
         &self.buckets[(epoch % self.buckets.len() as u64) as usize]
     }
 
-    /// Requests and accepts over the window ending at `elapsed`.
+    /// Requests and accepts over the window ending at `elapsed`, a call still in flight that
+    /// has outlived every refusal of the window counted as both.
     pub(crate) fn counts(&self, elapsed: Duration) -> Counts {
-        let e = self.epoch(nanos(elapsed));
+        let now = nanos(elapsed);
+        let e = self.epoch(now);
         let n = self.buckets.len() as u64;
         let mut c = Counts::default();
-        for b in self.buckets.iter() {
+        let mut refusal_max = 0;
+        let in_window = |b: &Bucket| {
             let be = b.epoch.load(Ordering::Acquire);
-            // Inside the window: one of the last `n` spans (or a racing newer one).
-            if be != 0 && be.saturating_add(n) > e {
+            // One of the last `n` spans (or a racing newer one).
+            (be != 0 && be.saturating_add(n) > e).then_some(be)
+        };
+        for b in self.buckets.iter() {
+            if in_window(b).is_some() {
                 c.requests = c
                     .requests
                     .saturating_add(b.requests.load(Ordering::Relaxed));
                 c.accepts = c.accepts.saturating_add(b.accepts.load(Ordering::Relaxed));
+                refusal_max = refusal_max.max(b.refusal_max.load(Ordering::Relaxed));
+            }
+        }
+        for b in self.buckets.iter() {
+            // Every call started in span `be` has been in flight since its end at least.
+            let outlived = in_window(b).is_some_and(|be| {
+                be.saturating_mul(self.width_nanos)
+                    .saturating_add(refusal_max)
+                    <= now
+            });
+            if outlived {
+                let s = b.started.load(Ordering::Relaxed);
+                c.requests = c.requests.saturating_add(s);
+                c.accepts = c.accepts.saturating_add(s);
             }
         }
         c
     }
 
-    /// The probability of turning a call away at `elapsed` (zero below the floor).
-    pub(crate) fn probability(&self, elapsed: Duration) -> f64 {
-        let c = self.counts(elapsed);
-        if c.requests < self.min_requests {
-            return 0.0;
-        }
-        probability(c.requests, c.accepts, self.k)
-    }
-
-    /// Counts one call that ended, accepted by the provider or not.
-    pub(crate) fn record(&self, elapsed: Duration, accepted: bool) {
+    /// The bucket of the span `elapsed` is in, rotated to it if its span has passed.
+    fn current(&self, elapsed: Duration) -> &Bucket {
         let e = self.epoch(nanos(elapsed));
         let b = self.slot(e);
         if b.epoch.load(Ordering::Acquire) < e {
@@ -153,10 +174,73 @@ impl Throttle {
                 // that sees the new epoch also sees the zeros.
                 b.requests.store(0, Ordering::Relaxed);
                 b.accepts.store(0, Ordering::Relaxed);
+                b.started.store(0, Ordering::Relaxed);
+                b.let_through.store(0, Ordering::Relaxed);
+                b.refusal_max.store(0, Ordering::Relaxed);
                 b.epoch.store(e, Ordering::Release);
             }
         }
+        b
+    }
+
+    /// A call let through at `elapsed` starts.
+    pub(crate) fn start(&self, elapsed: Duration) {
+        let b = self.current(elapsed);
+        b.started.fetch_add(1, Ordering::Relaxed);
+        b.let_through.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The call started at `started` is no longer in flight (ended or dropped).
+    fn unstart(&self, started: Duration) {
+        let e = self.epoch(nanos(started));
+        let b = self.slot(e);
+        // A bucket reused for a newer span no longer counts the call.
+        if b.epoch.load(Ordering::Acquire) == e {
+            let _ = b
+                .started
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
+    }
+
+    /// A call started at `started` was dropped without an outcome.
+    pub(crate) fn abandon(&self, started: Duration) {
+        self.unstart(started);
+    }
+
+    /// The probability of turning a call away at `elapsed` (zero below the floor).
+    pub(crate) fn probability(&self, elapsed: Duration) -> f64 {
+        let c = self.counts(elapsed);
+        if c.requests < self.min_requests {
+            return 0.0;
+        }
+        if self.share > 0 {
+            let e = self.epoch(nanos(elapsed));
+            let b = self.slot(e);
+            let let_through = match b.epoch.load(Ordering::Acquire) == e {
+                true => b.let_through.load(Ordering::Relaxed),
+                false => 0,
+            };
+            if let_through < self.share {
+                return 0.0;
+            }
+        }
+        probability(c.requests, c.accepts, self.k)
+    }
+
+    /// Counts one call that ended at `elapsed`, accepted by the provider or not; `started`:
+    /// when it started, if [`start`](Self::start) counted it.
+    pub(crate) fn record(&self, elapsed: Duration, started: Option<Duration>, accepted: bool) {
+        if let Some(s) = started {
+            self.unstart(s);
+        }
+        let b = self.current(elapsed);
         b.requests.fetch_add(1, Ordering::Relaxed);
+        if !accepted {
+            if let Some(s) = started {
+                let took = nanos(elapsed.saturating_sub(s));
+                b.refusal_max.fetch_max(took, Ordering::Relaxed);
+            }
+        }
         if accepted {
             b.accepts.fetch_add(1, Ordering::Relaxed);
             self.refusing_since.store(0, Ordering::Relaxed);
@@ -225,7 +309,7 @@ mod tests {
 
     fn record(t: &Throttle, at: Duration, requests: u32, accepts: u32) {
         for i in 0..requests {
-            t.record(at, i < accepts);
+            t.record(at, None, i < accepts);
         }
     }
 
@@ -306,14 +390,64 @@ mod tests {
     }
 
     #[test]
+    fn a_call_in_flight_longer_than_every_refusal_counts_as_accepted() {
+        // 1 s in 10 buckets of 100 ms.
+        let t = throttle(Duration::from_secs(1), 10, 1);
+        // A refusal that took 50 ms.
+        t.start(Duration::ZERO);
+        t.record(50 * MS, Some(Duration::ZERO), false);
+        // A call started at 120 ms, in the span that ends at 200 ms: from 250 ms on it has
+        // been in flight longer than the refusal took.
+        t.start(120 * MS);
+        let refused = Counts {
+            requests: 1,
+            accepts: 0,
+        };
+        assert_eq!(t.counts(249 * MS), refused);
+        assert_eq!(
+            t.counts(250 * MS),
+            Counts {
+                requests: 2,
+                accepts: 1
+            }
+        );
+        // Once it ends it counts as what it was, here a refusal that took 880 ms (at 1 s the
+        // first refusal's bucket has left the window).
+        t.record(Duration::from_secs(1), Some(120 * MS), false);
+        assert_eq!(t.counts(Duration::from_secs(1)), refused);
+        // A dropped call leaves the count too.
+        t.start(Duration::from_secs(1));
+        t.abandon(Duration::from_secs(1));
+        assert_eq!(t.counts(1900 * MS).requests, 1);
+    }
+
+    #[test]
+    fn the_floor_lets_its_share_through_in_every_bucket() {
+        // A floor of 20 over 10 buckets: two calls per 100 ms whatever the probability.
+        let t = throttle(Duration::from_secs(1), 10, 20);
+        record(&t, Duration::ZERO, 30, 0);
+        assert_eq!(t.probability(150 * MS), 0.0);
+        t.start(150 * MS);
+        assert_eq!(t.probability(150 * MS), 0.0);
+        t.start(160 * MS);
+        assert_eq!(t.probability(170 * MS), 30.0 / 31.0);
+        // The next bucket has its own share.
+        assert_eq!(t.probability(200 * MS), 0.0);
+        // A floor below the number of buckets is not spread.
+        let small = throttle(Duration::from_secs(1), 10, 4);
+        record(&small, Duration::ZERO, 4, 0);
+        assert_eq!(small.probability(50 * MS), 4.0 / 5.0);
+    }
+
+    #[test]
     fn an_outage_is_young_from_its_first_refusal_after_an_accept_for_hold() {
         let t = throttle(Duration::from_secs(1), 10, 1);
         assert!(!t.young_outage(Duration::ZERO), "no call has ended");
-        t.record(Duration::from_secs(1), true);
+        t.record(Duration::from_secs(1), None, true);
         assert!(!t.young_outage(Duration::from_secs(1)), "the route accepts");
-        t.record(Duration::from_secs(2), false);
+        t.record(Duration::from_secs(2), None, false);
         // Later refusals do not move the outage's start.
-        t.record(Duration::from_secs(4), false);
+        t.record(Duration::from_secs(4), None, false);
         assert!(t.young_outage(Duration::from_secs(2)));
         assert!(t.young_outage(7 * Duration::from_secs(1) - MS));
         assert!(
@@ -321,9 +455,9 @@ mod tests {
             "5 s old: fail fast"
         );
         // An accept ends it; the next refusal starts a new one.
-        t.record(Duration::from_secs(8), true);
+        t.record(Duration::from_secs(8), None, true);
         assert!(!t.young_outage(Duration::from_secs(8)));
-        t.record(Duration::from_secs(9), false);
+        t.record(Duration::from_secs(9), None, false);
         assert!(t.young_outage(Duration::from_secs(13)));
         assert!(!t.young_outage(Duration::from_secs(14)));
     }
