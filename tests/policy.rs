@@ -115,6 +115,9 @@ const CASES: &[Case] = &[
     ("circuit_breaker.throttle.min_requests", |p| {
         throttle(p).min_requests = 0
     }),
+    ("circuit_breaker.throttle.hold", |p| {
+        throttle(p).hold = Duration::from_secs(61)
+    }),
     ("fallback.primary", |p| p.fallback.primary = String::new()),
     ("fallback.primary", |p| {
         p.fallback.primary = "caf\u{e9}".into()
@@ -636,19 +639,20 @@ mod files {
     #[test]
     fn the_throttle_section_loads_from_toml_and_json_and_can_be_turned_off() {
         let toml_policy: Policy = toml::from_str(
-            "[circuit_breaker.throttle]\nk = 3.0\nwindow = \"2s\"\nbuckets = 20\nmin_requests = 4\n",
+            "[circuit_breaker.throttle]\nk = 3.0\nwindow = \"2s\"\nbuckets = 20\nmin_requests = 4\nhold = \"0s\"\n",
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let t = toml_policy.circuit_breaker.throttle.unwrap_or_default();
         assert_eq!(
-            (t.k, t.window, t.buckets, t.min_requests),
-            (3.0, Duration::from_secs(2), 20, 4)
+            (t.k, t.window, t.buckets, t.min_requests, t.hold),
+            (3.0, Duration::from_secs(2), 20, 4, Duration::ZERO)
         );
         // A field left out takes the section's default; a typo is an error.
         let partial: Policy = toml::from_str("[circuit_breaker.throttle]\nk = 4.0\n")
             .unwrap_or_else(|e| panic!("{e}"));
         let t = partial.circuit_breaker.throttle.unwrap_or_default();
         assert_eq!((t.k, t.window), (4.0, ThrottlePolicy::default().window));
+        assert_eq!(t.hold, Duration::from_secs(5));
         let typo = toml::from_str::<Policy>("[circuit_breaker.throttle]\nfloor = 3\n");
         assert!(typo.is_err_and(|e| e.to_string().contains("floor")));
         // JSON `null` turns the throttle off; a bad value names its field.

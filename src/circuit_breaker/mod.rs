@@ -89,16 +89,22 @@
 //! `max(0, (requests − k × accepts) / (requests + 1))` — client-side adaptive throttling as in
 //! the Google SRE book, `k = 2`. A healthy route is never throttled, one that answers half its
 //! calls hardly, one that is down sheds all but a floor: nothing is turned away while the
-//! window holds fewer than `min_requests` requests, so a route that is down still gets a few
-//! calls a second and its recovery is seen as soon as one of them answers. A call the
-//! throttle lets through goes to the provider whatever the circuit says (as a probe when the
-//! circuit is due for one), and counts for both.
+//! window holds fewer than `min_requests` requests (spread over the window's buckets), so a
+//! route that is down still gets a few calls a second and its recovery is seen as soon as one
+//! of them outlives the window's refusals. A call the throttle lets through goes to the
+//! provider whatever the circuit says (as a probe when the circuit is due for one), and counts
+//! for both.
 //!
-//! A turned-away call fails at once with
+//! A turned-away call fails with
 //! [`ErrorKind::Throttled { route, retry_in }`](crate::ErrorKind::Throttled) and a
 //! [`LocalEventKind::Throttled`](crate::attempt_log::LocalEventKind::Throttled) event, no call
-//! made; `retry_in` is the time until the window next moves on. A `RetryLayer` outside treats
-//! it like an open circuit: no attempt recorded, the retry's budget refunded, no further retry.
+//! made; `retry_in` is the time until the window next moves on. While the route's outage is
+//! younger than [`hold`](crate::policy::ThrottlePolicy::hold) (5 s by default), a
+//! `RetryLayer` outside waits it out instead: it asks again each time the window moves, and
+//! a call let through meanwhile that the route refuses sends the request back to waiting
+//! (`retry in … (throttle)` in the log) without using up one of its attempts. Past that, or
+//! with no `RetryLayer`, the error is the request's: the retry layer treats it like an open
+//! circuit (no attempt recorded, the retry's budget refunded, no further retry).
 //! The throttle's random draws are seedable
 //! ([`throttle_source`](CircuitBreakerLayer::throttle_source), or `policy.retry.seed` through
 //! [`from_policy`](CircuitBreakerLayer::from_policy)). A route forced open or closed through

@@ -25,18 +25,25 @@
 //!   refusing for load, the very case the rule was written for. Everything else the provider
 //!   answered (a success, an invalid request, an auth error) was accepted. A stream that breaks
 //!   after a good head was accepted; the breaker counts the break.
+//! - A call still in flight that has outlived every refusal of the window (took longer than
+//!   the slowest call that ended refused) counts as a request and an accept until it ends: a
+//!   route that refuses in milliseconds and is answering again is seen to recover a refusal's
+//!   time after the first call made after its recovery, not an answer's time (0.4–1.2 s in the
+//!   simulator, seconds for a long completion). A route whose refusals are slow (timeouts) gets
+//!   no such credit until a call outlives them.
 //! - The floor: nothing is turned away while the window holds fewer than `min_requests`
-//!   requests. A route that is down keeps receiving about that many calls per window, so its
-//!   recovery is seen as soon as one of them answers, and a route that has seen one fast
-//!   failure and no answer yet is not throttled.
-//!
+//!   requests, nor while the current bucket has let fewer than its share of them through
+//!   (`min_requests / buckets`, when that is at least one). A route that is down keeps
+//!   receiving about `min_requests` calls per window, spread over it rather than in a burst
+//!   each time an old bucket leaves, so a call reaches it soon after any moment it recovers;
+//!   and a route that has seen one fast failure and no answer yet is not throttled.
 //! - Waiting out a young outage: the throttle notes when the route last went from accepting
-//!   to refusing (`refusing_since`); while that is less than the policy's `hold` ago, a call it
-//!   turns away is marked so that the retry layer waits instead of failing (see
-//!   [`ThrottlePolicy::hold`]). Flapping routes are won by waiting — a request that meets a
-//!   5 s outage and is answered when it ends — and a route down for longer fails fast again,
-//!   so that it is sent no more than the floor.
-//!
+//!   to refusing; while that is less than the policy's `hold` ago, a call it turns away (or
+//!   the route refuses) is marked so that the retry layer waits instead of failing (see
+//!   [`ThrottlePolicy::hold`]). A flapping route is served by waiting — a request that meets
+//!   a 5 s outage is answered when it ends — and one down for longer fails fast again, so that
+//!   waiting requests do not sit on a route that is down for good.
+
 //! The window is a ring of time buckets with atomic counters, like the breaker's own: judging a
 //! call is a few atomic loads, and a lock is taken only to rotate a bucket whose span has
 //! passed. The random draw (seedable) is made only when the probability is above zero.

@@ -14,10 +14,12 @@ const MAX_HOLD: Duration = Duration::from_secs(60);
 /// probability `max(0, (requests − k × accepts) / (requests + 1))` (Google SRE book, "Handling
 /// Overload"). A healthy route is never throttled, a route that answers half its calls with
 /// `k = 2` hardly, a route that is down sheds nearly all of them; as soon as calls succeed again
-/// the probability falls. Nothing is turned away while the window holds
-/// fewer than `min_requests` requests: that floor keeps sending a route that is down a few
-/// calls per window, so its recovery is seen at once, and keeps one early failure from
-/// throttling a route that has seen no answer yet.
+/// the probability falls; a call in flight longer than every refusal of the window took
+/// counts as accepted until it ends, so a recovery is seen a refusal's time after it. Nothing
+/// is turned away while the window holds fewer than `min_requests` requests: that floor keeps
+/// sending a route that is down a few calls per window, so its recovery is seen at once, and
+/// keeps one early failure from throttling a route that has seen no answer yet. While the
+/// route's outage is younger than `hold`, a request waits it out instead of failing.
 ///
 /// With a backup route the breaker fails fast instead, so that the fallback moves on.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -35,7 +37,9 @@ pub struct ThrottlePolicy {
     pub buckets: u32,
     /// Requests the window must hold before any call is turned away: the floor of calls a
     /// route that is down is still sent per window (so at least `min_requests / window` a
-    /// second), which sees its recovery at once. At least 1.
+    /// second), which sees its recovery at once. Each bucket lets its share through
+    /// (`min_requests / buckets`, when that is at least one), so the floor's calls are spread
+    /// over the window. At least 1.
     pub min_requests: u32,
     /// How young an outage is waited out (`0s`: never). While the route has been refusing
     /// calls for less than this (since the last call it accepted), a call the throttle turns

@@ -45,6 +45,13 @@
 //!   a call (an open circuit). The first attempt is never asked for: whoever sent the request
 //!   here (`BudgetLayer`, or `FallbackLayer` for a hop) reserved it.
 //! - **`max_attempts`**, the first attempt included.
+//! - **A young outage is waited out.** When the breaker inside marks a refusal as a young
+//!   outage's — its route has no backup for the request and has been refusing for less than
+//!   [`ThrottlePolicy::hold`](crate::policy::ThrottlePolicy::hold) — the request is not
+//!   failed: the layer waits until the throttle's window moves (no attempt, its claims kept)
+//!   and sends it again, within the deadline. A call made while it waits that the route
+//!   refuses is an attempt in the log, `retry in … (throttle)`, and does not count against
+//!   `max_attempts`: the throttle's floor bounds those calls.
 //!
 //! Waits follow the class's backoff curve ([`RetryPolicy::backoff_for`](crate::policy::RetryPolicy::backoff_for):
 //! full jitter by default, also equal, decorrelated or none), from a seedable jitter source.
