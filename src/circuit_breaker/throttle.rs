@@ -43,7 +43,7 @@
 //!   [`ThrottlePolicy::hold`]). A flapping route is served by waiting — a request that meets
 //!   a 5 s outage is answered when it ends — and one down for longer fails fast again, so that
 //!   waiting requests do not sit on a route that is down for good.
-
+//!
 //! The window is a ring of time buckets with atomic counters, like the breaker's own: judging a
 //! call is a few atomic loads, and a lock is taken only to rotate a bucket whose span has
 //! passed. The random draw (seedable) is made only when the probability is above zero.
@@ -154,20 +154,32 @@ impl Throttle {
                 refusal_max = refusal_max.max(b.refusal_max.load(Ordering::Relaxed));
             }
         }
+        let outlived = self.outlived(now, refusal_max);
+        c.requests = c.requests.saturating_add(outlived);
+        c.accepts = c.accepts.saturating_add(outlived);
+        c
+    }
+
+    /// The calls in flight at `now` that have been so for longer than `refusal_max`.
+    fn outlived(&self, now: u64, refusal_max: u64) -> u32 {
+        let e = self.epoch(now);
+        let n = self.buckets.len() as u64;
+        let mut outlived = 0u32;
         for b in self.buckets.iter() {
-            // Every call started in span `be` has been in flight since its end at least.
-            let outlived = in_window(b).is_some_and(|be| {
-                be.saturating_mul(self.width_nanos)
+            let be = b.epoch.load(Ordering::Acquire);
+            // Every call started in span `be` (inside the window) has been in flight since the
+            // span's end at least.
+            if be != 0
+                && be.saturating_add(n) > e
+                && be
+                    .saturating_mul(self.width_nanos)
                     .saturating_add(refusal_max)
                     <= now
-            });
-            if outlived {
-                let s = b.started.load(Ordering::Relaxed);
-                c.requests = c.requests.saturating_add(s);
-                c.accepts = c.accepts.saturating_add(s);
+            {
+                outlived = outlived.saturating_add(b.started.load(Ordering::Relaxed));
             }
         }
-        c
+        outlived
     }
 
     /// The bucket of the span `elapsed` is in, rotated to it if its span has passed.
