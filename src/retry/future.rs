@@ -251,22 +251,14 @@ impl<B: ReplayBody> Attempts<B> {
     }
 
     /// Attempt `idx`, made while the request waited out a young outage, was refused again:
-    /// back to waiting, if the request can wait and the spend cap (when there is one) grants
-    /// the next call at once.
+    /// back to waiting, if the request can wait. Under a spend cap the next call is a retry
+    /// like any other (the cap reserves it, and it counts against `max_attempts`), so that its
+    /// spend is reserved the one way the cap knows.
     fn wait_out_again(&mut self, idx: usize, wait: Duration) -> Option<Request<B>> {
-        if !self.waiting_out {
+        if !self.waiting_out || self.spend.is_some() {
             return None;
         }
-        if let Some(gate) = &self.spend {
-            match gate.admit(&self.route).now() {
-                Some(Ok(())) => self.granted.spend = true,
-                _ => return None,
-            }
-        }
-        let Some(next) = self.wait_out(wait) else {
-            self.called(false);
-            return None;
-        };
+        let next = self.wait_out(wait)?;
         let source = WaitSource::Throttle;
         self.ctx.log().decide(idx, Decision::Retry { wait, source });
         Some(next)
