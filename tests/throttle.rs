@@ -273,3 +273,38 @@ async fn an_outage_older_than_hold_fails_fast_again() -> Result<(), BoxError> {
     assert!(late >= 10, "{late} requests after 1.5 s");
     Ok(())
 }
+
+#[tokio::test(start_paused = true)]
+async fn waiting_out_an_outage_ends_before_the_deadline() -> Result<(), BoxError> {
+    let mock = MockProvider::start().await?;
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        (0..1000).map(|_| Reply::openai_overloaded()),
+    );
+    let mut policy = Policy::interactive();
+    policy.retry.seed = Some(7);
+    policy.retry.max_elapsed = Duration::from_secs(2);
+    if let Some(t) = policy.circuit_breaker.throttle.as_mut() {
+        t.min_requests = 2;
+    }
+    let svc = ServiceBuilder::new()
+        .layer(policy.layer()?)
+        .service(testing::client());
+
+    // The outage is young for 5 s, the request's deadline 2 s away: it waits, then the
+    // refusal that would have to wait past the deadline is its answer.
+    let started = tokio::time::Instant::now();
+    let (out, log) = request(&svc, &mock).await;
+    let took = started.elapsed();
+    assert!(waited(&log), "{log}");
+    let e = out.err().ok_or("a refusal")?;
+    assert!(
+        matches!(e.kind(), ErrorKind::Throttled { .. }),
+        "{e}: {log}"
+    );
+    assert!(took < Duration::from_secs(2), "{took:?}: {log}");
+    assert!(took >= Duration::from_millis(1900), "{took:?}: {log}");
+    // Every call the provider saw is in the log.
+    assert_eq!(mock.request_count(), log.attempt_count());
+    Ok(())
+}
