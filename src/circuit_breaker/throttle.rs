@@ -137,49 +137,40 @@ impl Throttle {
     pub(crate) fn counts(&self, elapsed: Duration) -> Counts {
         let now = nanos(elapsed);
         let e = self.epoch(now);
-        let n = self.buckets.len() as u64;
         let mut c = Counts::default();
         let mut refusal_max = 0;
-        let in_window = |b: &Bucket| {
-            let be = b.epoch.load(Ordering::Acquire);
-            // One of the last `n` spans (or a racing newer one).
-            (be != 0 && be.saturating_add(n) > e).then_some(be)
-        };
-        for b in self.buckets.iter() {
-            if in_window(b).is_some() {
-                c.requests = c
-                    .requests
-                    .saturating_add(b.requests.load(Ordering::Relaxed));
-                c.accepts = c.accepts.saturating_add(b.accepts.load(Ordering::Relaxed));
-                refusal_max = refusal_max.max(b.refusal_max.load(Ordering::Relaxed));
-            }
+        for b in self.buckets.iter().filter(|b| self.in_window(b, e)) {
+            c.requests = c
+                .requests
+                .saturating_add(b.requests.load(Ordering::Relaxed));
+            c.accepts = c.accepts.saturating_add(b.accepts.load(Ordering::Relaxed));
+            refusal_max = refusal_max.max(b.refusal_max.load(Ordering::Relaxed));
         }
-        let outlived = self.outlived(now, refusal_max);
+        // Every call started in a span has been in flight since the span's end at least.
+        let outlived = self
+            .buckets
+            .iter()
+            .filter(|b| self.in_window(b, e))
+            .filter(|b| {
+                let end = b
+                    .epoch
+                    .load(Ordering::Acquire)
+                    .saturating_mul(self.width_nanos);
+                end.saturating_add(refusal_max) <= now
+            })
+            .fold(0u32, |n, b| {
+                n.saturating_add(b.started.load(Ordering::Relaxed))
+            });
         c.requests = c.requests.saturating_add(outlived);
         c.accepts = c.accepts.saturating_add(outlived);
         c
     }
 
-    /// The calls in flight at `now` that have been so for longer than `refusal_max`.
-    fn outlived(&self, now: u64, refusal_max: u64) -> u32 {
-        let e = self.epoch(now);
-        let n = self.buckets.len() as u64;
-        let mut outlived = 0u32;
-        for b in self.buckets.iter() {
-            let be = b.epoch.load(Ordering::Acquire);
-            // Every call started in span `be` (inside the window) has been in flight since the
-            // span's end at least.
-            if be != 0
-                && be.saturating_add(n) > e
-                && be
-                    .saturating_mul(self.width_nanos)
-                    .saturating_add(refusal_max)
-                    <= now
-            {
-                outlived = outlived.saturating_add(b.started.load(Ordering::Relaxed));
-            }
-        }
-        outlived
+    /// Whether `b` is inside the window of span `e`: one of the last `n` spans (or a racing
+    /// newer one).
+    fn in_window(&self, b: &Bucket, e: u64) -> bool {
+        let be = b.epoch.load(Ordering::Acquire);
+        be != 0 && be.saturating_add(self.buckets.len() as u64) > e
     }
 
     /// The bucket of the span `elapsed` is in, rotated to it if its span has passed.
@@ -254,16 +245,14 @@ impl Throttle {
         }
         let b = self.current(elapsed);
         b.requests.fetch_add(1, Ordering::Relaxed);
-        if !accepted {
-            if let Some(s) = started {
-                let took = nanos(elapsed.saturating_sub(s));
-                b.refusal_max.fetch_max(took, Ordering::Relaxed);
-            }
-        }
         if accepted {
             b.accepts.fetch_add(1, Ordering::Relaxed);
             self.refusing_since.store(0, Ordering::Relaxed);
         } else {
+            if let Some(s) = started {
+                let took = nanos(elapsed.saturating_sub(s));
+                b.refusal_max.fetch_max(took, Ordering::Relaxed);
+            }
             // Only the first refusal after an accept starts the outage.
             let since = nanos(elapsed).saturating_add(1);
             let _ = self.refusing_since.compare_exchange(
