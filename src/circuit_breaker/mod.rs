@@ -102,7 +102,8 @@
 //! younger than [`hold`](crate::policy::ThrottlePolicy::hold) (5 s by default), a
 //! `RetryLayer` outside waits it out instead: it asks again each time the window moves, and
 //! a call let through meanwhile that the route refuses sends the request back to waiting
-//! (`retry in … (throttle)` in the log) without using up one of its attempts. Past that, or
+//! (`retry in … (throttle)` in the log) without using up one of its attempts (the chain's
+//! `max_total_attempts` still holds). Past that, or
 //! with no `RetryLayer`, the error is the request's: the retry layer treats it like an open
 //! circuit (no attempt recorded, the retry's budget refunded, no further retry).
 //! The throttle's random draws are seedable

@@ -46,12 +46,15 @@ pub struct ThrottlePolicy {
     /// away is not failed: the [`RetryLayer`](crate::retry::RetryLayer) holds it and asks the
     /// throttle again each time the window moves, until the route answers, the outage gets
     /// older than `hold` or the request's deadline comes. A call let through while the
-    /// request waits that the route refuses again sends it back to waiting without using up
-    /// one of its `max_attempts`: the throttle's floor, not the retry policy, bounds those
-    /// calls (under a spend cap they are ordinary retries, which the cap reserves). Each
-    /// refusal while the request waits is a `Throttled` event in its log. Most outages of a model API are blips of a few seconds, which a request that
-    /// waits rides out the way a backoff does; an outage older than `hold` fails fast, so a
-    /// route that is down for good is not sent more than the floor. At most 60 s.
+    /// request waits that the route refuses again (with a failure its class's rule would
+    /// retry, and replay allowed) sends it back to waiting without using up one of its
+    /// `max_attempts`: the throttle's floor, not the retry policy, bounds those calls, within
+    /// the chain's `fallback.max_total_attempts` (under a spend cap they are ordinary retries,
+    /// which the cap reserves). Each refusal while the
+    /// request waits is a `Throttled` event in its log. Most outages of a model API are blips
+    /// of a few seconds, which a request that waits rides out the way a backoff does; an
+    /// outage older than `hold` fails fast, so a route that is down for good is not sent more
+    /// than the floor. At most 60 s.
     #[cfg_attr(feature = "serde", serde(with = "crate::duration::serde_duration"))]
     pub hold: Duration,
 }

@@ -250,12 +250,23 @@ impl<B: ReplayBody> Attempts<B> {
         Some(next)
     }
 
-    /// Attempt `idx`, made while the request waited out a young outage, was refused again:
-    /// back to waiting, if the request can wait. Under a spend cap the next call is a retry
-    /// like any other (the cap reserves it, and it counts against `max_attempts`), so that its
-    /// spend is reserved the one way the cap knows.
-    fn wait_out_again(&mut self, idx: usize, wait: Duration) -> Option<Request<B>> {
+    /// Attempt `idx`, made while the request waited out a young outage, was refused again
+    /// (`c`): back to waiting, if the request can wait and the failure may be retried at all —
+    /// its class's rule and the server allow a retry, and the idempotency rule a replay. Under
+    /// a spend cap the next call is a retry like any other (the cap reserves it, and it counts
+    /// against `max_attempts`), so that its spend is reserved the one way the cap knows.
+    fn wait_out_again(
+        &mut self,
+        idx: usize,
+        wait: Duration,
+        c: &Classification,
+    ) -> Option<Request<B>> {
         if !self.waiting_out || self.spend.is_some() {
+            return None;
+        }
+        let class = c.class?;
+        let never = self.shared.actions.get(class).retry == RetryRule::Never;
+        if never || c.should_retry == Some(false) || self.check_replay(class).is_err() {
             return None;
         }
         let next = self.wait_out(wait)?;
@@ -566,7 +577,7 @@ where
         }
         let idx = attempts.record(&c, Some(&e));
         if let Some(wait) = e.wait_out() {
-            if let Some(next) = attempts.wait_out_again(idx, wait) {
+            if let Some(next) = attempts.wait_out_again(idx, wait, &c) {
                 self.sleep(wait, None, next);
                 return None;
             }
@@ -622,7 +633,7 @@ where
         let attempts = &mut *self.attempts;
         let idx = attempts.record(&c, None);
         if let Some(wait) = crate::circuit_breaker::wait_out(&response) {
-            if let Some(next) = attempts.wait_out_again(idx, wait) {
+            if let Some(next) = attempts.wait_out_again(idx, wait, &c) {
                 self.sleep(wait, Some(response.into_body()), next);
                 return Poll::Ready(None);
             }

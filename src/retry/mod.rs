@@ -51,7 +51,9 @@
 //!   failed: the layer waits until the throttle's window moves (no attempt, its claims kept)
 //!   and sends it again, within the deadline. A call made while it waits that the route
 //!   refuses is an attempt in the log, `retry in … (throttle)`, and does not count against
-//!   `max_attempts`: the throttle's floor bounds those calls.
+//!   `max_attempts`: the throttle's floor bounds those calls, and the chain's cap on attempts
+//!   (`fallback.max_total_attempts`) still holds, as do the class's rule and the idempotency
+//!   rule.
 //!
 //! Waits follow the class's backoff curve ([`RetryPolicy::backoff_for`](crate::policy::RetryPolicy::backoff_for):
 //! full jitter by default, also equal, decorrelated or none), from a seedable jitter source.
