@@ -5,9 +5,11 @@
 use std::time::Duration;
 
 use tower::{ServiceBuilder, ServiceExt};
-use tower_llm_resilience::attempt_log::{Decision, LocalEventKind, WaitSource};
+use tower_llm_resilience::attempt_log::{Decision, LocalEventKind, StopReason, WaitSource};
 use tower_llm_resilience::testing::{self, MockProvider, Reply, ScriptKey};
-use tower_llm_resilience::{AttemptLog, BoxError, Error, ErrorKind, Policy, RouteName};
+use tower_llm_resilience::{
+    AttemptLog, BoxError, Error, ErrorKind, FailureClass, Policy, RouteName,
+};
 
 /// What one request came to: its status or its error, and its attempt log.
 async fn request<S>(svc: &S, mock: &MockProvider) -> (Result<u16, Error>, AttemptLog)
@@ -306,5 +308,50 @@ async fn waiting_out_an_outage_ends_before_the_deadline() -> Result<(), BoxError
     assert!(took >= Duration::from_millis(1900), "{took:?}: {log}");
     // Every call the provider saw is in the log.
     assert_eq!(mock.request_count(), log.attempt_count());
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_that_may_have_been_accepted_is_not_sent_again_while_waiting() -> Result<(), BoxError>
+{
+    // Two 503s, then a call that never answers: timed out, it may have reached the model, and
+    // a chat POST without an idempotency key is not replayed, waiting or not.
+    let mock = MockProvider::start().await?;
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        [
+            Reply::openai_overloaded(),
+            Reply::openai_overloaded(),
+            Reply::never(),
+        ]
+        .into_iter()
+        .chain((0..10).map(|_| Reply::openai_chat("gpt-4o", "hello"))),
+    );
+    let mut policy = Policy::interactive();
+    policy.retry.seed = Some(7);
+    if let Some(t) = policy.circuit_breaker.throttle.as_mut() {
+        t.min_requests = 2;
+        // Long enough for the outage to be young still when the preset's 20 s first-token
+        // timeout ends the call.
+        t.hold = Duration::from_secs(30);
+    }
+    let svc = ServiceBuilder::new()
+        .layer(policy.layer()?)
+        .service(testing::client());
+
+    // As in the test above, the third call is turned away and the request waits; the call it
+    // makes at 700 ms times out, and that ends it: not sent back to waiting, it was the
+    // request's third attempt. (Sent back, the request would be served by a fourth call.)
+    let (out, log) = request(&svc, &mock).await;
+    assert!(waited(&log), "{log}");
+    let e = out.err().ok_or_else(|| format!("no error: {log}"))?;
+    assert_eq!(e.class(), Some(FailureClass::Timeout), "{e}: {log}");
+    assert_eq!(mock.request_count(), 3, "{log}");
+    let last = log.attempts().last().cloned().ok_or("no attempt")?;
+    assert_eq!(
+        last.decisions.last(),
+        Some(&Decision::Stop(StopReason::AttemptsExhausted)),
+        "{log}"
+    );
     Ok(())
 }
