@@ -144,27 +144,58 @@ async fn a_throttled_request_is_typed_with_its_route_and_wait_and_logged_without
     Ok(())
 }
 
+/// The throttle's refusals in a request's log.
+fn refusals(log: &AttemptLog) -> usize {
+    log.events()
+        .iter()
+        .filter(|e| matches!(e.kind, LocalEventKind::Throttled { .. }))
+        .count()
+}
+
+/// The attempts after which the request went back to waiting out the outage.
+fn waits_after(log: &AttemptLog) -> Vec<usize> {
+    let back_to_waiting = |d: &Decision| {
+        matches!(
+            d,
+            Decision::Retry {
+                source: WaitSource::Throttle,
+                ..
+            }
+        )
+    };
+    let attempts = log.attempts();
+    (0..attempts.len())
+        .filter(|&i| attempts[i].decisions.iter().any(back_to_waiting))
+        .collect()
+}
+
 /// Whether a request waited out an outage: asked the throttle again after it turned the call
 /// away (a request that does not wait ends at its one refusal), or went back to waiting after a
 /// call made while it waited.
 fn waited(log: &AttemptLog) -> bool {
-    let refusals = log
-        .events()
-        .iter()
-        .filter(|e| matches!(e.kind, LocalEventKind::Throttled { .. }))
-        .count();
-    let rewaits = log.attempts().iter().any(|a| {
-        a.decisions.iter().any(|d| {
-            matches!(
-                d,
-                Decision::Retry {
-                    source: WaitSource::Throttle,
-                    ..
-                }
-            )
-        })
-    });
-    refusals >= 2 || rewaits
+    refusals(log) >= 2 || !waits_after(log).is_empty()
+}
+
+/// The interactive preset with `seed`, a floor of 2 (one client sending one request at a time
+/// stays below the preset's 10) and outages younger than `hold` waited out.
+fn waiting_policy(seed: u64, hold: Duration) -> Policy {
+    let mut policy = Policy::interactive();
+    policy.retry.seed = Some(seed);
+    if let Some(t) = policy.circuit_breaker.throttle.as_mut() {
+        t.min_requests = 2;
+        t.hold = hold;
+    }
+    policy
+}
+
+/// A provider whose every call is a 503 (overloaded).
+async fn down_for_good() -> Result<MockProvider, BoxError> {
+    let mock = MockProvider::start().await?;
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        (0..1000).map(|_| Reply::openai_overloaded()),
+    );
+    Ok(mock)
 }
 
 #[tokio::test(start_paused = true)]
@@ -177,14 +208,8 @@ async fn a_request_waits_out_a_young_outage_and_is_served_once_the_route_answers
             .chain((0..10).map(|_| Reply::openai_chat("gpt-4o", "hello")))
     };
     let stack = |hold: Duration| -> Result<_, BoxError> {
-        let mut policy = Policy::interactive();
-        policy.retry.seed = Some(7);
-        if let Some(t) = policy.circuit_breaker.throttle.as_mut() {
-            t.min_requests = 2;
-            t.hold = hold;
-        }
         Ok(ServiceBuilder::new()
-            .layer(policy.layer()?)
+            .layer(waiting_policy(7, hold).layer()?)
             .service(testing::client()))
     };
 
@@ -206,30 +231,8 @@ async fn a_request_waits_out_a_young_outage_and_is_served_once_the_route_answers
     // at 201 ms: the request asks again each time the window moves (ten refusals in all), the
     // calls let through at 700 ms and 1 s are refused by the route and send it back to
     // waiting, and the one at 1.4 s is answered.
-    let refusals = log
-        .events()
-        .iter()
-        .filter(|e| matches!(e.kind, LocalEventKind::Throttled { .. }))
-        .count();
-    assert_eq!(refusals, 10, "{log}");
-    let throttle_waits: Vec<usize> = log
-        .attempts()
-        .iter()
-        .enumerate()
-        .filter(|(_, a)| {
-            a.decisions.iter().any(|d| {
-                matches!(
-                    d,
-                    Decision::Retry {
-                        source: WaitSource::Throttle,
-                        ..
-                    }
-                )
-            })
-        })
-        .map(|(i, _)| i)
-        .collect();
-    assert_eq!(throttle_waits, [2, 3], "{log}");
+    assert_eq!(refusals(&log), 10, "{log}");
+    assert_eq!(waits_after(&log), [2, 3], "{log}");
     assert_eq!(started.elapsed(), Duration::from_millis(1400), "{log}");
     // Every call the provider saw is in the log, more than `max_attempts` (3): the calls made
     // while the request waited are the throttle's, not its retries.
@@ -240,17 +243,8 @@ async fn a_request_waits_out_a_young_outage_and_is_served_once_the_route_answers
 
 #[tokio::test(start_paused = true)]
 async fn an_outage_older_than_hold_fails_fast_again() -> Result<(), BoxError> {
-    let mock = MockProvider::start().await?;
-    mock.script(
-        ScriptKey::model("gpt-4o"),
-        (0..1000).map(|_| Reply::openai_overloaded()),
-    );
-    let mut policy = Policy::interactive();
-    policy.retry.seed = Some(5);
-    if let Some(t) = policy.circuit_breaker.throttle.as_mut() {
-        t.min_requests = 2;
-        t.hold = Duration::from_secs(1);
-    }
+    let mock = down_for_good().await?;
+    let policy = waiting_policy(5, Duration::from_secs(1));
     let svc = ServiceBuilder::new()
         .layer(policy.layer()?)
         .service(testing::client());
@@ -278,17 +272,9 @@ async fn an_outage_older_than_hold_fails_fast_again() -> Result<(), BoxError> {
 
 #[tokio::test(start_paused = true)]
 async fn waiting_out_an_outage_ends_before_the_deadline() -> Result<(), BoxError> {
-    let mock = MockProvider::start().await?;
-    mock.script(
-        ScriptKey::model("gpt-4o"),
-        (0..1000).map(|_| Reply::openai_overloaded()),
-    );
-    let mut policy = Policy::interactive();
-    policy.retry.seed = Some(7);
+    let mock = down_for_good().await?;
+    let mut policy = waiting_policy(7, Duration::from_secs(5));
     policy.retry.max_elapsed = Duration::from_secs(2);
-    if let Some(t) = policy.circuit_breaker.throttle.as_mut() {
-        t.min_requests = 2;
-    }
     let svc = ServiceBuilder::new()
         .layer(policy.layer()?)
         .service(testing::client());
@@ -327,14 +313,9 @@ async fn a_call_that_may_have_been_accepted_is_not_sent_again_while_waiting() ->
         .into_iter()
         .chain((0..10).map(|_| Reply::openai_chat("gpt-4o", "hello"))),
     );
-    let mut policy = Policy::interactive();
-    policy.retry.seed = Some(7);
-    if let Some(t) = policy.circuit_breaker.throttle.as_mut() {
-        t.min_requests = 2;
-        // Long enough for the outage to be young still when the preset's 20 s first-token
-        // timeout ends the call.
-        t.hold = Duration::from_secs(30);
-    }
+    // A hold long enough for the outage to be young still when the preset's 20 s first-token
+    // timeout ends the call.
+    let policy = waiting_policy(7, Duration::from_secs(30));
     let svc = ServiceBuilder::new()
         .layer(policy.layer()?)
         .service(testing::client());
