@@ -28,7 +28,8 @@ pub const FALLBACKS: &str = "llm_resilience.fallbacks";
 /// Counter: hedges sent, by [`ROUTE`] (the route the hedge went to).
 pub const HEDGES: &str = "llm_resilience.hedges";
 /// Counter: calls refused locally, without a transport call, by [`ROUTE`] and [`REASON`]
-/// (`circuit_open`, `throttle`, `rate_limit`, `spend_cap`, `store_unavailable`).
+/// (`circuit_open`, `throttle`, `rate_limit`, `spend_cap`, `store_unavailable`). A request
+/// waiting out an outage (`ThrottlePolicy::hold`) counts each refusal.
 pub const REJECTIONS: &str = "llm_resilience.rejections";
 /// Gauge: the state of a route's circuit, by [`ROUTE`]: 0 closed, 1 half-open, 2 open,
 /// 3 forced open, 4 forced closed. Set when a route is first seen and at every transition.
