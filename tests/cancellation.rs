@@ -8,7 +8,7 @@
 //! dropped — the response future if it is still pending, else the body. Every `Pending` is an
 //! await point of some layer, so the runs together drop the request at every await point the
 //! scenario passes through: queued for admission, the transport call, the classifier's peek at
-//! an error body, a retry's backoff sleep, a fallback hop, the stream guard's wait for the
+//! an error body, a retry's backoff sleep, a wait on a throttled route, a fallback hop, the stream guard's wait for the
 //! first token, the held-back prefix, and the committed body frame by frame. After each drop
 //! the test asserts that nothing is left behind, and the last run, which completes, asserts
 //! the request really finished.
@@ -596,5 +596,73 @@ async fn a_completed_request_settles_and_frees_everything() -> Result<(), BoxErr
     // The answer was charged its usage: 5 input and 3 output tokens at 1 and 2 per million.
     assert_eq!(stack.spend.status(OWNER).await.expect("store").spent, 11);
     assert_eq!(stack.transport.calls.load(Ordering::SeqCst), 1);
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropped_anywhere_while_waiting_out_an_outage_nothing_leaks() -> Result<(), BoxError> {
+    // One route, no backup: the throttle decides, and with a floor of 2 it turns the
+    // request's retries away while the route's outage is young — the request waits.
+    let waiting = || {
+        let mut p = policy(CommitPoint::FirstEvent, 100);
+        p.fallback.routes.clear();
+        if let Some(t) = p.circuit_breaker.throttle.as_mut() {
+            t.min_requests = 2;
+        }
+        p
+    };
+    let script = |transport: &Transport| {
+        transport.script(
+            "primary",
+            (0..4).map(|_| Reply::slow_overloaded(ms(20))).collect(),
+        );
+    };
+    let (drops, held) = every_step(
+        "waiting out an outage",
+        || {
+            let transport = Transport::default();
+            script(&transport);
+            stack(&waiting(), transport)
+        },
+        async |_| Ok(()),
+    )
+    .await?;
+    assert!(
+        drops.get(&Phase::Future).copied().unwrap_or(0) >= 10,
+        "{drops:?}"
+    );
+    assert!(held.reserved > 0, "{held:?}");
+    assert_eq!(held.completed_after, 3, "{held:?}");
+
+    // The same request, driven to its end: it did wait — a call went out after the throttle
+    // turned one away — and, under the spend cap (which makes each call made while waiting an
+    // ordinary retry), it ends with the provider's 503 once its three attempts are spent.
+    let transport = Transport::default();
+    script(&transport);
+    let stack = stack(&waiting(), transport)?;
+    let response = stack.service.clone().oneshot(chat_request()).await?;
+    let status = response.status();
+    let log = response
+        .extensions()
+        .get::<tower_llm_resilience::AttemptLog>()
+        .cloned()
+        .ok_or("no attempt log")?;
+    response.into_body().collect_bytes().await?;
+    let refused_at = log
+        .events()
+        .iter()
+        .find(|e| {
+            matches!(
+                e.kind,
+                tower_llm_resilience::attempt_log::LocalEventKind::Throttled { .. }
+            )
+        })
+        .map(|e| e.offset)
+        .ok_or_else(|| format!("never throttled: {log}"))?;
+    let last = log.attempts().last().map(|a| a.offset).unwrap_or_default();
+    assert!(last > refused_at, "{log}");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{log}");
+    assert_eq!(log.attempt_count(), 3, "{log}");
+    assert_nothing_leaked(&stack, "waited, then failed").await;
     Ok(())
 }
