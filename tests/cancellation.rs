@@ -8,10 +8,10 @@
 //! dropped — the response future if it is still pending, else the body. Every `Pending` is an
 //! await point of some layer, so the runs together drop the request at every await point the
 //! scenario passes through: queued for admission, the transport call, the classifier's peek at
-//! an error body, a retry's backoff sleep, a wait on a throttled route, a fallback hop, the stream guard's wait for the
-//! first token, the held-back prefix, and the committed body frame by frame. After each drop
-//! the test asserts that nothing is left behind, and the last run, which completes, asserts
-//! the request really finished.
+//! an error body, a retry's backoff sleep, a wait on a throttled route, a fallback hop, the
+//! stream guard's wait for the first token, the held-back prefix, and the committed body frame
+//! by frame. After each drop the test asserts that nothing is left behind, and the last run,
+//! which completes, asserts the request really finished.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;

@@ -298,8 +298,7 @@ async fn waiting_out_an_outage_ends_before_the_deadline() -> Result<(), BoxError
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_call_that_may_have_been_accepted_is_not_sent_again_while_waiting() -> Result<(), BoxError>
-{
+async fn a_timed_out_call_is_not_replayed_while_waiting() -> Result<(), BoxError> {
     // Two 503s, then a call that never answers: timed out, it may have reached the model, and
     // a chat POST without an idempotency key is not replayed, waiting or not.
     let mock = MockProvider::start().await?;
