@@ -90,11 +90,17 @@ pub struct RouteSnapshot {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ThrottleSnapshot {
-    /// Calls that ended in the window (calls the throttle turned away are not counted).
+    /// Calls that ended in the window (calls the throttle turned away are not counted), and
+    /// calls still in flight that have outlived every refusal of the window.
     pub requests: u32,
     /// Of those, the calls the provider accepted (answered with anything but a failure that
-    /// counts for the breaker or a rate limit).
+    /// counts for the breaker or a rate limit), the calls in flight counted as accepted.
     pub accepts: u32,
+    /// How long the route has been refusing calls: since the first refusal after the last
+    /// call it accepted; `None` when the last call to end was accepted (or none has ended).
+    /// A request turned away while this is under the policy's
+    /// [`hold`](crate::policy::ThrottlePolicy::hold) waits the outage out.
+    pub refusing_for: Option<Duration>,
 }
 
 /// The callback type of [`CircuitBreakerHandle::on_transition`].

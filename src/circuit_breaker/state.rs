@@ -931,10 +931,12 @@ impl RouteState {
             probes_in_flight: c.probes,
             calls_in_flight: self.in_flight.load(Ordering::Acquire),
             throttle: self.throttle.as_ref().map(|t| {
-                let counts = t.counts(self.elapsed(now));
+                let elapsed = self.elapsed(now);
+                let counts = t.counts(elapsed);
                 ThrottleSnapshot {
                     requests: counts.requests,
                     accepts: counts.accepts,
+                    refusing_for: t.refusing_for(elapsed),
                 }
             }),
         }

@@ -267,9 +267,18 @@ impl Throttle {
     /// Whether the route is refusing calls and started less than `hold` before `elapsed`: an
     /// outage young enough for a request to wait out.
     pub(crate) fn young_outage(&self, elapsed: Duration) -> bool {
+        self.refusing_for(elapsed)
+            .is_some_and(|age| age < self.hold)
+    }
+
+    /// How long before `elapsed` the route went from accepting to refusing calls; `None` while
+    /// the last call to end was accepted.
+    pub(crate) fn refusing_for(&self, elapsed: Duration) -> Option<Duration> {
         match self.refusing_since.load(Ordering::Relaxed) {
-            0 => false,
-            since => nanos(elapsed).saturating_sub(since - 1) < nanos(self.hold),
+            0 => None,
+            since => Some(Duration::from_nanos(
+                nanos(elapsed).saturating_sub(since - 1),
+            )),
         }
     }
 

@@ -134,7 +134,8 @@ async fn a_route_with_no_backup_is_throttled_with_the_sre_probability_and_a_type
         throttle,
         Some(ThrottleSnapshot {
             requests: 100,
-            accepts: 25
+            accepts: 25,
+            refusing_for: Some(Duration::ZERO),
         })
     );
 
@@ -223,7 +224,9 @@ async fn the_floor_lets_calls_through_and_the_window_slides_them_out() {
         handle.snapshot(A).and_then(|s| s.throttle),
         Some(ThrottleSnapshot {
             requests: sent as u32,
-            accepts: 0
+            accepts: 0,
+            // Refusing since the first call, 250 ms ago.
+            refusing_for: Some(Duration::from_millis(250)),
         })
     );
     // Nearly all shed: p = n / (n + 1) after n failures.
@@ -234,9 +237,13 @@ async fn the_floor_lets_calls_through_and_the_window_slides_them_out() {
     let c = handle.snapshot(A).and_then(|s| s.throttle).unwrap();
     assert_eq!(c.requests as usize, sent - 3);
     sleep(Duration::from_millis(300)).await;
+    // The window is empty; the route is still refusing, since its first call 1.3 s ago.
     assert_eq!(
         handle.snapshot(A).and_then(|s| s.throttle),
-        Some(ThrottleSnapshot::default())
+        Some(ThrottleSnapshot {
+            refusing_for: Some(Duration::from_millis(1300)),
+            ..ThrottleSnapshot::default()
+        })
     );
     assert_eq!(handle.throttle_probability(A), Some(0.0));
     assert_eq!(roundtrip(&mut svc, req(false)).await.ok(), Some(503));
@@ -331,7 +338,8 @@ async fn rate_limits_are_refusals_for_the_throttle_and_neutral_for_the_breaker()
         s.throttle,
         Some(ThrottleSnapshot {
             requests: 10,
-            accepts: 0
+            accepts: 0,
+            refusing_for: Some(Duration::ZERO),
         })
     );
 }
