@@ -11,7 +11,6 @@ use crate::classify::SharedClassifier;
 use crate::policy::idempotency::CONVENTIONAL_KEY_HEADER;
 use crate::policy::{CachePolicy, LoggingPolicy, Policy, PolicyError};
 
-/// The header a caller conventionally sends its idempotency key in.
 /// The owner header when the policy has no spend section.
 const DEFAULT_OWNER_HEADER: &str = "x-llm-budget-owner";
 

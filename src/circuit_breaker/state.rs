@@ -510,7 +510,7 @@ impl RouteState {
     /// `started`: what [`started`](Self::started) returned for it.
     pub(crate) fn abandon(&self, admission: Admission, started: Option<Duration>) {
         if let (Some(t), Some(s)) = (&self.throttle, started) {
-            t.abandon(s);
+            t.unstart(s);
         }
         match admission {
             Admission::Normal { .. } => self.landed(),

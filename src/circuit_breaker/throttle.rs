@@ -200,8 +200,9 @@ impl Throttle {
         b.let_through.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The call started at `started` is no longer in flight (ended or dropped).
-    fn unstart(&self, started: Duration) {
+    /// The call started at `started` is no longer in flight (ended, or dropped without an
+    /// outcome).
+    pub(crate) fn unstart(&self, started: Duration) {
         let e = self.epoch(nanos(started));
         let b = self.slot(e);
         // A bucket reused for a newer span no longer counts the call.
@@ -210,11 +211,6 @@ impl Throttle {
                 .started
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
         }
-    }
-
-    /// A call started at `started` was dropped without an outcome.
-    pub(crate) fn abandon(&self, started: Duration) {
-        self.unstart(started);
     }
 
     /// The probability of turning a call away at `elapsed` (zero below the floor).
@@ -434,7 +430,7 @@ mod tests {
         assert_eq!(t.counts(Duration::from_secs(1)), refused);
         // A dropped call leaves the count too.
         t.start(Duration::from_secs(1));
-        t.abandon(Duration::from_secs(1));
+        t.unstart(Duration::from_secs(1));
         assert_eq!(t.counts(1900 * MS).requests, 1);
     }
 

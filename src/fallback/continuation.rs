@@ -207,9 +207,10 @@ impl Plan {
     /// Starts a continuation of the stream cut by `cause` whose caller has `text` and
     /// `delivered_bytes`: on the next route after the current one (in the request's order)
     /// that the class's rule, the chain's needs and the pacing allow, that accepts a prefill
-    /// and that the request can be written for. The future claims the spend and the retry budget first. `None` when there
-    /// is no such route, or the continuation limit, the attempt cap or the deadline says no.
-    /// Returns the route and the whitespace the prefill left out.
+    /// and that the request can be written for. The future claims the spend and the retry
+    /// budget first. `None` when there is no such route, or the continuation limit, the
+    /// attempt cap or the deadline says no. Returns the route and the whitespace the prefill
+    /// left out.
     pub(crate) fn start(
         &mut self,
         cause: &StreamCause,

@@ -238,10 +238,7 @@ impl<B: ReplayBody> Attempts<B> {
     /// the request's attempts: a call turned away made none, and one the route refused while
     /// the request waited was the throttle's to send, bounded by its floor.
     fn wait_out(&mut self, wait: Duration) -> Option<Request<B>> {
-        let before_deadline = Instant::now()
-            .checked_add(wait)
-            .is_some_and(|at| at < self.facts.deadline);
-        if !before_deadline {
+        if !self.ends_before_deadline(wait) {
             return None;
         }
         let next = self.template.as_ref().and_then(Template::attempt)?;
@@ -430,14 +427,18 @@ impl<B: ReplayBody> Attempts<B> {
             NextWait::Wait { wait, source } => (ceil_millis(wait), source),
             NextWait::AboveCap { .. } => return Err(StopReason::ServerWaitAboveCap),
         };
-        // An attempt that would start at or after the deadline could not answer in time.
-        let deadline_hit = Instant::now()
-            .checked_add(wait)
-            .is_none_or(|at| at >= self.facts.deadline);
-        if deadline_hit {
+        if !self.ends_before_deadline(wait) {
             return Err(StopReason::DeadlineExceeded);
         }
         Ok((wait, source))
+    }
+
+    /// Whether a wait of `wait` from now ends before the deadline: an attempt that would start
+    /// at or after it could not answer in time.
+    fn ends_before_deadline(&self, wait: Duration) -> bool {
+        Instant::now()
+            .checked_add(wait)
+            .is_some_and(|at| at < self.facts.deadline)
     }
 }
 
