@@ -251,6 +251,14 @@ fn continues(log: &AttemptLog) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// The route of each attempt.
+fn routes(log: &AttemptLog) -> Vec<Option<String>> {
+    log.attempts()
+        .iter()
+        .map(|a| a.route.as_ref().map(|r| r.to_string()))
+        .collect()
+}
+
 fn ends(log: &AttemptLog) -> Vec<Option<StreamEnd>> {
     log.attempts()
         .iter()
@@ -1106,13 +1114,8 @@ async fn a_continuation_skips_a_route_that_does_not_stream() {
     let (stream, error) = read(response.into_body()).await;
     assert!(error.is_none(), "{error:?}");
     assert_eq!(openai_stream_text(&stream), canonical());
-    let routes: Vec<_> = log
-        .attempts()
-        .iter()
-        .map(|a| a.route.as_ref().map(|r| r.to_string()))
-        .collect();
     assert_eq!(
-        routes,
+        routes(&log),
         [Some("primary".to_owned()), Some("backup".to_owned())],
         "{log}"
     );
@@ -1157,12 +1160,11 @@ async fn a_continuation_follows_the_order_the_selection_strategy_chose() {
     // `second` is the last route as written: only the strategy's order has a route after it.
     assert!(error.is_none(), "{error:?}");
     assert_eq!(openai_stream_text(&stream), canonical());
-    let routes: Vec<_> = log
-        .attempts()
-        .iter()
-        .map(|a| a.route.as_ref().map(|r| r.to_string()).unwrap_or_default())
-        .collect();
-    assert_eq!(routes, ["second", "backup"], "{log}");
+    assert_eq!(
+        routes(&log),
+        [Some("second".to_owned()), Some("backup".to_owned())],
+        "{log}"
+    );
     assert_eq!(
         continues(&log)
             .iter()

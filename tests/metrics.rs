@@ -18,6 +18,9 @@ mod backup;
 use backup::policy_with_backup;
 #[path = "support/prices.rs"]
 mod prices;
+#[path = "support/served.rs"]
+mod served;
+use served::served;
 
 /// One snapshot of the recorder: what changed since the previous one.
 struct Snap(Vec<(CompositeKey, DebugValue)>);
@@ -560,19 +563,7 @@ async fn served_by(p: &Policy, mock: &MockProvider, stream: bool) -> String {
     let mut req = testing::chat_request(&mock.url(), "gpt-4o", stream);
     req.headers_mut()
         .insert("idempotency-key", http::HeaderValue::from_static("k-1"));
-    let response = svc
-        .ready()
-        .await
-        .expect("ready")
-        .call(req)
-        .await
-        .expect("an answer");
-    let route = response.headers()["x-llm-route"]
-        .to_str()
-        .expect("ascii")
-        .to_owned();
-    response.into_body().collect().await.expect("a whole body");
-    route
+    served(&mut svc, req).await.0
 }
 
 #[test]

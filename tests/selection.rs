@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use tower::{Layer, Service, ServiceExt};
 use tower_llm_resilience::attempt_log::LocalEventKind;
 use tower_llm_resilience::policy::{Price, RouteConfig, RouteStrategy, SpendPolicy};
@@ -15,6 +15,9 @@ use tower_llm_resilience::{AttemptLog, Policy, ResilienceLayer, RouteName};
 
 #[path = "support/prices.rs"]
 mod prices;
+#[path = "support/served.rs"]
+mod served;
+use served::served;
 
 const MODELS: [&str; 3] = ["gpt-4o", "mid", "cheap"];
 
@@ -50,33 +53,7 @@ where
             Error = tower_llm_resilience::Error,
         >,
 {
-    send_request(svc, chat_request(&mock.url(), "gpt-4o", false)).await
-}
-
-/// Sends `req` through `svc`: the route that served it and the request's log.
-async fn send_request<S>(svc: &mut S, mut req: http::Request<Full<Bytes>>) -> (String, AttemptLog)
-where
-    S: Service<
-            http::Request<Full<Bytes>>,
-            Response = http::Response<tower_llm_resilience::Body>,
-            Error = tower_llm_resilience::Error,
-        >,
-{
-    let log = AttemptLog::new();
-    req.extensions_mut().insert(log.clone());
-    let resp = svc
-        .ready()
-        .await
-        .expect("ready")
-        .call(req)
-        .await
-        .expect("served");
-    let route = resp.headers()["x-llm-route"]
-        .to_str()
-        .expect("ascii")
-        .to_owned();
-    resp.into_body().collect().await.expect("body");
-    (route, log)
+    served(svc, chat_request(&mock.url(), "gpt-4o", false)).await
 }
 
 /// The `route_chosen` event of a request: strategy, candidates, reason.
@@ -364,7 +341,7 @@ async fn a_strategy_still_skips_a_route_the_request_cannot_use() {
     let body = r#"{"model":"gpt-4o","max_tokens":100,"tools":[{"type":"function","function":{"name":"f"}}],"messages":[{"role":"user","content":"call f"}]}"#;
     let mut req = chat_request(&mock.url(), "gpt-4o", false);
     *req.body_mut() = Full::new(Bytes::from(body));
-    let (route, log) = send_request(&mut svc, req).await;
+    let (route, log) = served(&mut svc, req).await;
     assert_eq!(route, "mid");
     let skipped: Vec<_> = log
         .events()
