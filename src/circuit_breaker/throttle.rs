@@ -30,7 +30,11 @@
 //!   route that refuses in milliseconds and is answering again is seen to recover a refusal's
 //!   time after the first call made after its recovery, not an answer's time (0.4–1.2 s in the
 //!   simulator, seconds for a long completion). A route whose refusals are slow (timeouts) gets
-//!   no such credit until a call outlives them.
+//!   no such credit until a call outlives them. In an outage older than `hold` (and than
+//!   the window) the first such call makes the throttle forget the outage's refusals, once
+//!   per outage: a route down for half a minute has filled the window with them, and one
+//!   accept offsets only `k` refusals, so the requests that came before the recovered
+//!   route's answers outnumbered them would fail fast for nothing.
 //! - The floor: nothing is turned away while the window holds fewer than `min_requests`
 //!   requests, nor while the current bucket has let fewer than its share of them through
 //!   (`min_requests / buckets`, when that is at least one). A route that is down keeps
@@ -48,7 +52,7 @@
 //! call is a few atomic loads, and a lock is taken only to rotate a bucket whose span has
 //! passed. The random draw (seedable) is made only when the probability is above zero.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -99,6 +103,8 @@ pub(crate) struct Throttle {
     /// When the route last went from accepting to refusing calls, plus one (`0`: the last call
     /// to end was accepted, or none has ended).
     refusing_since: AtomicU64,
+    /// The current outage's refusals were forgotten once (see `forget_outage`).
+    forgotten: AtomicBool,
     /// The floor's share of each bucket: calls let through in every span, whatever the
     /// probability (`0`: a floor smaller than the number of buckets is not spread).
     share: u32,
@@ -116,6 +122,7 @@ impl Throttle {
             rotate: Mutex::new(()),
             hold: policy.hold,
             refusing_since: AtomicU64::new(0),
+            forgotten: AtomicBool::new(false),
             share: policy.min_requests / n,
         }
     }
@@ -133,8 +140,18 @@ impl Throttle {
     }
 
     /// Requests and accepts over the window ending at `elapsed`, a call still in flight that
-    /// has outlived every refusal of the window counted as both.
+    /// has outlived every refusal of the window counted as both (an old outage's refusals
+    /// forgotten once one has, see [`forget_outage`](Self::forget_outage)).
     pub(crate) fn counts(&self, elapsed: Duration) -> Counts {
+        let (mut c, outlived) = self.forget_outage(elapsed, self.tally(elapsed));
+        c.requests = c.requests.saturating_add(outlived);
+        c.accepts = c.accepts.saturating_add(outlived);
+        c
+    }
+
+    /// The calls that ended within the window ending at `elapsed`, and the calls still in
+    /// flight that have outlived every refusal among them.
+    fn tally(&self, elapsed: Duration) -> (Counts, u32) {
         let now = nanos(elapsed);
         let e = self.epoch(now);
         let mut c = Counts::default();
@@ -161,9 +178,37 @@ impl Throttle {
             .fold(0u32, |n, b| {
                 n.saturating_add(b.started.load(Ordering::Relaxed))
             });
-        c.requests = c.requests.saturating_add(outlived);
-        c.accepts = c.accepts.saturating_add(outlived);
-        c
+        (c, outlived)
+    }
+
+    /// Forgets the refusals of an outage that has lasted a whole window and longer than
+    /// `hold` once a call in flight has outlived them all: the route is answering again.
+    /// Without this a recovered route stays throttled until accepts outnumber the outage's
+    /// refusals `k` to one — the floor's calls take an answer's time each to get there — and
+    /// the requests that come meanwhile fail fast, as the outage is too old to wait out. As
+    /// when a circuit closes, the outcomes that judged the outage do not judge the recovery.
+    /// A route still down refuses the next calls, which the floor lets through, and is
+    /// throttled again within a window. Once per outage: a call that hangs while the route
+    /// refuses every other must not keep the throttle blind. Returns the counts after.
+    fn forget_outage(&self, elapsed: Duration, (c, outlived): (Counts, u32)) -> (Counts, u32) {
+        let long = self.hold.max(self.window());
+        let old = self.refusing_for(elapsed).is_some_and(|age| age >= long);
+        if !old || outlived == 0 || c.requests == 0 || self.forgotten.load(Ordering::Relaxed) {
+            return (c, outlived);
+        }
+        let _guard = self.lock_rotate();
+        if self.forgotten.swap(true, Ordering::Relaxed) {
+            return self.tally(elapsed);
+        }
+        for b in self.buckets.iter() {
+            b.requests.store(0, Ordering::Relaxed);
+            b.accepts.store(0, Ordering::Relaxed);
+        }
+        self.tally(elapsed)
+    }
+
+    fn window(&self) -> Duration {
+        Duration::from_nanos(self.width_nanos.saturating_mul(self.buckets.len() as u64))
     }
 
     /// Whether `b` is inside the window of span `e`: one of the last `n` spans (or a racing
@@ -244,6 +289,7 @@ impl Throttle {
         if accepted {
             b.accepts.fetch_add(1, Ordering::Relaxed);
             self.refusing_since.store(0, Ordering::Relaxed);
+            self.forgotten.store(false, Ordering::Relaxed);
         } else {
             if let Some(s) = started {
                 let took = nanos(elapsed.saturating_sub(s));
@@ -432,6 +478,52 @@ mod tests {
         t.start(Duration::from_secs(1));
         t.unstart(Duration::from_secs(1));
         assert_eq!(t.counts(1900 * MS).requests, 1);
+    }
+
+    #[test]
+    fn an_old_outage_is_forgotten_once_a_call_outlives_its_refusals() {
+        // 1 s in 10 buckets of 100 ms, hold 5 s. Refusing since 0.
+        let t = throttle(Duration::from_secs(1), 10, 1);
+        t.record(Duration::ZERO, None, false);
+        // A refusal that took 50 ms, then ten more, at 5.6 s.
+        t.start(5500 * MS);
+        t.record(5550 * MS, Some(5500 * MS), false);
+        record(&t, 5600 * MS, 10, 0);
+        // A call started at 5.62 s outlives them all from 5.75 s on.
+        t.start(5620 * MS);
+        assert_eq!(t.probability(5749 * MS), 11.0 / 12.0);
+        // Counted as an accept it would leave 10/13; the outage is forgotten instead.
+        assert_eq!(t.probability(5750 * MS), 0.0);
+        assert_eq!(
+            t.counts(5750 * MS),
+            Counts {
+                requests: 1,
+                accepts: 1
+            }
+        );
+        // Refusals while it is still in flight are not forgotten: once per outage.
+        record(&t, 5800 * MS, 4, 0);
+        assert_eq!(t.probability(5800 * MS), 3.0 / 6.0);
+        // The route was still down after all: the call's refusal counts too.
+        t.record(6500 * MS, Some(5620 * MS), false);
+        assert_eq!(t.probability(6500 * MS), 5.0 / 6.0);
+        // An accept ends the outage; the next old one is forgotten again.
+        t.record(6600 * MS, None, true);
+        t.record(6700 * MS, None, false);
+        t.start(12_000 * MS);
+        record(&t, 12_050 * MS, 3, 0);
+        assert_eq!(t.probability(12_300 * MS), 0.0);
+
+        // An outage younger than `hold` keeps its refusals: its requests are waiting, and
+        // the calls it lets through say whether it is over.
+        let young = throttle(Duration::from_secs(1), 10, 1);
+        young.record(Duration::from_secs(2), None, true);
+        young.start(2500 * MS);
+        young.record(2550 * MS, Some(2500 * MS), false);
+        record(&young, 2600 * MS, 10, 0);
+        young.start(2620 * MS);
+        // Twelve ended (the accept at 2 s among them), and the call in flight.
+        assert_eq!(young.probability(2750 * MS), 9.0 / 14.0);
     }
 
     #[test]
