@@ -86,6 +86,9 @@ struct Bucket {
     accepts: AtomicU32,
     /// Calls started in this span that have not ended yet.
     started: AtomicU32,
+    /// When the latest call started in this span started, in nanoseconds since the origin:
+    /// every call still in flight from it has been in flight since then at least.
+    last_start: AtomicU64,
     /// Calls let through in this span.
     let_through: AtomicU32,
     /// The longest time to a refusal among the calls that ended in this span, in nanoseconds.
@@ -163,17 +166,13 @@ impl Throttle {
             c.accepts = c.accepts.saturating_add(b.accepts.load(Ordering::Relaxed));
             refusal_max = refusal_max.max(b.refusal_max.load(Ordering::Relaxed));
         }
-        // Every call started in a span has been in flight since the span's end at least.
         let outlived = self
             .buckets
             .iter()
             .filter(|b| self.in_window(b, e))
             .filter(|b| {
-                let end = b
-                    .epoch
-                    .load(Ordering::Acquire)
-                    .saturating_mul(self.width_nanos);
-                end.saturating_add(refusal_max) <= now
+                let since = b.last_start.load(Ordering::Relaxed);
+                since.saturating_add(refusal_max) <= now
             })
             .fold(0u32, |n, b| {
                 n.saturating_add(b.started.load(Ordering::Relaxed))
@@ -230,6 +229,7 @@ impl Throttle {
                 b.requests.store(0, Ordering::Relaxed);
                 b.accepts.store(0, Ordering::Relaxed);
                 b.started.store(0, Ordering::Relaxed);
+                b.last_start.store(0, Ordering::Relaxed);
                 b.let_through.store(0, Ordering::Relaxed);
                 b.refusal_max.store(0, Ordering::Relaxed);
                 b.epoch.store(e, Ordering::Release);
@@ -242,6 +242,7 @@ impl Throttle {
     pub(crate) fn start(&self, elapsed: Duration) {
         let b = self.current(elapsed);
         b.started.fetch_add(1, Ordering::Relaxed);
+        b.last_start.fetch_max(nanos(elapsed), Ordering::Relaxed);
         b.let_through.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -455,16 +456,16 @@ mod tests {
         // A refusal that took 50 ms.
         t.start(Duration::ZERO);
         t.record(50 * MS, Some(Duration::ZERO), false);
-        // A call started at 120 ms, in the span that ends at 200 ms: from 250 ms on it has
-        // been in flight longer than the refusal took.
+        // A call started at 120 ms: from 170 ms on it has been in flight longer than the
+        // refusal took.
         t.start(120 * MS);
         let refused = Counts {
             requests: 1,
             accepts: 0,
         };
-        assert_eq!(t.counts(249 * MS), refused);
+        assert_eq!(t.counts(169 * MS), refused);
         assert_eq!(
-            t.counts(250 * MS),
+            t.counts(170 * MS),
             Counts {
                 requests: 2,
                 accepts: 1
@@ -489,13 +490,13 @@ mod tests {
         t.start(5500 * MS);
         t.record(5550 * MS, Some(5500 * MS), false);
         record(&t, 5600 * MS, 10, 0);
-        // A call started at 5.62 s outlives them all from 5.75 s on.
+        // A call started at 5.62 s outlives them all from 5.67 s on.
         t.start(5620 * MS);
-        assert_eq!(t.probability(5749 * MS), 11.0 / 12.0);
+        assert_eq!(t.probability(5669 * MS), 11.0 / 12.0);
         // Counted as an accept it would leave 10/13; the outage is forgotten instead.
-        assert_eq!(t.probability(5750 * MS), 0.0);
+        assert_eq!(t.probability(5670 * MS), 0.0);
         assert_eq!(
-            t.counts(5750 * MS),
+            t.counts(5670 * MS),
             Counts {
                 requests: 1,
                 accepts: 1
@@ -530,7 +531,10 @@ mod tests {
     fn the_floor_lets_its_share_through_in_every_bucket() {
         // A floor of 20 over 10 buckets: two calls per 100 ms whatever the probability.
         let t = throttle(Duration::from_secs(1), 10, 20);
-        record(&t, Duration::ZERO, 30, 0);
+        for _ in 0..30 {
+            t.start(Duration::ZERO);
+            t.record(50 * MS, Some(Duration::ZERO), false);
+        }
         assert_eq!(t.probability(150 * MS), 0.0);
         t.start(150 * MS);
         assert_eq!(t.probability(150 * MS), 0.0);
