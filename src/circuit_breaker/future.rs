@@ -48,14 +48,13 @@ impl Permit {
 
     fn complete(&mut self, verdict: Verdict, slow: bool) -> Option<u64> {
         self.done = true;
-        let (admission, started) = (self.admission, self.started);
         self.route.complete(
             &self.shared,
-            admission,
+            self.admission,
             verdict,
             slow,
             Instant::now(),
-            started,
+            self.started,
         )
     }
 }

@@ -103,6 +103,9 @@ pub(crate) struct Throttle {
     width_nanos: u64,
     rotate: Mutex<()>,
     hold: Duration,
+    /// How old an outage must be for its refusals to be forgotten (see `forget_outage`):
+    /// `hold`, and at least the window.
+    forget_after: Duration,
     /// When the route last went from accepting to refusing calls, plus one (`0`: the last call
     /// to end was accepted, or none has ended).
     refusing_since: AtomicU64,
@@ -124,6 +127,7 @@ impl Throttle {
             width_nanos: width as u64,
             rotate: Mutex::new(()),
             hold: policy.hold,
+            forget_after: policy.hold.max(policy.window),
             refusing_since: AtomicU64::new(0),
             forgotten: AtomicBool::new(false),
             share: policy.min_requests / n,
@@ -146,7 +150,7 @@ impl Throttle {
     /// has outlived every refusal of the window counted as both (an old outage's refusals
     /// forgotten once one has, see [`forget_outage`](Self::forget_outage)).
     pub(crate) fn counts(&self, elapsed: Duration) -> Counts {
-        let (mut c, outlived) = self.forget_outage(elapsed, self.tally(elapsed));
+        let (mut c, outlived) = self.forget_outage(elapsed);
         c.requests = c.requests.saturating_add(outlived);
         c.accepts = c.accepts.saturating_add(outlived);
         c
@@ -188,26 +192,23 @@ impl Throttle {
     /// when a circuit closes, the outcomes that judged the outage do not judge the recovery.
     /// A route still down refuses the next calls, which the floor lets through, and is
     /// throttled again within a window. Once per outage: a call that hangs while the route
-    /// refuses every other must not keep the throttle blind. Returns the counts after.
-    fn forget_outage(&self, elapsed: Duration, (c, outlived): (Counts, u32)) -> (Counts, u32) {
-        let long = self.hold.max(self.window());
-        let old = self.refusing_for(elapsed).is_some_and(|age| age >= long);
-        if !old || outlived == 0 || c.requests == 0 || self.forgotten.load(Ordering::Relaxed) {
+    /// refuses every other must not keep the throttle blind. Returns the [`tally`](Self::tally)
+    /// after.
+    fn forget_outage(&self, elapsed: Duration) -> (Counts, u32) {
+        let (c, outlived) = self.tally(elapsed);
+        let old = self
+            .refusing_for(elapsed)
+            .is_some_and(|age| age >= self.forget_after);
+        // The swap makes one of racing callers the one that forgets.
+        if !old || outlived == 0 || c.requests == 0 || self.forgotten.swap(true, Ordering::Relaxed)
+        {
             return (c, outlived);
-        }
-        let _guard = self.lock_rotate();
-        if self.forgotten.swap(true, Ordering::Relaxed) {
-            return self.tally(elapsed);
         }
         for b in self.buckets.iter() {
             b.requests.store(0, Ordering::Relaxed);
             b.accepts.store(0, Ordering::Relaxed);
         }
         self.tally(elapsed)
-    }
-
-    fn window(&self) -> Duration {
-        Duration::from_nanos(self.width_nanos.saturating_mul(self.buckets.len() as u64))
     }
 
     /// Whether `b` is inside the window of span `e`: one of the last `n` spans (or a racing
