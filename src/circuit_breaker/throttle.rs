@@ -52,7 +52,7 @@
 //! call is a few atomic loads, and a lock is taken only to rotate a bucket whose span has
 //! passed. The random draw (seedable) is made only when the probability is above zero.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -109,8 +109,11 @@ pub(crate) struct Throttle {
     /// When the route last went from accepting to refusing calls, plus one (`0`: the last call
     /// to end was accepted, or none has ended).
     refusing_since: AtomicU64,
-    /// The current outage's refusals were forgotten once (see `forget_outage`).
-    forgotten: AtomicBool,
+    /// The longest time to a refusal since the route last accepted a call, in nanoseconds: what
+    /// a call must outlive for the outage to be forgotten (see `forget_outage`).
+    outage_refusal_max: AtomicU64,
+    /// When the current outage's refusals were last forgotten, plus one (`0`: not yet).
+    forgot_at: AtomicU64,
     /// The floor's share of each bucket: calls let through in every span, whatever the
     /// probability (`0`: a floor smaller than the number of buckets is not spread).
     share: u32,
@@ -129,7 +132,8 @@ impl Throttle {
             hold: policy.hold,
             forget_after: policy.hold.max(policy.window),
             refusing_since: AtomicU64::new(0),
-            forgotten: AtomicBool::new(false),
+            outage_refusal_max: AtomicU64::new(0),
+            forgot_at: AtomicU64::new(0),
             share: policy.min_requests / n,
         }
     }
@@ -148,7 +152,7 @@ impl Throttle {
 
     /// Requests and accepts over the window ending at `elapsed`, a call still in flight that
     /// has outlived every refusal of the window counted as both (an old outage's refusals
-    /// forgotten once one has, see [`forget_outage`](Self::forget_outage)).
+    /// forgotten once one has outlived the outage's, see [`forget_outage`](Self::forget_outage)).
     pub(crate) fn counts(&self, elapsed: Duration) -> Counts {
         let (mut c, outlived) = self.forget_outage(elapsed);
         c.requests = c.requests.saturating_add(outlived);
@@ -185,23 +189,37 @@ impl Throttle {
     }
 
     /// Forgets the refusals of an outage that has lasted a whole window and longer than
-    /// `hold` once a call in flight has outlived them all: the route is answering again.
-    /// Without this a recovered route stays throttled until accepts outnumber the outage's
-    /// refusals `k` to one — the floor's calls take an answer's time each to get there — and
-    /// the requests that come meanwhile fail fast, as the outage is too old to wait out. As
-    /// when a circuit closes, the outcomes that judged the outage do not judge the recovery.
-    /// A route still down refuses the next calls, which the floor lets through, and is
-    /// throttled again within a window. Once per outage: a call that hangs while the route
-    /// refuses every other must not keep the throttle blind. Returns the [`tally`](Self::tally)
-    /// after.
+    /// `hold` once a call in flight has outlived the slowest of them: the route is answering
+    /// again. Without this a recovered route stays throttled until accepts outnumber the
+    /// outage's refusals `k` to one — the floor's calls take an answer's time each to get
+    /// there — and the requests that come meanwhile fail fast, as the outage is too old to wait
+    /// out. As when a circuit closes, the outcomes that judged the outage do not judge the
+    /// recovery. A route still down refuses the next calls, which the floor lets through, and
+    /// is throttled again within a window. Returns the [`tally`](Self::tally) after.
+    ///
+    /// The witness must outlive every refusal since the route last accepted a call, not only
+    /// the window's: of `n` refusals, one call in `n + 1` outlasts the slowest while the route
+    /// is still down, and a window holds ten-odd. And it must have started after the last
+    /// forget: a call that hangs while the route refuses every other forgets the outage once,
+    /// not again and again.
     fn forget_outage(&self, elapsed: Duration) -> (Counts, u32) {
         let (c, outlived) = self.tally(elapsed);
         let old = self
             .refusing_for(elapsed)
             .is_some_and(|age| age >= self.forget_after);
-        // The swap makes one of racing callers the one that forgets.
-        if !old || outlived == 0 || c.requests == 0 || self.forgotten.swap(true, Ordering::Relaxed)
-        {
+        if !old || outlived == 0 || c.requests == 0 {
+            return (c, outlived);
+        }
+        let forgot = self.forgot_at.load(Ordering::Relaxed);
+        if !self.witnessed(elapsed, forgot) {
+            return (c, outlived);
+        }
+        // The exchange makes one of racing callers the one that forgets.
+        let at = nanos(elapsed).saturating_add(1);
+        let exchanged =
+            self.forgot_at
+                .compare_exchange(forgot, at, Ordering::Relaxed, Ordering::Relaxed);
+        if exchanged.is_err() {
             return (c, outlived);
         }
         for b in self.buckets.iter() {
@@ -209,6 +227,24 @@ impl Throttle {
             b.accepts.store(0, Ordering::Relaxed);
         }
         self.tally(elapsed)
+    }
+
+    /// Whether a call in flight at `elapsed` that started after the last forget (`forgot`,
+    /// plus one; `0`: none) has outlived every refusal of the outage.
+    fn witnessed(&self, elapsed: Duration, forgot: u64) -> bool {
+        let now = nanos(elapsed);
+        let e = self.epoch(now);
+        let slowest = self.outage_refusal_max.load(Ordering::Relaxed);
+        self.buckets
+            .iter()
+            .filter(|b| self.in_window(b, e))
+            .any(|b| {
+                // Every call of a span that began after the forget started after it.
+                let begun = b.epoch.load(Ordering::Acquire).saturating_sub(1) * self.width_nanos;
+                begun.saturating_add(1) >= forgot
+                    && b.started.load(Ordering::Relaxed) > 0
+                    && b.last_start.load(Ordering::Relaxed).saturating_add(slowest) <= now
+            })
     }
 
     /// Whether `b` is inside the window of span `e`: one of the last `n` spans (or a racing
@@ -291,11 +327,13 @@ impl Throttle {
         if accepted {
             b.accepts.fetch_add(1, Ordering::Relaxed);
             self.refusing_since.store(0, Ordering::Relaxed);
-            self.forgotten.store(false, Ordering::Relaxed);
+            self.outage_refusal_max.store(0, Ordering::Relaxed);
+            self.forgot_at.store(0, Ordering::Relaxed);
         } else {
             if let Some(s) = started {
                 let took = nanos(elapsed.saturating_sub(s));
                 b.refusal_max.fetch_max(took, Ordering::Relaxed);
+                self.outage_refusal_max.fetch_max(took, Ordering::Relaxed);
             }
             // Only the first refusal after an accept starts the outage.
             let since = nanos(elapsed).saturating_add(1);
@@ -503,7 +541,7 @@ mod tests {
                 accepts: 1
             }
         );
-        // Refusals while it is still in flight are not forgotten: once per outage.
+        // Refusals while it is still in flight are not forgotten: it witnessed the forget.
         record(&t, 5800 * MS, 4, 0);
         assert_eq!(t.probability(5800 * MS), 3.0 / 6.0);
         // The route was still down after all: the call's refusal counts too.
@@ -526,6 +564,46 @@ mod tests {
         young.start(2620 * MS);
         // Twelve ended (the accept at 2 s among them), and the call in flight.
         assert_eq!(young.probability(2750 * MS), 9.0 / 14.0);
+    }
+
+    #[test]
+    fn an_outage_is_forgotten_by_a_call_outliving_its_slowest_refusal_after_the_last_forget() {
+        // 1 s in 10 buckets of 100 ms, hold 5 s. Refusing since 0; the outage's slowest
+        // refusal took 90 ms, long before the window.
+        let t = throttle(Duration::from_secs(1), 10, 1);
+        t.record(Duration::ZERO, None, false);
+        t.start(Duration::from_secs(1));
+        t.record(1090 * MS, Some(Duration::from_secs(1)), false);
+        // The window's slowest took 50 ms.
+        t.start(5500 * MS);
+        t.record(5550 * MS, Some(5500 * MS), false);
+        record(&t, 5600 * MS, 10, 0);
+        t.start(5620 * MS);
+        // Past the window's 50 ms the call counts as an accept, but the route has refused
+        // slower calls in this outage: nothing is forgotten yet.
+        assert_eq!(t.probability(5670 * MS), 10.0 / 13.0);
+        assert_eq!(t.probability(5709 * MS), 10.0 / 13.0);
+        // Past the outage's 90 ms it is.
+        assert_eq!(
+            t.counts(5710 * MS),
+            Counts {
+                requests: 1,
+                accepts: 1
+            }
+        );
+        // The route refuses again; the call that forgot cannot forget again.
+        record(&t, 5800 * MS, 4, 0);
+        assert_eq!(t.probability(5800 * MS), 3.0 / 6.0);
+        // A call started after the forget can, once past the outage's 90 ms.
+        t.start(5850 * MS);
+        assert_eq!(t.probability(5939 * MS), 2.0 / 7.0);
+        assert_eq!(
+            t.counts(5940 * MS),
+            Counts {
+                requests: 2,
+                accepts: 2
+            }
+        );
     }
 
     #[test]
