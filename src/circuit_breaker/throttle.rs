@@ -31,10 +31,14 @@
 //!   time after the first call made after its recovery, not an answer's time (0.4–1.2 s in the
 //!   simulator, seconds for a long completion). A route whose refusals are slow (timeouts) gets
 //!   no such credit until a call outlives them. In an outage older than `hold` (and than
-//!   the window) the first such call makes the throttle forget the outage's refusals, once
-//!   per outage: a route down for half a minute has filled the window with them, and one
-//!   accept offsets only `k` refusals, so the requests that came before the recovered
-//!   route's answers outnumbered them would fail fast for nothing.
+//!   the window) a call that has outlived the outage's slowest refusal makes the throttle
+//!   forget the outage's refusals: a route down for half a minute has filled the window with
+//!   them, and one accept offsets only `k` refusals, so the requests that came before the
+//!   recovered route's answers outnumbered them would fail fast for nothing. The outage's
+//!   slowest, not the window's: of a window's ten-odd refusals the slowest is outlasted by one
+//!   call in eleven while the route is still down. And only a call started since the last
+//!   forget forgets again, so that a call hanging while the route refuses every other forgets
+//!   the outage once.
 //! - The floor: nothing is turned away while the window holds fewer than `min_requests`
 //!   requests, nor while the current bucket has let fewer than its share of them through
 //!   (`min_requests / buckets`, when that is at least one). A route that is down keeps
