@@ -335,3 +335,93 @@ async fn a_timed_out_call_is_not_replayed_while_waiting() -> Result<(), BoxError
     );
     Ok(())
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_route_back_from_an_old_outage_takes_load_once_a_call_outlives_its_slowest_refusal()
+-> Result<(), BoxError> {
+    // Down until 3 s: the first refusal takes 90 ms, the others 40 ms but one in twenty-five
+    // 60 ms, which outlasts the window's slowest while the route is still down.
+    let mock = MockProvider::start().await?;
+    let refusal = |n: usize| {
+        let ms = match n {
+            0 => 90,
+            n if n % 25 == 0 => 60,
+            _ => 40,
+        };
+        Reply::openai_overloaded().delay_head(Duration::from_millis(ms))
+    };
+    mock.script(ScriptKey::model("gpt-4o"), (0..1000).map(refusal));
+    // The preset's floor (one call per 100 ms bucket) and window (1 s); no waiting, so every
+    // outage older than the window fails fast and is forgotten once it is over.
+    let mut policy = Policy::interactive();
+    policy.retry.seed = Some(3);
+    if let Some(t) = policy.circuit_breaker.throttle.as_mut() {
+        t.hold = Duration::ZERO;
+    }
+    let svc = ServiceBuilder::new()
+        .layer(policy.layer()?)
+        .service(testing::client());
+
+    // A request every 10 ms, each on its own, until 3.5 s; the route answers from 3 s on, in
+    // 500 ms.
+    let recovery = Duration::from_secs(3);
+    let origin = tokio::time::Instant::now();
+    let mut sent = Vec::new();
+    while origin.elapsed() < Duration::from_millis(3500) {
+        let at = origin.elapsed();
+        if at == recovery {
+            let answer =
+                || Reply::openai_chat("gpt-4o", "hello").delay_head(Duration::from_millis(500));
+            mock.script(ScriptKey::model("gpt-4o"), (0..1000).map(|_| answer()));
+        }
+        let (svc, url) = (svc.clone(), mock.url());
+        sent.push((
+            at,
+            tokio::spawn(async move {
+                let req = testing::chat_request(&url, "gpt-4o", false);
+                match svc.oneshot(req).await {
+                    Ok(r) => Ok(r.status().as_u16()),
+                    Err(e) => Err(e),
+                }
+            }),
+        ));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut outcomes = Vec::new();
+    for (at, task) in sent {
+        outcomes.push((at, task.await?));
+    }
+    let served = |o: &Result<u16, Error>| matches!(o, Ok(200));
+    let called = |o: &Result<u16, Error>| match o {
+        Ok(_) => true,
+        Err(e) => e.attempt_log().is_some_and(|l| l.attempt_count() > 0),
+    };
+    let throttled = |o: &Result<u16, Error>| match o {
+        Err(e) => matches!(e.kind(), ErrorKind::Throttled { .. }),
+        Ok(_) => false,
+    };
+
+    // In the outage's last second each bucket's first request is the floor's call, and nearly
+    // every other is turned away without a call (the draw lets one through now and then).
+    let last_second = (recovery - Duration::from_secs(1))..recovery;
+    let floor_call = |at: &Duration| at.as_millis() % 100 == 0;
+    let mut turned_away = 0;
+    for (at, o) in outcomes.iter().filter(|(at, _)| last_second.contains(at)) {
+        match floor_call(at) {
+            true => assert!(called(o), "sent at {at:?}: {o:?}"),
+            false => turned_away += usize::from(!called(o)),
+        }
+    }
+    assert!(turned_away >= 80, "{turned_away} of 90 turned away");
+    // The request sent at 3 s is the first call after the recovery. Until it has been in
+    // flight for the outage's slowest refusal (90 ms; the window's is 40 ms) the others are
+    // turned away; from then on the outage is forgotten and every request is sent, and served.
+    let forgotten = recovery + Duration::from_millis(90);
+    for (at, o) in outcomes.iter().filter(|(at, _)| *at >= recovery) {
+        match *at == recovery || *at >= forgotten {
+            true => assert!(served(o), "sent at {at:?}: {o:?}"),
+            false => assert!(throttled(o), "sent at {at:?}: {o:?}"),
+        }
+    }
+    Ok(())
+}
