@@ -87,10 +87,11 @@ fn with_no_backup_route_every_scenario_is_served_about_as_well_as_by_retries() {
         // At least what `tower::retry` with the same retry budget serves — except after an
         // outage older than the throttle's hold: that peer's requests that meet its end wait
         // in their backoff (up to 3 s) and are answered, ours fail fast, as a request must on
-        // a route down for longer than a blip (BENCHMARKS.md has the figures). There it must
-        // stay within 5 %.
+        // a route down for longer than a blip, and the row is a tie over many seeds (0.8
+        // below on average over 61 at these parameters, ±6 from seed to seed; BENCHMARKS.md
+        // has the figures). There it must stay within 2 %.
         let bound = match s.script {
-            Script::Outage { .. } => 0.95 * budget.successes as f64,
+            Script::Outage { .. } => 0.98 * budget.successes as f64,
             _ => budget.successes as f64,
         };
         assert!(
