@@ -244,7 +244,8 @@ impl Throttle {
             .filter(|b| self.in_window(b, e))
             .any(|b| {
                 // Every call of a span that began after the forget started after it.
-                let begun = b.epoch.load(Ordering::Acquire).saturating_sub(1) * self.width_nanos;
+                let begun = b.epoch.load(Ordering::Acquire).saturating_sub(1);
+                let begun = begun.saturating_mul(self.width_nanos);
                 begun.saturating_add(1) >= forgot
                     && b.started.load(Ordering::Relaxed) > 0
                     && b.last_start.load(Ordering::Relaxed).saturating_add(slowest) <= now
