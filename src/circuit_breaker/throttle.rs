@@ -178,18 +178,18 @@ impl Throttle {
             c.accepts = c.accepts.saturating_add(b.accepts.load(Ordering::Relaxed));
             refusal_max = refusal_max.max(b.refusal_max.load(Ordering::Relaxed));
         }
-        let outlived = self
-            .buckets
-            .iter()
-            .filter(|b| self.in_window(b, e))
-            .filter(|b| {
-                let since = b.last_start.load(Ordering::Relaxed);
-                since.saturating_add(refusal_max) <= now
-            })
-            .fold(0u32, |n, b| {
-                n.saturating_add(b.started.load(Ordering::Relaxed))
-            });
+        let outlived = self.outlasting(e, now, refusal_max).fold(0u32, |n, b| {
+            n.saturating_add(b.started.load(Ordering::Relaxed))
+        });
         (c, outlived)
+    }
+
+    /// The buckets in the window of span `e` whose calls still in flight, if any, have all
+    /// been in flight for `d` nanoseconds at `now`.
+    fn outlasting(&self, e: u64, now: u64, d: u64) -> impl Iterator<Item = &Bucket> {
+        self.buckets.iter().filter(move |b| {
+            self.in_window(b, e) && b.last_start.load(Ordering::Relaxed).saturating_add(d) <= now
+        })
     }
 
     /// Forgets the refusals of an outage that has lasted a whole window and longer than
@@ -239,17 +239,12 @@ impl Throttle {
         let now = nanos(elapsed);
         let e = self.epoch(now);
         let slowest = self.outage_refusal_max.load(Ordering::Relaxed);
-        self.buckets
-            .iter()
-            .filter(|b| self.in_window(b, e))
-            .any(|b| {
-                // Every call of a span that began after the forget started after it.
-                let begun = b.epoch.load(Ordering::Acquire).saturating_sub(1);
-                let begun = begun.saturating_mul(self.width_nanos);
-                begun.saturating_add(1) >= forgot
-                    && b.started.load(Ordering::Relaxed) > 0
-                    && b.last_start.load(Ordering::Relaxed).saturating_add(slowest) <= now
-            })
+        self.outlasting(e, now, slowest).any(|b| {
+            // Every call of a span that began after the forget started after it.
+            let begun = b.epoch.load(Ordering::Acquire).saturating_sub(1);
+            let begun = begun.saturating_mul(self.width_nanos);
+            begun.saturating_add(1) >= forgot && b.started.load(Ordering::Relaxed) > 0
+        })
     }
 
     /// Whether `b` is inside the window of span `e`: one of the last `n` spans (or a racing
