@@ -72,10 +72,11 @@
 //! its slot. A probe whose future is dropped gives its slot back.
 //!
 //! The defaults probe often (open 300 ms, at most 600 ms) and close only after five good
-//! probes: a recovered primary answers its first probe within a second of coming back, while
-//! one that still fails every other call almost never answers five in a row and stays behind
-//! its backup. When an answer's failure leaves its route's circuit open, the response says so
-//! to a `RetryLayer` outside, which then hands a request that has a backup to the fallback at
+//! probes: a recovered primary gets its first probe within 600 ms of coming back (and serves
+//! it a model's latency later, about a second after on average), while one that still fails
+//! every other call almost never answers five in a row and stays behind its backup. When an
+//! answer's failure leaves its route's circuit open, the response says so to a `RetryLayer`
+//! outside, which then hands a request that has a backup to the fallback at
 //! once ([`StopReason::CircuitOpen`](crate::attempt_log::StopReason::CircuitOpen)) instead of
 //! waiting out a backoff only to be turned away.
 //!

@@ -77,7 +77,8 @@ pub struct CircuitBreakerPolicy {
     /// Open time after the first trip; doubles with each further trip.
     ///
     /// Short on purpose: with a backup route a failed probe costs the request that carries it
-    /// one fast failure before the fallback, and a recovered primary is back within a second.
+    /// one fast failure before the fallback, and a recovered primary is probed within the open
+    /// time of coming back.
     /// `half_open_successes` is what keeps a route that still fails often off.
     #[cfg_attr(feature = "serde", serde(with = "crate::duration::serde_duration"))]
     pub open_base: Duration,
