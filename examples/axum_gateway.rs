@@ -795,7 +795,7 @@ fn class_status(class: FailureClass) -> StatusCode {
 
 /// Whole seconds, rounded up: `Retry-After` must never ask for less than the real wait.
 fn ceil_secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+    d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0))
 }
 
 /// The gateway's answer to a crate error: see [`error_answer`].

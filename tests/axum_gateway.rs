@@ -569,6 +569,12 @@ fn every_error_kind_maps_to_its_documented_answer() {
         retry_in: Duration::from_nanos(1),
     };
     assert_eq!(answer(Error::new(limited_now)).3, Some(1), "rounded up");
+    // A limiter whose rate is absurdly low names the longest wait there is: capped, not
+    // wrapped around to `Retry-After: 0` (or a panic).
+    let limited_forever = ErrorKind::RateLimited {
+        retry_in: Duration::MAX,
+    };
+    assert_eq!(answer(Error::new(limited_forever)).3, Some(u64::MAX));
     let budget = ErrorKind::BudgetExhausted {
         owner: Some("team-a".to_owned()),
     };

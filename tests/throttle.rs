@@ -242,6 +242,60 @@ async fn a_request_waits_out_a_young_outage_and_is_served_once_the_route_answers
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_server_wait_named_while_waiting_out_an_outage_is_heeded() -> Result<(), BoxError> {
+    // As in the test above, but the call let through at 700 ms meets a rate limit that names a
+    // 2 s wait: the throttle's next window is not the server's wait, so the request's next
+    // call is the ladder's retry, 2 s later, and it is served.
+    let mock = MockProvider::start().await?;
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        (0..3)
+            .map(|_| Reply::openai_overloaded())
+            .chain([Reply::openai_rate_limited(Some("2"))])
+            .chain((0..10).map(|_| Reply::openai_chat("gpt-4o", "hello"))),
+    );
+    let stack = || -> Result<_, BoxError> {
+        Ok(ServiceBuilder::new()
+            .layer(waiting_policy(7, Duration::from_secs(5)).layer()?)
+            .service(testing::client()))
+    };
+    let started = tokio::time::Instant::now();
+    let (out, log) = request(&stack()?, &mock).await;
+    assert_eq!(out.ok(), Some(200), "{log}");
+    // The 503 at 700 ms sent the request back to waiting; the 429 at 1 s did not.
+    assert_eq!(waits_after(&log), [2], "{log}");
+    let limited = log.attempts().get(3).cloned().ok_or("a fourth attempt")?;
+    assert_eq!(limited.class, Some(FailureClass::RateLimited), "{log}");
+    assert_eq!(
+        limited.decisions.last(),
+        Some(&Decision::Retry {
+            wait: Duration::from_secs(2),
+            source: WaitSource::Server,
+        }),
+        "{log}"
+    );
+    assert_eq!(started.elapsed(), Duration::from_millis(3000), "{log}");
+    assert_eq!(mock.request_count(), 5);
+
+    // A server wait above the preset's `max_server_wait` (10 s) ends the wait at once: the
+    // request's answer is the rate limit, its wait for the caller to honour.
+    let mock = MockProvider::start().await?;
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        (0..3)
+            .map(|_| Reply::openai_overloaded())
+            .chain([Reply::openai_rate_limited(Some("60"))])
+            .chain((0..10).map(|_| Reply::openai_chat("gpt-4o", "hello"))),
+    );
+    let started = tokio::time::Instant::now();
+    let (out, log) = request(&stack()?, &mock).await;
+    assert_eq!(out.ok(), Some(429), "{log}");
+    assert_eq!(started.elapsed(), Duration::from_millis(1000), "{log}");
+    assert_eq!(mock.request_count(), 4);
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_outage_older_than_hold_fails_fast_again() -> Result<(), BoxError> {
     let mock = down_for_good().await?;
     let policy = waiting_policy(5, Duration::from_secs(1));

@@ -123,6 +123,9 @@ pub(super) struct Attempts<B> {
     pub(super) latency: Option<Duration>,
     /// The request is waiting out a young outage of its route (see `ThrottlePolicy::hold`).
     pub(super) waiting_out: bool,
+    /// An attempt's call is in flight: the provider may have it, so a retry dropped now
+    /// keeps what it was granted, as one that met the deadline in flight does.
+    pub(super) in_call: bool,
 }
 
 /// A retry's claims that are given back if it makes no call.
@@ -151,6 +154,7 @@ impl<B> Attempts<B> {
             self.ctx.send()
         };
         self.count += 1;
+        self.in_call = true;
     }
 
     /// Records the attempt unless a layer nearer the transport did; returns its index.
@@ -237,39 +241,53 @@ impl<B: ReplayBody> Attempts<B> {
     /// a copy to send and the wait ends before the deadline. The call waited for is not one of
     /// the request's attempts: a call turned away made none, and one the route refused while
     /// the request waited was the throttle's to send, bounded by its floor.
-    fn wait_out(&mut self, wait: Duration) -> Option<Request<B>> {
+    fn wait_out(&mut self, wait: Duration) -> Option<(Duration, Request<B>)> {
+        // Rounded up to the timer's millisecond, as every wait: the deadline check is then of
+        // the wait that happens.
+        let wait = ceil_millis(wait);
         if !self.ends_before_deadline(wait) {
             return None;
         }
         let next = self.template.as_ref().and_then(Template::attempt)?;
         self.waiting_out = true;
         self.count = self.count.saturating_sub(1);
-        Some(next)
+        Some((wait, next))
     }
 
     /// Attempt `idx`, made while the request waited out a young outage, was refused again
     /// (`c`): back to waiting, if the request can wait and the failure may be retried at all —
-    /// its class's rule and the server allow a retry, and the idempotency rule a replay. Under
-    /// a spend cap the next call is a retry like any other (the cap reserves it, and it counts
-    /// against `max_attempts`), so that its spend is reserved the one way the cap knows.
+    /// its class's rule (with its `Once` limit) and the server allow a retry, and the
+    /// idempotency rule a replay. A server that names a longer wait than the throttle's is
+    /// heeded: the request waits that long (and stops waiting when the server's wait is above
+    /// `max_server_wait`, for the ladder to decide). Under a spend cap the next call is a retry like
+    /// any other (the cap reserves it, and it counts against `max_attempts`), so that its spend
+    /// is reserved the one way the cap knows.
     fn wait_out_again(
         &mut self,
         idx: usize,
         wait: Duration,
         c: &Classification,
-    ) -> Option<Request<B>> {
+    ) -> Option<(Duration, Request<B>)> {
         if !self.waiting_out || self.spend.is_some() {
             return None;
         }
         let class = c.class?;
-        let never = self.shared.actions.get(class).retry == RetryRule::Never;
-        if never || c.should_retry == Some(false) || self.check_replay(class).is_err() {
+        let limit = self.rule_limit(class, c).ok()?;
+        let n = class_index(class)?;
+        if self.retried[n] >= limit || self.check_replay(class).is_err() {
             return None;
         }
-        let next = self.wait_out(wait)?;
-        let source = WaitSource::Throttle;
+        // The server's wait is a floor here as for any retry, and one above the policy's cap
+        // ends the wait.
+        let (wait, source) = match c.wait_hint.map(|hint| hint.wait) {
+            Some(hint) if hint > self.shared.retry.max_server_wait => return None,
+            Some(hint) if hint > wait => (hint, WaitSource::Server),
+            _ => (wait, WaitSource::Throttle),
+        };
+        let (wait, next) = self.wait_out(wait)?;
+        self.retried[n] = self.retried[n].saturating_add(1);
         self.ctx.log().decide(idx, Decision::Retry { wait, source });
-        Some(next)
+        Some((wait, next))
     }
 
     /// Decides what follows attempt `idx` that ended as `c`.
@@ -357,6 +375,19 @@ impl<B: ReplayBody> Attempts<B> {
     /// The class's rule (or the server's `x-should-retry`), `max_attempts` and the `Once`
     /// limits.
     fn check_rule(&self, class: FailureClass, c: &Classification) -> Result<(), StopReason> {
+        let limit = self.rule_limit(class, c)?;
+        if self.count >= self.shared.retry.max_attempts {
+            return Err(StopReason::AttemptsExhausted);
+        }
+        if class_index(class).is_some_and(|n| self.retried[n] >= limit) {
+            return Err(StopReason::AttemptsExhausted);
+        }
+        Ok(())
+    }
+
+    /// How many retries the class's rule (or the server's `x-should-retry`) allows a failure
+    /// of `class`, or why it allows none.
+    fn rule_limit(&self, class: FailureClass, c: &Classification) -> Result<u32, StopReason> {
         let actions = &self.shared.actions;
         // `x-should-retry` overrides the class's rule both ways.
         let rule = match c.should_retry {
@@ -377,13 +408,7 @@ impl<B: ReplayBody> Attempts<B> {
             }
             RetryRule::OnceUnlessFallback => 1,
         };
-        if self.count >= self.shared.retry.max_attempts {
-            return Err(StopReason::AttemptsExhausted);
-        }
-        if class_index(class).is_some_and(|n| self.retried[n] >= limit) {
-            return Err(StopReason::AttemptsExhausted);
-        }
-        Ok(())
+        Ok(limit)
     }
 
     /// The idempotency rule for a request that may have been accepted, and the chain's cap on
@@ -444,8 +469,9 @@ impl<B: ReplayBody> Attempts<B> {
 
 impl<B> Drop for Attempts<B> {
     fn drop(&mut self) {
-        // Dropped between a granted retry and its call (during the wait, say).
-        self.called(false);
+        // Dropped between a granted retry and its call (during the wait, say), its claims are
+        // given back; dropped during the call, they were spent on it.
+        self.called(self.in_call);
     }
 }
 
@@ -538,6 +564,7 @@ where
             Poll::Pending => return self.poll_deadline(true, cx),
         };
         let attempts = &mut *self.attempts;
+        attempts.in_call = false;
         attempts.latency = attempts.ctx.head_latency(&attempts.sent);
         match result {
             Ok(response) => {
@@ -562,7 +589,7 @@ where
         if let Some(wait) = e.wait_out().filter(|_| local) {
             // Turned away by the throttle of a route in a young outage: the same claims (spend,
             // retry budget) carry over to the copy that waits.
-            if let Some(next) = attempts.wait_out(wait) {
+            if let Some((wait, next)) = attempts.wait_out(wait) {
                 self.sleep(wait, None, next);
                 return None;
             }
@@ -578,7 +605,7 @@ where
         }
         let idx = attempts.record(&c, Some(&e));
         if let Some(wait) = e.wait_out() {
-            if let Some(next) = attempts.wait_out_again(idx, wait, &c) {
+            if let Some((wait, next)) = attempts.wait_out_again(idx, wait, &c) {
                 self.sleep(wait, None, next);
                 return None;
             }
@@ -634,7 +661,7 @@ where
         let attempts = &mut *self.attempts;
         let idx = attempts.record(&c, None);
         if let Some(wait) = crate::circuit_breaker::wait_out(&response) {
-            if let Some(next) = attempts.wait_out_again(idx, wait, &c) {
+            if let Some((wait, next)) = attempts.wait_out_again(idx, wait, &c) {
                 self.sleep(wait, Some(response.into_body()), next);
                 return Poll::Ready(None);
             }

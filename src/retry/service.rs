@@ -139,6 +139,7 @@ where
             previous_wait: None,
             latency: None,
             waiting_out: false,
+            in_call: false,
         };
         ResponseFuture::new(service, attempts, first)
     }

@@ -1043,6 +1043,42 @@ async fn a_request_dropped_during_its_backoff_gives_the_retry_back() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_request_dropped_during_its_retry_keeps_the_retry_spent() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    // A 503, then a retry the provider never answers.
+    let inner = tower::service_fn(move |_req: Request<Full<Bytes>>| {
+        let n = seen.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                Ok(respond(503, TestBody::full(body_of(503))))
+            } else {
+                std::future::pending::<Result<_, Error>>().await
+            }
+        }
+    });
+    let budget = budget_of(1);
+    let mut svc = tower::Layer::layer(&layer(retry_policy()).retry_budget(budget.clone()), inner);
+    let call = ServiceExt::<Request<Full<Bytes>>>::ready(&mut svc)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .call(post("{}"));
+    let mut call = Box::pin(call);
+    let waker = std::task::Waker::noop();
+    let mut cx = Context::from_waker(waker);
+    assert!(call.as_mut().poll(&mut cx).is_pending());
+    assert_eq!((calls.load(Ordering::SeqCst), budget.available()), (1, 0));
+    // Past the backoff: the retry is sent and hangs.
+    while calls.load(Ordering::SeqCst) < 2 {
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert!(call.as_mut().poll(&mut cx).is_pending());
+    }
+    // The caller gives up: the provider has the retry, so the budget does not get it back.
+    drop(call);
+    assert_eq!(budget.available(), 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn from_policy_uses_the_whole_policy() {
     let mut policy = Policy::batch();
     policy.retry.max_attempts = 2;
