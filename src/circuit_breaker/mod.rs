@@ -93,8 +93,8 @@
 //! window holds fewer than `min_requests` requests (spread over the window's buckets), so a
 //! route that is down still gets a few calls a second and its recovery is seen as soon as one
 //! of them outlives the window's refusals. A call the throttle lets through goes to the
-//! provider whatever the circuit says (as a probe when the circuit is due for one), and counts
-//! for both.
+//! provider whatever the circuit says (as a probe when the circuit is due for one) and counts
+//! for both, except while the circuit is open with no probe due: then for the throttle only.
 //!
 //! A turned-away call fails with
 //! [`ErrorKind::Throttled { route, retry_in }`](crate::ErrorKind::Throttled) and a

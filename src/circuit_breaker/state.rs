@@ -285,7 +285,7 @@ impl FleetControl {
     /// A probe slot that was used without deciding anything serves the next probe.
     fn reuse(&mut self) {
         if self.managed {
-            self.slots += 1;
+            self.slots = self.slots.saturating_add(1);
         }
     }
 
@@ -591,6 +591,19 @@ impl RouteState {
         epoch: Option<u64>,
         now: Instant,
     ) {
+        if let Admission::Probe { generation } = admission {
+            if self.current(generation, HALF_OPEN) {
+                // Its head counted towards closing; a broken stream is a failed probe.
+                let mut c = self.lock();
+                if !self.current(generation, HALF_OPEN) {
+                    return;
+                }
+                let t = self.open(shared, &mut c, CircuitState::HalfOpen, now);
+                drop(c);
+                shared.emit(&self.name, t);
+                return;
+            }
+        }
         if admission == Admission::Untracked || self.state.load(Ordering::Acquire) != CLOSED {
             // Already open (or forced): nothing to add.
             return;
@@ -632,7 +645,7 @@ impl RouteState {
             c.probes = c.probes.saturating_sub(1);
             // Its fleet slot goes back to the store, for any replica's next probe.
             if c.fleet.managed {
-                c.fleet.release += 1;
+                c.fleet.release = c.fleet.release.saturating_add(1);
             }
         }
     }
@@ -796,7 +809,7 @@ impl RouteState {
                 .config
                 .policy
                 .half_open_probes
-                .saturating_sub(c.probes + c.fleet.slots)
+                .saturating_sub(c.probes.saturating_add(c.fleet.slots))
         } else {
             0
         };
@@ -819,7 +832,7 @@ impl RouteState {
         let mut c = self.lock();
         c.fleet.tripped = c.fleet.tripped.or(r.tripped);
         c.fleet.closed |= r.closed;
-        c.fleet.release += r.release_probes;
+        c.fleet.release = c.fleet.release.saturating_add(r.release_probes);
     }
 
     /// Follows the fleet's view of the route: open where any replica tripped it, half-open
@@ -864,7 +877,7 @@ impl RouteState {
                 }
             }
             FleetState::HalfOpen => {
-                c.fleet.slots += view.granted;
+                c.fleet.slots = c.fleet.slots.saturating_add(view.granted);
                 if state == OPEN {
                     // The fleet's open time is over: probe as soon as a slot allows.
                     c.open_until = Some(now);

@@ -1027,6 +1027,67 @@ async fn a_probe_whose_stream_breaks_after_closing_counts_as_a_fresh_failure() {
     assert_eq!(handle.state(A), CircuitState::Open);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_probe_whose_stream_breaks_before_closing_reopens_the_circuit() {
+    let mut p = bare();
+    p.consecutive_failures = Some(1);
+    p.half_open_successes = 2;
+    let (inner, _) = provider(|n, _| {
+        if n == 0 {
+            Reply::Status(503)
+        } else {
+            Reply::BodyFails(interrupted)
+        }
+    });
+    let layer = CircuitBreakerLayer::new(p).unwrap().without_jitter();
+    let handle = layer.handle();
+    let mut svc = layer.layer(inner);
+    roundtrip(&mut svc, A).await.unwrap();
+    sleep(Duration::from_secs(2)).await;
+    let probe = send(&mut svc, A).await.unwrap();
+    // One good head of the two needed: still half-open...
+    assert_eq!(handle.state(A), CircuitState::HalfOpen);
+    assert!(probe.into_body().collect().await.is_err());
+    // ...and the broken stream is a failed probe: open again, for the second trip's 4 s.
+    assert_eq!(handle.state(A), CircuitState::Open);
+    let e = send(&mut svc, A).await.unwrap_err();
+    assert_eq!(retry_in(&e), Some(Duration::from_secs(4)));
+}
+
+/// A health store that grants every slot there is at each exchange, as a buggy one might.
+struct GrantsEverything(AtomicUsize);
+
+impl fleet::HealthStore for GrantsEverything {
+    fn exchange(
+        &self,
+        _: &RouteName,
+        _: u64,
+        _: fleet::HealthReport,
+        _: &fleet::FleetRules,
+    ) -> crate::store::StoreFuture<Result<fleet::FleetHealth, String>> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        let view = fleet::FleetHealth::new(fleet::FleetState::HalfOpen, u32::MAX);
+        crate::store::StoreFuture::ready(Ok(view))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_that_grants_too_many_slots_does_not_stop_the_exchange() {
+    let store = Arc::new(GrantsEverything(AtomicUsize::new(0)));
+    let layer = CircuitBreakerLayer::new(bare())
+        .unwrap()
+        .health_store(store.clone(), crate::policy::StoreMode::Local)
+        .unwrap();
+    let (inner, _) = provider(|_, _| Reply::Status(200));
+    let mut svc = layer.layer(inner);
+    assert_eq!(roundtrip(&mut svc, A).await.unwrap(), 200);
+    // One exchange at once and ten a second after: the slots saturate instead of overflowing
+    // the task away.
+    sleep(Duration::from_millis(1_050)).await;
+    assert_eq!(store.0.load(Ordering::Relaxed), 11);
+    assert_eq!(roundtrip(&mut svc, A).await.unwrap(), 200);
+}
+
 #[test]
 fn the_types_are_send_and_sync() {
     fn send_sync<T: Send + Sync>() {}

@@ -26,11 +26,13 @@
 //!   answered (a success, an invalid request, an auth error) was accepted. A stream that breaks
 //!   after a good head was accepted; the breaker counts the break.
 //! - A call still in flight that has outlived every refusal of the window (took longer than
-//!   the slowest call that ended refused) counts as a request and an accept until it ends: a
+//!   the slowest call that ended refused) counts as a request and an accept until it ends or
+//!   is a window old (its start's bucket leaves the window; it counts again when it ends): a
 //!   route that refuses in milliseconds and is answering again is seen to recover a refusal's
 //!   time after the first call made after its recovery, not an answer's time (0.4–1.2 s in the
 //!   simulator, seconds for a long completion). A route whose refusals are slow (timeouts) gets
-//!   no such credit until a call outlives them. In an outage older than `hold` (and than
+//!   no such credit until a call outlives them, and none at all from refusals as slow as the
+//!   window: their recovery is seen as accepts come in. In an outage older than `hold` (and than
 //!   the window) a call that has outlived the outage's slowest refusal makes the throttle
 //!   forget the outage's refusals: a route down for half a minute has filled the window with
 //!   them, and one accept offsets only `k` refusals, so the requests that came before the
@@ -178,18 +180,26 @@ impl Throttle {
             c.accepts = c.accepts.saturating_add(b.accepts.load(Ordering::Relaxed));
             refusal_max = refusal_max.max(b.refusal_max.load(Ordering::Relaxed));
         }
-        let outlived = self.outlasting(e, now, refusal_max).fold(0u32, |n, b| {
-            n.saturating_add(b.started.load(Ordering::Relaxed))
-        });
+        let outlived = self
+            .outlasting(e, now, refusal_max)
+            .fold(0u32, |n, (_, started)| n.saturating_add(started));
         (c, outlived)
     }
 
     /// The buckets in the window of span `e` whose calls still in flight, if any, have all
-    /// been in flight for `d` nanoseconds at `now`.
-    fn outlasting(&self, e: u64, now: u64, d: u64) -> impl Iterator<Item = &Bucket> {
-        self.buckets.iter().filter(move |b| {
-            self.in_window(b, e) && b.last_start.load(Ordering::Relaxed).saturating_add(d) <= now
-        })
+    /// been in flight for `d` nanoseconds at `now`, each with how many it has in flight.
+    fn outlasting(&self, e: u64, now: u64, d: u64) -> impl Iterator<Item = (&Bucket, u32)> {
+        self.buckets
+            .iter()
+            .filter(move |b| self.in_window(b, e))
+            .filter_map(move |b| {
+                // `started` before `last_start`, the reverse of `start`'s order: a call counted
+                // here has its start time seen too, so a call that has only just started is
+                // never taken for one that outlived the refusals.
+                let started = b.started.load(Ordering::Acquire);
+                let last = b.last_start.load(Ordering::Acquire);
+                (last.saturating_add(d) <= now).then_some((b, started))
+            })
     }
 
     /// Forgets the refusals of an outage that has lasted a whole window and longer than
@@ -239,11 +249,11 @@ impl Throttle {
         let now = nanos(elapsed);
         let e = self.epoch(now);
         let slowest = self.outage_refusal_max.load(Ordering::Relaxed);
-        self.outlasting(e, now, slowest).any(|b| {
+        self.outlasting(e, now, slowest).any(|(b, started)| {
             // Every call of a span that began after the forget started after it.
             let begun = b.epoch.load(Ordering::Acquire).saturating_sub(1);
             let begun = begun.saturating_mul(self.width_nanos);
-            begun.saturating_add(1) >= forgot && b.started.load(Ordering::Relaxed) > 0
+            begun.saturating_add(1) >= forgot && started > 0
         })
     }
 
@@ -278,8 +288,9 @@ impl Throttle {
     /// A call let through at `elapsed` starts.
     pub(crate) fn start(&self, elapsed: Duration) {
         let b = self.current(elapsed);
-        b.started.fetch_add(1, Ordering::Relaxed);
+        // The start time before the count, published by it (see `outlasting`).
         b.last_start.fetch_max(nanos(elapsed), Ordering::Relaxed);
+        b.started.fetch_add(1, Ordering::Release);
         b.let_through.fetch_add(1, Ordering::Relaxed);
     }
 

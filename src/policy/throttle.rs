@@ -15,7 +15,8 @@ const MAX_HOLD: Duration = Duration::from_secs(60);
 /// Overload"). A healthy route is never throttled, a route that answers half its calls with
 /// `k = 2` hardly, a route that is down sheds nearly all of them; as soon as calls succeed again
 /// the probability falls; a call in flight longer than every refusal of the window took
-/// counts as accepted until it ends, so a recovery is seen a refusal's time after it. Nothing
+/// counts as accepted until it ends (or is a window old), so a recovery is seen a refusal's time
+/// after it. Nothing
 /// is turned away while the window holds fewer than `min_requests` requests: that floor keeps
 /// sending a route that is down a few calls per window, so its recovery is seen at once, and
 /// keeps one early failure from throttling a route that has seen no answer yet. While the
