@@ -594,13 +594,7 @@ impl RouteState {
         if let Admission::Probe { generation } = admission {
             if self.current(generation, HALF_OPEN) {
                 // Its head counted towards closing; a broken stream is a failed probe.
-                let mut c = self.lock();
-                if !self.current(generation, HALF_OPEN) {
-                    return;
-                }
-                let t = self.open(shared, &mut c, CircuitState::HalfOpen, now);
-                drop(c);
-                shared.emit(&self.name, t);
+                self.trip(shared, generation, CircuitState::HalfOpen, now);
                 return;
             }
         }
@@ -704,15 +698,19 @@ impl RouteState {
                 }
             }
         }
-        if !trip {
-            return;
+        if trip {
+            self.trip(shared, generation, CircuitState::Closed, now);
         }
+    }
+
+    /// Opens the circuit from `from` (closed or half-open) if it is still in that state and
+    /// `generation`: another recorder may have tripped it already.
+    fn trip(&self, shared: &Shared, generation: u64, from: CircuitState, now: Instant) {
         let mut c = self.lock();
-        // Another recorder may have tripped it already.
-        if !self.current(generation, CLOSED) {
+        if !self.current(generation, encode(from)) {
             return;
         }
-        let t = self.open(shared, &mut c, CircuitState::Closed, now);
+        let t = self.open(shared, &mut c, from, now);
         drop(c);
         shared.emit(&self.name, t);
     }

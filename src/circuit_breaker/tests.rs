@@ -1003,10 +1003,18 @@ async fn a_body_dropped_early_breaks_the_failure_run() {
     assert_eq!(handle.state(A), CircuitState::Closed);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_probe_whose_stream_breaks_after_closing_counts_as_a_fresh_failure() {
+/// A circuit tripped by one failure, opened 2 s and probed: the probe's head is good and its
+/// stream breaks, mid-stream, when read.
+async fn probe_with_broken_stream(
+    half_open_successes: u32,
+) -> (
+    CircuitBreakerHandle,
+    impl Service<Request<Full<Bytes>>, Response = Response<Body>, Error = Error>,
+    Response<Body>,
+) {
     let mut p = bare();
     p.consecutive_failures = Some(1);
+    p.half_open_successes = half_open_successes;
     let (inner, _) = provider(|n, _| {
         if n == 0 {
             Reply::Status(503)
@@ -1020,6 +1028,12 @@ async fn a_probe_whose_stream_breaks_after_closing_counts_as_a_fresh_failure() {
     roundtrip(&mut svc, A).await.unwrap();
     sleep(Duration::from_secs(2)).await;
     let probe = send(&mut svc, A).await.unwrap();
+    (handle, svc, probe)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_whose_stream_breaks_after_closing_counts_as_a_fresh_failure() {
+    let (handle, _svc, probe) = probe_with_broken_stream(1).await;
     // The probe's head closed the circuit at once...
     assert_eq!(handle.state(A), CircuitState::Closed);
     assert!(probe.into_body().collect().await.is_err());
@@ -1029,22 +1043,7 @@ async fn a_probe_whose_stream_breaks_after_closing_counts_as_a_fresh_failure() {
 
 #[tokio::test(start_paused = true)]
 async fn a_probe_whose_stream_breaks_before_closing_reopens_the_circuit() {
-    let mut p = bare();
-    p.consecutive_failures = Some(1);
-    p.half_open_successes = 2;
-    let (inner, _) = provider(|n, _| {
-        if n == 0 {
-            Reply::Status(503)
-        } else {
-            Reply::BodyFails(interrupted)
-        }
-    });
-    let layer = CircuitBreakerLayer::new(p).unwrap().without_jitter();
-    let handle = layer.handle();
-    let mut svc = layer.layer(inner);
-    roundtrip(&mut svc, A).await.unwrap();
-    sleep(Duration::from_secs(2)).await;
-    let probe = send(&mut svc, A).await.unwrap();
+    let (handle, mut svc, probe) = probe_with_broken_stream(2).await;
     // One good head of the two needed: still half-open...
     assert_eq!(handle.state(A), CircuitState::HalfOpen);
     assert!(probe.into_body().collect().await.is_err());
