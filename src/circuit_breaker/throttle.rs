@@ -90,8 +90,10 @@ struct Bucket {
     epoch: AtomicU64,
     requests: AtomicU32,
     accepts: AtomicU32,
-    /// Calls started in this span that have not ended yet.
-    started: AtomicU32,
+    /// Calls started in this span that have not ended yet, packed with the span they belong
+    /// to (see [`in_flight`]): a call that ends after its bucket moved on to a newer span does
+    /// not take one off the newer span's count.
+    in_flight: AtomicU64,
     /// When the latest call started in this span started, in nanoseconds since the origin:
     /// every call still in flight from it has been in flight since then at least.
     last_start: AtomicU64,
@@ -99,6 +101,41 @@ struct Bucket {
     let_through: AtomicU32,
     /// The longest time to a refusal among the calls that ended in this span, in nanoseconds.
     refusal_max: AtomicU64,
+}
+
+/// A bucket's calls in flight, packed in one word with the span they were counted in (its low
+/// 32 bits, which a bucket reused every `n` spans cannot confuse within 2³² spans), so that a
+/// count and its span change together.
+mod in_flight {
+    use super::Bucket;
+    use std::sync::atomic::Ordering;
+
+    pub(super) fn pack(epoch: u64, n: u32) -> u64 {
+        (epoch << 32) | u64::from(n)
+    }
+
+    fn span(v: u64) -> u64 {
+        v >> 32
+    }
+
+    /// The count in `v` if it is of `b`'s current span, else none.
+    pub(super) fn count(v: u64, b: &Bucket) -> u32 {
+        let epoch = b.epoch.load(Ordering::Acquire);
+        if span(v) == span(pack(epoch, 0)) {
+            v as u32
+        } else {
+            0
+        }
+    }
+
+    /// `v` with `delta` added to its count if it is of span `epoch` and stays within `u32`.
+    pub(super) fn add(v: u64, epoch: u64, delta: i64) -> Option<u64> {
+        if span(v) != span(pack(epoch, 0)) {
+            return None;
+        }
+        let n = u32::try_from(i64::from(v as u32) + delta).ok()?;
+        Some(pack(epoch, n))
+    }
 }
 
 /// The throttle of one route. Times are the time elapsed since the route's origin.
@@ -196,7 +233,7 @@ impl Throttle {
                 // `started` before `last_start`, the reverse of `start`'s order: a call counted
                 // here has its start time seen too, so a call that has only just started is
                 // never taken for one that outlived the refusals.
-                let started = b.started.load(Ordering::Acquire);
+                let started = in_flight::count(b.in_flight.load(Ordering::Acquire), b);
                 let last = b.last_start.load(Ordering::Acquire);
                 (last.saturating_add(d) <= now).then_some((b, started))
             })
@@ -275,7 +312,7 @@ impl Throttle {
                 // that sees the new epoch also sees the zeros.
                 b.requests.store(0, Ordering::Relaxed);
                 b.accepts.store(0, Ordering::Relaxed);
-                b.started.store(0, Ordering::Relaxed);
+                b.in_flight.store(in_flight::pack(e, 0), Ordering::Relaxed);
                 b.last_start.store(0, Ordering::Relaxed);
                 b.let_through.store(0, Ordering::Relaxed);
                 b.refusal_max.store(0, Ordering::Relaxed);
@@ -287,10 +324,17 @@ impl Throttle {
 
     /// A call let through at `elapsed` starts.
     pub(crate) fn start(&self, elapsed: Duration) {
+        let e = self.epoch(nanos(elapsed));
         let b = self.current(elapsed);
         // The start time before the count, published by it (see `outlasting`).
         b.last_start.fetch_max(nanos(elapsed), Ordering::Relaxed);
-        b.started.fetch_add(1, Ordering::Release);
+        // Counted in its span only: a bucket a racing caller moved on is not its bucket, and
+        // `unstart` will not find it there either.
+        let _ = b
+            .in_flight
+            .fetch_update(Ordering::Release, Ordering::Relaxed, |v| {
+                in_flight::add(v, e, 1)
+            });
         b.let_through.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -298,13 +342,14 @@ impl Throttle {
     /// outcome).
     pub(crate) fn unstart(&self, started: Duration) {
         let e = self.epoch(nanos(started));
-        let b = self.slot(e);
-        // A bucket reused for a newer span no longer counts the call.
-        if b.epoch.load(Ordering::Acquire) == e {
-            let _ = b
-                .started
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
-        }
+        // A bucket reused for a newer span no longer counts the call: the span is checked in
+        // the same atomic step as the count.
+        let _ = self
+            .slot(e)
+            .in_flight
+            .fetch_update(Ordering::Release, Ordering::Relaxed, |v| {
+                in_flight::add(v, e, -1)
+            });
     }
 
     /// The probability of turning a call away at `elapsed` (zero below the floor).
