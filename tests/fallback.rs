@@ -883,6 +883,33 @@ async fn the_total_attempts_cap_binds_the_retries_inside() -> Result<(), BoxErro
 }
 
 #[tokio::test(start_paused = true)]
+async fn without_a_budget_layer_a_request_deposits_once_and_its_hops_draw_on_it()
+-> Result<(), BoxError> {
+    let mock = MockProvider::start().await?;
+    mock.script(ScriptKey::Any, [Reply::openai_overloaded()]);
+    let mut policy = Policy::interactive();
+    policy.retry.max_attempts = 1;
+    policy.fallback = chain(vec![route(&mock, "backup")]);
+    // One retry or hop per request deposited, none besides.
+    let budget = RetryBudget::new(&RetryBudgetPolicy::Ratio {
+        ratio: 1.0,
+        min_per_sec: 0,
+        ttl: Duration::from_secs(10),
+    })?;
+    let service = tower::ServiceBuilder::new()
+        .layer(FallbackLayer::from_policy(&policy)?)
+        .layer(RetryLayer::from_policy(&policy)?.retry_budget(budget.clone()))
+        .service(testing::client());
+    let request = testing::chat_request(&mock.url(), PRIMARY_MODEL, false);
+    let response = service.oneshot(request).await?;
+    assert_eq!(response.status(), 503);
+    assert_eq!(routes_tried(&snapshot(&response)?), ["primary", "backup"]);
+    // The primary's call deposited one, the hop took it, the backup's call deposited nothing.
+    assert_eq!(budget.available(), 0);
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_route_switches_only_after_its_retries_are_spent() -> Result<(), BoxError> {
     let mock = MockProvider::start().await?;
     mock.script(

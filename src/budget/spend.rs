@@ -609,7 +609,7 @@ impl Ticket {
                 let new = s.answer_price.cost(usage.input_tokens, usage.output_tokens);
                 self.store
                     .adjust(&self.owner, s.answer, new, self.cfg.window);
-                s.total = s.total - s.answer + new;
+                s.total = s.total.saturating_sub(s.answer).saturating_add(new);
                 s.answer = new;
                 let total = s.total;
                 st.reported = Some(usage);

@@ -1310,6 +1310,8 @@ struct Ledger {
     calls: Arc<Mutex<Vec<String>>>,
     /// Answers after a turn of the runtime instead of at once.
     slow: bool,
+    /// Answers after this long instead (a store far away).
+    takes: Option<Duration>,
 }
 
 impl AttemptAdmission for Ledger {
@@ -1328,6 +1330,12 @@ impl AttemptAdmission for Ledger {
         } else {
             Err(SpendDenied::new("team"))
         };
+        if let Some(d) = self.takes {
+            return crate::store::StoreFuture::new(async move {
+                tokio::time::sleep(d).await;
+                answer
+            });
+        }
         if self.slow {
             // An answer that takes a turn of the runtime, as a networked store's does.
             return crate::store::StoreFuture::new(async move {
@@ -1400,6 +1408,88 @@ async fn a_retry_rejected_without_a_call_gives_its_spend_back() {
         *ledger.calls.lock().unwrap_or_else(|p| p.into_inner()),
         ["deny h"]
     );
+}
+
+/// A retry layer (interactive preset, seed 7) around a provider that is always overloaded and
+/// names a wait of 800 ms, asked for its retries by a spend gate that answers after `takes`,
+/// for a request due in 1 s: the wait checked at once (800–960 ms) fits.
+async fn a_retry_claimed_slowly(
+    takes: Duration,
+) -> (
+    Result<http::Response<crate::Body>, Error>,
+    Duration,
+    usize,
+    Vec<String>,
+) {
+    let policy = recovery_policy(1_000, ChargeRule::ReportedOnly, 100);
+    let retry = crate::retry::RetryLayer::from_policy(&policy).unwrap_or_else(|e| panic!("{e}"));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let provider = service_fn({
+        let calls = calls.clone();
+        move |_req: Req| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let mut r = overloaded();
+            r.headers_mut()
+                .insert("retry-after-ms", http::HeaderValue::from_static("800"));
+            async { Ok::<_, Infallible>(r) }
+        }
+    });
+    let ledger = Ledger {
+        takes: Some(takes),
+        ..Ledger::default()
+    };
+    ledger.room.store(5, Ordering::SeqCst);
+    let mut req = chat("h", 94);
+    req.extensions_mut().insert(SpendGate::new(ledger.clone()));
+    req.extensions_mut()
+        .insert(crate::context::Deadline::after(Duration::from_secs(1)));
+    let start = Instant::now();
+    let out = retry.layer(provider).oneshot(req).await;
+    let ledger_calls = ledger
+        .calls
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    (
+        out,
+        start.elapsed(),
+        calls.load(Ordering::SeqCst),
+        ledger_calls,
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spend_cap_slower_than_the_deadline_ends_the_retries_at_the_deadline() {
+    let (out, took, calls, ledger) = a_retry_claimed_slowly(Duration::from_secs(2)).await;
+    // The cap has not answered at 1 s: the caller gets the 503 then, with no second call.
+    assert_eq!(took, Duration::from_secs(1));
+    assert_eq!(calls, 1);
+    let resp = out.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), 503);
+    assert_eq!(
+        last_decision(&log_of(&resp)),
+        Some(crate::attempt_log::Decision::Stop(
+            crate::attempt_log::StopReason::DeadlineExceeded
+        ))
+    );
+    assert_eq!(ledger, ["admit h"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spend_cap_that_answers_too_late_for_the_wait_gives_the_retry_back() {
+    let (out, took, calls, ledger) = a_retry_claimed_slowly(Duration::from_millis(300)).await;
+    // Granted at 300 ms, the 800 ms wait would end past 1 s: no retry, the grant given back.
+    assert_eq!(took, Duration::from_millis(300));
+    assert_eq!(calls, 1);
+    let resp = out.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), 503);
+    assert_eq!(
+        last_decision(&log_of(&resp)),
+        Some(crate::attempt_log::Decision::Stop(
+            crate::attempt_log::StopReason::DeadlineExceeded
+        ))
+    );
+    assert_eq!(ledger, ["admit h", "release h"]);
 }
 
 #[tokio::test(start_paused = true)]

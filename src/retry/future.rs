@@ -351,6 +351,14 @@ impl<B: ReplayBody> Attempts<B> {
             log.decide(retry.idx, Decision::Stop(StopReason::SpendCapReached));
             return Decided::Done;
         }
+        // A cap that took its time to answer may have taken the wait past the deadline.
+        if !self.ends_before_deadline(retry.wait) {
+            if let Some(gate) = &self.spend {
+                gate.release(&self.route);
+            }
+            log.decide(retry.idx, Decision::Stop(StopReason::DeadlineExceeded));
+            return Decided::Done;
+        }
         if !self.budget.withdraw() {
             if let Some(gate) = &self.spend {
                 gate.release(&self.route);
@@ -533,6 +541,11 @@ where
 
     /// `Ready`: the inner service's readiness for the next attempt, then its call.
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Next> {
+        // A timer that woke late leaves no time for the retry: it would only be cut off.
+        if Instant::now() >= self.attempts.facts.deadline {
+            self.state.set(State::Done);
+            return Poll::Ready(Some(Err(self.attempts.deadline_passed(false))));
+        }
         let ready = match self.service.poll_ready(cx) {
             Poll::Ready(r) => r,
             Poll::Pending => return self.poll_deadline(false, cx),
@@ -685,13 +698,32 @@ where
         let StateProj::Claiming { admit, .. } = self.state.as_mut().project() else {
             return Poll::Ready(None);
         };
-        let granted = ready!(Pin::new(admit).poll(cx));
+        let granted = match Pin::new(admit).poll(cx) {
+            Poll::Ready(granted) => Some(granted),
+            Poll::Pending => {
+                ready!(crate::timer::poll_lazy(
+                    self.deadline.as_mut(),
+                    self.attempts.facts.deadline,
+                    cx
+                ));
+                // The cap has not answered by the deadline: no retry, and nothing to give
+                // back (a reservation the store makes after all ends with its lease).
+                None
+            }
+        };
         let StateProjReplace::Claiming { retry, answer, .. } =
             self.state.as_mut().project_replace(State::Done)
         else {
             return Poll::Ready(None);
         };
-        let decided = self.attempts.claimed(granted, retry);
+        let decided = match granted {
+            Some(granted) => self.attempts.claimed(granted, retry),
+            None => {
+                let stop = Decision::Stop(StopReason::DeadlineExceeded);
+                self.attempts.ctx.log().decide(retry.idx, stop);
+                Decided::Done
+            }
+        };
         Poll::Ready(self.follow(decided, answer))
     }
 

@@ -33,8 +33,10 @@
 //!   is a `retry_budget_denied` stop and a local event in the log. A granted retry that makes no
 //!   call — an open circuit inside refused it, readiness failed, or the request was dropped
 //!   while it waited — gives its withdrawal back. The layer deposits into its
-//!   own budget once per logical request; a budget that came in the extensions is deposited
-//!   into by the layer that put it there.
+//!   own budget once per logical request and hands it down in the request's context, so that
+//!   the request's later hops (through `FallbackLayer`, a hedge) draw on it rather than deposit
+//!   again; a budget that came in the extensions is deposited into by the layer that put it
+//!   there.
 //! - **The spend cap.** When the request carries a [`SpendGate`](crate::context::SpendGate)
 //!   (`BudgetLayer` with a spend cap puts one in), each retry first reserves its estimated
 //!   maximum cost at the route's price for the request's budget owner. A refusal is a

@@ -95,8 +95,12 @@ where
             (v.retry_budget.clone(), v.deadline, v.fallback_available, s)
         });
         // A budget handed down by `BudgetLayer` wins; that layer deposits for the request.
+        // Else this layer's own, deposited into once per logical request: handed down from
+        // here, so that the request's later hops (a fallback's, a hedge's) find it and draw
+        // on it rather than deposit again.
         let budget = budget.unwrap_or_else(|| {
             shared.budget.deposit();
+            ctx.set_retry_budget(shared.budget.clone());
             shared.budget.clone()
         });
 
