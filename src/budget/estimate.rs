@@ -80,10 +80,20 @@ where
 ///   `contents` or an `input` array.
 /// - Input bound: those bytes counted as tokens (a token of text is at least one byte) plus the
 ///   same per-message overhead — what a provider can bill at most, for a hard spend cap.
-/// - A body that is not JSON counts its length divided by 4; a body not in memory counts its
-///   `content-length` the same way.
+/// - A body that is not JSON counts its length divided by 4, and its length as the input bound;
+///   a body not in memory counts its `content-length` the same way.
+///
+/// The output bound is only what the request names: a request naming none is reserved
+/// [`DEFAULT_MAX_OUTPUT_TOKENS`], which a model with a longer output limit may exceed, so a
+/// hard spend cap bounds the requests that name their output bound (and a body not in memory
+/// without a `content-length` has no input bound at all).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DefaultEstimator;
+
+/// A body whose structure is not read, of `len` bytes: a token is at least one byte.
+fn unread(len: u64) -> TokenEstimate {
+    TokenEstimate::new(len.div_ceil(4), DEFAULT_MAX_OUTPUT_TOKENS).with_input_bound(len)
+}
 
 const PROMPT_FIELDS: [&str; 8] = [
     "messages",
@@ -104,10 +114,10 @@ impl TokenEstimator for DefaultEstimator {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .unwrap_or(0);
-            return TokenEstimate::new(len.div_ceil(4), DEFAULT_MAX_OUTPUT_TOKENS);
+            return unread(len);
         };
         let Ok(Value::Object(json)) = serde_json::from_slice::<Value>(body) else {
-            return TokenEstimate::new((body.len() as u64).div_ceil(4), DEFAULT_MAX_OUTPUT_TOKENS);
+            return unread(body.len() as u64);
         };
         let max_output = ["max_tokens", "max_output_tokens", "max_completion_tokens"]
             .iter()
@@ -195,11 +205,17 @@ mod tests {
 
     #[test]
     fn garbage_and_missing_bodies_still_estimate() {
-        assert_eq!(est("not json at all"), TokenEstimate::new(4, 4096));
-        // A body that is not JSON has no bound better than its estimate.
-        assert_eq!(est("not json at all").input_bound, 4);
+        assert_eq!(
+            est("not json at all"),
+            TokenEstimate::new(4, 4096).with_input_bound(15)
+        );
+        // A body that is not JSON is bounded by its bytes, as a string inside JSON would be.
+        assert_eq!(est("not json at all").input_bound, 15);
         assert_eq!(est(r#"{"max_tokens":-3}"#), TokenEstimate::new(0, 4096));
-        assert_eq!(est("[1,2]"), TokenEstimate::new(2, 4096));
+        assert_eq!(
+            est("[1,2]"),
+            TokenEstimate::new(2, 4096).with_input_bound(5)
+        );
         let mut h = HeaderMap::new();
         h.insert(
             http::header::CONTENT_LENGTH,
@@ -207,7 +223,7 @@ mod tests {
         );
         assert_eq!(
             DefaultEstimator.estimate(&h, None),
-            TokenEstimate::new(11, 4096)
+            TokenEstimate::new(11, 4096).with_input_bound(41)
         );
         h.insert(
             http::header::CONTENT_LENGTH,

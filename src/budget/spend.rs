@@ -231,8 +231,9 @@ impl SpendConfig {
     }
 }
 
-/// A first reservation the store is still deciding. The ticket exists once it is granted, so
-/// that nothing is settled for a reservation that was never made.
+/// A first reservation the store is still deciding. The ticket is handed out once it is
+/// granted, so that nothing is settled for a reservation that was never made; dropped before
+/// the answer (the request was cancelled), the opening settles once the answer is known.
 pub(crate) struct Opening {
     reserve: StoreFuture<Result<(), Refusal>>,
     ticket: Option<Ticket>,
@@ -260,14 +261,10 @@ impl Opening {
         let reserved = ticket.lock().reserved();
         let owner = ticket.owner.clone();
         let cap = ticket.cfg.cap;
-        // The ticket was never granted a reservation: it must not settle one.
-        let forget = |t: Ticket| {
-            t.state.lock().unwrap_or_else(|p| p.into_inner()).settled = Some(Settled::NOTHING)
-        };
         match granted {
             Ok(()) => Ok(Arc::new(ticket)),
             Err(Refusal::Spend(status)) => {
-                forget(ticket);
+                ticket.forget();
                 Err(
                     Error::new(ErrorKind::BudgetExhausted { owner: Some(owner) }).with_source(
                         format!(
@@ -281,9 +278,36 @@ impl Opening {
                 )
             }
             Err(refusal) => {
-                forget(ticket);
+                ticket.forget();
                 Err(unavailable(refusal))
             }
+        }
+    }
+}
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        let Some(ticket) = self.ticket.take() else {
+            return;
+        };
+        // Settle what the store decides, once it has: settling before a reservation that is
+        // still on its way would leave it open (or, in a store that counts amounts, take it off
+        // another request's).
+        let mut reserve = std::mem::replace(&mut self.reserve, StoreFuture::ready(Ok(())));
+        let settle = |granted: Result<(), Refusal>, ticket: Ticket| match granted {
+            // Cancelled before its call: settles charging nothing, as a dropped ticket does.
+            Ok(()) => drop(ticket),
+            Err(_) => ticket.forget(),
+        };
+        if let Some(granted) = reserve.now() {
+            return settle(granted, ticket);
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move { settle(reserve.await, ticket) });
+            }
+            // No runtime to wait on: settle now, by its lease.
+            Err(_) => drop(ticket),
         }
     }
 }
@@ -372,6 +396,11 @@ impl fmt::Debug for Ticket {
 }
 
 impl Ticket {
+    /// Drops the ticket of a reservation the store refused: nothing to settle.
+    fn forget(self) {
+        self.lock().settled = Some(Settled::NOTHING);
+    }
+
     fn lock(&self) -> MutexGuard<'_, TicketState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -1582,3 +1582,95 @@ async fn a_spend_gate_that_answers_later_decides_retries_and_hops_the_same() {
         );
     }
 }
+
+/// A shared store far away: each ask is sent at once and answered `rtt` later, and the
+/// bookings made without waiting land at once.
+struct FarStore {
+    near: Arc<MemoryStore>,
+    rtt: Duration,
+}
+
+impl FarStore {
+    /// The ask is on its way when this returns: dropping the answer does not take it back.
+    fn ask<T: Send + 'static>(
+        &self,
+        ask: impl FnOnce(Arc<MemoryStore>) -> StoreFuture<T> + Send + 'static,
+    ) -> StoreFuture<T> {
+        let (near, rtt) = (self.near.clone(), self.rtt);
+        let sent = tokio::spawn(async move {
+            tokio::time::sleep(rtt / 2).await;
+            let answer = ask(near).await;
+            tokio::time::sleep(rtt / 2).await;
+            answer
+        });
+        StoreFuture::new(async move { sent.await.unwrap_or_else(|e| panic!("{e}")) })
+    }
+}
+
+impl BudgetStore for FarStore {
+    fn reserve(
+        &self,
+        owner: &str,
+        lease: Lease,
+        amount: u64,
+        cap: u64,
+        window: Duration,
+    ) -> StoreFuture<Result<(), Refusal>> {
+        let owner = owner.to_owned();
+        self.ask(move |s| s.reserve(&owner, lease, amount, cap, window))
+    }
+    fn release(&self, owner: &str, lease: Lease, amount: u64, window: Duration) {
+        self.near.release(owner, lease, amount, window)
+    }
+    fn settle(&self, owner: &str, lease: Lease, reserved: u64, charged: u64, window: Duration) {
+        self.near.settle(owner, lease, reserved, charged, window)
+    }
+    fn adjust(&self, owner: &str, refund: u64, charge: u64, window: Duration) {
+        self.near.adjust(owner, refund, charge, window)
+    }
+    fn status(&self, owner: &str, window: Duration) -> StoreFuture<Result<SpendStatus, Refusal>> {
+        let owner = owner.to_owned();
+        self.ask(move |s| s.status(&owner, window))
+    }
+    fn take(&self, key: &str, demands: &[RateDemand]) -> StoreFuture<Result<(), Refusal>> {
+        let (key, demands) = (key.to_owned(), demands.to_vec());
+        self.ask(move |s| s.take(&key, &demands))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_cancelled_while_the_store_decides_its_reservation_leaves_none_open() {
+    let near = Arc::new(MemoryStore::new());
+    let mut policy = BudgetPolicy::default();
+    policy.spend = Some(spend_policy(1.0, Price::new(1.0, 1.0)));
+    let layer = layer(policy).store(Arc::new(FarStore {
+        near: near.clone(),
+        rtt: Duration::from_millis(100),
+    }));
+    let (calls, svc) = {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let svc = layer.layer(service_fn(move |_req: Req| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, Infallible>(answer(Some((2, 10)))) }
+        }));
+        (calls, svc)
+    };
+    // Cancelled after the reservation is sent and before it reaches the store.
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(25),
+        svc.oneshot(chat("api.example.com", 94)),
+    )
+    .await;
+    assert!(cancelled.is_err(), "the request was not cancelled");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    settle_tasks().await;
+    let day = Duration::from_secs(24 * 3600);
+    let status = near.status("team", day).await;
+    assert_eq!(
+        status,
+        Ok(SpendStatus::new(0, 0)),
+        "the reservation is open"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+}

@@ -212,7 +212,10 @@ pub struct SpendPolicy {
     pub charge_failed: ChargeRule,
     /// A hard cap: each reservation is an upper bound of what its attempt can be billed (the
     /// request's input bytes counted as tokens, plus the per-message overhead, plus its output
-    /// bound), so that concurrent requests can never book past the cap together. Off, a
+    /// bound), so that concurrent requests can never book past the cap together. The output
+    /// bound is the one the request names (`max_tokens` and the like); a request naming none is
+    /// reserved [`DEFAULT_MAX_OUTPUT_TOKENS`](crate::budget::DEFAULT_MAX_OUTPUT_TOKENS), which a
+    /// model with a longer output limit can exceed, so name it where the cap must hold. Off, a
     /// reservation is the estimate, and a provider billing more than it is counted as an
     /// overrun.
     pub hard: bool,
