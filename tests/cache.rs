@@ -283,6 +283,75 @@ async fn memory_stays_within_its_bounds() -> Result<(), BoxError> {
     Ok(())
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_waiting_for_the_first_holds_none_of_the_inner_services_capacity()
+-> Result<(), BoxError> {
+    type Calls = Arc<std::sync::Mutex<Vec<(String, Duration)>>>;
+    let t0 = tokio::time::Instant::now();
+    let calls: Calls = Arc::default();
+    // Key `k` takes a second to answer, any other key none.
+    let inner = tower::service_fn({
+        let calls = calls.clone();
+        move |req: http::Request<Full<Bytes>>| {
+            let key = req
+                .headers()
+                .get("idempotency-key")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            let at = tokio::time::Instant::now() - t0;
+            calls
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((key.clone(), at));
+            async move {
+                if key == "k" {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                http::Response::builder()
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from_static(br#"{"choices":[]}"#)))
+            }
+        }
+    });
+    // Two calls at a time: a service polled ready holds one of the two permits.
+    let limited = tower::limit::ConcurrencyLimit::new(inner, 2);
+    let svc = CacheLayer::from_policy(&policy(CachePolicy::default()))?.layer(limited);
+    let url = "http://127.0.0.1:9";
+    let req = |key: &str| {
+        let mut req = testing::chat_request(url, MODEL, false);
+        let h = req.headers_mut();
+        h.insert("idempotency-key", http::HeaderValue::from_str(key)?);
+        h.insert("x-llm-budget-owner", http::HeaderValue::from_static("team"));
+        Ok::<_, BoxError>(req)
+    };
+    let first = tokio::spawn(svc.clone().oneshot(req("k")?));
+    tokio::task::yield_now().await;
+    // The duplicate waits for the first's answer...
+    let duplicate = tokio::spawn(svc.clone().oneshot(req("k")?));
+    tokio::task::yield_now().await;
+    // ...while another key is sent at once on the second permit.
+    let other = svc.clone().oneshot(req("other")?).await?;
+    assert_eq!(other.status(), http::StatusCode::OK);
+    assert_eq!(tokio::time::Instant::now() - t0, Duration::ZERO);
+    let first = first.await??;
+    first.into_body().collect_bytes().await?;
+    let duplicate = duplicate.await??;
+    assert_eq!(
+        duplicate.headers().get(CACHE_HEADER).map(|v| v.as_bytes()),
+        Some(&b"hit"[..])
+    );
+    let calls = calls.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert_eq!(
+        calls,
+        [
+            ("k".to_owned(), Duration::ZERO),
+            ("other".to_owned(), Duration::ZERO)
+        ]
+    );
+    Ok(())
+}
+
 #[cfg(feature = "redis")]
 #[path = "support/redis.rs"]
 mod redis_server;

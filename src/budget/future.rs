@@ -428,10 +428,11 @@ impl Admission {
     }
 }
 
-/// A request whose admission was not decided at once, with the service that was polled ready
-/// for it.
+/// A request whose admission was not decided at once, with a clone of the inner service that
+/// is polled ready once the request is admitted.
 struct Held<S, B> {
     admission: Admission,
+    admitted: bool,
     service: S,
     request: http::Request<B>,
 }
@@ -491,8 +492,8 @@ where
         Self::with(admitted, State::ending(ending), None)
     }
 
-    /// A request whose admission goes on in the future, with the service that was polled
-    /// ready for it.
+    /// A request whose admission goes on in the future, with the clone of the inner service
+    /// that sends it once admitted.
     pub(crate) fn admitting(
         admitted: Admitted,
         admission: Admission,
@@ -501,6 +502,7 @@ where
     ) -> Self {
         let held = Held {
             admission,
+            admitted: false,
             service,
             request,
         };
@@ -582,13 +584,30 @@ where
 impl<S, B> Proj<'_, S, B>
 where
     S: Service<http::Request<B>>,
+    S::Error: Into<BoxError>,
 {
-    /// Admission goes on: the request is sent once admitted, or ends.
+    /// Admission goes on: once admitted, the request is sent as soon as the inner service is
+    /// ready (within the deadline), or it ends.
     fn poll_queue(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let Some(held) = self.held.as_mut() else {
             panic!("budget ResponseFuture polled after completion");
         };
-        let admitted = ready!(held.admission.poll_admit(self.admitted, cx));
+        if !held.admitted {
+            if let Err(ending) = ready!(held.admission.poll_admit(self.admitted, cx)) {
+                *self.held = None;
+                self.state.set(State::ending(ending));
+                return Poll::Ready(());
+            }
+            held.admitted = true;
+        }
+        let ending = match held.service.poll_ready(cx) {
+            Poll::Ready(Ok(())) => None,
+            Poll::Ready(Err(e)) => Some(self.admitted.inner_error(e)),
+            Poll::Pending => {
+                let e = ready!(self.poll_deadline_passed(cx, false));
+                Some(Ending::Failed(e))
+            }
+        };
         let Some(Held {
             mut service,
             request,
@@ -597,19 +616,27 @@ where
         else {
             return Poll::Ready(());
         };
-        match admitted {
-            Ok(()) => {
+        match ending {
+            None => {
                 self.admitted.sending(None);
                 let fut = service.call(request);
                 self.state.set(State::Calling { fut });
             }
-            Err(ending) => self.state.set(State::ending(ending)),
+            Some(ending) => self.state.set(State::ending(ending)),
         }
         Poll::Ready(())
     }
 
     /// Fails the request when its deadline passes while the inner service still works on it.
     fn poll_deadline<T>(&mut self, cx: &mut Context<'_>) -> Poll<Result<T, Error>> {
+        let e = ready!(self.poll_deadline_passed(cx, true));
+        // Dropping the inner future cancels the attempt in flight.
+        self.state.set(State::Failed { error: None });
+        Poll::Ready(Err(e))
+    }
+
+    /// The request's failure once its deadline passes; `in_flight` when it was sent.
+    fn poll_deadline_passed(&mut self, cx: &mut Context<'_>, in_flight: bool) -> Poll<Error> {
         let Some(at) = self.admitted.deadline else {
             return Poll::Pending;
         };
@@ -619,12 +646,10 @@ where
             .ctx
             .log()
             .event(route, LocalEventKind::DeadlineExceeded);
-        let e = self
-            .admitted
-            .fail(Error::new(ErrorKind::DeadlineExceeded), true);
-        // Dropping the inner future cancels the attempt in flight.
-        self.state.set(State::Failed { error: None });
-        Poll::Ready(Err(e))
+        Poll::Ready(
+            self.admitted
+                .fail(Error::new(ErrorKind::DeadlineExceeded), in_flight),
+        )
     }
 }
 

@@ -142,8 +142,11 @@ where
             self.ask(&admitted, owner.as_deref(), tokens)
         });
         let mut admission = Admission::new(opening, ask);
-        // A store in memory answers at once; one across the network is waited for in the
-        // future, which keeps the service that was polled ready for the request's turn.
+        // A store in memory answers at once, and the request goes to the service that was
+        // polled ready. One across the network, or a queue, is waited for in the future with a
+        // clone polled ready only once the request is admitted: a request waiting its turn
+        // holds none of the inner service's capacity (a concurrency permit, a buffer slot),
+        // which stays with this service for the next request.
         let mut cx = Context::from_waker(Waker::noop());
         match admission.poll_admit(&mut admitted, &mut cx) {
             Poll::Ready(Ok(())) => {
@@ -153,9 +156,7 @@ where
             }
             Poll::Ready(Err(e)) => ResponseFuture::ended(admitted, e),
             Poll::Pending => {
-                let fresh = self.inner.clone();
-                let ready = std::mem::replace(&mut self.inner, fresh);
-                ResponseFuture::admitting(admitted, admission, ready, req)
+                ResponseFuture::admitting(admitted, admission, self.inner.clone(), req)
             }
         }
     }

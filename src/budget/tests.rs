@@ -536,6 +536,93 @@ async fn full_queue_rejects_and_a_dropped_waiter_frees_its_place() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_request_waiting_its_turn_holds_none_of_the_inner_services_capacity() {
+    let mut policy = BudgetPolicy::default();
+    let mut limit = rate(Some(1.0), 1, None);
+    limit.key = crate::policy::RateKey::Owner;
+    policy.rate_limit = Some(limit);
+    policy.admission = queue(Duration::from_secs(60), 10);
+    let (started, inner) = recorder();
+    // One call at a time: a service polled ready holds the only permit.
+    let svc = layer(policy).layer(tower::limit::ConcurrencyLimit::new(inner, 1));
+    let of = |owner: &str, i| {
+        let mut req = named(chat("h", 1), i);
+        req.extensions_mut().insert(BudgetOwner::new(owner));
+        req
+    };
+    let t0 = Instant::now();
+    assert!(svc.clone().oneshot(of("a", 0)).await.is_ok());
+    // Owner a's next request waits a second for its bucket...
+    let waiting = tokio::spawn(svc.clone().oneshot(of("a", 1)));
+    settle_tasks().await;
+    // ...while owner b, whose bucket is full, is served at once.
+    assert!(svc.clone().oneshot(of("b", 2)).await.is_ok());
+    assert_eq!(Instant::now() - t0, Duration::ZERO);
+    assert!(waiting.await.unwrap_or_else(|e| panic!("{e}")).is_ok());
+    let started = started.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let at: Vec<(&str, Duration)> = started.iter().map(|(n, t)| (n.as_str(), *t - t0)).collect();
+    assert_eq!(
+        at,
+        [
+            ("0", Duration::ZERO),
+            ("2", Duration::ZERO),
+            ("1", Duration::from_secs(1))
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_admitted_request_waits_for_the_inner_service_within_its_deadline() {
+    let mut policy = BudgetPolicy::default();
+    let mut limit = rate(Some(1.0), 1, None);
+    limit.key = crate::policy::RateKey::Owner;
+    policy.rate_limit = Some(limit);
+    policy.admission = queue(Duration::from_secs(60), 10);
+    policy.deadline = Some(Duration::from_secs(3));
+    let started = Arc::new(AtomicUsize::new(0));
+    // Owner b's call takes ten seconds and holds the only permit throughout.
+    let inner = service_fn({
+        let started = started.clone();
+        move |req: Req| {
+            started.fetch_add(1, Ordering::SeqCst);
+            let slow = req.extensions().get::<BudgetOwner>().map(|o| o.as_str()) == Some("b");
+            async move {
+                if slow {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                }
+                Ok::<_, Infallible>(answer(None))
+            }
+        }
+    });
+    let svc = layer(policy).layer(tower::limit::ConcurrencyLimit::new(inner, 1));
+    let of = |owner: &str| {
+        let mut req = chat("h", 1);
+        req.extensions_mut().insert(BudgetOwner::new(owner));
+        req
+    };
+    let t0 = Instant::now();
+    assert!(svc.clone().oneshot(of("a")).await.is_ok());
+    let mut req = of("a");
+    Deadline::after(Duration::from_secs(2)).tighten(&mut req);
+    let waiting = tokio::spawn(svc.clone().oneshot(req));
+    settle_tasks().await;
+    let slow = tokio::spawn(svc.clone().oneshot(of("b")));
+    settle_tasks().await;
+    // Admitted at 1 s, owner a's request finds no permit, and its deadline ends the wait.
+    let r = waiting.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(kind(&r), Some(ErrorKind::DeadlineExceeded));
+    assert_eq!(Instant::now() - t0, Duration::from_secs(2));
+    assert_eq!(started.load(Ordering::SeqCst), 2);
+    let e = r.err().unwrap_or_else(|| panic!("an error"));
+    assert!(events(&e).contains(&LocalEventKind::DeadlineExceeded));
+    assert_eq!(e.attempt_log().map(|l| l.attempts().len()), Some(0));
+    // The slow call is cut off by its own deadline.
+    let r = slow.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(kind(&r), Some(ErrorKind::DeadlineExceeded));
+    assert_eq!(Instant::now() - t0, Duration::from_secs(3));
+}
+
+#[tokio::test(start_paused = true)]
 async fn reject_mode_returns_the_exact_retry_in() {
     let mut policy = BudgetPolicy::default();
     policy.rate_limit = Some(rate(Some(2.0), 1, None));

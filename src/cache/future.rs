@@ -42,6 +42,8 @@ pin_project! {
     #[project = StateProj]
     enum State<F> {
         Claiming { claim: StoreFuture<Result<Claim, String>> },
+        // Claimed (or the store is away): the held clone is polled ready.
+        Readying,
         Calling { #[pin] future: F },
         Done,
     }
@@ -83,6 +85,7 @@ where
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = match &self.state {
             State::Claiming { .. } => "claiming",
+            State::Readying => "readying",
             State::Calling { .. } => "calling",
             State::Done => "done",
         };
@@ -107,7 +110,7 @@ where
             let out = match this.state.as_mut().project() {
                 StateProj::Claiming { claim } => {
                     let claimed = ready!(Pin::new(claim).poll(cx));
-                    let Some((mut service, mut request)) = this.held.take() else {
+                    let Some((_, request)) = this.held.as_mut() else {
                         panic!("cache ResponseFuture polled after completion");
                     };
                     match claimed {
@@ -118,7 +121,7 @@ where
                                 hold.forget();
                                 let digest = hold.request_digest;
                                 this.state.set(State::Done);
-                                return Poll::Ready(hit(this.config, &mut request, answer, digest));
+                                return Poll::Ready(hit(this.config, request, answer, digest));
                             }
                         }
                         Ok(Claim::Busy) => {
@@ -128,7 +131,7 @@ where
                             this.state.set(State::Done);
                             return Poll::Ready(Err(refused(
                                 this.config,
-                                &mut request,
+                                request,
                                 ErrorKind::InFlight,
                             )));
                         }
@@ -145,9 +148,25 @@ where
                             }
                         }
                     }
-                    let future = service.call(request);
-                    this.state.set(State::Calling { future });
+                    this.state.set(State::Readying);
                     continue;
+                }
+                StateProj::Readying => {
+                    let Some((service, _)) = this.held.as_mut() else {
+                        panic!("cache ResponseFuture polled after completion");
+                    };
+                    match ready!(service.poll_ready(cx)) {
+                        Ok(()) => {
+                            let Some((mut service, request)) = this.held.take() else {
+                                panic!("cache ResponseFuture polled after completion");
+                            };
+                            let future = service.call(request);
+                            this.state.set(State::Calling { future });
+                            continue;
+                        }
+                        // The hold lets go of the key when it is dropped.
+                        Err(e) => Err(this.config.classifier.error(e)),
+                    }
                 }
                 StateProj::Calling { future } => match ready!(future.poll(cx)) {
                     Ok(response) => Ok(answered(this.hold.take(), response.map(Body::new))),

@@ -89,11 +89,10 @@ where
             policy.ttl,
             policy.max_entry_bytes,
         );
-        // The service that was polled ready goes into the future, for when the claim is
-        // answered; a clone stays here.
-        let clone = self.inner.clone();
-        let ready = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::claiming(config, claim, hold, ready, req)
+        // The claim may wait for another request's whole answer: the future takes a clone,
+        // polled ready only once the request is to be sent, so that a duplicate waiting holds
+        // none of the inner service's capacity (a concurrency permit, a buffer slot).
+        ResponseFuture::claiming(config, claim, hold, self.inner.clone(), req)
     }
 }
 
