@@ -67,6 +67,24 @@ impl ClassifyResponse {
         self
     }
 
+    /// The classification of what has come so far — the head and the part of the body read —
+    /// for an answer cut off before its body could be read.
+    pub(crate) fn so_far(&self) -> Option<Classification> {
+        let response = self.response.as_ref()?;
+        if let Some(c) = response.extensions().get::<Classification>() {
+            return Some(c.clone());
+        }
+        let read = match &self.first {
+            Some(first) => first.as_ref(),
+            None => self.buf.as_ref(),
+        };
+        let seen = &read[..read.len().min(self.limit)];
+        Some(
+            self.classifier
+                .classify_response(response.status(), response.headers(), seen),
+        )
+    }
+
     /// Bytes read so far.
     fn read(&self) -> usize {
         self.first.as_ref().map_or(0, Bytes::len) + self.buf.len()

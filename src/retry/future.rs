@@ -198,13 +198,15 @@ impl<B> Attempts<B> {
     }
 
     /// The deadline passed before a response could be handed up. An attempt in flight is
-    /// recorded as a timeout (unless a layer nearer the transport recorded it) and stopped.
-    fn deadline_passed(&mut self, in_flight: bool) -> Error {
+    /// recorded (unless a layer nearer the transport recorded it) and stopped: as what its
+    /// answer's head said when one had come (`answered`), else as a timeout.
+    fn deadline_passed(&mut self, in_flight: bool, answered: Option<Classification>) -> Error {
         self.called(in_flight);
         let e = Error::new(ErrorKind::DeadlineExceeded);
         if in_flight {
             self.latency = Some(self.sent.at.elapsed());
-            let idx = self.record(&Classification::failure(FailureClass::Timeout), Some(&e));
+            let c = answered.unwrap_or_else(|| Classification::failure(FailureClass::Timeout));
+            let idx = self.record(&c, Some(&e));
             self.ctx
                 .log()
                 .decide(idx, Decision::Stop(StopReason::DeadlineExceeded));
@@ -536,7 +538,7 @@ where
         ));
         // Dropping the attempt's future cancels it.
         self.state.set(State::Done);
-        Poll::Ready(Some(Err(self.attempts.deadline_passed(in_flight))))
+        Poll::Ready(Some(Err(self.attempts.deadline_passed(in_flight, None))))
     }
 
     /// `Ready`: the inner service's readiness for the next attempt, then its call.
@@ -544,7 +546,7 @@ where
         // A timer that woke late leaves no time for the retry: it would only be cut off.
         if Instant::now() >= self.attempts.facts.deadline {
             self.state.set(State::Done);
-            return Poll::Ready(Some(Err(self.attempts.deadline_passed(false))));
+            return Poll::Ready(Some(Err(self.attempts.deadline_passed(false, None))));
         }
         let ready = match self.service.poll_ready(cx) {
             Poll::Ready(r) => r,
@@ -666,10 +668,21 @@ where
         let StateProj::Classifying { future } = self.state.as_mut().project() else {
             return Poll::Ready(None);
         };
-        let (response, c) = match Pin::new(future).poll(cx) {
+        let (response, c) = match Pin::new(&mut *future).poll(cx) {
             Poll::Ready(r) => r,
-            // The head came, but its error body is still arriving.
-            Poll::Pending => return self.poll_deadline(true, cx),
+            // The head came, but its error body is still arriving: cut off, the attempt is
+            // what its head (and the body read) says, not a timeout.
+            Poll::Pending => {
+                ready!(crate::timer::poll_lazy(
+                    self.deadline.as_mut(),
+                    self.attempts.facts.deadline,
+                    cx
+                ));
+                let answered = future.so_far();
+                self.state.set(State::Done);
+                let e = self.attempts.deadline_passed(true, answered);
+                return Poll::Ready(Some(Err(e)));
+            }
         };
         let attempts = &mut *self.attempts;
         let idx = attempts.record(&c, None);

@@ -39,6 +39,8 @@ enum Step {
     Classified(u16, Classification),
     /// A transport error of this class.
     Fail(FailureClass),
+    /// A response with this status whose body sends a chunk and then nothing, ever.
+    Stalled(u16),
     /// A response whose body is `chunks`, then pending forever when `stall` is set.
     Tracked {
         c: Classification,
@@ -146,6 +148,14 @@ impl<B> Service<Request<B>> for Provider {
                 class,
                 std::io::Error::other("simulated"),
             ))),
+            Step::Stalled(status) => {
+                let body = TestBody::Tracked {
+                    left: 1,
+                    stall: true,
+                    read: self.body_read.clone(),
+                };
+                Ok(respond(status, body))
+            }
             Step::Tracked { c, chunks, stall } => {
                 let status = c.status.map_or(503, |s| s.as_u16());
                 let mut r = respond(
@@ -633,6 +643,34 @@ async fn a_wait_past_the_deadline_returns_at_once() {
         Some(Decision::Stop(StopReason::DeadlineExceeded))
     );
     assert!(Instant::now() - start < Duration::from_millis(2500));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_error_body_cut_off_by_the_deadline_is_recorded_as_its_head_says() {
+    let p = Provider::new([Step::Stalled(503)]);
+    let mut req = post("{}");
+    req.extensions_mut()
+        .insert(Deadline::after(Duration::from_secs(1)));
+    let start = Instant::now();
+    let out = send(&layer(retry_policy()), &p, req).await;
+    assert_eq!(Instant::now() - start, Duration::from_secs(1));
+    assert_eq!(p.count(), 1);
+    let log = log_of(&out);
+    assert_eq!(
+        out.err().map(|e| e.kind().clone()),
+        Some(ErrorKind::DeadlineExceeded)
+    );
+    let attempts = log.attempts();
+    assert_eq!(attempts.len(), 1);
+    // The provider answered 503: the attempt is a server error with its request id, not a
+    // timeout.
+    assert_eq!(attempts[0].status, Some(503));
+    assert_eq!(attempts[0].class, Some(FailureClass::Overloaded));
+    assert_eq!(attempts[0].request_id.as_deref(), Some("req-1"));
+    assert_eq!(
+        last_decision(&log),
+        Some(Decision::Stop(StopReason::DeadlineExceeded))
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
