@@ -535,21 +535,27 @@ async fn full_queue_rejects_and_a_dropped_waiter_frees_its_place() {
     assert_eq!(order, ["0", "3"]);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_request_waiting_its_turn_holds_none_of_the_inner_services_capacity() {
+/// One request a second per owner, queued for up to a minute.
+fn per_owner_queue() -> BudgetPolicy {
     let mut policy = BudgetPolicy::default();
     let mut limit = rate(Some(1.0), 1, None);
     limit.key = crate::policy::RateKey::Owner;
     policy.rate_limit = Some(limit);
     policy.admission = queue(Duration::from_secs(60), 10);
+    policy
+}
+
+fn owned(mut req: Req, owner: &str) -> Req {
+    req.extensions_mut().insert(BudgetOwner::new(owner));
+    req
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_waiting_its_turn_holds_none_of_the_inner_services_capacity() {
     let (started, inner) = recorder();
     // One call at a time: a service polled ready holds the only permit.
-    let svc = layer(policy).layer(tower::limit::ConcurrencyLimit::new(inner, 1));
-    let of = |owner: &str, i| {
-        let mut req = named(chat("h", 1), i);
-        req.extensions_mut().insert(BudgetOwner::new(owner));
-        req
-    };
+    let svc = layer(per_owner_queue()).layer(tower::limit::ConcurrencyLimit::new(inner, 1));
+    let of = |owner: &str, i| owned(named(chat("h", 1), i), owner);
     let t0 = Instant::now();
     assert!(svc.clone().oneshot(of("a", 0)).await.is_ok());
     // Owner a's next request waits a second for its bucket...
@@ -573,11 +579,7 @@ async fn a_request_waiting_its_turn_holds_none_of_the_inner_services_capacity() 
 
 #[tokio::test(start_paused = true)]
 async fn an_admitted_request_waits_for_the_inner_service_within_its_deadline() {
-    let mut policy = BudgetPolicy::default();
-    let mut limit = rate(Some(1.0), 1, None);
-    limit.key = crate::policy::RateKey::Owner;
-    policy.rate_limit = Some(limit);
-    policy.admission = queue(Duration::from_secs(60), 10);
+    let mut policy = per_owner_queue();
     policy.deadline = Some(Duration::from_secs(3));
     let started = Arc::new(AtomicUsize::new(0));
     // Owner b's call takes ten seconds and holds the only permit throughout.
@@ -595,11 +597,7 @@ async fn an_admitted_request_waits_for_the_inner_service_within_its_deadline() {
         }
     });
     let svc = layer(policy).layer(tower::limit::ConcurrencyLimit::new(inner, 1));
-    let of = |owner: &str| {
-        let mut req = chat("h", 1);
-        req.extensions_mut().insert(BudgetOwner::new(owner));
-        req
-    };
+    let of = |owner: &str| owned(chat("h", 1), owner);
     let t0 = Instant::now();
     assert!(svc.clone().oneshot(of("a")).await.is_ok());
     let mut req = of("a");
