@@ -288,6 +288,8 @@ pub(crate) struct State {
     pub(crate) rerouted: Option<(RouteName, Duration)>,
     /// What the log's owner noted for the request's end, when it reports metrics or alerts.
     pub(crate) observed: Option<Noted>,
+    /// The idempotency key made for each route the request was sent to.
+    idempotency_keys: Vec<(RouteName, http::HeaderValue)>,
     /// When the attempt in flight was handed inward, and the log's attempt count then: the
     /// one clock read of an attempt, taken by the outermost layer that sends it and reused by
     /// the layers below (an attempt recorded since makes it stale).
@@ -305,6 +307,22 @@ impl State {
         if self.attempt_cap.is_none_or(|c| cap < c) {
             self.attempt_cap = Some(cap);
         }
+    }
+
+    /// The request's idempotency key for `route`, made by `make` the first time: every
+    /// attempt to a route (a retry, a same-route hedge, a hop back) carries the same one,
+    /// while another route, sent another body, has its own.
+    pub(crate) fn idempotency_key(
+        &mut self,
+        route: &RouteName,
+        make: impl FnOnce() -> Option<http::HeaderValue>,
+    ) -> Option<http::HeaderValue> {
+        if let Some((_, key)) = self.idempotency_keys.iter().find(|(r, _)| r == route) {
+            return Some(key.clone());
+        }
+        let key = make()?;
+        self.idempotency_keys.push((route.clone(), key.clone()));
+        Some(key)
     }
 }
 
@@ -338,6 +356,7 @@ impl RequestContext {
             pacer: None,
             rerouted: None,
             observed: None,
+            idempotency_keys: Vec::new(),
             sent: Some((0, now)),
         };
         let ctx = RequestContext(Arc::new(Inner {

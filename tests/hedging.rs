@@ -278,6 +278,63 @@ async fn a_same_route_hedge_races_the_route_against_itself() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn every_attempt_to_a_route_carries_the_requests_one_key_for_it() {
+    let mock = MockProvider::start().await.expect("mock starts");
+    let mut p = policy(&mock);
+    p.idempotency.key_header = Some("idempotency-key".to_owned());
+    p.retry.max_attempts = 2;
+
+    // A same-route hedge: the provider sees the same key twice and can answer it once.
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        [
+            Reply::openai_chat("gpt-4o", "first, slow").delay_head(SLOW),
+            Reply::openai_chat("gpt-4o", "second, quick"),
+        ],
+    );
+    let mut same = p.clone();
+    same.hedge.same_route = true;
+    same.fallback.routes.clear();
+    let mut svc = ResilienceLayer::new(&same).expect("valid").layer(client());
+    let served = send(&mut svc, request(&mock, false, None)).await;
+    assert_eq!(hedges(&served.log), [("primary".to_owned(), DELAY)]);
+    let keys: Vec<_> = mock
+        .requests()
+        .iter()
+        .map(|r| r.headers.get("idempotency-key").cloned())
+        .collect();
+    assert_eq!(keys.len(), 2);
+    assert!(keys[0].is_some());
+    assert_eq!(keys[0], keys[1]);
+
+    // A retry and a hop: the primary's two attempts share a key; the backup, sent another
+    // body, has its own.
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        [Reply::openai_server_error(), Reply::openai_server_error()],
+    );
+    mock.script(
+        ScriptKey::model("backup"),
+        [Reply::openai_chat("backup", "ok")],
+    );
+    let mut svc = ResilienceLayer::new(&p).expect("valid").layer(client());
+    let served = send(&mut svc, request(&mock, false, None)).await;
+    assert_eq!(served.route, "backup");
+    let reqs = mock.requests();
+    let keys: Vec<_> = reqs[2..]
+        .iter()
+        .map(|r| (r.model.clone(), r.headers.get("idempotency-key").cloned()))
+        .collect();
+    assert_eq!(keys.len(), 3);
+    let models: Vec<_> = keys.iter().map(|(m, _)| m.as_deref()).collect();
+    assert_eq!(models, [Some("gpt-4o"), Some("gpt-4o"), Some("backup")]);
+    assert_eq!(keys[0].1, keys[1].1);
+    assert!(keys[2].1.is_some());
+    assert_ne!(keys[1].1, keys[2].1);
+    assert_ne!(keys[0].1, reqs[0].headers.get("idempotency-key").cloned());
+}
+
+#[tokio::test(start_paused = true)]
 async fn when_one_attempt_fails_the_other_still_answers() {
     let mock = MockProvider::start().await.expect("mock starts");
     let mut p = policy(&mock);

@@ -1219,13 +1219,17 @@ impl<S, B: ReplayBody> Chain<S, B> {
         Step::Hop
     }
 
-    /// Whether one more attempt fits the chain's attempt cap and, when it switches route
-    /// (`switches`), its `max_hops`.
+    /// Whether one more attempt fits the request's attempt cap (the chain's, or a smaller one
+    /// the caller or an outer chain set) and, when it switches route (`switches`), its
+    /// `max_hops`.
     fn within_limits(&self, switches: bool) -> bool {
         let policy = &self.config.policy;
         let attempts = self.ctx.log().attempt_count();
-        !(switches && self.hops >= policy.max_hops)
-            && AttemptCap(policy.max_total_attempts).allows(attempts)
+        let cap = self
+            .ctx
+            .attempt_cap()
+            .unwrap_or(AttemptCap(policy.max_total_attempts));
+        !(switches && self.hops >= policy.max_hops) && cap.allows(attempts)
     }
 
     /// Withdraws one more attempt on `to` from the retry budget when `costs` (a hop away from

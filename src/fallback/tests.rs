@@ -513,6 +513,26 @@ async fn the_total_attempts_cap_holds() {
 }
 
 #[tokio::test]
+async fn a_smaller_cap_from_the_caller_holds_for_the_hops() {
+    let busy = || Reply::Status(503, Some(FailureClass::Overloaded), "");
+    let replies = HashMap::from([("primary", busy()), ("b1", busy()), ("b2", busy())]);
+    // The chain allows ten; the caller (or an outer chain) allows two.
+    let policy = chain(vec![backup("b1"), backup("b2"), backup("b3")]);
+    let mut req = request();
+    crate::context::AttemptCap(2).tighten(&mut req);
+    let (out, seen, log) = run_with(FallbackLayer::new(policy), replies, req).await;
+    assert_eq!(ok(out).status(), 503);
+    assert_eq!(routes_of(&seen), ["primary", "b1"]);
+    assert_eq!(
+        decisions(&log),
+        [
+            vec![fallback("b1")],
+            vec![Decision::Stop(StopReason::ChainLimit)]
+        ]
+    );
+}
+
+#[tokio::test]
 async fn attempts_recorded_below_count_towards_the_cap() {
     // An inner layer that records three attempts per call, as a retry layer would.
     let inner = service_fn(|req: Request<Full<Bytes>>| async move {

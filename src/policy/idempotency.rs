@@ -41,8 +41,10 @@ pub enum ReplayRule {
 #[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
 #[non_exhaustive]
 pub struct IdempotencyPolicy {
-    /// Header in which one key per logical request is set (once, then reused by every attempt);
-    /// no key is set when `None`. A key the caller already set is kept.
+    /// Header in which one key per logical request and route is set (once, then reused by
+    /// every attempt to that route: retries, a same-route hedge, a hop back); a backup route,
+    /// sent another body, gets its own. No key is set when `None`; a key the caller already
+    /// set is kept, on every route.
     pub key_header: Option<String>,
     /// When a possibly-accepted request may be replayed.
     pub replay_possibly_accepted: ReplayRule,

@@ -80,10 +80,12 @@ where
             ctx.log().set_requested_route(route.clone());
         }
 
-        // One key per logical request: set once here, copied into every attempt below.
+        // One key per logical request and route, kept in its context: copied into every
+        // attempt below, and found again by the request's later calls to the route (a
+        // hedge's, a hop's back).
         if let Some(name) = &shared.key_header {
             if !req.headers().contains_key(name) {
-                if let Some(key) = shared.keys.next() {
+                if let Some(key) = ctx.write(|v| v.idempotency_key(&route, || shared.keys.next())) {
                     req.headers_mut().insert(name.clone(), key);
                 }
             }
