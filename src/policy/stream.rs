@@ -43,7 +43,8 @@ pub struct StreamSettings {
         serde(with = "crate::duration::serde_duration::option")
     )]
     pub first_token_timeout: Option<Duration>,
-    /// Longest silence between events (pings and comments count as life).
+    /// Longest silence between events (pings and comments count as life); for an error
+    /// response, the longest wait from its head for the part of its body read to classify it.
     #[cfg_attr(
         feature = "serde",
         serde(with = "crate::duration::serde_duration::option")

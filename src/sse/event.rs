@@ -244,7 +244,7 @@ fn generic_event(data: &[u8], facts: Option<Facts<'_>>, in_band: &InBand<'_>) ->
     // A top-level `error` object (OpenAI-compatible, OpenRouter, Gemini, Vertex's array wrap).
     if facts.error_object {
         match parse(data) {
-            Some(v) if top_level(&v).get("error").is_some_and(Value::is_object) => {
+            Some(v) if top_level(&v).get("error").is_some_and(is_error) => {
                 return SseEvent::error(in_band_classification(in_band, data));
             }
             Some(_) => {}
@@ -281,7 +281,8 @@ fn generic_event(data: &[u8], facts: Option<Facts<'_>>, in_band: &InBand<'_>) ->
 /// What one pass over a JSON payload's keys tells: enough to decide whether to parse it.
 #[derive(Debug, Default)]
 struct Facts<'a> {
-    /// An `"error": {` anywhere (whether it is top-level is checked by parsing).
+    /// An `"error": {` or a non-blank `"error": "…"` anywhere (whether it is top-level is
+    /// checked by parsing).
     error_object: bool,
     /// A non-null `"usage": {`.
     usage_object: bool,
@@ -352,7 +353,11 @@ impl<'a> Facts<'a> {
 
     fn key(&mut self, key: &[u8], value: &'a [u8]) {
         match key {
-            b"error" => self.error_object |= value.first() == Some(&b'{'),
+            // An object, or a message string (`{"error":"…"}`, as TGI sends mid-stream).
+            b"error" => {
+                self.error_object |= value.first() == Some(&b'{')
+                    || string_value(value).is_some_and(|s| !s.trim_ascii().is_empty());
+            }
             b"usage" => self.usage_object |= value.first() == Some(&b'{'),
             b"content" | b"text" | b"reasoning_content" | b"reasoning" | b"refusal" => {
                 // A non-empty string: an opening quote not followed by the closing one. The
@@ -362,13 +367,15 @@ impl<'a> Facts<'a> {
             b"tool_calls" | b"function_call" | b"functionCall" => {
                 self.content |= matches!(value.first(), Some(b'{' | b'['));
             }
+            // An empty reason is no finish: some servers send `"finish_reason":""` on every
+            // chunk until the last.
             b"finish_reason" => {
-                self.finish_reason = self.finish_reason.or_else(|| string_value(value));
+                self.finish_reason = self.finish_reason.or_else(|| reason(value));
             }
             b"finishReason" => {
-                self.gemini_finish = self.gemini_finish.or_else(|| string_value(value));
+                self.gemini_finish = self.gemini_finish.or_else(|| reason(value));
             }
-            b"blockReason" => self.block_reason = self.block_reason.or_else(|| string_value(value)),
+            b"blockReason" => self.block_reason = self.block_reason.or_else(|| reason(value)),
             _ => {}
         }
     }
@@ -492,6 +499,15 @@ fn parse(data: &[u8]) -> Option<Value> {
 }
 
 /// Vertex wraps Gemini errors in a one-element array.
+/// An `error` member that reports an error: an object, or a message that is not blank.
+fn is_error(error: &Value) -> bool {
+    match error {
+        Value::Object(_) => true,
+        Value::String(s) => !s.trim().is_empty(),
+        _ => false,
+    }
+}
+
 fn top_level(v: &Value) -> &Value {
     match v {
         Value::Array(a) if a.len() == 1 => &a[0],
@@ -554,6 +570,11 @@ fn string_len(s: &[u8]) -> Option<usize> {
 fn string_value(v: &[u8]) -> Option<&[u8]> {
     let body = v.strip_prefix(b"\"")?;
     string_len(body).map(|n| &body[..n])
+}
+
+/// A string value that names a reason: not empty.
+fn reason(v: &[u8]) -> Option<&[u8]> {
+    string_value(v).filter(|r| !r.is_empty())
 }
 
 /// Whether `data` is one balanced JSON object or array (see [`Facts::of`]).
@@ -736,6 +757,58 @@ mod tests {
             ]
         );
         assert!(ev.iter().all(|e| e.error.is_none() && !e.terminal));
+    }
+
+    #[test]
+    fn a_byte_order_mark_before_the_first_line_is_dropped() {
+        let gemini = b"\xEF\xBB\xBFdata: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"Hi\"}]},\"finishReason\":\"STOP\"}]}\r\n\r\n";
+        // Whole, and split inside the mark.
+        for ev in [scan(&[gemini]), scan(&[&gemini[..1], &gemini[1..]])] {
+            assert_eq!(kinds(&ev), [EventKind::Content]);
+            assert_eq!(
+                ev[0].finish.as_ref().map(|f| f.reason.as_str()),
+                Some("STOP")
+            );
+        }
+        // Only the stream's first line may carry one.
+        let later = one("data: [DONE]\n\n\u{feff}data: [DONE]\n\n");
+        assert_eq!(later.iter().filter(|e| e.terminal).count(), 1);
+    }
+
+    #[test]
+    fn an_empty_finish_reason_is_no_finish() {
+        let s = concat!(
+            "data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"},\"finish_reason\":\"\"}]}\n\n",
+            "data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"lo\"}]},\"finishReason\":\"\"}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"\",\"finish_reason\":\"stop\"}]}\n\n",
+        );
+        let ev = one(s);
+        assert_eq!(ev[0].kind, EventKind::Content);
+        assert_eq!(ev[0].finish, None);
+        assert_eq!(ev[1].finish, None);
+        assert_eq!(
+            ev[2].finish.as_ref().map(|f| f.reason.as_str()),
+            Some("stop")
+        );
+    }
+
+    #[test]
+    fn an_error_message_string_is_an_in_band_error() {
+        let s = concat!(
+            "data: {\"error\":\"Request failed during generation: out of memory\",\"error_type\":\"generation\"}\n\n",
+            "data: {\"error\":\"\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"no \\\"error\\\": \\\"here\\\"\"}}]}\n\n",
+        );
+        let ev = one(s);
+        assert_eq!(
+            ev[0].error.as_ref().and_then(|c| c.class),
+            Some(FailureClass::ServerError)
+        );
+        // A blank message and an escaped key inside content are not errors.
+        assert_eq!(ev[1].kind, EventKind::Content);
+        assert!(ev[1].error.is_none());
+        assert_eq!(ev[2].kind, EventKind::Content);
+        assert!(ev[2].error.is_none());
     }
 
     #[test]

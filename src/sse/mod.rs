@@ -48,6 +48,8 @@ pub(crate) struct Framer {
     skip_line: bool,
     /// The event being built outgrew the bound: it ends as an oversized event.
     oversized: bool,
+    /// No line has been processed yet: a byte order mark may start it.
+    first_line: bool,
     /// The longest line or event payload held.
     max: usize,
     /// Bytes fed so far.
@@ -74,6 +76,7 @@ impl Framer {
             after_cr: false,
             skip_line: false,
             oversized: false,
+            first_line: true,
             max,
             pos: 0,
             rest: 0,
@@ -175,6 +178,11 @@ impl Framer {
     }
 
     fn process_line(&mut self, line: &[u8], on_frame: &mut impl FnMut(Frame<'_>)) {
+        // A byte order mark before the stream's first line is not part of it.
+        let line = match std::mem::replace(&mut self.first_line, false) {
+            true => line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line),
+            false => line,
+        };
         if line.is_empty() {
             if self.has_data || !self.event.is_empty() || self.oversized {
                 self.dispatch(on_frame);

@@ -273,16 +273,27 @@ where
                         }
                         Head::Answer(response) => Ok(response),
                     },
-                    // Reading an error body's prefix is bounded by the total timer.
+                    // Reading an error body's prefix (a few hundred bytes) is bounded by the
+                    // idle timer from the head, and by the total timer: a gateway that sends a
+                    // head and then nothing is a stall, not ten minutes of waiting.
                     Poll::Pending => {
-                        let Some(d) = call.settings.total_timeout else {
-                            return Poll::Pending;
-                        };
-                        let Some(at) = call.deadline(Some(d)) else {
-                            return Poll::Pending;
+                        let s = &call.settings;
+                        let idle = s
+                            .idle_timeout
+                            .and_then(|d| Some((head_at.checked_add(d)?, d)));
+                        let total = s
+                            .total_timeout
+                            .and_then(|d| Some((call.deadline(Some(d))?, d)));
+                        let (at, cause) = match (idle, total) {
+                            (Some((i, d)), Some((t, _))) if i < t => {
+                                (i, StreamCause::IdleTimeout(d))
+                            }
+                            (_, Some((t, d))) => (t, StreamCause::TotalTimeout(d)),
+                            (Some((i, d)), None) => (i, StreamCause::IdleTimeout(d)),
+                            (None, None) => return Poll::Pending,
                         };
                         ready!(crate::timer::poll_at(this.sleep.as_mut(), at, cx));
-                        Err(call.timed_out(StreamCause::TotalTimeout(d)))
+                        Err(call.timed_out(cause))
                     }
                 },
                 StateProj::Guard { parts, core } => {

@@ -846,6 +846,55 @@ async fn error_responses_pass_through_classified() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_error_body_that_stalls_is_cut_by_the_idle_timer() {
+    let script = Script {
+        head_delay: SEC,
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        content_type: "application/json",
+        parts: vec![data("{\"error\":{\"mess"), Part::Stall],
+    };
+    let (req, log) = request();
+    let t0 = Instant::now();
+    let err = guard(CommitPoint::FirstEvent, script)
+        .oneshot(req)
+        .await
+        .expect_err("stalled");
+    // The head at 1 s, then 3 s of silence: the idle timer, not the total one at 60 s.
+    assert_eq!(t0.elapsed(), secs(4));
+    assert_eq!(
+        err.kind(),
+        &ErrorKind::StreamFailed {
+            cause: StreamCause::IdleTimeout(secs(3))
+        }
+    );
+    let a = &log.attempts()[0];
+    assert_eq!(a.class, Some(FailureClass::Timeout));
+
+    // With no idle timer, the total timer still bounds it.
+    let mut s = settings(CommitPoint::FirstEvent);
+    s.idle_timeout = None;
+    s.total_timeout = Some(secs(10));
+    let script = Script {
+        head_delay: SEC,
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        content_type: "application/json",
+        parts: vec![Part::Stall],
+    };
+    let t0 = Instant::now();
+    let err = guard_with(StreamPolicy::from_settings(s), script)
+        .oneshot(request().0)
+        .await
+        .expect_err("stalled");
+    assert_eq!(t0.elapsed(), secs(10));
+    assert_eq!(
+        err.kind(),
+        &ErrorKind::StreamFailed {
+            cause: StreamCause::TotalTimeout(secs(10))
+        }
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn transport_errors_are_classified_and_recorded() {
     let svc = StreamGuardLayer::new(StreamPolicy::default())
         .expect("valid")
