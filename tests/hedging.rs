@@ -17,6 +17,7 @@ use tower_llm_resilience::{AttemptLog, Policy, ResilienceLayer, RouteName};
 
 const SLOW: Duration = Duration::from_secs(20);
 const DELAY: Duration = Duration::from_secs(1);
+const SEC: Duration = Duration::from_secs(1);
 
 /// The primary and one backup on `mock`, hedging after a fixed second.
 fn policy(mock: &MockProvider) -> Policy {
@@ -507,7 +508,19 @@ fn capped(
     Response = http::Response<tower_llm_resilience::Body>,
     Error = tower_llm_resilience::Error,
 > {
-    let mut p = policy(mock);
+    capped_with(policy(mock), cap, Duration::from_millis(10))
+}
+
+/// The stack of `p` with a spend cap of `cap` kept in a store that answers `after` later.
+fn capped_with(
+    mut p: Policy,
+    cap: f64,
+    after: Duration,
+) -> impl Service<
+    http::Request<Full<Bytes>>,
+    Response = http::Response<tower_llm_resilience::Body>,
+    Error = tower_llm_resilience::Error,
+> {
     let mut spend = tower_llm_resilience::policy::SpendPolicy::default();
     spend.cap = cap;
     spend.default_owner = Some("team".to_owned());
@@ -515,7 +528,7 @@ fn capped(
     p.budget.spend = Some(spend);
     let store = std::sync::Arc::new(LaterStore {
         inner: tower_llm_resilience::budget::store::MemoryStore::new(),
-        after: Duration::from_millis(10),
+        after,
     });
     let layer = ResilienceLayer::new(&p).expect("valid").budget_store(store);
     layer.layer(client())
@@ -559,4 +572,32 @@ async fn a_hedge_waits_for_a_shared_stores_reservation_then_races() {
         .map(|e| e.route.map(|r| r.to_string()))
         .collect();
     assert_eq!(denied, [Some("backup".to_owned())], "{:?}", served.log);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hedge_never_sent_leaves_the_chain_its_hop() {
+    let mock = MockProvider::start().await.expect("mock starts");
+    let mut p = policy(&mock);
+    p.retry.max_attempts = 1;
+    p.fallback.max_hops = 1;
+    // Each reservation takes a second: the request's own (0–1 s), the hedge's from 2 s.
+    // The primary fails at 2.5 s, while the hedge still waits for its reservation.
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        [Reply::openai_server_error().delay_head(Duration::from_millis(1500))],
+    );
+    mock.script(
+        ScriptKey::model("backup"),
+        [Reply::openai_chat("backup", "hop")],
+    );
+    let mut svc = capped_with(p, 1.0, SEC);
+    let served = send(&mut svc, request(&mock, false, Some("k"))).await;
+    // The hedge was never sent, so the chain's one hop is still there for the backup.
+    assert_eq!(served.status, 200, "{:?}", served.log);
+    assert_eq!(served.route, "backup");
+    let models: Vec<_> = mock.requests().into_iter().map(|r| r.model).collect();
+    assert_eq!(
+        models,
+        [Some("gpt-4o".to_owned()), Some("backup".to_owned())]
+    );
 }

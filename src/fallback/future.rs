@@ -652,10 +652,11 @@ where
                     };
                     if ready.is_err() {
                         // The hedge is given up, not the request: the chain's attempt runs on.
-                        if let Some(gate) = &planned.admitted {
-                            gate.release(&planned.name);
-                        }
+                        self.give_back(&planned);
                         return Poll::Ready(None);
+                    }
+                    if planned.route != self.current {
+                        self.hops += 1;
                     }
                     // The layers below take the attempt's route from the context when called.
                     self.ctx.set_route(planned.name.clone());
@@ -721,9 +722,8 @@ where
             return None;
         }
         let name = self.name_of(route).clone();
-        if route != self.current {
-            self.hops += 1;
-        }
+        // The hop is counted when the hedge is sent: one refused or given up before that
+        // leaves it to the chain.
         self.ctx
             .log()
             .event(Some(name.clone()), LocalEventKind::Hedged { after: delay });
@@ -782,9 +782,18 @@ where
             }
         }
         if let hedge::Step::Readying(planned) = h.step {
-            if let Some(gate) = &planned.admitted {
-                gate.release(&planned.name);
-            }
+            self.give_back(planned);
+        }
+    }
+
+    /// A hedge that was paid for and not sent gives back its spend reservation and the
+    /// retry budget it withdrew.
+    fn give_back(&self, planned: &Planned<B>) {
+        if let Some(gate) = &planned.admitted {
+            gate.release(&planned.name);
+        }
+        if let Some(budget) = self.ctx.retry_budget() {
+            budget.refund();
         }
     }
 
