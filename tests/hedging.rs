@@ -601,3 +601,38 @@ async fn a_hedge_never_sent_leaves_the_chain_its_hop() {
         [Some("gpt-4o".to_owned()), Some("backup".to_owned())]
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_backup_the_hedge_failed_on_is_not_hopped_to_again() {
+    let mock = MockProvider::start().await.expect("mock starts");
+    let mut p = policy(&mock);
+    p.retry.max_attempts = 1;
+    p.fallback.routes.push(
+        RouteConfig::new("second")
+            .base_url(format!("{}/second", mock.url()))
+            .model("second"),
+    );
+    // The hedge (sent at 1 s) fails on the backup at once; the primary fails at 3 s.
+    mock.script(
+        ScriptKey::model("gpt-4o"),
+        [Reply::openai_server_error().delay_head(Duration::from_secs(3))],
+    );
+    mock.script(ScriptKey::model("backup"), [Reply::openai_server_error()]);
+    mock.script(
+        ScriptKey::model("second"),
+        [Reply::openai_chat("second", "ok")],
+    );
+    let mut svc = ResilienceLayer::new(&p).expect("valid").layer(client());
+    let served = send(&mut svc, request(&mock, false, Some("k"))).await;
+    assert_eq!(served.status, 200, "{:?}", served.log);
+    assert_eq!(served.route, "second");
+    let models: Vec<_> = mock.requests().into_iter().map(|r| r.model).collect();
+    assert_eq!(
+        models,
+        [
+            Some("gpt-4o".to_owned()),
+            Some("backup".to_owned()),
+            Some("second".to_owned())
+        ]
+    );
+}

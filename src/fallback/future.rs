@@ -440,8 +440,10 @@ where
             }
             Poll::Ready(Some(out)) => {
                 if call.is_some() && !succeeded(&out) {
-                    // The chain's own attempt may still answer; this one is in the log.
+                    // The chain's own attempt may still answer; this one is in the log, and
+                    // the route it failed on is not one to hop to next.
                     drop(out);
+                    chain.pass_over(h.as_mut().project().lane.take());
                     *hedge = None;
                     continue;
                 }
@@ -809,6 +811,13 @@ where
             "cancelled: another attempt of the request reached its commit point first".to_owned(),
         );
         log.record(attempt);
+    }
+
+    /// The hedge's attempt failed while the chain's own runs on: a hop goes past its route.
+    fn pass_over(&mut self, lane: Option<Lane>) {
+        if let Some(lane) = lane {
+            self.scan_from = self.scan_from.max(lane.scan_from);
+        }
     }
 
     /// The hedge's attempt is the chain's from here (the chain's own failed, or it was
