@@ -506,11 +506,19 @@ where
     S: Service<Request<B>>,
 {
     pub(super) fn new(mut service: S, mut attempts: Attempts<B>, mut first: Request<B>) -> Self {
-        attempts.sending(&mut first, false);
-        // `poll_ready` of the caller readied this service: the first attempt goes out now.
-        let future = service.call(first);
+        // A request whose deadline has passed already (a hop or a queue waited it out) is not
+        // sent to be cut off at once: `Ready` fails it on the first poll, with no call.
+        let state = if Instant::now() >= attempts.facts.deadline {
+            State::Ready { request: first }
+        } else {
+            attempts.sending(&mut first, false);
+            // `poll_ready` of the caller readied this service: the first attempt goes out now.
+            State::Calling {
+                future: service.call(first),
+            }
+        };
         Self {
-            state: State::Calling { future },
+            state,
             deadline: None,
             service,
             attempts,

@@ -646,6 +646,23 @@ async fn a_wait_past_the_deadline_returns_at_once() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_request_past_its_deadline_is_not_sent() {
+    let p = Provider::new([Step::Status(200)]);
+    let mut req = post("{}");
+    req.extensions_mut().insert(Deadline::after(Duration::ZERO));
+    let out = send(&layer(retry_policy()), &p, req).await;
+    assert_eq!(p.count(), 0);
+    let log = log_of(&out);
+    assert_eq!(
+        out.err().map(|e| e.kind().clone()),
+        Some(ErrorKind::DeadlineExceeded)
+    );
+    assert!(log.attempts().is_empty());
+    let events: Vec<_> = log.events().into_iter().map(|e| e.kind).collect();
+    assert_eq!(events, [LocalEventKind::DeadlineExceeded]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_error_body_cut_off_by_the_deadline_is_recorded_as_its_head_says() {
     let p = Provider::new([Step::Stalled(503)]);
     let mut req = post("{}");
