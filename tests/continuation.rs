@@ -691,6 +691,49 @@ async fn without_the_policy_or_the_sender_a_cut_stream_ends_in_stream_interrupte
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_line_longer_than_any_event_is_handed_over_not_held_and_not_continued() {
+    let mock = start().await;
+    // Two content events, then a line of 5 MiB that never ends: the body closes within it.
+    let chunk = |text: &str| {
+        format!(
+            "data: {{\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{text}\"}},\"finish_reason\":null}}]}}\n\n"
+        )
+    };
+    let endless = format!("data: {}", "x".repeat(5 * 1024 * 1024));
+    let body = format!("{}{}{endless}", chunk("The"), chunk(" quick"));
+    mock.script(
+        ScriptKey::model(PRIMARY_MODEL),
+        [Reply::raw_sse(body.clone())],
+    );
+    mock.script(
+        ScriptKey::model(BACKUP_MODEL),
+        [Reply::openai_continuation(BACKUP_MODEL, &ANSWER)],
+    );
+    let mut svc = stack(&policy(&mock, PrefillForm::OpenAi));
+    let response = call(&mut svc, openai_request(&mock)).await;
+    let (stream, error) = read(response.into_body()).await;
+    // Every byte reached the caller as it came, none was held to the end; with a partial
+    // line delivered there is no clean end to continue from.
+    assert_eq!(stream.len(), body.len());
+    assert!(
+        stream == body,
+        "the caller's stream is the primary's, byte for byte"
+    );
+    assert!(
+        matches!(
+            error.map(|e| e.kind().clone()),
+            Some(ErrorKind::StreamInterrupted {
+                cause: StreamCause::Truncated,
+                ..
+            })
+        ),
+        "{}",
+        stream.len()
+    );
+    assert_eq!(mock.request_count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_in_band_error_is_continued_and_never_reaches_the_caller() {
     let mock = start().await;
     let overloaded = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}".to_owned();

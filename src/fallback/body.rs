@@ -10,6 +10,7 @@ use super::continuation::{ContinuationFuture, Plan};
 use super::future::is_sse;
 use crate::attempt_log::Outcome;
 use crate::sse::Frame as SseFrame;
+use crate::sse::MAX_EVENT_BYTES;
 use crate::sse::event::Scanner;
 use crate::sse::splice::{Splicer, Transcript};
 use crate::{Body, BoxError, Error, ErrorKind, StreamCause};
@@ -54,6 +55,9 @@ pub(crate) struct ContinuingBody {
     held_from: Option<u64>,
     /// Bytes handed to the caller.
     delivered: u64,
+    /// Held bytes outgrew the largest event: they were handed over in the middle of a line,
+    /// so the stream has no clean end a continuation could follow.
+    unheld: bool,
     /// The cause of the last failure, for the error a failed continuation ends with.
     cause: Option<StreamCause>,
     /// The served stream's trailers, handed over after `tail`.
@@ -76,6 +80,7 @@ impl ContinuingBody {
             released: 0,
             held_from: None,
             delivered: 0,
+            unheld: false,
             cause: None,
             trailers: None,
             failed: None,
@@ -104,7 +109,7 @@ impl ContinuingBody {
         });
         let safe = self.scanner.rest().min(self.held_from.unwrap_or(u64::MAX));
         let release = usize::try_from(safe.saturating_sub(self.released)).unwrap_or(usize::MAX);
-        let out = if self.tail.is_empty() {
+        let mut out = if self.tail.is_empty() {
             // The usual case, a chunk of whole events: handed over without a copy.
             let mut data = data;
             let rest = data.split_off(release.min(data.len()));
@@ -114,6 +119,15 @@ impl ContinuingBody {
             self.tail.extend_from_slice(&data);
             self.tail.split_to(release.min(self.tail.len())).freeze()
         };
+        if self.tail.len() > MAX_EVENT_BYTES {
+            // More than any event the scanner holds (a line it is skipping, or what follows an
+            // error event): handed over as it is rather than held without bound, and the
+            // stream is no longer one a continuation could follow.
+            let mut all = BytesMut::from(out);
+            all.extend_from_slice(&self.tail.split());
+            out = all.freeze();
+            self.unheld = true;
+        }
         self.released = self.released.saturating_add(out.len() as u64);
         out
     }
@@ -134,7 +148,7 @@ impl ContinuingBody {
 
     /// Starts a continuation after `cause`, if one may be made.
     fn start(&mut self, cause: StreamCause) -> bool {
-        if !self.plan.allows(&cause) {
+        if self.unheld || !self.plan.allows(&cause) {
             return false;
         }
         if let Err(reason) = self.transcript.continuable() {

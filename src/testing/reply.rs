@@ -248,6 +248,12 @@ impl Reply {
         Self::full(status, body.into(), false, "application/json")
     }
 
+    /// `200` `text/event-stream` with exactly this body, for what a list of events cannot
+    /// express (a stream that ends in the middle of a line).
+    pub fn raw_sse(body: impl Into<String>) -> Self {
+        Self::full(200, body.into(), false, "text/event-stream; charset=utf-8")
+    }
+
     /// A plain-text reply (`content-type: text/plain`), e.g. the non-JSON 413 page of a CDN.
     pub fn text(status: u16, body: impl Into<String>) -> Self {
         Self::full(status, body.into(), false, "text/plain")
