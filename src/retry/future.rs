@@ -544,9 +544,17 @@ where
             self.attempts.facts.deadline,
             cx
         ));
+        // An answer whose error body is still arriving is what its head (and the body read)
+        // says, not a timeout.
+        let answered = match self.state.as_mut().project() {
+            StateProj::Classifying { future } => future.so_far(),
+            _ => None,
+        };
         // Dropping the attempt's future cancels it.
         self.state.set(State::Done);
-        Poll::Ready(Some(Err(self.attempts.deadline_passed(in_flight, None))))
+        Poll::Ready(Some(Err(self
+            .attempts
+            .deadline_passed(in_flight, answered))))
     }
 
     /// `Ready`: the inner service's readiness for the next attempt, then its call.
@@ -676,21 +684,10 @@ where
         let StateProj::Classifying { future } = self.state.as_mut().project() else {
             return Poll::Ready(None);
         };
-        let (response, c) = match Pin::new(&mut *future).poll(cx) {
+        let (response, c) = match Pin::new(future).poll(cx) {
             Poll::Ready(r) => r,
-            // The head came, but its error body is still arriving: cut off, the attempt is
-            // what its head (and the body read) says, not a timeout.
-            Poll::Pending => {
-                ready!(crate::timer::poll_lazy(
-                    self.deadline.as_mut(),
-                    self.attempts.facts.deadline,
-                    cx
-                ));
-                let answered = future.so_far();
-                self.state.set(State::Done);
-                let e = self.attempts.deadline_passed(true, answered);
-                return Poll::Ready(Some(Err(e)));
-            }
+            // The head came, but its error body is still arriving.
+            Poll::Pending => return self.poll_deadline(true, cx),
         };
         let attempts = &mut *self.attempts;
         let idx = attempts.record(&c, None);

@@ -498,7 +498,6 @@ fn parse(data: &[u8]) -> Option<Value> {
     serde_json::from_slice(data).ok()
 }
 
-/// Vertex wraps Gemini errors in a one-element array.
 /// An `error` member that reports an error: an object, or a message that is not blank.
 fn is_error(error: &Value) -> bool {
     match error {
@@ -508,6 +507,7 @@ fn is_error(error: &Value) -> bool {
     }
 }
 
+/// Vertex wraps Gemini errors in a one-element array.
 fn top_level(v: &Value) -> &Value {
     match v {
         Value::Array(a) if a.len() == 1 => &a[0],

@@ -278,19 +278,16 @@ where
                     // head and then nothing is a stall, not ten minutes of waiting.
                     Poll::Pending => {
                         let s = &call.settings;
-                        let idle = s
-                            .idle_timeout
-                            .and_then(|d| Some((head_at.checked_add(d)?, d)));
-                        let total = s
-                            .total_timeout
-                            .and_then(|d| Some((call.deadline(Some(d))?, d)));
-                        let (at, cause) = match (idle, total) {
-                            (Some((i, d)), Some((t, _))) if i < t => {
-                                (i, StreamCause::IdleTimeout(d))
-                            }
-                            (_, Some((t, d))) => (t, StreamCause::TotalTimeout(d)),
-                            (Some((i, d)), None) => (i, StreamCause::IdleTimeout(d)),
-                            (None, None) => return Poll::Pending,
+                        let total = s.total_timeout.and_then(|d| {
+                            Some((call.deadline(Some(d))?, StreamCause::TotalTimeout(d)))
+                        });
+                        let idle = s.idle_timeout.and_then(|d| {
+                            Some((head_at.checked_add(d)?, StreamCause::IdleTimeout(d)))
+                        });
+                        // The earlier; the total timer on a tie.
+                        let Some((at, cause)) = total.into_iter().chain(idle).min_by_key(|t| t.0)
+                        else {
+                            return Poll::Pending;
                         };
                         ready!(crate::timer::poll_at(this.sleep.as_mut(), at, cx));
                         Err(call.timed_out(cause))
